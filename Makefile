@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# torch is pinned here (not in pyproject) so CPU machines never pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+NPROC ?= 4
+
+.PHONY: demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)" numpy
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) launch/demo.py
+
+test: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/moe_layer.py
+
+clean:
+	rm -rf runs demo_data .pytest_cache

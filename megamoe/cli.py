@@ -1,0 +1,30 @@
+"""Shared plumbing for command-line entry points: user mistakes become one line and exit 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
+
+USER_ERROR_EXIT = 2
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad file, bad flag, bad layout); shown as one line."""
+
+
+def exit_on_user_error(main: F) -> F:
+    """Run ``main``; print a ConfigError/UserError as ``error: ...`` and exit 2 instead of a traceback."""
+    from megamoe.config import ConfigError
+
+    @functools.wraps(main)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        try:
+            return main(*args, **kwargs)
+        except (ConfigError, UserError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(USER_ERROR_EXIT)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,173 @@
+"""Typed configuration schema: one dataclass per section, registered in Hydra's ConfigStore.
+
+Structured configs make OmegaConf reject unknown keys and wrong types at composition time,
+so a typo in an override fails at startup with the key's name instead of being ignored.
+Cross-field rules (divisibility, ranges) live in :mod:`megamoe.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    """The Yuan 2.0 decoder. Defaults are Yuan 2.0-M32's (see configs/exp/m32_2000b.yaml)."""
+
+    vocab_size: int = 135040
+    hidden_size: int = 2048
+    num_layers: int = 24
+    num_heads: int = 16
+    head_dim: int = 256  # Megatron's --kv-channels; attention_projection_size = heads * head_dim
+    rotary_percent: float = 0.5  # fraction of each head's dims that get RoPE
+    rotary_base: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 4096
+    tie_embeddings: bool = True
+    use_lfa: bool = True  # Localized Filtering-based Attention on Q and K
+    ffn_type: str = "moe"  # "moe" | "dense" (dense SwiGLU baseline, upcycling source)
+    dense_ffn_hidden_size: int = 8192
+    init_std: float = 0.02
+
+
+@dataclass
+class MoEConfig:
+    """The MoE FFN: router, balancing, experts and dispatch."""
+
+    num_experts: int = 32
+    top_k: int = 2
+    ffn_hidden_size: int = 8192  # per expert; smaller values + more experts = fine-grained
+    router: str = "attention"  # "attention" (the paper's) | "linear" (classical)
+    # "topk_softmax": top-k of the logits, softmax over the k (Megatron / vLLM / paper).
+    # "softmax_topk": softmax over all experts, top-k, renormalise if norm_topk_prob (Yuan HF).
+    router_order: str = "topk_softmax"
+    norm_topk_prob: bool = True
+    noisy_gating: bool = False  # noisy top-k gating (Shazeer et al.): learned noise at train time
+    aux_loss_coeff: float = 0.0  # Switch/GShard load-balancing loss
+    z_loss_coeff: float = 0.0  # router z-loss (ST-MoE)
+    aux_free_bias: bool = False  # DeepSeek-V3 bias that only affects expert selection
+    aux_free_bias_update_rate: float = 1e-3
+    capacity_factor: Optional[float] = None  # None = dropless (the paper's run)
+    num_shared_experts: int = 0  # always-on experts (Qwen1.5-MoE style)
+    shared_expert_ffn_hidden_size: int = 0  # 0 = same as ffn_hidden_size
+    grouped_gemm: str = "auto"  # "auto" (grouped GEMM on CUDA) | "on" | "off"
+
+
+@dataclass
+class ParallelConfig:
+    """Process grid: world = pp * dp; expert parallelism lives inside dp (ep divides dp)."""
+
+    pp: int = 1
+    ep: int = 1
+    schedule: str = "1f1b"  # "1f1b" | "interleaved_1f1b"
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved_1f1b)
+    collective_timeout_s: int = 600
+    backend: str = "auto"  # "auto" (nccl with CUDA, else gloo) | "nccl" | "gloo"
+
+
+@dataclass
+class DataSourceConfig:
+    """One tokenized dataset prefix (path without _document suffix handling) in the blend."""
+
+    path: str = "???"
+    weight: float = 1.0
+    lang: str = "all"
+    fim_rate: float = 0.0
+    fim_spm_rate: float = 0.5
+
+
+@dataclass
+class TokenizerConfig:
+    type: str = "ByteTokenizer"  # ByteTokenizer | HuggingFaceTokenizer | SentencePieceTokenizer
+    model: Optional[str] = None
+    eod_token: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from. kind "mock" needs no files (deterministic random tokens)."""
+
+    kind: str = "indexed"  # "indexed" | "mock"
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    split: str = "98,1,1"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    cache_dir: Optional[str] = None  # where index .npy files go; default next to the data
+    reset_position_ids: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: batch, schedule, AdamW, precision, and what to do with non-finite steps."""
+
+    steps: int = 318000
+    global_batch: int = 1536
+    micro_batch: int = 2
+    seq_len: int = 4096
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 6400
+    decay: str = "cosine"  # "cosine" | "linear" | "constant"
+    decay_steps: Optional[int] = None  # None = steps
+    weight_decay: float = 0.1
+    decay_embeddings: bool = True
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    clip_grad: float = 1.0
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
+    activation_checkpointing: str = "none"  # "none" | "full" | "selective"
+    on_nonfinite: str = "skip"  # "skip" | "stop"
+    log_interval: int = 10
+    eval_interval: int = 1000
+    eval_iters: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 1000
+    keep: int = 3
+    resume: str = "auto"  # "auto" | "none" | a checkpoint path
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = False
+    project: str = "megamoe"
+    mode: str = "offline"  # "offline" | "online" | "disabled"
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    expert_load: bool = True
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    name: str = "megamoe"
+
+
+@dataclass
+class MegaMoEConfig:
+    """The root: every key a run can set. `+exp=NAME` overlays configs/exp/NAME.yaml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 1234
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore so configs/config.yaml can extend it."""
+    cs = ConfigStore.instance()
+    cs.store(name="megamoe_schema", node=MegaMoEConfig)

@@ -1,0 +1,149 @@
+"""Cross-field validation: impossible combinations stop before any process group starts.
+
+Types and unknown keys are already enforced by the structured schema; here we check what a
+dataclass cannot express (ranges, enumerations, divisibility). Each failure is one
+:class:`ConfigError` line of the form ``key: what is wrong (how to fix it)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from megamoe.config.compose import ConfigError
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.ffn_type": ("moe", "dense"),
+    "moe.router": ("attention", "linear"),
+    "moe.router_order": ("topk_softmax", "softmax_topk"),
+    "moe.grouped_gemm": ("auto", "on", "off"),
+    "parallel.schedule": ("1f1b", "interleaved_1f1b"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "data.kind": ("indexed", "mock"),
+    "data.tokenizer.type": ("ByteTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer"),
+    "train.decay": ("cosine", "linear", "constant"),
+    "train.precision": ("auto", "bf16", "fp32"),
+    "train.activation_checkpointing": ("none", "full", "selective"),
+    "train.on_nonfinite": ("skip", "stop"),
+    "logging.wandb.mode": ("offline", "online", "disabled"),
+}
+
+POSITIVE: tuple[str, ...] = (
+    "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.head_dim",
+    "model.max_position_embeddings", "model.dense_ffn_hidden_size", "model.rms_norm_eps", "model.init_std",
+    "model.rotary_base", "moe.num_experts", "moe.top_k", "moe.ffn_hidden_size", "parallel.pp", "parallel.ep",
+    "parallel.virtual_stages", "parallel.collective_timeout_s", "train.steps", "train.global_batch",
+    "train.micro_batch", "train.seq_len", "train.lr", "train.log_interval", "train.eval_interval",
+    "train.eval_iters", "checkpoint.interval", "checkpoint.keep",
+)
+
+NON_NEGATIVE: tuple[str, ...] = (
+    "moe.aux_loss_coeff", "moe.z_loss_coeff", "moe.aux_free_bias_update_rate", "moe.num_shared_experts",
+    "moe.shared_expert_ffn_hidden_size", "train.min_lr", "train.warmup_steps", "train.weight_decay",
+    "train.eps", "train.clip_grad", "data.num_workers",
+)
+
+
+def _get(cfg: DictConfig, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def rotary_dim(cfg: DictConfig) -> int:
+    """Dims of each head that get RoPE (Yuan M32: 0.5 × 256 = 128)."""
+    return int(cfg.model.head_dim * cfg.model.rotary_percent)
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    m = cfg.model
+    _check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
+           f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    _check(0.0 < m.rotary_percent <= 1.0, "model.rotary_percent",
+           f"{m.rotary_percent} gives rotary dim {rotary_dim(cfg)} > model.head_dim={m.head_dim}; use a value in (0, 1]")
+    _check(rotary_dim(cfg) % 2 == 0 and rotary_dim(cfg) > 0, "model.rotary_percent",
+           f"rotary dim {rotary_dim(cfg)} (head_dim × rotary_percent) must be a positive even number")
+    _check(not m.use_lfa or m.hidden_size % 2 == 0, "model.hidden_size",
+           f"{m.hidden_size} must be even for LFA (its first conv maps H → H/2)")
+    _check(cfg.train.seq_len <= m.max_position_embeddings, "train.seq_len",
+           f"{cfg.train.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
+
+
+def _validate_moe(cfg: DictConfig) -> None:
+    e = cfg.moe
+    _check(e.top_k <= e.num_experts, "moe.top_k", f"{e.top_k} > moe.num_experts={e.num_experts}")
+    _check(e.capacity_factor is None or e.capacity_factor > 0, "moe.capacity_factor",
+           f"{e.capacity_factor} must be > 0, or null for dropless dispatch")
+    _check(not (e.noisy_gating and e.router != "linear"), "moe.noisy_gating",
+           "noisy top-k gating applies to the linear router only; set moe.router=linear")
+
+
+def _validate_parallel(cfg: DictConfig) -> None:
+    p, m = cfg.parallel, cfg.model
+    _check(p.schedule == "interleaved_1f1b" or p.virtual_stages == 1, "parallel.virtual_stages",
+           f"{p.virtual_stages} virtual stages need parallel.schedule=interleaved_1f1b")
+    chunks = p.pp * p.virtual_stages
+    _check(m.num_layers % chunks == 0, "model.num_layers",
+           f"{m.num_layers} layers cannot be split into parallel.pp × parallel.virtual_stages = {chunks} equal stages")
+    _check(cfg.moe.num_experts % p.ep == 0, "moe.num_experts",
+           f"{cfg.moe.num_experts} experts cannot be divided among parallel.ep={p.ep} ranks")
+
+
+def _validate_train(cfg: DictConfig) -> None:
+    t = cfg.train
+    _check(t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} > train.lr={t.lr}")
+    _check(t.warmup_steps <= t.steps, "train.warmup_steps", f"{t.warmup_steps} > train.steps={t.steps}")
+    _check(t.global_batch % t.micro_batch == 0, "train.global_batch",
+           f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
+
+
+def _validate_data(cfg: DictConfig) -> None:
+    d = cfg.data
+    if d.kind == "indexed":
+        _check(len(d.sources) > 0, "data.sources",
+               "is empty; list [{path, weight, lang}] entries, or use data=mock for random tokens")
+    for i, src in enumerate(d.sources):
+        _check(src.weight > 0, f"data.sources[{i}].weight", f"{src.weight} must be > 0")
+        _check(0.0 <= src.fim_rate <= 1.0, f"data.sources[{i}].fim_rate", f"{src.fim_rate} must be in [0, 1]")
+    parts = d.split.replace("/", ",").split(",")
+    ok = len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts)
+    _check(ok and sum(float(x) for x in parts) > 0, "data.split",
+           f"'{d.split}' must be three non-negative numbers like '98,1,1' (train, valid, test)")
+
+
+def validate_layout(cfg: DictConfig, world_size: int) -> int:
+    """Check that ``world_size`` processes fit the grid; returns the data-parallel size."""
+    p, t = cfg.parallel, cfg.train
+    _check(world_size % p.pp == 0, "parallel.pp",
+           f"world size {world_size} is not divisible by parallel.pp={p.pp}")
+    dp = world_size // p.pp
+    _check(dp % p.ep == 0, "parallel.ep",
+           f"{p.ep} does not divide the data-parallel size {dp} (world {world_size} / pp {p.pp})")
+    _check(t.global_batch % (t.micro_batch * dp) == 0, "train.global_batch",
+           f"{t.global_batch} is not divisible by train.micro_batch × dp = {t.micro_batch} × {dp}")
+    return dp
+
+
+def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
+    """Raise ConfigError naming the first impossible setting; silent when all is well."""
+    for key, choices in CHOICES.items():
+        value = _get(cfg, key)
+        _check(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
+    for key in POSITIVE:
+        _check(_get(cfg, key) > 0, key, f"{_get(cfg, key)} must be > 0")
+    for key in NON_NEGATIVE:
+        _check(_get(cfg, key) >= 0, key, f"{_get(cfg, key)} must be >= 0")
+    _validate_model(cfg)
+    _validate_moe(cfg)
+    _validate_parallel(cfg)
+    _validate_train(cfg)
+    _validate_data(cfg)
+    if world_size is not None:
+        validate_layout(cfg, world_size)
