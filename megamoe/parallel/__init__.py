@@ -1,0 +1,1 @@
+"""How the model is spread over processes: mesh, pipeline stages, expert placement, grad sync."""

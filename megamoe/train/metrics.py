@@ -1,0 +1,175 @@
+"""What a run reports: metrics.jsonl (exact floats), a console line, wandb, MFU and expert load.
+
+``metrics.jsonl`` holds one JSON object per step. Python's json writes every float as its
+shortest round-trip repr, so reading a line back gives the same bits: two runs compare exactly
+(non-finite values are written as NaN / Infinity, which Python's json reads back).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from megamoe.cli import UserError
+
+# Dense (no sparsity) bf16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's datasheets (SXM
+# parts unless the name says otherwise). Matched as a substring of torch.cuda.get_device_name,
+# longest key first, so "H100 PCIe" wins over "H100" and "GH200" over "H200".
+PEAK_TFLOPS_BF16: dict[str, float] = {
+    "A100": 312.0,
+    "A800": 312.0,
+    "H100": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H800": 989.0,
+    "H200": 989.0,
+    "GH200": 989.0,
+    "L40S": 362.0,
+}
+
+STEP_TIME_EMA = 0.9  # weight of the past in the step-time average behind the ETA
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """Peak bf16 FLOP/s of the GPU called ``device_name``; None when it is not in the table."""
+    matches = [key for key in PEAK_TFLOPS_BF16 if key.lower() in device_name.lower()]
+    return PEAK_TFLOPS_BF16[max(matches, key=len)] * 1e12 if matches else None
+
+
+def detect_peak_flops(device: torch.device) -> Optional[float]:
+    """Peak bf16 FLOP/s of ``device``; None on CPU or an unknown GPU (MFU is then not shown)."""
+    if device.type != "cuda":
+        return None
+    return peak_flops(torch.cuda.get_device_name(device))
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilisation: achieved FLOP/s over peak, both for the same device(s).
+
+    ``flops_per_token`` counts forward and backward (≈ 6 × active parameters + attention).
+    """
+    return tokens_per_s * flops_per_token / peak
+
+
+def expert_load_summary(tokens_per_expert_by_layer: dict[int, torch.Tensor]) -> dict[str, Any]:
+    """Per-layer token fractions per expert, and the extreme loads relative to uniform (1.0).
+
+    ``expert_load_max`` 2.0 means some expert of some layer got twice its fair share of tokens;
+    ``expert_load_min`` 0.0 means an expert got none. Layer keys become strings (JSON keys).
+    """
+    fractions: dict[str, list[float]] = {}
+    relative: list[float] = []
+    for layer, counts in sorted(tokens_per_expert_by_layer.items()):
+        counts = counts.detach().to("cpu", torch.float64)
+        frac = counts / counts.sum().clamp(min=1.0)
+        fractions[str(layer)] = frac.tolist()
+        relative += (frac * counts.numel()).tolist()
+    return {"expert_fraction": fractions, "expert_load_max": max(relative), "expert_load_min": min(relative)}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _append_json(path: Path, obj: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj, default=_jsonable) + "\n")
+
+
+def _format_step_line(step: int, total_steps: int, record: dict[str, Any], eta_s: Optional[float]) -> str:
+    fields = [f"step {step:>{len(str(total_steps))}}/{total_steps}"]
+    if "loss" in record:
+        fields.append(f"loss {record['loss']:.4f}")
+    if "lr" in record:
+        fields.append(f"lr {record['lr']:.3e}")
+    if "grad_norm" in record:
+        fields.append(f"grad norm {record['grad_norm']:.3f}")
+    if "tokens_per_s" in record:
+        fields.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if record.get("mfu") is not None:
+        fields.append(f"MFU {100 * record['mfu']:.1f}%")
+    if "expert_load_max" in record:
+        fields.append(f"expert load max {record['expert_load_max']:.2f} min {record['expert_load_min']:.2f}")
+    if eta_s is not None:
+        fields.append(f"ETA {datetime.timedelta(seconds=round(eta_s))}")
+    return " | ".join(fields)
+
+
+class MetricsLogger:
+    """Writes a run's metrics. Every rank may call it; only the writer (``is_writer``) acts.
+
+    Records are flat dicts of the loop's choosing; the console line reads ``loss``, ``lr``,
+    ``grad_norm``, ``tokens_per_s``, ``mfu`` and ``expert_load_max``/``expert_load_min`` when
+    present. Step time for the ETA is measured here, between successive :meth:`log_step` calls.
+    """
+
+    def __init__(self, run_dir: Path, is_writer: bool, wandb_cfg: DictConfig, total_steps: int, config_dict: dict) -> None:
+        self.run_dir = Path(run_dir)
+        self.is_writer = is_writer
+        self.total_steps = total_steps
+        self._step_s: Optional[float] = None  # moving average of seconds per step
+        self._last: Optional[tuple[float, int]] = None  # (monotonic time, step) of the last log_step
+        self._wandb: Any = None
+        if not is_writer:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if wandb_cfg.enabled and wandb_cfg.mode != "disabled":
+            self._wandb = _start_wandb(self.run_dir, wandb_cfg, config_dict)
+
+    def log_step(self, step: int, record: dict[str, Any]) -> None:
+        """Append ``{"step": step, **record}`` to metrics.jsonl (and wandb's scalars)."""
+        if not self.is_writer:
+            return
+        now = time.monotonic()
+        if self._last is not None and step > self._last[1]:
+            per_step = (now - self._last[0]) / (step - self._last[1])
+            self._step_s = per_step if self._step_s is None else STEP_TIME_EMA * self._step_s + (1 - STEP_TIME_EMA) * per_step
+        self._last = (now, step)
+        _append_json(self.run_dir / "metrics.jsonl", {"step": step, **record})
+        if self._wandb is not None:
+            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self._wandb.log(scalars, step=step)
+
+    def console(self, step: int, record: dict[str, Any]) -> None:
+        """Print one line: step, loss, lr, grad norm, tokens/s, MFU, expert load, ETA."""
+        if not self.is_writer:
+            return
+        eta = None if self._step_s is None else self._step_s * max(0, self.total_steps - step)
+        tqdm.write(_format_step_line(step, self.total_steps, record, eta))
+
+    def log_eval(self, step: int, losses_by_source: dict[str, float]) -> None:
+        """Validation loss per data source: eval.jsonl, a console line, and wandb ``eval/<source>``."""
+        if not self.is_writer:
+            return
+        _append_json(self.run_dir / "eval.jsonl", {"step": step, "loss": losses_by_source})
+        tqdm.write(" | ".join([f"eval step {step}"] + [f"{src} {loss:.4f}" for src, loss in losses_by_source.items()]))
+        if self._wandb is not None:
+            self._wandb.log({f"eval/{src}": loss for src, loss in losses_by_source.items()}, step=step)
+
+    def finish(self) -> None:
+        """Close the wandb run (its offline files are then complete)."""
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _start_wandb(run_dir: Path, wandb_cfg: DictConfig, config_dict: dict) -> Any:
+    """Start a wandb run; WANDB_MODE and WANDB_DIR from the environment win over the config."""
+    try:
+        import wandb
+    except ImportError as exc:
+        raise UserError(f"logging.wandb.enabled=true but wandb cannot be imported ({exc}); "
+                        "pip install wandb, or set logging.wandb.enabled=false") from None
+    os.environ.setdefault("WANDB_MODE", wandb_cfg.mode)
+    os.environ.setdefault("WANDB_DIR", str(run_dir))
+    return wandb.init(project=wandb_cfg.project, name=config_dict.get("run", {}).get("name"), config=config_dict)

@@ -1,0 +1,1 @@
+"""Multi-process tests: real gloo process groups started by :mod:`tests.dist.launcher`."""
