@@ -1,0 +1,114 @@
+"""Preprocessing throughput against the bare tokenizer on the same text and worker count.
+
+Claim (issue 4 §6): data_tools/preprocess_data.py reaches ≥ 0.9× the tokens/s of the tokenizer's
+own batch encode. The baseline gets the document texts already in memory, cut into the same
+chunks and spread over the same worker processes (one tokenizer thread each); it does nothing
+but ``encode_batch``. The preprocessing run does everything: read and parse the jsonl, validate,
+encode, flatten to numpy, write ``.bin``/``.idx`` and rename. Both count text tokens only.
+
+The corpus is the demo corpus; the tokenizer a byte-level BPE trained on a separate small
+sample of it, unless --tokenizer-model names one.
+
+    python -m benchmarks.preprocess                      # 64 MB, all cores
+    python -m benchmarks.preprocess --size-mb 1 --quick  # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from data_tools import make_demo_corpus, preprocess_data, train_tokenizer
+from megamoe.data.tokenizer import build_tokenizer
+
+
+def read_chunks_of_texts(path: Path) -> list[list[str]]:
+    """The documents of a jsonl file as the preprocessor chunks them, already parsed."""
+    return [preprocess_data.parse_chunk(chunk, ["text"]).columns[0]
+            for chunk in preprocess_data.read_chunks([path], ["text"])]
+
+
+def _count_tokens(texts: list[str]) -> int:
+    # The worker's tokenizer, set up by the preprocessor's own initializer: same process and thread layout.
+    return sum(map(len, preprocess_data._ENCODER.tokenizer.encode_batch(texts)))
+
+
+def time_bare(chunks: list[list[str]], tokenizer_args: tuple, workers: int) -> tuple[float, int]:
+    """Seconds and tokens for encode_batch alone, in the same process layout the preprocessor uses."""
+    start = time.perf_counter()
+    tokens = sum(preprocess_data.ordered_map(_count_tokens, chunks, workers, preprocess_data._init_encoder,
+                                             (["text"], tokenizer_args, False)))
+    return time.perf_counter() - start, tokens
+
+
+def time_preprocess(path: Path, out_prefix: str, tokenizer_args: tuple, workers: int) -> tuple[float, int]:
+    """Seconds and text tokens (eod excluded) for the full preprocessing run."""
+    kind, model, eod = tokenizer_args
+    argv = ["--input", str(path), "--output-prefix", out_prefix, "--tokenizer-type", kind,
+            "--append-eod", "--workers", str(workers), "--log-interval", "10000"]
+    argv += ["--tokenizer-model", model] if model else []
+    argv += ["--eod-token", eod] if eod else []
+    start = time.perf_counter()
+    summary = preprocess_data.preprocess(preprocess_data.parse_args(argv))
+    return time.perf_counter() - start, summary.tokens - summary.documents
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size-mb", type=float, default=64.0, help="corpus size (default 64)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    p.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
+    p.add_argument("--tokenizer-model", default=None, help="default: train a BPE on a 4 MB sample (seed 1)")
+    p.add_argument("--vocab-size", type=int, default=16000, help="of the trained tokenizer (default 16000)")
+    p.add_argument("--repeats", type=int, default=3, help="best of N runs of each (default 3)")
+    p.add_argument("--quick", action="store_true", help="one repeat, small tokenizer: a smoke run")
+    args = p.parse_args()
+    repeats = 1 if args.quick else args.repeats
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp, "corpus")
+        make_demo_corpus.make_corpus(str(corpus), args.size_mb, seed=0)
+        text = corpus / "all.jsonl"
+        with open(text, "wb") as out:
+            for name in make_demo_corpus.SHARES:
+                out.write((corpus / f"{name}.jsonl").read_bytes())
+        model = args.tokenizer_model
+        if model is None and args.tokenizer_type == "HuggingFaceTokenizer":
+            sample = Path(tmp, "sample")
+            make_demo_corpus.make_corpus(str(sample), 0.2 if args.quick else 4.0, seed=1)
+            model = str(Path(tmp, "tokenizer.json"))
+            train_tokenizer.train([str(sample)], 1000 if args.quick else args.vocab_size, model, show_progress=False)
+        tokenizer_args = (args.tokenizer_type, model, None)
+        build_tokenizer(*tokenizer_args)  # fail on a bad tokenizer before timing anything
+        chunks = read_chunks_of_texts(text)
+
+        bare, pre = [], []
+        for _ in range(repeats):  # interleaved so drift in machine load hits both alike
+            bare.append(time_bare(chunks, tokenizer_args, args.workers))
+            pre.append(time_preprocess(text, str(Path(tmp, "out", "bench")), tokenizer_args, args.workers))
+        (bare_s, bare_tokens), (pre_s, pre_tokens) = min(bare), min(pre)
+        if bare_tokens != pre_tokens:
+            raise SystemExit(f"token counts differ: bare {bare_tokens:,} vs preprocess {pre_tokens:,}; not comparing")
+        size_mb = text.stat().st_size / 1e6
+
+    ratio = bare_s / pre_s
+    print(f"preprocess {size_mb:.1f} MB, {pre_tokens:,} tokens, {args.workers} worker(s), {args.tokenizer_type}, "
+          f"best of {repeats}")
+    print(f"  bare encode_batch  {bare_s:8.2f} s  {bare_tokens / bare_s:>12,.0f} tokens/s")
+    print(f"  preprocess_data    {pre_s:8.2f} s  {pre_tokens / pre_s:>12,.0f} tokens/s")
+    print(f"  preprocess ÷ bare = {ratio:.3f} (target ≥ 0.9)")
+    print(json.dumps({
+        "preprocess_vs_bare": round(ratio, 3),
+        "preprocess_tokens_per_s": round(pre_tokens / pre_s),
+        "bare_tokens_per_s": round(bare_tokens / bare_s),
+        "tokens": pre_tokens, "size_mb": round(size_mb, 1), "workers": args.workers,
+        "tokenizer": args.tokenizer_type, "repeats": repeats,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Train a Yuan-style MoE: `torchrun --nproc_per_node=N launch/pretrain.py +exp=NAME [key=value ...]`.
+
+Also runs under the DeepSpeed launcher (`deepspeed --num_gpus N launch/pretrain.py ...`; its
+`--local_rank` argument is accepted and ignored, the rank comes from the environment), under
+SLURM's `srun` (SLURM_PROCID / SLURM_NTASKS), and as a single plain `python` process.
+
+The config is composed (Hydra) and validated against the world size *before* any process group
+starts, so a typo or an impossible layout ends with one line on rank 0 and exit code 2, never a
+hang.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from megamoe.cli import USER_ERROR_EXIT, exit_on_user_error
+from megamoe.config import ConfigError, compose, validate
+from megamoe.parallel.mesh import read_launch_env
+
+
+def hydra_overrides(argv: list[str]) -> list[str]:
+    """Command-line overrides, without the `--local_rank=N` that the DeepSpeed launcher appends."""
+    return [arg for arg in argv if not arg.startswith("--local_rank")]
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    env = read_launch_env()
+    try:
+        cfg = compose(hydra_overrides(sys.argv[1:] if argv is None else argv))
+        validate(cfg, world_size=env.world_size)
+    except ConfigError:
+        if env.rank == 0:
+            raise
+        sys.exit(USER_ERROR_EXIT)  # rank 0 says why; the others leave quietly
+    from megamoe.train.loop import run  # heavy imports only once the config is known to be good
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Tokens from .bin/.idx files → samples → per-rank micro-batches (see DESIGN.md §5).
+
+Modules: ``indexed`` (Megatron-compatible reader and builder), ``samples`` (document, sample
+and shuffle indices, cached), ``blend`` (weighted sources with train/valid/test splits),
+``fim`` (fill-in-the-middle), ``mock`` (random tokens), ``loader`` (deterministic, resumable).
+Nothing is imported here so that data tools load without torch.
+"""

@@ -1,0 +1,92 @@
+"""Pipeline parallelism: which layers a rank builds, and the schedule that runs them.
+
+Stage s of S = pp × virtual_stages holds layers [s·L/S, (s+1)·L/S). Pipeline rank r holds the
+stages r, r + pp, r + 2·pp, … (the loop layout that torch's interleaved 1F1B expects). Each
+stage builds only its own layers. Stages pass ``(hidden, position_ids)`` along, because
+position ids may restart after each end-of-document token and every layer's RoPE needs them.
+
+The engine is ``torch.distributed.pipelining`` (Schedule1F1B / ScheduleInterleaved1F1B).
+With pp = 1 there is no pipeline: the trainer runs micro-batches in a plain gradient-
+accumulation loop, which is the same math without any point-to-point traffic.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch import Tensor, nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+
+from megamoe.model.moe.dispatcher import TokenExchange
+from megamoe.model.yuan import YuanModel, lm_loss
+from megamoe.parallel.mesh import ProcessGrid
+
+IGNORE_INDEX = -100
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: a contiguous slice of the decoder, speaking the stage protocol."""
+
+    def __init__(self, model: YuanModel, is_last: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.is_last = is_last
+
+    def forward(self, x: Tensor, position_ids: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+        out = self.model(x, position_ids=position_ids)
+        return out if self.is_last else (out, position_ids)
+
+
+def stage_indices(cfg: DictConfig, pp_rank: int) -> list[int]:
+    """The global stage indices this pipeline rank holds (loop layout)."""
+    return [chunk * cfg.parallel.pp + pp_rank for chunk in range(cfg.parallel.virtual_stages)]
+
+
+def build_stage_modules(cfg: DictConfig, pp_rank: int, exchange: Optional[TokenExchange] = None) -> list[StageModule]:
+    """Build (only) the layers of this rank's stages; parameters keep their global names."""
+    num_stages = cfg.parallel.pp * cfg.parallel.virtual_stages
+    per_stage = cfg.model.num_layers // num_stages
+    modules = []
+    for s in stage_indices(cfg, pp_rank):
+        model = YuanModel(
+            cfg,
+            first_layer=s * per_stage,
+            last_layer=(s + 1) * per_stage,
+            pre_process=s == 0,
+            post_process=s == num_stages - 1,
+            exchange=exchange,
+        )
+        modules.append(StageModule(model, is_last=s == num_stages - 1))
+    return modules
+
+
+def masked_labels(labels: Tensor, loss_mask: Tensor) -> Tensor:
+    """Fold the loss mask into the labels (ignored positions = -100) so one tensor travels."""
+    return labels.masked_fill(loss_mask == 0, IGNORE_INDEX)
+
+
+def stage_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean token cross-entropy of one micro-batch (the pipeline's loss_fn)."""
+    return lm_loss(logits, labels, (labels != IGNORE_INDEX).float())
+
+
+def build_schedule(
+    cfg: DictConfig, grid: ProcessGrid, modules: list[StageModule], num_microbatches: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = stage_loss,
+) -> _PipelineSchedule:
+    """Wrap the stage modules in torch PipelineStages and the configured schedule.
+
+    ``scale_grads=True``: gradients are divided by the number of micro-batches after the
+    backward passes, so each micro-batch loss is a plain mean (as in the pp = 1 loop).
+    """
+    num_stages = cfg.parallel.pp * cfg.parallel.virtual_stages
+    stages = [
+        PipelineStage(module, stage_index=s, num_stages=num_stages, device=grid.device, group=grid.pp_group)
+        for module, s in zip(modules, stage_indices(cfg, grid.pp_rank))
+    ]
+    if cfg.parallel.schedule == "interleaved_1f1b":
+        return ScheduleInterleaved1F1B(stages, n_microbatches=num_microbatches, loss_fn=loss_fn)
+    return Schedule1F1B(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn)

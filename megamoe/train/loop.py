@@ -1,0 +1,289 @@
+"""The training loop. One step, top to bottom:
+
+1. every data-parallel rank takes its slice of the global batch, split into micro-batches;
+2. the micro-batches run forward and backward — through the pipeline schedule when pp > 1,
+   through a plain accumulation loop when pp = 1 (MoE aux losses add their gradient inside the
+   backward pass, so they never travel to the last stage);
+3. gradients are summed over dp (dense) or edp (experts) and divided by dp; the tied embedding's
+   two copies (first and last stage) are summed;
+4. the global gradient norm (each parameter counted once) decides skip / clip; AdamW steps;
+5. the loss and the expert load are reduced for the console line and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+
+from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id
+from megamoe.model.flops import attention_flops_per_token, fwd_flops_per_token
+from megamoe.model.moe.layer import MoEAuxLossBackward, MoELayer
+from megamoe.parallel.expert import AllToAllExchange, is_expert_param
+from megamoe.parallel.grads import GradSync, clip_grads_, global_grad_norm
+from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.pipeline import StageModule, build_schedule, build_stage_modules, masked_labels, stage_loss
+from megamoe.train.metrics import MetricsLogger, detect_peak_flops, expert_load_summary, mfu
+from megamoe.train.optim import build_optimizer
+from megamoe.train.schedule import lr_at
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/Inf loss or gradient norm with train.on_nonfinite=stop."""
+
+
+@dataclass
+class ExpertLoad:
+    """Tokens routed to each expert during one step, per MoE layer (filled by forward hooks)."""
+
+    layers: dict[int, MoELayer]
+    counts: dict[int, Tensor] = field(default_factory=dict)
+    recording: bool = True
+
+    def __post_init__(self) -> None:
+        for index, layer in self.layers.items():
+            layer.register_forward_hook(lambda module, args, out, i=index: self._add(i, module))
+
+    def _add(self, index: int, layer: MoELayer) -> None:
+        if self.recording:
+            tokens = layer.last_stats.tokens_per_expert
+            self.counts[index] = self.counts.get(index, torch.zeros_like(tokens)) + tokens
+
+    def reduce(self, group: Optional[dist.ProcessGroup]) -> dict[int, Tensor]:
+        """Counts summed over the data-parallel group (the whole global batch); resets."""
+        counts, self.counts = self.counts, {}
+        if group is not None and counts:
+            keys = sorted(counts)
+            stacked = torch.stack([counts[k] for k in keys])
+            dist.all_reduce(stacked, group=group)
+            counts = dict(zip(keys, stacked.unbind(0)))
+        return counts
+
+
+@dataclass
+class Trainer:
+    """Everything one rank needs to run steps; built by :func:`build_trainer`."""
+
+    cfg: DictConfig
+    grid: ProcessGrid
+    modules: list[StageModule]
+    optimizer: torch.optim.Optimizer
+    grad_sync: GradSync
+    dense_params: list[nn.Parameter]  # replicated over dp
+    expert_params: list[nn.Parameter]  # replicated over edp, sharded over ep
+    loader: GlobalBatchLoader
+    valid: dict
+    expert_load: ExpertLoad
+    tied_copy: Optional[nn.Parameter]  # the embedding / lm_head copy this rank syncs, if any
+    eod_id: Optional[int]  # restarts position ids when data.reset_position_ids
+    step: int = 0
+    schedule: Optional[_PipelineSchedule] = None  # built on first use (pp > 1)
+
+    @property
+    def num_microbatches(self) -> int:
+        t = self.cfg.train
+        return t.global_batch // (t.micro_batch * self.grid.dp)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if precision(self.cfg, self.grid.device) == "bf16":
+            return torch.autocast(self.grid.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        for module in self.modules:
+            yield from module.parameters()
+
+
+def precision(cfg: DictConfig, device: torch.device) -> str:
+    """bf16 on CUDA, fp32 on CPU, unless train.precision says otherwise."""
+    if cfg.train.precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return cfg.train.precision
+
+
+def _tied_copy(cfg: DictConfig, grid: ProcessGrid, modules: list[StageModule]) -> Optional[nn.Parameter]:
+    if not cfg.model.tie_embeddings or grid.embed_group is None:
+        return None
+    if grid.is_first_stage:
+        return modules[0].model.embed.weight
+    return modules[-1].model.lm_head.weight
+
+
+def build_trainer(cfg: DictConfig, grid: ProcessGrid) -> Trainer:
+    exchange = AllToAllExchange(cfg.moe.num_experts, grid.ep_group) if grid.ep > 1 else None
+    modules = build_stage_modules(cfg, grid.pp_rank, exchange)
+    for module in modules:
+        module.model.reset_parameters(cfg.seed)
+        module.to(grid.device)
+    named = [(n, p) for m in modules for n, p in m.named_parameters()]
+    dense = [p for n, p in named if not is_expert_param(n)]
+    experts = [p for n, p in named if is_expert_param(n)]
+    grad_sync = GradSync(dense, experts, grid.dp_group, grid.edp_group, grid.dp)
+    optimizer = build_optimizer(nn.ModuleList(modules), cfg.train)
+    train, valid, _ = build_datasets(cfg, is_builder=grid.rank == 0)
+    eod_id = data_eod_id(cfg)
+    loader = GlobalBatchLoader(
+        train, cfg.train.global_batch, cfg.train.micro_batch, grid.dp_rank, grid.dp,
+        eod_id=eod_id, reset_position_ids=cfg.data.reset_position_ids,
+    )
+    moe_layers = {int(i): layer.mlp for m in modules for i, layer in m.model.layers.items() if isinstance(layer.mlp, MoELayer)}
+    return Trainer(cfg, grid, modules, optimizer, grad_sync, dense, experts, loader, valid, ExpertLoad(moe_layers), _tied_copy(cfg, grid, modules), eod_id)
+
+
+def _forward_local(trainer: Trainer, tokens: Tensor, position_ids: Tensor) -> Tensor:
+    """pp = 1: run this rank's stage modules in sequence (one, or several virtual stages)."""
+    x: Tensor | tuple[Tensor, Tensor] = tokens
+    for module in trainer.modules:
+        x = module(*x) if isinstance(x, tuple) else module(x, position_ids)
+    return x  # type: ignore[return-value]
+
+
+def _run_microbatches(trainer: Trainer, microbatches: list[dict[str, Tensor]], train: bool) -> Optional[Tensor]:
+    """Forward (and backward when ``train``) all micro-batches; the mean loss on the last stage, else None."""
+    device, n = trainer.grid.device, len(microbatches)
+    batch = {k: torch.cat([mb[k] for mb in microbatches]).to(device) for k in microbatches[0]}
+    labels = masked_labels(batch["labels"], batch["loss_mask"])
+    if trainer.grid.pp == 1:
+        MoEAuxLossBackward.set_loss_scale(1.0 / n)
+        losses = []
+        with torch.set_grad_enabled(train):
+            for tokens, pos, target in zip(*(t.chunk(n) for t in (batch["tokens"], batch["position_ids"], labels))):
+                with trainer.autocast():
+                    loss = stage_loss(_forward_local(trainer, tokens, pos), target)
+                if train:
+                    (loss / n).backward()
+                losses.append(loss.detach())
+        return torch.stack(losses).mean()
+    MoEAuxLossBackward.set_loss_scale(1.0)  # the schedule divides gradients by n afterwards
+    if trainer.schedule is None:
+        trainer.schedule = build_schedule(trainer.cfg, trainer.grid, trainer.modules, n)
+    run = trainer.schedule.step if train else trainer.schedule.eval
+    losses: list[Tensor] = []
+    args = (batch["tokens"], batch["position_ids"]) if trainer.grid.is_first_stage else ()
+    target = labels if trainer.grid.is_last_stage else None
+    with trainer.autocast():
+        run(*args, target=target, losses=losses)
+    return torch.stack([l.detach().float() for l in losses]).mean() if trainer.grid.is_last_stage else None
+
+
+def _world_mean_of_last_stage(trainer: Trainer, loss: Optional[Tensor]) -> float:
+    """Average the last stage's per-dp-rank losses and share the result with every rank."""
+    value = torch.zeros(1, dtype=torch.float64, device=trainer.grid.device)
+    if loss is not None:
+        value += loss.double() / trainer.grid.dp
+    if trainer.grid.world_size > 1:
+        dist.all_reduce(value)
+    return float(value.item())
+
+
+def train_step(trainer: Trainer, microbatches: list[dict[str, Tensor]]) -> dict[str, float]:
+    """One optimizer step; returns loss, grad norm, lr and whether the update was skipped."""
+    cfg, grid = trainer.cfg, trainer.grid
+    lr = lr_at(trainer.step + 1, cfg.train)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    loss = _world_mean_of_last_stage(trainer, _run_microbatches(trainer, microbatches, train=True))
+    trainer.grad_sync.all_reduce()
+    if trainer.tied_copy is not None:
+        dist.all_reduce(trainer.tied_copy.grad, group=grid.embed_group)
+    params = list(trainer.parameters())
+    exclude = {trainer.tied_copy} if trainer.tied_copy is not None and not grid.is_first_stage else set()
+    norm = float(global_grad_norm(trainer.dense_params, trainer.expert_params,
+                                  grid.dp, grid.edp, None if grid.world_size == 1 else dist.group.WORLD, exclude))
+    trainer.step += 1
+    skipped = not (math.isfinite(loss) and math.isfinite(norm))
+    if skipped and cfg.train.on_nonfinite == "stop":
+        raise NonFiniteError(f"step {trainer.step}: non-finite loss {loss} or grad norm {norm} "
+                             "(train.on_nonfinite=stop; use skip to drop such updates)")
+    if not skipped:
+        clip_grads_(params, cfg.train.clip_grad, torch.tensor(norm))
+        trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    counts = trainer.expert_load.reduce(grid.dp_group)
+    if cfg.moe.aux_free_bias and not skipped:
+        for index, layer_counts in counts.items():
+            trainer.expert_load.layers[index].update_expert_bias(layer_counts)
+    return {"loss": loss, "grad_norm": norm, "lr": lr, "skipped": skipped, "expert_counts": counts}
+
+
+def evaluate(trainer: Trainer) -> dict[str, float]:
+    """Validation loss per data source (per language), over train.eval_iters global batches each."""
+    t, grid = trainer.cfg.train, trainer.grid
+    trainer.expert_load.recording = False
+    results = {}
+    for name, dataset in trainer.valid.items():
+        loader = GlobalBatchLoader(dataset, t.global_batch, t.micro_batch, grid.dp_rank, grid.dp,
+                                   eod_id=trainer.eod_id, reset_position_ids=trainer.cfg.data.reset_position_ids)
+        batches = iter(loader)
+        losses = [_world_mean_of_last_stage(trainer, _run_microbatches(trainer, next(batches), train=False))
+                  for _ in range(t.eval_iters)]
+        results[name] = sum(losses) / len(losses)
+    trainer.expert_load.recording = True
+    return results
+
+
+def _expert_counts_on_rank0(trainer: Trainer, counts: dict[int, Tensor]) -> dict[int, Tensor]:
+    """Gather every stage's per-layer expert counts (already dp-summed) into one table per layer."""
+    cfg = trainer.cfg
+    if cfg.model.ffn_type != "moe":
+        return {}
+    table = torch.zeros(cfg.model.num_layers, cfg.moe.num_experts, dtype=torch.float64, device=trainer.grid.device)
+    if trainer.grid.dp_rank == 0:
+        for index, layer_counts in counts.items():
+            table[index] = layer_counts.double()
+    if trainer.grid.world_size > 1:
+        dist.all_reduce(table)
+    return dict(enumerate(table.cpu()))
+
+
+def run(cfg: DictConfig) -> None:
+    """Train for cfg.train.steps steps with the layout of cfg.parallel on the launched processes."""
+    grid = init_grid(cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.collective_timeout_s, cfg.parallel.backend)
+    try:
+        _train(cfg, grid)
+    finally:
+        shutdown()
+
+
+def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
+    torch.manual_seed(cfg.seed + grid.rank)
+    run_dir = Path(cfg.run.dir)
+    is_writer = grid.rank == 0
+    if is_writer:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    trainer = build_trainer(cfg, grid)
+    logger = MetricsLogger(run_dir, is_writer, cfg.logging.wandb, cfg.train.steps, OmegaConf.to_container(cfg))
+    tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
+    flops_per_token = 3 * (fwd_flops_per_token(cfg) + attention_flops_per_token(cfg, cfg.train.seq_len))
+    peak = detect_peak_flops(grid.device)
+    batches = iter(trainer.loader)
+    while trainer.step < cfg.train.steps:
+        start = time.perf_counter()
+        result = train_step(trainer, next(batches))
+        elapsed = time.perf_counter() - start
+        step = trainer.step
+        record = {
+            "step": step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
+            "skipped": result["skipped"], "tokens_per_s": tokens_per_step / elapsed,
+            "consumed_samples": step * cfg.train.global_batch, "step_time_s": elapsed,
+        }
+        if peak is not None:
+            record["mfu"] = mfu(record["tokens_per_s"] / grid.world_size, flops_per_token, peak)
+        if cfg.logging.expert_load and (step % cfg.train.log_interval == 0 or step == cfg.train.steps):
+            record.update(expert_load_summary(_expert_counts_on_rank0(trainer, result["expert_counts"])))
+        logger.log_step(step, record)
+        if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+            logger.console(step, record)
+        if trainer.valid and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
+            logger.log_eval(step, evaluate(trainer))
+    logger.finish()
