@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megamoe.config.validate import rotary_dim
 from megamoe.model.attention import YuanAttention
@@ -29,12 +30,15 @@ class YuanDecoderLayer(nn.Module):
     """Pre-norm block: h = h + attn(input_norm(h)); h = h + mlp(post_attn_norm(h)).
 
     ``mlp`` is the MoE layer (router + experts) or, for dense baselines, one SwiGLU FFN.
+    ``recompute_attention`` (train.activation_checkpointing=selective) keeps only the attention
+    block's input and recomputes LFA, projections and scores in the backward pass.
     """
 
     def __init__(self, cfg: DictConfig, layer_index: int, exchange: Optional[Any] = None) -> None:
         super().__init__()
         m = cfg.model
         self.layer_index = layer_index
+        self.recompute_attention = cfg.train.activation_checkpointing == "selective"
         self.input_norm = RMSNorm(m.hidden_size, m.rms_norm_eps)
         self.attn = YuanAttention(m)
         self.post_attn_norm = RMSNorm(m.hidden_size, m.rms_norm_eps)
@@ -55,7 +59,11 @@ class YuanDecoderLayer(nn.Module):
             self.mlp.reset_parameters(std, *key, "mlp")
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        h = h + self.attn(self.input_norm(h), rope)
+        x = self.input_norm(h)
+        if self.recompute_attention and torch.is_grad_enabled():
+            h = h + checkpoint(self.attn, x, rope, use_reentrant=False)
+        else:
+            h = h + self.attn(x, rope)
         return h + self.mlp(self.post_attn_norm(h))
 
 
@@ -83,6 +91,7 @@ class YuanModel(nn.Module):
         if not 0 <= first_layer <= last_layer <= m.num_layers:
             raise ValueError(f"layer range [{first_layer}, {last_layer}) is not inside [0, {m.num_layers})")
         self.cfg = cfg
+        self.recompute_layers = cfg.train.activation_checkpointing == "full"  # keep only each layer's input
         self.first_layer, self.last_layer = first_layer, last_layer
         self.pre_process, self.post_process = pre_process, post_process
         self.embed = nn.Embedding(m.vocab_size, m.hidden_size) if pre_process else None
@@ -118,8 +127,9 @@ class YuanModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         rope = self.rotary(position_ids)
+        recompute = self.recompute_layers and torch.is_grad_enabled()
         for layer in self.layers.values():
-            h = layer(h, rope)
+            h = checkpoint(layer, h, rope, use_reentrant=False) if recompute else layer(h, rope)
         if not self.post_process:
             return h
         head = self.lm_head.weight if self.lm_head is not None else self.embed.weight

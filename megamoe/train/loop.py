@@ -54,7 +54,9 @@ class ExpertLoad:
             layer.register_forward_hook(lambda module, args, out, i=index: self._add(i, module))
 
     def _add(self, index: int, layer: MoELayer) -> None:
-        if self.recording:
+        # Activation checkpointing re-runs forward inside backward: count each token once.
+        in_backward = torch._C._current_graph_task_id() != -1
+        if self.recording and not in_backward:
             tokens = layer.last_stats.tokens_per_expert
             self.counts[index] = self.counts.get(index, torch.zeros_like(tokens)) + tokens
 
