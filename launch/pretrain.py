@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from megamoe.cli import USER_ERROR_EXIT, exit_on_user_error
+from megamoe.cli import exit_on_user_error
 from megamoe.config import ConfigError, compose, validate
 from megamoe.parallel.mesh import read_launch_env
 
@@ -32,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError:
         if env.rank == 0:
             raise
-        sys.exit(USER_ERROR_EXIT)  # rank 0 says why; the others leave quietly
+        # Rank 0 says why. The others step aside with 0: a non-zero exit would make torchrun
+        # kill rank 0 before its message is printed.
+        sys.exit(0)
     from megamoe.train.loop import run  # heavy imports only once the config is known to be good
 
     run(cfg)
