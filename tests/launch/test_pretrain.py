@@ -77,3 +77,20 @@ def test_grid_groups_partition_the_world() -> None:
         assert sorted(r for g in groups[kind] for r in g) == list(range(8)), kind
     assert groups["ep"][0] == [0, 1] and groups["edp"][0] == [0, 2] and groups["pp"][0] == [0, 4]
     assert groups["embed"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+
+
+def test_runs_under_slurm_environment(tmp_path: Path) -> None:
+    """What `srun` gives each task (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) is enough to train."""
+    from tests.dist.launcher import free_port
+
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    base.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), SLURM_NTASKS="2")
+    procs = [
+        subprocess.Popen([sys.executable, "launch/pretrain.py", *TINY, "parallel.pp=2", f"run.dir={tmp_path}"],
+                         cwd=ROOT, env={**base, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
