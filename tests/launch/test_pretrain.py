@@ -94,3 +94,14 @@ def test_runs_under_slurm_environment(tmp_path: Path) -> None:
     outputs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_runs_under_deepspeed_launcher(tmp_path: Path) -> None:
+    """`deepspeed --num_gpus N launch/pretrain.py ...` (the launcher only; CPU accelerator here)."""
+    pytest.importorskip("deepspeed")
+    deepspeed = str(Path(sys.executable).with_name("deepspeed"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    result = subprocess.run([deepspeed, "--num_gpus", "2", "launch/pretrain.py", *TINY, "parallel.pp=2",
+                             f"run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
