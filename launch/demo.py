@@ -2,7 +2,8 @@
 
 demo corpus (zh / en, generated, no download) → Megatron .bin/.idx (byte-level tokens) →
 train a tiny Yuan MoE with 4 processes: pipeline (pp=2) × data (dp=2) × expert (ep=2)
-parallelism → show the loss falling below the corpus' unigram entropy, per language.
+parallelism → show the loss falling below the corpus' unigram entropy, per language → write
+the run report (plots and summary) into runs/demo/report/.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
     prepare_data()
     train()
     summarise()
+    sh(sys.executable, "launch/report.py", str(RUN_DIR))
 
 
 if __name__ == "__main__":

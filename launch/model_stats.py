@@ -1,8 +1,11 @@
-"""Parameter counts and FLOPs of a Yuan MoE: `python launch/model_stats.py +exp=NAME [key=value ...]`.
+"""Parameters, FLOPs and memory per GPU of a Yuan MoE run, before launching it:
+`python launch/model_stats.py +exp=NAME [--world-size N] [key=value ...]`.
 
 The model is built on the meta device (no memory, so the 40B M32 is instant) and its parameter
 count is checked against the analytic breakdown of megamoe.model.flops, whose conventions are
-stated there. Prints a table, then, as the last line, one JSON object with the figures.
+stated there. Memory per GPU (megamoe.model.memory) is for the config's layout on N GPUs
+(default: the fewest it allows, pp × ep) and the pipeline rank that needs the most. Prints a
+table, then, as the last line, one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -13,9 +16,9 @@ import sys
 import torch
 from omegaconf import DictConfig
 
-from megamoe.cli import exit_on_user_error
+from megamoe.cli import UserError, exit_on_user_error
 from megamoe.config import compose, validate
-from megamoe.model import flops
+from megamoe.model import flops, memory
 from megamoe.model.yuan import YuanModel
 
 LABELS = {
@@ -23,7 +26,13 @@ LABELS = {
     "experts": "routed experts", "shared_experts": "shared experts", "dense_ffn": "dense FFN",
     "norms": "RMSNorms", "head": "output head",
 }
-USAGE = "usage: python launch/model_stats.py +exp=NAME [key=value ...]   (e.g. +exp=m32_2000b moe.top_k=4)"
+USAGE = ("usage: python launch/model_stats.py +exp=NAME [--world-size N] [key=value ...]   "
+         "(e.g. +exp=m32_2000b --world-size 64 moe.top_k=4)")
+MEMORY_LABELS = {
+    "weights": "weights (fp32)", "gradients": "gradients (fp32)", "optimizer": "AdamW m, v (fp32)",
+    "weight_copies": "bf16 weight copies", "activations": "activations",
+}
+GPU_GIB = 80  # the memory of the GPUs the table compares against (A100 / H100 80 GB)
 
 
 def scaled(n: float, billion: str) -> tuple[float, str]:
@@ -52,7 +61,21 @@ def built_params(cfg: DictConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def stats(cfg: DictConfig) -> dict:
+def memory_stats(cfg: DictConfig, world_size: int | None) -> dict:
+    """The memory estimate of the fullest GPU, in GiB by part, and the layout it assumes."""
+    lay, rank = memory.memory_per_gpu(cfg, world_size)
+    return {
+        "memory_per_gpu_gib": rank.gib(),
+        "memory_layout": {
+            "world_size": lay.world_size, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "pp_rank": rank.pp_rank,
+            "microbatches_in_flight": rank.in_flight, "micro_batch": cfg.train.micro_batch,
+            "precision": "bf16" if memory.is_bf16(cfg) else "fp32",
+            "activation_checkpointing": cfg.train.activation_checkpointing,
+        },
+    }
+
+
+def stats(cfg: DictConfig, world_size: int | None = None) -> dict:
     """Everything the table and the JSON line show."""
     breakdown = flops.parameter_breakdown(cfg)
     total, built = flops.total_params(cfg), built_params(cfg)
@@ -68,6 +91,7 @@ def stats(cfg: DictConfig) -> dict:
         "seq_len": cfg.train.seq_len,
         "compute_ratio_vs_dense": flops.compute_ratio_vs_dense(cfg),
         "params": {row: {"total": part.total, "active": part.active} for row, part in breakdown.items()},
+        **memory_stats(cfg, world_size),
     }
 
 
@@ -100,8 +124,43 @@ def table(cfg: DictConfig, s: dict) -> str:
         f"{s['seq_len']}, causal (not in the two lines above)",
         f"compute vs dense        {100 * s['compute_ratio_vs_dense']:.2f}%  of a dense model with "
         f"{human(s['total_params'])} parameters (6 FLOPs / parameter / token)",
+        "",
+        *memory_table(s),
     ]
     return "\n".join(lines)
+
+
+def memory_table(s: dict) -> list[str]:
+    """The memory estimate's lines: the layout it assumes, then GiB by part and the total."""
+    gib, lay = s["memory_per_gpu_gib"], s["memory_layout"]
+    last = lay["pp_rank"] == lay["pp"] - 1
+    stage = f"pipeline rank {lay['pp_rank']}{' (last stage: logits)' if last and lay['pp'] > 1 else ''}"
+    gpus = f"{lay['world_size']} GPU{'s' if lay['world_size'] > 1 else ''}"
+    lines = [
+        f"memory per GPU on {gpus} (pp {lay['pp']} × dp {lay['dp']}, ep {lay['ep']}), {stage}: "
+        f"micro-batch {lay['micro_batch']} × {s['seq_len']} tokens, {lay['microbatches_in_flight']:g} in flight, "
+        f"{lay['precision']}, recompute {lay['activation_checkpointing']}",
+    ]
+    lines += [f"  {MEMORY_LABELS[part]:<22}{gib[part]:>9.2f} GiB" for part in MEMORY_LABELS]
+    spare = GPU_GIB - gib["total"]
+    verdict = (f"leaves {spare:.1f} GiB of {GPU_GIB} for the CUDA context, NCCL buffers and fragmentation"
+               if spare > 0 else f"does not fit {GPU_GIB} GiB")
+    lines.append(f"  {'total':<22}{gib['total']:>9.2f} GiB  ({verdict})")
+    return lines
+
+
+def split_world_size(args: list[str]) -> tuple[int | None, list[str]]:
+    """Take `--world-size N` / `--world-size=N` out of the arguments; the rest are Hydra overrides."""
+    rest, world, it = [], None, iter(args)
+    for arg in it:
+        if arg == "--world-size" or arg.startswith("--world-size="):
+            value = arg.partition("=")[2] if "=" in arg else next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                raise UserError(f"--world-size: '{value}' is not a positive number of GPUs (e.g. --world-size 8)")
+            world = int(value)
+        else:
+            rest.append(arg)
+    return world, rest
 
 
 @exit_on_user_error
@@ -110,9 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     if any(arg in ("-h", "--help") for arg in overrides):
         print(__doc__.strip() + "\n\n" + USAGE)
         return
+    world_size, overrides = split_world_size(overrides)
     cfg = compose(overrides)
     validate(cfg)
-    s = stats(cfg)
+    s = stats(cfg, world_size)
     print(table(cfg, s))
     print(json.dumps(s))
 

@@ -8,6 +8,8 @@ shortest round-trip repr, so reading a line back gives the same bits: two runs c
 from __future__ import annotations
 
 import datetime
+import importlib.util
+import io
 import json
 import os
 import time
@@ -75,6 +77,38 @@ def expert_load_summary(tokens_per_expert_by_layer: dict[int, torch.Tensor]) -> 
     return {"expert_fraction": fractions, "expert_load_max": max(relative), "expert_load_min": min(relative)}
 
 
+def expert_load_figure(fractions: dict[str, list[float]], step: int) -> Any:
+    """Layer × expert heatmap of the share of tokens each expert got (``expert_fraction``).
+
+    The run report draws it for the last snapshot and wandb receives it at every logged step
+    (its step slider then plays the load over time). A matplotlib ``Figure`` built without
+    pyplot, so no display backend is involved; needs the ``report`` extra.
+    """
+    from matplotlib.figure import Figure
+
+    layers = sorted(fractions, key=int)
+    num_experts = len(fractions[layers[0]])
+    fig = Figure(figsize=(max(6.0, 2.0 + 0.25 * num_experts), max(3.0, 1.5 + 0.25 * len(layers))), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow([fractions[layer] for layer in layers], aspect="auto", cmap="magma", vmin=0.0,
+                      interpolation="nearest")
+    ax.set(xlabel="expert", ylabel="layer", title=f"tokens per expert at step {step} (uniform: {1 / num_experts:.3g})")
+    ax.set_yticks(range(len(layers)), layers)
+    fig.colorbar(image, ax=ax, label="fraction of the layer's tokens")
+    return fig
+
+
+def _wandb_image(fig: Any) -> Any:
+    """wandb.Image of a pyplot-free figure (wandb's own conversion expects pyplot): via PNG bytes."""
+    import wandb
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    buffer.seek(0)
+    return wandb.Image(Image.open(buffer))
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
@@ -120,11 +154,15 @@ class MetricsLogger:
         self._step_s: Optional[float] = None  # moving average of seconds per step
         self._last: Optional[tuple[float, int]] = None  # (monotonic time, step) of the last log_step
         self._wandb: Any = None
+        self._wandb_figures = False  # expert-load heatmaps to wandb (needs matplotlib)
         if not is_writer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if wandb_cfg.enabled and wandb_cfg.mode != "disabled":
             self._wandb = _start_wandb(self.run_dir, wandb_cfg, config_dict)
+            self._wandb_figures = importlib.util.find_spec("matplotlib") is not None
+            if not self._wandb_figures:
+                tqdm.write("wandb: no expert-load figures without matplotlib (pip install -e '.[report]')")
 
     def log_step(self, step: int, record: dict[str, Any]) -> None:
         """Append ``{"step": step, **record}`` to metrics.jsonl (and wandb's scalars)."""
@@ -137,8 +175,10 @@ class MetricsLogger:
         self._last = (now, step)
         _append_json(self.run_dir / "metrics.jsonl", {"step": step, **record})
         if self._wandb is not None:
-            scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self._wandb.log(scalars, step=step)
+            logged = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if self._wandb_figures and record.get("expert_fraction"):
+                logged["expert_load"] = _wandb_image(expert_load_figure(record["expert_fraction"], step))
+            self._wandb.log(logged, step=step)
 
     def console(self, step: int, record: dict[str, Any]) -> None:
         """Print one line: step, loss, lr, grad norm, tokens/s, MFU, expert load, ETA."""

@@ -3,11 +3,14 @@
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from megamoe.config import CONFIG_DIR, compose, validate
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "model_stats.py"
 
@@ -61,6 +64,9 @@ def test_m32_from_the_command_line_gives_the_paper_numbers() -> None:
         (["+exp=tiny", "model.hiden_size=64"], "model.hiden_size"),  # unknown key
         (["+exp=tiny", "moe.top_k=9"], "moe.top_k"),  # impossible value (validation)
         (["+exp=nope"], "exp/nope"),  # missing experiment
+        (["+exp=tiny", "--world-size", "0"], "--world-size"),  # not a number of GPUs
+        (["+exp=tiny", "--world-size"], "--world-size"),  # no value
+        (["+exp=tiny", "parallel.pp=2", "--world-size=3"], "parallel.pp"),  # no layout for that world
     ],
 )
 def test_a_bad_override_exits_2_with_one_line(args: list[str], named: str, capsys: pytest.CaptureFixture) -> None:
@@ -71,3 +77,52 @@ def test_a_bad_override_exits_2_with_one_line(args: list[str], named: str, capsy
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], captured.err
+
+
+def test_tiny_memory_per_gpu(capsys: pytest.CaptureFixture) -> None:
+    """The JSON line carries tests/model/test_memory.py's hand count of tiny on one GPU."""
+    model_stats.main(["+exp=tiny"])
+    out = capsys.readouterr().out
+    stats = last_json(out)
+    model_states = 16 * 924_864
+    weight_copies = 4 * (2 * 16_384 + 2 * 8_192 + 2 * 8 * 24_576 + 4 * 1_536) + 2 * 512 * 64
+    activations = 2 * 64 * (5 * 6_300 + 72 + 5_764)
+    gib = stats["memory_per_gpu_gib"]
+    assert gib["total"] * 2**30 == pytest.approx(model_states + weight_copies + activations)
+    assert gib["total"] == pytest.approx(sum(gib[p] for p in ("weights", "gradients", "optimizer", "weight_copies",
+                                                               "activations")))
+    assert stats["memory_layout"] == {
+        "world_size": 1, "pp": 1, "dp": 1, "ep": 1, "pp_rank": 0, "microbatches_in_flight": 1.0,
+        "micro_batch": 2, "precision": "bf16", "activation_checkpointing": "none",
+    }
+    for label in ("weights (fp32)", "gradients (fp32)", "AdamW m, v (fp32)", "bf16 weight copies", "activations"):
+        assert label in out
+
+
+def test_world_size_flag_sets_data_parallelism(capsys: pytest.CaptureFixture) -> None:
+    for flag in (["--world-size", "8"], ["--world-size=8"]):
+        model_stats.main(["+exp=tiny", *flag, "parallel.pp=2", "parallel.ep=2"])
+        layout = last_json(capsys.readouterr().out)["memory_layout"]
+        assert (layout["world_size"], layout["pp"], layout["dp"], layout["ep"]) == (8, 2, 4, 2)
+        assert layout["pp_rank"] in (0, 1)
+
+
+# The ladder between tiny and m32_2000b, with the GPUs each is meant for.
+LADDER = {"proxy_1gpu": 1, "m32_8gpu": 8}
+GPU_GIB = 80
+HEADROOM = 0.9  # the estimate leaves out the CUDA context, NCCL buffers and fragmentation
+
+
+@pytest.mark.parametrize(("exp", "world_size"), list(LADDER.items()))
+def test_ladder_config_fits_an_80_gib_gpu(exp: str, world_size: int, capsys: pytest.CaptureFixture) -> None:
+    cfg = compose([f"+exp={exp}"])
+    validate(cfg, world_size=world_size)
+    model_stats.main([f"+exp={exp}", "--world-size", str(world_size)])
+    stats = last_json(capsys.readouterr().out)
+    total = stats["memory_per_gpu_gib"]["total"]
+    assert stats["memory_layout"]["world_size"] == world_size
+    assert total <= HEADROOM * GPU_GIB
+    # the figure written in the config's header comment is the estimate's, rounded
+    header = (CONFIG_DIR / "exp" / f"{exp}.yaml").read_text()
+    stated = re.search(r"Memory per GPU .*?~(\d+) GiB", header, re.S)
+    assert stated is not None and int(stated.group(1)) == round(total), (stated and stated.group(0), total)

@@ -1,0 +1,318 @@
+"""GPU memory per rank of a training run, estimated from the config before anything launches.
+
+Accounting, per GPU, for the pipeline rank that needs the most:
+
+* **Model states, 16 B per parameter the rank holds.** We keep fp32 parameters and run bf16
+  under autocast, so: fp32 weights 4 + fp32 gradients 4 + AdamW m 4 + v 4. (Megatron-Core's
+  mixed precision instead stores bf16 weights 2 + fp32 main grads 4 + fp32 master weights 4 +
+  m 4 + v 4 = 18 B.) A rank holds its stage's layers and, of each MoE layer, num_experts / ep
+  experts. There is no ZeRO, so data parallelism shards nothing.
+* **bf16 weight copies.** Autocast casts a parameter once per autocast region and caches it
+  (attention projections, shared / dense FFN, output head). The expert banks (grouped GEMM
+  ``w.to(bf16)``, or per-expert views) and the LFA kernels (views) are cast in every forward,
+  so each micro-batch in flight keeps its own copy until its backward, unless full recompute
+  drops it. The Attention Router concatenates its fp32 q/k/v weights once per forward.
+* **Activations**: the bytes each layer saves for backward per token (the terms below follow
+  megamoe.model's code paths, and tests/model/test_memory.py checks them against the tensors
+  autograd actually saves on CPU), times the tokens of a micro-batch, times the micro-batches
+  in flight on the rank (1F1B: pipeline rank r holds pp − r; interleaved 1F1B holds more).
+  Plus one layer's worth for the backward pass at work (recomputed activations and their
+  gradients), and on the last stage the logits, the fp32 log-probabilities the loss keeps and
+  their gradient.
+
+Dropless routing with balanced load is assumed (every expert-parallel rank receives its
+average k·tokens). Not counted: the CUDA context, NCCL and gradient-bucket buffers and
+allocator fragmentation (together often 2–5 GiB): keep ~10% of the GPU free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from omegaconf import DictConfig
+
+from megamoe.config.validate import rotary_dim, validate_layout
+from megamoe.model.flops import parameter_breakdown
+
+GIB = 2**30
+FP32, BF16, INT64 = 4, 2, 8
+MODEL_STATE_BYTES = {"weights": FP32, "gradients": FP32, "optimizer": 2 * FP32}  # AdamW m and v
+LAYER_ROWS = ("attention", "lfa", "router", "shared_experts", "dense_ffn")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many processes run the config and how they are arranged (world = pp × dp, ep | dp)."""
+
+    world_size: int
+    pp: int
+    dp: int
+    ep: int
+
+
+def layout(cfg: DictConfig, world_size: Optional[int] = None) -> Layout:
+    """The layout for ``world_size`` GPUs; by default the smallest the config allows (dp = ep)."""
+    p = cfg.parallel
+    world = p.pp * p.ep if world_size is None else world_size
+    return Layout(world, p.pp, validate_layout(cfg, world), p.ep)
+
+
+def is_bf16(cfg: DictConfig) -> bool:
+    """On a GPU, train.precision=auto means bf16 autocast."""
+    return cfg.train.precision != "fp32"
+
+
+# ---- parameters ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """One decoder layer's parameters as seen by one expert-parallel rank."""
+
+    dense: int  # everything but the routed experts: attention, LFA, router, shared/dense FFN, norms
+    experts: int  # the num_experts / ep routed experts this rank holds
+    attention_matmul: int  # q/k/v/o: cast once per step (autocast's cache)
+    lfa_kernels: int  # LFA conv kernels: cast in every forward (they are used as views)
+    ffn_matmul: int  # shared experts or the dense FFN: cast once per step
+    attention_router: int  # the Attention Router's q/k/v maps: concatenated in fp32 in every forward
+
+
+def layer_params(cfg: DictConfig, ep: int) -> LayerParams:
+    m = cfg.model
+    rows = parameter_breakdown(cfg)
+    per_layer = {row: rows[row].total // m.num_layers for row in (*LAYER_ROWS, "experts")}
+    attention_router = m.ffn_type == "moe" and cfg.moe.router == "attention"
+    return LayerParams(
+        dense=sum(per_layer[row] for row in LAYER_ROWS) + 2 * m.hidden_size,  # + input / post-attention norms
+        experts=per_layer["experts"] // ep,
+        attention_matmul=per_layer["attention"],
+        lfa_kernels=2 * (m.hidden_size // 2) * m.hidden_size * 2 if m.use_lfa else 0,
+        ffn_matmul=per_layer["shared_experts"] + per_layer["dense_ffn"],
+        attention_router=per_layer["router"] if attention_router else 0,
+    )
+
+
+@dataclass(frozen=True)
+class WeightCopies:
+    """Bytes of one layer's weight copies: ``cached`` ones live once per step, ``per_forward``
+    ones once per micro-batch in flight; each for the attention and the FFN block."""
+
+    attention_cached: int
+    attention_per_forward: int
+    ffn_cached: int
+    ffn_per_forward: int
+
+    @property
+    def layer(self) -> int:
+        return self.attention_cached + self.attention_per_forward + self.ffn_cached + self.ffn_per_forward
+
+
+def weight_copies(layer: LayerParams, act: int) -> WeightCopies:
+    cast = BF16 if act == BF16 else 0  # fp32 training casts nothing
+    return WeightCopies(
+        attention_cached=cast * layer.attention_matmul,
+        attention_per_forward=cast * layer.lfa_kernels,
+        ffn_cached=cast * layer.ffn_matmul,
+        ffn_per_forward=cast * layer.experts + FP32 * layer.attention_router,
+    )
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """What one pipeline rank stores: its layers, plus the embedding and / or head and final norm."""
+
+    layers: int
+    total: int
+    holds_embedding: bool
+    holds_head: bool  # final norm and logits (the last stage)
+
+
+def stage_params(cfg: DictConfig, pp_rank: int, ep: int) -> StageParams:
+    """Parameters of pipeline rank ``pp_rank``, matching megamoe.parallel.pipeline's split."""
+    m, p = cfg.model, cfg.parallel
+    layer = layer_params(cfg, ep)
+    layers = m.num_layers // p.pp
+    first, last = pp_rank == 0, pp_rank == p.pp - 1
+    vocab_matrix = m.vocab_size * m.hidden_size
+    single_stage = p.pp * p.virtual_stages == 1
+    owns_head = last and not (m.tie_embeddings and single_stage)  # a tied model split in stages keeps a head copy
+    total = (layers * (layer.dense + layer.experts) + (first + owns_head) * vocab_matrix
+             + last * m.hidden_size)  # + the final norm
+    return StageParams(layers, total, first, last)
+
+
+# ---- activations -----------------------------------------------------------------------------
+
+
+def _matmul_input(elements: int, consumers: int, act: int) -> int:
+    """Bytes an fp32 tensor costs as the input of ``consumers`` matmuls: in fp32 they share the
+    one saved tensor; under bf16 autocast each saves its own bf16 cast."""
+    return FP32 * elements if act == FP32 else BF16 * elements * consumers
+
+
+def rms_norm_bytes(hidden: int) -> int:
+    """RMSNorm over the fp32 residual stream saves its input, the normalised input and 1/rms
+    (torch's kernel; apex's fused one on CUDA keeps one fp32 [tokens, H] less: we count high)."""
+    return FP32 * (2 * hidden + 1)
+
+
+def attention_bytes(cfg: DictConfig, act: int) -> int:
+    """Saved per token by the attention block (input norm, LFA, q/k/v/o, SDPA), act = activation bytes."""
+    m = cfg.model
+    h, proj = m.hidden_size, m.num_heads * m.head_dim
+    sdpa = 4 * act * proj + FP32 * m.num_heads  # q, k, v, output; logsumexp per head
+    o_proj = act * proj  # the heads, re-laid out as [tokens, heads·head_dim]
+    if not m.use_lfa:
+        return rms_norm_bytes(h) + _matmul_input(h, 3, act) + sdpa + o_proj
+    lfa = (
+        _matmul_input(h, 2, act)  # the normed input feeds conv1 and v_proj
+        + act * h  # conv1's shifted copy of its input
+        + 2 * act * (h // 2)  # conv2's input and its shifted copy
+        + rms_norm_bytes(h)  # the filter's norm of conv2(conv1(x)) + x
+        + _matmul_input(h, 2, act)  # the filtered input feeds q_proj and k_proj
+    )
+    return rms_norm_bytes(h) + lfa + sdpa + o_proj
+
+
+def _swiglu_bytes(rows: int, ffn: int, act: int) -> int:
+    """A SwiGLU saves w1's output [gate | up], silu(gate) and silu(gate)·up for each of its rows."""
+    return rows * act * 4 * ffn
+
+
+def ffn_bytes(cfg: DictConfig, act: int) -> int:
+    """Saved per token by the FFN block: its norm, then the MoE layer or the dense SwiGLU."""
+    m, moe = cfg.model, cfg.moe
+    h = m.hidden_size
+    if m.ffn_type == "dense":
+        return rms_norm_bytes(h) + act * h + _swiglu_bytes(1, m.dense_ffn_hidden_size, act)
+    e, k = moe.num_experts, moe.top_k
+    router = FP32 * h  # the fp32 router's input (the normed tokens)
+    if moe.router == "attention":
+        router += FP32 * 5 * e  # q/k/v logits, the expert-attention output and its logsumexp
+    else:
+        router += FP32 * (3 if moe.noisy_gating else 1) * e  # logits (noisy: + the noise logits' softplus, the noise)
+    selection = FP32 * e + INT64 * k + FP32 * k  # softmax over experts, chosen ids, combine weights
+    permutation = 2 * INT64 * k  # source-token indices of the sorted assignments
+    experts = k * act * h + _swiglu_bytes(k, moe.ffn_hidden_size, act)  # each assignment's input row, then its SwiGLU
+    combine = k * (2 * act * h + act)  # expert outputs, weighted outputs, weights
+    z_loss = FP32  # logsumexp of the logits
+    shared = 0
+    if moe.num_shared_experts:
+        shared_ffn = moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size)
+        shared = (BF16 * h if act == BF16 else 0) + _swiglu_bytes(1, shared_ffn, act)  # fp32 shares the router's input
+    return rms_norm_bytes(h) + router + selection + permutation + experts + combine + z_loss + shared
+
+
+def layer_bytes(cfg: DictConfig, act: int) -> int:
+    """Everything one decoder layer saves per token without recompute."""
+    return attention_bytes(cfg, act) + ffn_bytes(cfg, act)
+
+
+def held_layer_bytes(cfg: DictConfig, act: int) -> int:
+    """What a layer keeps per token between its forward and backward, by train.activation_checkpointing.
+
+    full: only the layer's input (the fp32 residual stream). selective: the attention block
+    keeps its input norm and the normed input it recomputes from; the FFN block keeps all.
+    """
+    h = cfg.model.hidden_size
+    mode = cfg.train.activation_checkpointing
+    if mode == "full":
+        return FP32 * h
+    if mode == "selective":
+        return rms_norm_bytes(h) + FP32 * h + ffn_bytes(cfg, act)
+    return layer_bytes(cfg, act)
+
+
+def stage_input_bytes(cfg: DictConfig, first_stage: bool) -> int:
+    """Per token and micro-batch, once per stage: RoPE cos / sin (fp32), and the token ids on the first stage."""
+    return FP32 * 2 * rotary_dim(cfg) + INT64 * first_stage
+
+
+def head_bytes(cfg: DictConfig, act: int) -> int:
+    """Per token on the last stage: final norm, the head's input, logits, and the loss's fp32
+    log-probabilities with their gradient."""
+    m = cfg.model
+    return rms_norm_bytes(m.hidden_size) + act * m.hidden_size + (act + 2 * FP32) * m.vocab_size
+
+
+def microbatches_in_flight(cfg: DictConfig, pp_rank: int, num_microbatches: int) -> float:
+    """Micro-batches whose activations rank ``pp_rank`` holds at its peak, in units of all its layers.
+
+    1F1B: rank r runs pp − r forwards before its first backward. Interleaved 1F1B (v chunks of
+    L/(pp·v) layers per rank) warms up (v − 1)·pp + 2·(pp − 1 − r) chunk forwards, the count of
+    torch's ScheduleInterleaved1F1B; on rank 0 that is Megatron's factor 1 + (pp − 1)/(pp·v)
+    over 1F1B. Without a pipeline, micro-batches run one after another.
+    """
+    pp, v = cfg.parallel.pp, cfg.parallel.virtual_stages
+    if pp == 1:
+        return 1.0
+    if cfg.parallel.schedule == "interleaved_1f1b":
+        chunks = min((v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1, num_microbatches * v)
+        return chunks / v
+    return float(min(pp - pp_rank, num_microbatches))
+
+
+# ---- the estimate ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes on one GPU of pipeline rank ``pp_rank``, by part."""
+
+    pp_rank: int
+    in_flight: float
+    weights: float
+    gradients: float
+    optimizer: float
+    weight_copies: float
+    activations: float
+
+    PARTS: ClassVar[tuple[str, ...]] = ("weights", "gradients", "optimizer", "weight_copies", "activations")
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, part) for part in self.PARTS)
+
+    def gib(self) -> dict[str, float]:
+        """The parts and the total in GiB, for the JSON line."""
+        parts = {part: getattr(self, part) / GIB for part in self.PARTS}
+        return {**parts, "total": self.total / GIB}
+
+
+def rank_memory(cfg: DictConfig, lay: Layout, pp_rank: int) -> RankMemory:
+    """The estimate for one pipeline rank (see the module docstring for the accounting)."""
+    act = BF16 if is_bf16(cfg) else FP32
+    t, m = cfg.train, cfg.model
+    tokens = t.micro_batch * t.seq_len
+    stage = stage_params(cfg, pp_rank, lay.ep)
+    in_flight = microbatches_in_flight(cfg, pp_rank, t.global_batch // (t.micro_batch * lay.dp))
+
+    copies = weight_copies(layer_params(cfg, lay.ep), act)
+    mode = t.activation_checkpointing
+    if mode == "full":  # every copy is made again in the recompute, one layer at a time
+        held_copies, recomputed_copies = 0.0, copies.layer
+    elif mode == "selective":  # the attention block's copies are made again in its recompute
+        held_copies = stage.layers * (copies.ffn_cached + in_flight * copies.ffn_per_forward)
+        recomputed_copies = copies.attention_cached + copies.attention_per_forward
+    else:
+        cached = copies.attention_cached + copies.ffn_cached
+        held_copies = stage.layers * (cached + in_flight * (copies.attention_per_forward + copies.ffn_per_forward))
+        recomputed_copies = 0
+    head_copy = (BF16 if act == BF16 else 0) * m.vocab_size * m.hidden_size * stage.holds_head
+
+    held = stage.layers * held_layer_bytes(cfg, act) + stage_input_bytes(cfg, stage.holds_embedding)
+    working = layer_bytes(cfg, act) + (head_bytes(cfg, act) if stage.holds_head else 0)
+    return RankMemory(
+        pp_rank, in_flight,
+        **{part: per_param * stage.total for part, per_param in MODEL_STATE_BYTES.items()},
+        weight_copies=held_copies + recomputed_copies + head_copy,
+        activations=tokens * (in_flight * held + working),
+    )
+
+
+def memory_per_gpu(cfg: DictConfig, world_size: Optional[int] = None) -> tuple[Layout, RankMemory]:
+    """The layout and the estimate of its fullest GPU (the pipeline rank with the largest total)."""
+    lay = layout(cfg, world_size)
+    ranks = [rank_memory(cfg, lay, r) for r in range(lay.pp)]
+    return lay, max(ranks, key=lambda r: r.total)
