@@ -73,9 +73,28 @@ def stage_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return lm_loss(logits, labels, (labels != IGNORE_INDEX).float())
 
 
+def _example_io(cfg: DictConfig, module: StageModule, stage: int, num_stages: int,
+                autocast_dtype: Optional[torch.dtype]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Meta tensors with each stage's input / output shapes and dtypes (static pipeline metadata).
+
+    Given these, torch's PipelineStage skips its shape-inference pass, which would otherwise run
+    every stage once on the first micro-batch (or on uninitialised buffers) — and an MoE layer
+    would count those tokens as routed.
+    """
+    b, s, m = cfg.train.micro_batch, cfg.train.seq_len, cfg.model
+    dtype = next(module.parameters()).dtype
+    meta = lambda *shape, dtype=dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
+    positions = meta(b, s, dtype=torch.int64)  # travels along, needs no gradient
+    hidden = meta(b, s, m.hidden_size).requires_grad_()
+    inputs = (meta(b, s, dtype=torch.int64) if stage == 0 else hidden, positions)
+    if stage == num_stages - 1:
+        return inputs, (meta(b, s, m.vocab_size, dtype=autocast_dtype or dtype).requires_grad_(),)
+    return inputs, (hidden, positions)
+
+
 def build_schedule(
     cfg: DictConfig, grid: ProcessGrid, modules: list[StageModule], num_microbatches: int,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = stage_loss,
+    autocast_dtype: Optional[torch.dtype] = None, loss_fn: Callable[[Tensor, Tensor], Tensor] = stage_loss,
 ) -> _PipelineSchedule:
     """Wrap the stage modules in torch PipelineStages and the configured schedule.
 
@@ -83,10 +102,11 @@ def build_schedule(
     backward passes, so each micro-batch loss is a plain mean (as in the pp = 1 loop).
     """
     num_stages = cfg.parallel.pp * cfg.parallel.virtual_stages
-    stages = [
-        PipelineStage(module, stage_index=s, num_stages=num_stages, device=grid.device, group=grid.pp_group)
-        for module, s in zip(modules, stage_indices(cfg, grid.pp_rank))
-    ]
+    stages = []
+    for module, s in zip(modules, stage_indices(cfg, grid.pp_rank)):
+        inputs, outputs = _example_io(cfg, module, s, num_stages, autocast_dtype)
+        stages.append(PipelineStage(module, stage_index=s, num_stages=num_stages, device=grid.device,
+                                    input_args=inputs, output_args=outputs, group=grid.pp_group))
     if cfg.parallel.schedule == "interleaved_1f1b":
         return ScheduleInterleaved1F1B(stages, n_microbatches=num_microbatches, loss_fn=loss_fn)
     return Schedule1F1B(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn)

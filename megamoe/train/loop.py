@@ -13,7 +13,10 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
+from megamoe.checkpoint.state import resume, save_checkpoint
 from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id
 from megamoe.model.flops import attention_flops_per_token, fwd_flops_per_token
 from megamoe.model.moe.layer import MoEAuxLossBackward, MoELayer
@@ -95,9 +99,13 @@ class Trainer:
         t = self.cfg.train
         return t.global_batch // (t.micro_batch * self.grid.dp)
 
+    @property
+    def autocast_dtype(self) -> Optional[torch.dtype]:
+        return torch.bfloat16 if precision(self.cfg, self.grid.device) == "bf16" else None
+
     def autocast(self) -> contextlib.AbstractContextManager:
-        if precision(self.cfg, self.grid.device) == "bf16":
-            return torch.autocast(self.grid.device.type, dtype=torch.bfloat16)
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.grid.device.type, dtype=self.autocast_dtype)
         return contextlib.nullcontext()
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -167,7 +175,7 @@ def _run_microbatches(trainer: Trainer, microbatches: list[dict[str, Tensor]], t
         return torch.stack(losses).mean()
     MoEAuxLossBackward.set_loss_scale(1.0)  # the schedule divides gradients by n afterwards
     if trainer.schedule is None:
-        trainer.schedule = build_schedule(trainer.cfg, trainer.grid, trainer.modules, n)
+        trainer.schedule = build_schedule(trainer.cfg, trainer.grid, trainer.modules, n, trainer.autocast_dtype)
     run = trainer.schedule.step if train else trainer.schedule.eval
     losses: list[Tensor] = []
     args = (batch["tokens"], batch["position_ids"]) if trainer.grid.is_first_stage else ()
@@ -264,28 +272,90 @@ def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     trainer = build_trainer(cfg, grid)
+    resume(trainer)
+    if is_writer:
+        _forget_steps_after(run_dir, trainer.step)
     logger = MetricsLogger(run_dir, is_writer, cfg.logging.wandb, cfg.train.steps, OmegaConf.to_container(cfg))
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
     flops_per_token = 3 * (fwd_flops_per_token(cfg) + attention_flops_per_token(cfg, cfg.train.seq_len))
     peak = detect_peak_flops(grid.device)
     batches = iter(trainer.loader)
-    while trainer.step < cfg.train.steps:
-        start = time.perf_counter()
-        result = train_step(trainer, next(batches))
-        elapsed = time.perf_counter() - start
-        step = trainer.step
-        record = {
-            "step": step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
-            "skipped": result["skipped"], "tokens_per_s": tokens_per_step / elapsed,
-            "consumed_samples": step * cfg.train.global_batch, "step_time_s": elapsed,
-        }
-        if peak is not None:
-            record["mfu"] = mfu(record["tokens_per_s"] / grid.world_size, flops_per_token, peak)
-        if cfg.logging.expert_load and (step % cfg.train.log_interval == 0 or step == cfg.train.steps):
-            record.update(expert_load_summary(_expert_counts_on_rank0(trainer, result["expert_counts"])))
-        logger.log_step(step, record)
-        if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
-            logger.console(step, record)
-        if trainer.valid and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
-            logger.log_eval(step, evaluate(trainer))
+    with Preemption() as preemption:
+        while trainer.step < cfg.train.steps:
+            start = time.perf_counter()
+            result = train_step(trainer, next(batches))
+            elapsed = time.perf_counter() - start
+            step = trainer.step
+            record = {
+                "step": step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
+                "skipped": result["skipped"], "tokens_per_s": tokens_per_step / elapsed,
+                "consumed_samples": trainer.loader.consumed_samples, "step_time_s": elapsed,
+            }
+            if peak is not None:
+                record["mfu"] = mfu(record["tokens_per_s"] / grid.world_size, flops_per_token, peak)
+            if cfg.logging.expert_load and (step % cfg.train.log_interval == 0 or step == cfg.train.steps):
+                record.update(expert_load_summary(_expert_counts_on_rank0(trainer, result["expert_counts"])))
+            logger.log_step(step, record)
+            if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+                logger.console(step, record)
+            if trainer.valid and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
+                logger.log_eval(step, evaluate(trainer))
+            if _checkpoint_and_maybe_stop(trainer, preemption):
+                break
     logger.finish()
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 (SLURM preemption, scancel, a cluster's grace signal) → stop cleanly.
+
+    The handler only records the signal; after every step the ranks all-reduce the flag, so all
+    of them finish the same step, save, and return (exit code 0) even if only some were signalled.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __enter__(self) -> "Preemption":
+        self.received: Optional[int] = None
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def requested(self, grid: ProcessGrid) -> bool:
+        flag = torch.tensor([float(self.received is not None)], device=grid.device)
+        if grid.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _checkpoint_and_maybe_stop(trainer: Trainer, preemption: Preemption) -> bool:
+    """Save every checkpoint.interval steps, at the last step, and on preemption (then: stop)."""
+    step, cfg = trainer.step, trainer.cfg
+    stop = preemption.requested(trainer.grid)
+    if stop or step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
+        save_checkpoint(trainer)
+    if stop and trainer.grid.rank == 0:
+        name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
+        print(f"stopping after step {step} on {name}; the checkpoint is saved", flush=True)
+    return stop
+
+
+def _forget_steps_after(run_dir: Path, step: int) -> None:
+    """Drop the metrics an interrupted run logged past the step this run starts from (all of them
+    on a fresh start), so that metrics.jsonl / eval.jsonl read as one run whose steps continue."""
+    def logged_until(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except ValueError:  # a line torn by a kill in mid-write
+            return False
+
+    for path in (run_dir / "metrics.jsonl", run_dir / "eval.jsonl"):
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if logged_until(line)]
+            path.with_suffix(".tmp").write_text("".join(kept))
+            os.replace(path.with_suffix(".tmp"), path)

@@ -32,15 +32,16 @@ def steps(rank: int, world_size: int, args: tuple[list[str], int, bool]) -> dict
     except NonFiniteError as exc:
         results, error = [], str(exc)
     after = {n: p.detach().clone() for n, p in trainer.modules[0].model.named_parameters()}
-    counts = {i: c.sum().item() for i, c in results[-1]["expert_counts"].items()} if results else {}
+    counts = {i: c.sum().item() for i, c in results[0]["expert_counts"].items()} if results else {}
     evals = evaluate(trainer) if results else {}
     torch.distributed.destroy_process_group()
     return {"results": [{k: v for k, v in r.items() if k != "expert_counts"} for r in results], "error": error,
             "changed": [n for n in before if not torch.allclose(before[n], after[n], rtol=0, atol=0, equal_nan=True)], "counts": counts, "evals": evals}
 
 
-def _run(overrides: list[str], num_steps: int = 2, poison: bool = False) -> dict[str, Any]:
-    return run_distributed(steps, 1, (overrides, num_steps, poison), timeout_s=120, init_process_group=False)[0]
+def _run(overrides: list[str], num_steps: int = 2, poison: bool = False, world_size: int = 1) -> dict[str, Any]:
+    results = run_distributed(steps, world_size, (overrides, num_steps, poison), timeout_s=120, init_process_group=False)
+    return {**results[0], "counts": {i: c for r in results for i, c in r["counts"].items()}}
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
@@ -54,8 +55,10 @@ def test_activation_checkpointing_changes_nothing_but_memory(mode: str) -> None:
     assert recomputed["counts"] == plain["counts"]
 
 
-def test_expert_counts_cover_every_routed_token() -> None:
-    result = _run([])
+@pytest.mark.parametrize("pp", [1, 2])
+def test_expert_counts_cover_every_routed_token(pp: int) -> None:
+    """Exactly top_k assignments per token on the first step too (no shape-inference pass counted)."""
+    result = _run([f"parallel.pp={pp}"], world_size=pp)
     tokens_per_step = 4 * 32
     assert result["counts"] == {i: tokens_per_step * 2 for i in range(4)}  # top-2: two assignments per token
 

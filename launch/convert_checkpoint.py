@@ -1,0 +1,185 @@
+"""Convert checkpoints: megamoe ↔ the Yuan2-M32 Hugging Face layout, and dense → MoE upcycling.
+
+  python launch/convert_checkpoint.py to-hf --checkpoint DIR --output HF_DIR [--max-shard-size 5GB] [--dtype bf16]
+  python launch/convert_checkpoint.py from-hf --hf HF_DIR --output DIR [+exp=NAME key=value ...]
+  python launch/convert_checkpoint.py upcycle --dense DIR --output DIR --num-experts N [--granularity G] [--top-k K]
+
+--checkpoint / --dense take a checkpoint (``step_N/``) or a checkpoints directory (its latest).
+from-hf takes the architecture from the HF config.json and everything else (training, data,
+parallel layout) from the usual overrides; the result is a model-only checkpoint that a run
+starts from with ``checkpoint.resume=DIR``. Every conversion streams tensor by tensor, so memory
+stays around one shard whatever the model size. Mistakes end with one ``error:`` line, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from tqdm import tqdm
+
+from megamoe.checkpoint import hf
+from megamoe.checkpoint.store import (
+    MANIFEST, Manifest, _checked, iter_model_tensors, model_tensor_shapes, read_config, resume_candidates,
+    write_model_checkpoint,
+)
+from megamoe.checkpoint.upcycle import upcycle, upcycled_config
+from megamoe.cli import UserError, exit_on_user_error
+from megamoe.config import ConfigError, compose, validate
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def checkpoint_dir(path: Path) -> Path:
+    """A ``step_N`` directory as given, or the newest complete one under a checkpoints directory."""
+    if (path / MANIFEST).is_file():
+        return path
+    candidates = resume_candidates(path)
+    return candidates[0] if candidates else path  # read_manifest then names what is missing
+
+
+def fresh_output(path: Path) -> Path:
+    if path.exists():
+        raise UserError(f"{path}: already exists; remove it or choose another --output")
+    return path
+
+
+def progress(total: int, what: str) -> tqdm:
+    """A bar to use as a context manager: closed (its line ended) before any error is printed."""
+    return tqdm(total=total, desc=what, unit="tensor", file=sys.stderr)
+
+
+def ticking(tensors: Iterable[tuple[str, torch.Tensor]], bar: tqdm) -> Iterator[tuple[str, torch.Tensor]]:
+    for item in tensors:
+        yield item
+        bar.update()
+
+
+def report(what: str, tensors: int, nbytes: int, shards: int, out: Path, start: float) -> None:
+    seconds = time.perf_counter() - start
+    print(f"{what}: {tensors} tensors, {nbytes / 1e9:.3f} GB in {shards} shard(s) -> {out} "
+          f"({seconds:.1f} s, {nbytes / 1e9 / max(seconds, 1e-9):.2f} GB/s)")
+
+
+def model_bytes(manifest: Manifest) -> int:
+    return sum(entry.bytes for entry in manifest.files.values() if entry.kind == "model")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def to_hf_command(args: argparse.Namespace) -> None:
+    source, out = checkpoint_dir(args.checkpoint), fresh_output(args.output)
+    cfg = read_config(source)
+    config = hf.hf_config(cfg)  # refuses what the HF format cannot express, before any work
+    shapes = model_tensor_shapes(cfg)
+    start = time.perf_counter()
+    with progress(len(shapes), "to-hf") as bar:
+        tensors = hf.to_hf(ticking(_checked(iter_model_tensors(source), shapes, source), bar), cfg)
+        if args.dtype:
+            tensors = ((name, tensor.to(DTYPES[args.dtype])) for name, tensor in tensors)
+        summary = hf.write_hf_checkpoint(out, tensors, config, args.max_shard_size)
+    report("to-hf", summary.tensors, summary.bytes, summary.shards, out, start)
+
+
+def hf_training_config(hf_dir: Path, overrides: list[str]) -> DictConfig:
+    """The run config (from ``overrides``) with the architecture of the HF checkpoint in ``hf_dir``.
+
+    An explicit override of an architecture key that disagrees with config.json is an error
+    rather than silently lost.
+    """
+    source = hf_dir / hf.CONFIG_FILE
+    cfg = compose(overrides)
+    architecture = hf.config_from_hf(hf.read_hf_config(hf_dir), str(source))
+    explicit = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
+    for section, values in architecture.items():
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if dotted in explicit and OmegaConf.select(cfg, dotted) != value:
+                raise UserError(f"{dotted}={OmegaConf.select(cfg, dotted)} contradicts {source} ({value}); "
+                                "the architecture comes from the checkpoint: drop the override")
+    try:
+        merged = OmegaConf.merge(cfg, architecture)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"{source}: {exc.full_key}: {str(exc).splitlines()[0]}") from None
+    try:
+        validate(merged)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (with the architecture of {source}; set the run's other keys as overrides)") from None
+    hf.check_exportable(merged)  # what came in must map back: the rotary split survived the float division
+    return merged  # type: ignore[return-value]
+
+
+def from_hf_command(args: argparse.Namespace) -> None:
+    out = fresh_output(args.output)
+    cfg = hf_training_config(args.hf, args.overrides)
+    shapes = hf.hf_tensor_shapes(cfg)
+    tied = cfg.model.tie_embeddings
+    source = ((name, t) for name, t in hf.iter_hf_tensors(args.hf) if not hf.is_ignored_hf_tensor(name, tied))
+    start = time.perf_counter()
+    with progress(len(shapes), "from-hf") as bar:
+        manifest = write_model_checkpoint(out, hf.from_hf(ticking(_checked(source, shapes, args.hf), bar), cfg), cfg)
+    report("from-hf", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out, start)
+    print(f"start training from it with checkpoint.resume={out}")
+
+
+def upcycle_command(args: argparse.Namespace) -> None:
+    source, out = checkpoint_dir(args.dense), fresh_output(args.output)
+    dense_cfg = read_config(source)
+    cfg = upcycled_config(dense_cfg, args.num_experts, args.granularity, args.top_k)
+    seed = dense_cfg.seed if args.seed is None else args.seed
+    shapes = model_tensor_shapes(dense_cfg)
+    start = time.perf_counter()
+    with progress(len(shapes), "upcycle") as bar:
+        dense = ticking(_checked(iter_model_tensors(source), shapes, source), bar)
+        manifest = write_model_checkpoint(out, upcycle(dense, cfg, args.granularity, seed), cfg)
+    report("upcycle", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out, start)
+    print(f"{cfg.moe.num_experts} experts of width {cfg.moe.ffn_hidden_size}, top-{cfg.moe.top_k} "
+          f"({args.num_experts} copies x granularity {args.granularity}), router seed {seed}")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    to = sub.add_parser("to-hf", help="megamoe checkpoint -> Yuan2-M32 Hugging Face directory")
+    to.add_argument("--checkpoint", type=Path, required=True, help="step_N/ or a checkpoints directory")
+    to.add_argument("--output", type=Path, required=True, help="new Hugging Face model directory")
+    to.add_argument("--max-shard-size", type=hf.parse_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    to.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: as stored)")
+    to.set_defaults(run=to_hf_command)
+
+    back = sub.add_parser("from-hf", help="Yuan2-M32 Hugging Face directory -> megamoe checkpoint")
+    back.add_argument("--hf", type=Path, required=True, help="Hugging Face model directory (safetensors)")
+    back.add_argument("--output", type=Path, required=True, help="new checkpoint directory")
+    back.add_argument("overrides", nargs="*", help="training config overrides, e.g. +exp=m32_2000b train.lr=2e-5")
+    back.set_defaults(run=from_hf_command)
+
+    up = sub.add_parser("upcycle", help="dense megamoe checkpoint -> MoE checkpoint (experts copy the FFN)")
+    up.add_argument("--dense", type=Path, required=True, help="checkpoint of a model.ffn_type=dense run")
+    up.add_argument("--output", type=Path, required=True, help="new checkpoint directory")
+    up.add_argument("--num-experts", type=int, required=True, help="copies N of the dense FFN")
+    up.add_argument("--granularity", type=int, default=1, help="slices G per copy: N*G experts of width F/G")
+    up.add_argument("--top-k", type=int, default=2, help="copies' worth K each token uses: moe.top_k = K*G")
+    up.add_argument("--seed", type=int, help="router seed (default: the dense run's seed)")
+    up.set_defaults(run=upcycle_command)
+    return p
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""A running trainer ↔ a checkpoint: who writes what, who reads what, resuming with fallback.
+
+Every tensor a rank holds has a *placement*: its global name(s) in the checkpoint and whether
+this rank writes it. Dense tensors are written by data-parallel rank 0 of their pipeline stage,
+expert banks by expert-data-parallel rank 0 of each ep rank (one name per global expert), and
+the last stage's copy of a tied embedding is never written (it equals ``embed.weight``). On
+load every rank reads exactly the names its placements list, from whichever files hold them —
+so a checkpoint written by one (dp, pp, ep) loads into any other, optimizer state included.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import shutil
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from megamoe.checkpoint.store import (
+    CONFIG,
+    CheckpointError,
+    Manifest,
+    commit,
+    expert_tensor_name,
+    is_expert_bank,
+    model_tensor_shapes,
+    prune,
+    read_manifest,
+    read_shard,
+    read_verified,
+    resume_candidates,
+    set_latest,
+    write_bytes,
+    write_shards,
+)
+from megamoe.model.init import init_key_seed
+from megamoe.parallel.expert import expert_range
+
+if TYPE_CHECKING:  # the loop imports this module to save and resume
+    from megamoe.train.loop import Trainer
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one local parameter or buffer lives in the checkpoint's global namespace.
+
+    ``names`` holds one global name, or for an expert bank one per local expert (``tensor[i]``
+    is expert ``names[i]``). ``owned``: this rank is the one that writes it.
+    """
+
+    tensor: Tensor
+    names: tuple[str, ...]
+    owned: bool
+    bank: bool
+
+    def pieces(self, value: Tensor) -> list[tuple[str, Tensor]]:
+        """``value`` (the tensor itself, or optimizer state shaped like it) under global names.
+
+        A bank's scalar state (Adam's step count) is shared by its experts: stored once per expert.
+        """
+        if not self.bank:
+            return [(self.names[0], value)]
+        if value.shape == self.tensor.shape:
+            return list(zip(self.names, value.unbind(0)))
+        return [(name, value) for name in self.names]
+
+    def assemble(self, pieces: list[Tensor]) -> Tensor:
+        """The inverse of :meth:`pieces` for one state value read back from a checkpoint."""
+        if self.bank and pieces[0].shape == self.tensor.shape[1:]:
+            return torch.stack(pieces)
+        return pieces[0]
+
+
+def placements(trainer: Trainer) -> list[Placement]:
+    """Every parameter and persistent buffer of this rank's stages, with its global names."""
+    cfg, grid = trainer.cfg, trainer.grid
+    experts = expert_range(cfg.moe.num_experts, grid.ep, grid.ep_rank)
+    result = []
+    for module in trainer.modules:
+        for name, tensor in module.model.state_dict(keep_vars=True).items():
+            if is_expert_bank(name):
+                names = tuple(expert_tensor_name(name, e) for e in experts)
+                result.append(Placement(tensor, names, owned=grid.edp_rank == 0, bank=True))
+            elif name == "lm_head.weight" and cfg.model.tie_embeddings:  # a last stage's tied copy
+                result.append(Placement(tensor, ("embed.weight",), owned=False, bank=False))
+            else:
+                result.append(Placement(tensor, (name,), owned=grid.dp_rank == 0, bank=False))
+    return result
+
+
+def checkpoint_root(trainer: Trainer) -> Path:
+    return Path(trainer.cfg.run.dir) / "checkpoints"
+
+
+def _log(trainer: Trainer, message: str) -> None:
+    if trainer.grid.rank == 0:
+        print(f"checkpoint: {message}", flush=True)
+
+
+def _barrier(trainer: Trainer) -> None:
+    if trainer.grid.world_size > 1:
+        dist.barrier()
+
+
+def _gather_on_rank0(trainer: Trainer, obj: Any) -> Optional[list[Any]]:
+    """Every rank's ``obj`` as a list on rank 0; None on the other ranks."""
+    grid = trainer.grid
+    if grid.world_size == 1:
+        return [obj]
+    gathered: Optional[list[Any]] = [None] * grid.world_size if grid.rank == 0 else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
+# ---------------------------------------------------------------------------------------------
+# Save
+
+
+def _model_pieces(places: list[Placement]) -> Iterator[tuple[str, Tensor]]:
+    for place in places:
+        if place.owned:
+            yield from place.pieces(place.tensor.detach())
+
+
+def _optimizer_pieces(optimizer: torch.optim.Optimizer, places: list[Placement]) -> Iterator[tuple[str, Tensor]]:
+    """AdamW's exp_avg / exp_avg_sq / step (whatever state it keeps) as ``{key}/{global name}``."""
+    for place in places:
+        state = optimizer.state.get(place.tensor, {}) if place.owned else {}
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                yield from ((f"{key}/{name}", piece) for name, piece in place.pieces(value.detach()))
+
+
+def _rng_bytes() -> bytes:
+    """This rank's RNG states (torch CPU and CUDA, Python, NumPy), as a weights-only torch file."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _restore_rng(data: bytes) -> None:
+    state = torch.load(io.BytesIO(data), weights_only=True)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+
+
+def _layout(trainer: Trainer) -> dict[str, int]:
+    g = trainer.grid
+    return {"world_size": g.world_size, "pp": g.pp, "dp": g.dp, "ep": g.ep,
+            "virtual_stages": trainer.cfg.parallel.virtual_stages}
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """Save the trainer's state at its current step (collective: every rank calls it).
+
+    Each rank streams what it owns into ``step_N.tmp/`` (fsynced); rank 0 collects the file
+    entries, writes config and manifest, renames the directory, moves ``latest`` and prunes
+    to ``checkpoint.keep``. The final barrier means: when this returns, the checkpoint is there.
+    """
+    grid, root = trainer.grid, checkpoint_root(trainer)
+    tmp, final = root / f"step_{trainer.step}.tmp", root / f"step_{trainer.step}"
+    if grid.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(trainer)
+    places, stem = placements(trainer), f"r{grid.rank:05d}"
+    files = write_shards(tmp, f"model-{stem}", _model_pieces(places), "model")
+    files |= write_shards(tmp, f"optim-{stem}", _optimizer_pieces(trainer.optimizer, places), "optim")
+    files[f"rng-{stem}.pt"] = write_bytes(tmp / f"rng-{stem}.pt", _rng_bytes(), "rng")
+    every_rank = _gather_on_rank0(trainer, files)
+    if every_rank is not None:
+        all_files = {name: entry for rank_files in every_rank for name, entry in rank_files.items()}
+        all_files[CONFIG] = write_bytes(tmp / CONFIG, OmegaConf.to_yaml(trainer.cfg).encode(), "config")
+        state = {
+            "step": trainer.step,  # also the position in the lr schedule
+            "loader": trainer.loader.state_dict(),  # consumed samples
+            "optimizer_group_steps": [group.get("step") for group in trainer.optimizer.param_groups],  # apex keeps it here
+        }
+        Manifest(trainer.step, True, all_files, state, _layout(trainer)).write(tmp)
+        commit(tmp, final)
+        set_latest(root, final)
+        prune(root, final, trainer.cfg.checkpoint.keep)
+    _barrier(trainer)
+    _log(trainer, f"saved step {trainer.step} to {final}")
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# Load
+
+
+def _check_names(manifest: Manifest, trainer: Trainer, ckpt_dir: Path) -> None:
+    """The checkpoint holds exactly the configured model's tensors (shapes are checked on copy)."""
+    stored = {t for name in manifest.files_of_kind("model") for t in manifest.files[name].tensors}
+    expected = set(model_tensor_shapes(trainer.cfg))
+    for what, names in (("is missing", expected - stored), ("is not a parameter of the configured model", stored - expected)):
+        if names:
+            raise CheckpointError(f"{ckpt_dir}: tensor {sorted(names)[0]} {what} "
+                                  f"({len(names)} such; was it saved with another model config?)")
+
+
+def _load_model(trainer: Trainer, ckpt_dir: Path, manifest: Manifest, places: list[Placement]) -> None:
+    where = manifest.tensor_files()
+    targets: dict[str, list[tuple[str, Tensor]]] = defaultdict(list)  # file → (name, destination)
+    for place in places:
+        for name, destination in place.pieces(place.tensor.data):
+            targets[where[name]].append((name, destination))
+    for file in targets:  # one verified file in memory at a time
+        tensors = read_shard(ckpt_dir / file, manifest.files[file])
+        for name, destination in targets[file]:
+            source = tensors[name]
+            if source.shape != destination.shape:
+                raise CheckpointError(f"{ckpt_dir / file}: tensor {name} has shape {list(source.shape)}, "
+                                      f"the configured model needs {list(destination.shape)}")
+            destination.copy_(source)
+
+
+def _load_optimizer(trainer: Trainer, ckpt_dir: Path, manifest: Manifest, places: list[Placement]) -> None:
+    """Rebuild this rank's optimizer state from the global names, then ``load_state_dict``."""
+    optimizer = trainer.optimizer
+    where = manifest.tensor_files()
+    keys = sorted({name.split("/", 1)[0] for name in where if "/" in name})  # exp_avg, exp_avg_sq, step
+    index = {p: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    owned = [place for place in places if place.tensor in index]  # parameters, not buffers
+    needed: dict[str, list[str]] = defaultdict(list)  # file → state tensor names
+    for place in owned:
+        for name in (f"{key}/{n}" for key in keys for n in place.names):
+            if name in where:
+                needed[where[name]].append(name)
+    values: dict[str, Tensor] = {}
+    for file in needed:
+        tensors = read_shard(ckpt_dir / file, manifest.files[file])
+        values.update({name: tensors[name] for name in needed[file]})
+    state: dict[int, dict[str, Any]] = {}
+    for place in owned:
+        entry = {key: place.assemble([values[f"{key}/{n}"] for n in place.names])
+                 for key in keys if f"{key}/{place.names[0]}" in values}
+        if entry:  # a parameter never stepped (all updates skipped so far) has no state yet
+            state[index[place.tensor]] = entry
+    packed = optimizer.state_dict()
+    packed["state"] = state
+    for group, step in zip(packed["param_groups"], manifest.state["optimizer_group_steps"]):
+        if step is not None:
+            group["step"] = step
+    optimizer.load_state_dict(packed)
+
+
+def _restore_rng_or_reseed(trainer: Trainer, ckpt_dir: Path, manifest: Manifest) -> None:
+    """Same layout: each rank gets its own RNG states back. Another layout has other ranks, so
+    their streams restart from (seed, rank, step) — only noisy gating draws from them."""
+    grid = trainer.grid
+    if manifest.layout == _layout(trainer):
+        name = f"rng-r{grid.rank:05d}.pt"
+        _restore_rng(read_verified(ckpt_dir / name, manifest.files[name]).numpy().tobytes())
+    else:
+        torch.manual_seed(init_key_seed(trainer.cfg.seed, "resume", grid.rank, trainer.step))
+        _log(trainer, f"layout changed from {manifest.layout} to {_layout(trainer)}: weights, optimizer and data "
+                      "position carry over; RNG streams restart from (seed, rank, step)")
+
+
+def load_checkpoint(trainer: Trainer, ckpt_dir: Path) -> Manifest:
+    """Load ``ckpt_dir`` into this rank (in place). Raises CheckpointError naming a bad file.
+
+    A model-only checkpoint (``write_model_checkpoint``) sets the weights and starts at step 0
+    with a fresh optimizer.
+    """
+    manifest = read_manifest(ckpt_dir)
+    _check_names(manifest, trainer, ckpt_dir)
+    places = placements(trainer)
+    with torch.no_grad():
+        _load_model(trainer, ckpt_dir, manifest, places)
+    if not manifest.has_optimizer:
+        trainer.optimizer.state.clear()
+        trainer.step = 0
+        trainer.loader.consumed_samples = 0
+        return manifest
+    _load_optimizer(trainer, ckpt_dir, manifest, places)
+    trainer.step = manifest.state["step"]
+    trainer.loader.load_state_dict(manifest.state["loader"])
+    _restore_rng_or_reseed(trainer, ckpt_dir, manifest)
+    return manifest
+
+
+def _first_error(trainer: Trainer, error: Optional[str]) -> Optional[str]:
+    """Every rank's load outcome → the first error anywhere, the same on every rank."""
+    errors = [error]
+    if trainer.grid.world_size > 1:
+        errors = [None] * trainer.grid.world_size
+        dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
+def _candidates(trainer: Trainer) -> tuple[list[Path], bool]:
+    """What checkpoint.resume asks for: (directories to try in order, whether one was named)."""
+    mode = trainer.cfg.checkpoint.resume
+    if mode == "none":
+        return [], False
+    if mode != "auto":
+        return [Path(mode)], True
+    found = [resume_candidates(checkpoint_root(trainer)) if trainer.grid.rank == 0 else None]
+    if trainer.grid.world_size > 1:  # every rank tries the same list, whatever its view of the disk
+        dist.broadcast_object_list(found, src=0)
+    return found[0], False  # type: ignore[return-value]
+
+
+def resume(trainer: Trainer) -> Optional[Path]:
+    """Apply ``checkpoint.resume`` (collective). Returns the checkpoint loaded, or None (fresh start).
+
+    ``auto``: the checkpoint ``latest`` names; if any rank finds a file of it corrupt or missing,
+    say which and fall back to the next older complete checkpoint. ``PATH``: that one, or an
+    error. ``none``: start fresh.
+    """
+    candidates, named = _candidates(trainer)
+    for ckpt_dir in candidates:
+        error: Optional[str] = None
+        try:
+            manifest = load_checkpoint(trainer, ckpt_dir)
+        except CheckpointError as exc:
+            error = str(exc)
+        error = _first_error(trainer, error)
+        if error is None:
+            if manifest.has_optimizer:
+                _log(trainer, f"resumed from {ckpt_dir} at step {trainer.step}")
+            else:
+                _log(trainer, f"{ckpt_dir} holds model weights only: starting at step 0 with a fresh optimizer")
+            return ckpt_dir
+        if named:
+            raise CheckpointError(error)
+        _log(trainer, error)
+        _log(trainer, f"{ckpt_dir.name} is unusable; falling back to the previous checkpoint")
+    if candidates:
+        raise CheckpointError(f"{checkpoint_root(trainer)}: none of the {len(candidates)} checkpoints loads "
+                              "(errors above); fix or remove them, or start fresh with checkpoint.resume=none")
+    return None
