@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from megamoe.checkpoint import hf
 from megamoe.checkpoint.store import (
-    MANIFEST, Manifest, _checked, iter_model_tensors, model_tensor_shapes, read_config, resume_candidates,
+    MANIFEST, Manifest, checked_tensors, iter_model_tensors, model_tensor_shapes, read_config, resume_candidates,
     write_model_checkpoint,
 )
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
@@ -81,7 +81,7 @@ def to_hf_command(args: argparse.Namespace) -> None:
     shapes = model_tensor_shapes(cfg)
     start = time.perf_counter()
     with progress(len(shapes), "to-hf") as bar:
-        tensors = hf.to_hf(ticking(_checked(iter_model_tensors(source), shapes, source), bar), cfg)
+        tensors = hf.to_hf(ticking(checked_tensors(iter_model_tensors(source), shapes, source), bar), cfg)
         if args.dtype:
             tensors = ((name, tensor.to(DTYPES[args.dtype])) for name, tensor in tensors)
         summary = hf.write_hf_checkpoint(out, tensors, config, args.max_shard_size)
@@ -124,7 +124,7 @@ def from_hf_command(args: argparse.Namespace) -> None:
     source = ((name, t) for name, t in hf.iter_hf_tensors(args.hf) if not hf.is_ignored_hf_tensor(name, tied))
     start = time.perf_counter()
     with progress(len(shapes), "from-hf") as bar:
-        manifest = write_model_checkpoint(out, hf.from_hf(ticking(_checked(source, shapes, args.hf), bar), cfg), cfg)
+        manifest = write_model_checkpoint(out, hf.from_hf(ticking(checked_tensors(source, shapes, args.hf), bar), cfg), cfg)
     report("from-hf", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out, start)
     print(f"start training from it with checkpoint.resume={out}")
 
@@ -137,7 +137,7 @@ def upcycle_command(args: argparse.Namespace) -> None:
     shapes = model_tensor_shapes(dense_cfg)
     start = time.perf_counter()
     with progress(len(shapes), "upcycle") as bar:
-        dense = ticking(_checked(iter_model_tensors(source), shapes, source), bar)
+        dense = ticking(checked_tensors(iter_model_tensors(source), shapes, source), bar)
         manifest = write_model_checkpoint(out, upcycle(dense, cfg, args.granularity, seed), cfg)
     report("upcycle", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out, start)
     print(f"{cfg.moe.num_experts} experts of width {cfg.moe.ffn_hidden_size}, top-{cfg.moe.top_k} "

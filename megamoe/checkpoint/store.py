@@ -385,7 +385,7 @@ def iter_model_tensors(ckpt_dir: Path | str) -> Iterator[tuple[str, Tensor]]:
             yield tensor_name, tensors[tensor_name]
 
 
-def _checked(tensors: Iterable[tuple[str, Tensor]], expected: dict[str, torch.Size], where: Path) -> Iterator[tuple[str, Tensor]]:
+def checked_tensors(tensors: Iterable[tuple[str, Tensor]], expected: dict[str, torch.Size], where: Path) -> Iterator[tuple[str, Tensor]]:
     """Pass tensors through, failing on a name or shape the model of the config does not have."""
     seen = set()
     for name, tensor in tensors:
@@ -415,9 +415,13 @@ def write_model_checkpoint(ckpt_dir: Path | str, tensors: Iterable[tuple[str, Te
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = write_shards(tmp, "model", _checked(tensors, model_tensor_shapes(cfg), ckpt_dir), "model", shard_bytes)
-    files[CONFIG] = write_bytes(tmp / CONFIG, OmegaConf.to_yaml(cfg).encode(), "config")
-    manifest = Manifest(step=0, has_optimizer=False, files=files)
-    manifest.write(tmp)
+    try:
+        files = write_shards(tmp, "model", checked_tensors(tensors, model_tensor_shapes(cfg), ckpt_dir), "model", shard_bytes)
+        files[CONFIG] = write_bytes(tmp / CONFIG, OmegaConf.to_yaml(cfg).encode(), "config")
+        manifest = Manifest(step=0, has_optimizer=False, files=files)
+        manifest.write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves nothing behind
+        raise
     commit(tmp, ckpt_dir)
     return manifest
