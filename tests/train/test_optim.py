@@ -58,7 +58,7 @@ def test_build_optimizer_on_cpu_uses_cfg() -> None:
     opt = build_optimizer(_Toy(), _cfg(beta1=0.8, beta2=0.9, eps=1e-6))
     assert type(opt) is torch.optim.AdamW
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
-    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 and g["foreach"] is False for g in opt.param_groups)
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 and g["fused"] is True for g in opt.param_groups)
 
 
 def _train(steps: int) -> tuple[nn.Module, list[torch.Tensor]]:
