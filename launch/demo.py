@@ -2,7 +2,7 @@
 
 demo corpus (zh / en, generated, no download) → Megatron .bin/.idx (byte-level tokens) →
 train a tiny Yuan MoE with 4 processes: pipeline (pp=2) × data (dp=2) × expert (ep=2)
-parallelism → show the loss falling below the corpus' unigram entropy, per language → write
+parallelism, stopping at step 150 and resuming from its checkpoint to step 300 → show the loss falling below the corpus' unigram entropy, per language → write
 the run report (plots and summary) into runs/demo/report/.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,7 +64,9 @@ def summarise() -> None:
 
 def main() -> None:
     prepare_data()
-    train()
+    shutil.rmtree(ROOT / RUN_DIR, ignore_errors=True)  # every demo starts fresh
+    train("train.steps=150")  # stops at 150 (checkpoint saved) ...
+    train()  # ... and a new launch resumes from runs/demo/checkpoints/latest to 300
     summarise()
     sh(sys.executable, "launch/report.py", str(RUN_DIR))
 

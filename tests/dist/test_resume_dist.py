@@ -22,12 +22,9 @@ from megamoe.train.loop import build_trainer, train_step
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
 from tests.dist.launcher import run_distributed
 
-# No moe.aux_free_bias here: with pp > 1, torch pipelining's first-step metadata inference runs the
-# later stages on uninitialised inputs and the expert-load hook counts that forward, so the bias
-# update (and thus an uninterrupted pp > 1 run itself) is not reproducible. tests/checkpoint covers
-# the bias buffer in one process.
 BASE = ["+exp=tiny", "train.global_batch=8", "train.micro_batch=1", "train.seq_len=32", "train.steps=8",
-        "train.lr=3e-3", "train.warmup_steps=1", "moe.aux_loss_coeff=0.01", "moe.z_loss_coeff=0.001"]
+        "train.lr=3e-3", "train.warmup_steps=1", "moe.aux_loss_coeff=0.01", "moe.z_loss_coeff=0.001",
+        "moe.aux_free_bias=true"]
 ORIGINAL = ["parallel.pp=2", "parallel.ep=2"]  # with 4 processes: dp 2
 SAVED_STEP, LAST_STEP = 2, 4
 
