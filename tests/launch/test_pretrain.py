@@ -105,3 +105,24 @@ def test_runs_under_deepspeed_launcher(tmp_path: Path) -> None:
                              f"run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_sigusr1_through_torchrun_saves_a_checkpoint(tmp_path: Path) -> None:
+    """The SLURM preemption path: torchrun forwards SIGUSR1, every rank saves the same step, exits."""
+    import signal
+    import time
+
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--signals-to-handle=SIGTERM,SIGINT,SIGUSR1",
+           "--shutdown-timeout=60", "launch/pretrain.py", *TINY, "parallel.pp=2", "train.steps=100000",
+           "checkpoint.interval=100000", f"run.dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    proc.wait(timeout=120)
+    last_step = json.loads(metrics.read_text().splitlines()[-1])["step"]
+    assert (tmp_path / "checkpoints" / f"step_{last_step}" / "manifest.json").exists()
+    assert 3 <= last_step < 100000
