@@ -1,0 +1,127 @@
+"""Every shell command the docs show is exercised: run, parsed by its own CLI, or validated.
+
+For each line of every ```bash block in README.md, docs/*.md, docker/README.md and
+launch/deepspeed/README.md:
+
+- `launch/pretrain.py` commands: the config is composed and validated at the world size their
+  launcher implies (torchrun --nproc_per_node, deepspeed --num_gpus or hostfile slots, sbatch
+  --nodes × 8 GPUs); the tiny ones also train in other tests;
+- `launch/model_stats.py` commands run;
+- data_tools, convert_checkpoint and report commands are parsed by the tool's own parser
+  (their behaviour is tested in tests/data_tools and tests/launch);
+- `make demo` / `make test` are what the demo and CI run; `docker build` lines name the
+  Dockerfile that tests/docker lints.
+
+A command none of these covers fails the test, so a new command in the docs comes with a check.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from megamoe.config import compose, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "docker" / "README.md",
+        ROOT / "launch" / "deepspeed" / "README.md"]
+GPUS_PER_NODE = 8  # launch/slurm/pretrain.sbatch
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    """(where, argv) for each command in a bash block; shell variables and for-loops expanded."""
+    commands = []
+    for doc in DOCS:
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+            variables: dict[str, str] = {}
+            for number, line in enumerate(re.sub(r"\\\n\s*", " ", block).splitlines(), 1):
+                line = line.strip().removeprefix("$ ")
+                loop = re.match(r"for (\w+) in (\S+)", line)
+                assignment = re.match(r"(\w+)='(.*)'$", line)
+                if loop:
+                    variables[loop.group(1)] = loop.group(2)
+                elif assignment:
+                    variables[assignment.group(1)] = assignment.group(2)
+                elif line and not line.startswith(("#", "error:", "done")):
+                    for name, value in variables.items():
+                        line = line.replace(f"${name}", value)
+                    commands.append((f"{doc.relative_to(ROOT)}: {line[:80]}", shlex.split(line, comments=True)))
+    return commands
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name:
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def world_size(argv: list[str]) -> int | None:
+    """Processes the launcher starts; None when the command itself decides (a hostfile's slots)."""
+    if argv[0] == "sbatch":
+        return int(_flag(argv, "--nodes")) * GPUS_PER_NODE
+    if argv[0] == "deepspeed" and _flag(argv, "--hostfile"):
+        hostfile = (ROOT / _flag(argv, "--hostfile")).read_text()
+        return sum(int(n) for n in re.findall(r"slots=(\d+)", hostfile))
+    count = _flag(argv, "--nproc_per_node") or _flag(argv, "--num_gpus")
+    return int(count) if count else 1
+
+
+def check_pretrain(argv: list[str]) -> None:
+    script = next(i for i, a in enumerate(argv) if a.endswith(("pretrain.py", "pretrain.sbatch")))
+    overrides = argv[script + 1:]
+    cfg = compose(overrides)
+    if "parallel.ep=4" in overrides and world_size(argv) == 2:  # the documented error example
+        with pytest.raises(Exception, match="parallel.ep: 4 does not divide"):
+            validate(cfg, world_size(argv))
+        return
+    validate(cfg, world_size(argv))
+
+
+def check_model_stats(argv: list[str]) -> None:
+    script = next(i for i, a in enumerate(argv) if a.endswith("model_stats.py"))
+    result = subprocess.run([sys.executable, "launch/model_stats.py", *argv[script + 1:]], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def check_parsed_by(module: str, function: str) -> Callable[[list[str]], None]:
+    def check(argv: list[str]) -> None:
+        start = next(i for i, a in enumerate(argv) if a == module or a.endswith(module.replace(".", "/") + ".py"))
+        tool = __import__(module, fromlist=[function])
+        parse = getattr(tool, function)
+        (parse().parse_args if function == "parser" else parse)(argv[start + 1:])
+    return check
+
+
+def check_known(argv: list[str]) -> None:
+    assert argv[:2] in (["make", "demo"], ["make", "test"]) or (argv[:2] == ["docker", "build"]
+                                                                   and (ROOT / _flag(argv, "-f")).exists())
+
+
+HANDLERS: list[tuple[Callable[[list[str]], bool], Callable[[list[str]], None]]] = [
+    (lambda a: any(x.endswith(("launch/pretrain.py", "pretrain.sbatch")) for x in a), check_pretrain),
+    (lambda a: any(x.endswith("launch/model_stats.py") for x in a), check_model_stats),
+    (lambda a: "launch/convert_checkpoint.py" in a, check_parsed_by("launch.convert_checkpoint", "parser")),
+    (lambda a: "launch/report.py" in a, check_parsed_by("launch.report", "main")),
+    *[(lambda a, m=m: f"data_tools.{m}" in a, check_parsed_by(f"data_tools.{m}", "parse_args"))
+      for m in ("preprocess_data", "merge_datasets", "train_tokenizer", "make_demo_corpus", "inspect_data")],
+    (lambda a: a[0] in ("make", "docker") and "run" not in a[:2], check_known),
+]
+
+
+@pytest.mark.parametrize(("where", "argv"), documented_commands(), ids=lambda x: x if isinstance(x, str) else "")
+def test_documented_command_is_exercised(where: str, argv: list[str]) -> None:
+    if argv[:2] == ["docker", "run"]:
+        argv = argv[argv.index("megamoe", 2) + 1:]  # the command inside the image
+    handler = next((check for matches, check in HANDLERS if matches(argv)), None)
+    assert handler is not None, f"{where}: no check covers this documented command; add one here"
+    handler(argv)
