@@ -1,5 +1,7 @@
 """The memory estimate against what autograd really saves, built stages, and a hand count."""
 
+import weakref
+
 import pytest
 import torch
 from omegaconf import DictConfig
@@ -18,6 +20,7 @@ VARIANTS = {
     "shared_experts": ["moe.num_shared_experts=2", "moe.shared_expert_ffn_hidden_size=32"],
     "dense_ffn": ["model.ffn_type=dense", "model.dense_ffn_hidden_size=96"],
     "untied_top3": ["model.tie_embeddings=false", "moe.top_k=3"],
+    "aux_loss": ["moe.aux_loss_coeff=0.01"],
 }
 
 
@@ -33,18 +36,21 @@ def saved_by_forward(cfg: DictConfig, seq_len: int, bf16: bool) -> int:
     model.reset_parameters(cfg.seed)
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     tokens = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, seq_len))
-    storages: dict[int, int] = {}
+    saved: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_storages:
-            storages.setdefault(storage.data_ptr(), storage.nbytes())
+        saved.append(weakref.ref(t))
         return t
 
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        model(tokens)
-    return sum(storages.values())
+        output = model(tokens)  # keeps the graph, and so what backward needs, alive
+    # Count the storages still held by the graph once it is built: a tensor saved by a branch that
+    # died (and its address, which the allocator may reuse) must not count.
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in (ref() for ref in saved) if t is not None}
+    del output
+    return sum(nbytes for ptr, nbytes in storages.items() if ptr not in param_storages)
 
 
 def forward_estimate(cfg: DictConfig, act: int) -> tuple[int, int]:
@@ -80,10 +86,10 @@ def test_saved_tensors_match_the_accounting(variant: str, recompute: str, precis
 
     expected_per_token, expected_constant = forward_estimate(cfg, memory.BF16 if bf16 else memory.FP32)
     assert per_token == expected_per_token
-    # the Switch aux loss keeps a [num_experts] fp32 mean per MoE layer (too small to model)
-    # outside full recompute
-    aux_kept = cfg.model.ffn_type == "moe" and recompute != "full"
-    aux = cfg.model.num_layers * memory.FP32 * cfg.moe.num_experts * aux_kept
+    # a Switch aux loss in use keeps a [num_experts] fp32 mean and a scalar per MoE layer (too small to model)
+    # outside full recompute; with coefficient 0 its branch is dropped and keeps nothing
+    aux_kept = cfg.model.ffn_type == "moe" and recompute != "full" and cfg.moe.aux_loss_coeff > 0
+    aux = cfg.model.num_layers * memory.FP32 * (cfg.moe.num_experts + 1) * aux_kept
     assert constant == expected_constant + aux
 
 
