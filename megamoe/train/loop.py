@@ -195,8 +195,10 @@ def _world_mean_of_last_stage(trainer: Trainer, loss: Optional[Tensor]) -> float
     return float(value.item())
 
 
-def train_step(trainer: Trainer, microbatches: list[dict[str, Tensor]]) -> dict[str, float]:
-    """One optimizer step; returns loss, grad norm, lr and whether the update was skipped."""
+def train_step(trainer: Trainer, microbatches: list[dict[str, Tensor]], report_expert_load: bool = True) -> dict[str, float]:
+    """One optimizer step; returns loss, grad norm, lr, whether the update was skipped, and the
+    step's dp-summed expert counts — reduced only when reported or needed by the aux-free bias,
+    so ordinary steps pay no extra collective."""
     cfg, grid = trainer.cfg, trainer.grid
     lr = lr_at(trainer.step + 1, cfg.train)
     for group in trainer.optimizer.param_groups:
@@ -218,7 +220,10 @@ def train_step(trainer: Trainer, microbatches: list[dict[str, Tensor]]) -> dict[
         clip_grads_(params, cfg.train.clip_grad, torch.tensor(norm))
         trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    counts = trainer.expert_load.reduce(grid.dp_group)
+    if report_expert_load or cfg.moe.aux_free_bias:
+        counts = trainer.expert_load.reduce(grid.dp_group)
+    else:
+        counts, trainer.expert_load.counts = {}, {}
     if cfg.moe.aux_free_bias and not skipped:
         for index, layer_counts in counts.items():
             trainer.expert_load.layers[index].update_expert_bias(layer_counts)
@@ -282,10 +287,11 @@ def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
     batches = iter(trainer.loader)
     with Preemption() as preemption:
         while trainer.step < cfg.train.steps:
+            step = trainer.step + 1
+            is_log_step = step % cfg.train.log_interval == 0 or step == cfg.train.steps
             start = time.perf_counter()
-            result = train_step(trainer, next(batches))
+            result = train_step(trainer, next(batches), report_expert_load=cfg.logging.expert_load and is_log_step)
             elapsed = time.perf_counter() - start
-            step = trainer.step
             record = {
                 "step": step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
                 "skipped": result["skipped"], "tokens_per_s": tokens_per_step / elapsed,
@@ -293,10 +299,10 @@ def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
             }
             if peak is not None:
                 record["mfu"] = mfu(record["tokens_per_s"] / grid.world_size, flops_per_token, peak)
-            if cfg.logging.expert_load and (step % cfg.train.log_interval == 0 or step == cfg.train.steps):
+            if cfg.logging.expert_load and is_log_step:
                 record.update(expert_load_summary(_expert_counts_on_rank0(trainer, result["expert_counts"])))
             logger.log_step(step, record)
-            if step % cfg.train.log_interval == 0 or step == cfg.train.steps:
+            if is_log_step:
                 logger.console(step, record)
             if trainer.valid and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
                 logger.log_eval(step, evaluate(trainer))

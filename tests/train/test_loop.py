@@ -77,3 +77,20 @@ def test_nonfinite_stop_names_the_step() -> None:
 def test_eval_reports_one_loss_per_source() -> None:
     result = _run([])
     assert list(result["evals"]) == ["mock"] and 5.0 < result["evals"]["mock"] < 7.0
+
+
+def unreported_then_reported(rank: int, world_size: int, _: None) -> list[dict[int, float]]:
+    """Worker: one step without expert-load reporting, then one with it."""
+    cfg = compose(BASE)
+    trainer = build_trainer(cfg, init_grid(1, 1, timeout_s=60))
+    batches = iter(trainer.loader)
+    quiet = train_step(trainer, next(batches), report_expert_load=False)["expert_counts"]
+    loud = train_step(trainer, next(batches), report_expert_load=True)["expert_counts"]
+    torch.distributed.destroy_process_group()
+    return [{i: c.sum().item() for i, c in counts.items()} for counts in (quiet, loud)]
+
+
+def test_unreported_steps_skip_the_reduction_and_do_not_accumulate() -> None:
+    quiet, loud = run_distributed(unreported_then_reported, 1, None, timeout_s=120, init_process_group=False)[0]
+    assert quiet == {}
+    assert loud == {i: 4 * 32 * 2 for i in range(4)}  # this step's tokens only, top-2
