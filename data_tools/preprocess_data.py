@@ -12,30 +12,38 @@ The pipeline keeps Python work per document tiny so throughput stays close to th
 own: the main process reads raw chunks (~1 MB of lines, or a parquet record batch) in file order;
 workers decode, validate and batch-encode a whole chunk and return flat numpy arrays; the main
 process writes them in input order, so the bytes are identical for any ``--workers``.
-Outputs appear under their final names only when complete.
+Outputs appear under their final names only when complete. Ctrl-C or SIGTERM stops a run at
+once and removes its temporary files; so does a failed write (read-only place, full disk).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import glob
 import gzip
 import json
 import multiprocessing
 import os
+import queue
+import signal
 import sys
+import threading
 import time
+import traceback
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from itertools import chain
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import UserError, exit_on_user_error, naming, write_error
 from megamoe.data.indexed import IndexedDatasetBuilder, best_dtype
 from megamoe.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer
 
@@ -92,17 +100,44 @@ class Chunk:
     input_bytes: int  # on-disk bytes this chunk advances the file by (progress only)
 
 
-def _line_chunks(path: Path, fmt: str) -> Iterator[Chunk]:
+# What reading a damaged file raises: an OSError (gzip.BadGzipFile is one), EOFError for a
+# truncated .gz, zlib.error for corrupt compressed data.
+READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+@contextlib.contextmanager
+def _open_lines(path: Path) -> Iterator[tuple[IO[bytes], IO[bytes]]]:
+    """(the file on disk, its lines: decompressed for .gz)."""
     with open(path, "rb") as raw:
-        stream: IO[bytes] = gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
+        yield raw, gzip.GzipFile(fileobj=raw) if path.name.lower().endswith(".gz") else raw
+
+
+def _line_chunks(path: Path, fmt: str) -> Iterator[Chunk]:
+    with _open_lines(path) as (raw, stream):
         line, pos = 1, 0
         try:
             while lines := stream.readlines(CHUNK_BYTES):
                 now = raw.tell()
                 yield Chunk(str(path), line, fmt, lines, now - pos)
                 line, pos = line + len(lines), now
-        except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-            raise UserError(f"{path}:{line}: cannot read ({exc})") from exc
+        except READ_ERRORS as exc:
+            raise UserError(_unreadable(path, exc)) from exc
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """The error for a damaged file, at the line where its readable data ends."""
+    hint = "; the file is truncated" if isinstance(exc, EOFError) else ""
+    return f"{path}:{_whole_lines(path) + 1}: cannot read ({exc}){hint}"
+
+
+def _whole_lines(path: Path) -> int:
+    """How many whole lines of a damaged file can be read. A failed readlines() drops the lines
+    it had read, so this second pass (on the error path only) finds where the damage is."""
+    count = 0
+    with _open_lines(path) as (_, stream), contextlib.suppress(*READ_ERRORS):
+        for count, _ in enumerate(stream, 1):
+            pass
+    return count
 
 
 def _parquet_chunks(path: Path, keys: Sequence[str]) -> Iterator[Chunk]:
@@ -278,6 +313,7 @@ def _encodable(text: str) -> bool:
 class Encoded:
     """A chunk's documents as flat token arrays (one per key) plus its bookkeeping."""
 
+    path: str  # the input file they came from
     tokens: list[np.ndarray]
     lengths: list[np.ndarray]
     rejects: list[Reject]
@@ -303,7 +339,7 @@ class ChunkEncoder:
         ids = self._encode(parsed, chunk.path)
         tokens, lengths = zip(*map(self._flatten, ids))
         parsed.rejects.sort(key=lambda r: r.line)
-        return Encoded(list(tokens), list(lengths), parsed.rejects, parsed.empty, chunk.input_bytes)
+        return Encoded(chunk.path, list(tokens), list(lengths), parsed.rejects, parsed.empty, chunk.input_bytes)
 
     def _encode(self, parsed: Parsed, path: str) -> list[list[list[int]]]:
         """Batch-encode every column; documents a tokenizer refuses (lone surrogates) become rejects."""
@@ -347,29 +383,135 @@ def _encode_chunk(chunk: Chunk) -> Encoded:
     return _ENCODER(chunk)
 
 
+# --------------------------------------------------------------------------- worker processes
+
 T = TypeVar("T")
 R = TypeVar("R")
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def _stop_signals_held() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back until the block ends: a worker forked meanwhile inherits the hold,
+    so the parent's handler (copied by fork) can never run in it."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _serve(fn: Callable[[T], R], initializer: Callable[..., None], initargs: tuple,
+           tasks: Connection, results: Connection, parent_ends: list[Connection]) -> None:
+    """A worker's life: items in, ``(result, None)`` or ``(None, exception)`` out, until the parent goes.
+
+    Ctrl-C signals the whole process group: workers ignore SIGINT and leave stopping to the parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    for conn in parent_ends:  # so that the parent's end, even by kill -9, closes the pipes and ends this process
+        conn.close()
+    initializer(*initargs)
+    with contextlib.suppress(EOFError, BrokenPipeError):  # the parent is gone
+        while True:
+            results.send(_call(fn, tasks.recv()))
+
+
+def _call(fn: Callable[[T], R], item: T) -> tuple[Optional[R], Optional[Exception]]:
+    try:
+        return fn(item), None
+    except Exception as exc:  # the parent raises it; the note keeps where it happened
+        exc.add_note(f"in worker process {os.getpid()}:\n{traceback.format_exc()}")
+        return None, exc
+
+
+def _send_all(outbox: queue.SimpleQueue, tasks: Connection) -> None:
+    """Send the items put in ``outbox`` until None comes, or the worker is gone."""
+    with tasks, contextlib.suppress(BrokenPipeError):
+        while (item := outbox.get()) is not None:
+            tasks.send(item)
+
+
+class _Worker:
+    """A worker process, and a thread of this process that sends it items.
+
+    Every worker has pipes of its own (multiprocessing.Pool's workers share queues, with locks a
+    worker can die holding), so stopping workers at any moment cannot leave this process waiting.
+    Items go out on a thread because a send waits until the worker takes the item, and the worker
+    may first wait for this process to take a result."""
+
+    def __init__(self, fn: Callable[[T], R], initializer: Callable[..., None], initargs: tuple,
+                 others: Sequence["_Worker"]) -> None:
+        task_end, self._tasks = multiprocessing.Pipe(duplex=False)
+        self._results, result_end = multiprocessing.Pipe(duplex=False)
+        parent_ends = [conn for worker in (*others, self) for conn in (worker._tasks, worker._results)]
+        self._process = multiprocessing.Process(
+            target=_serve, args=(fn, initializer, initargs, task_end, result_end, parent_ends), daemon=True)
+        self._process.start()
+        task_end.close()
+        result_end.close()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=_send_all, args=(self._outbox, self._tasks), daemon=True)
+        self._sender.start()
+
+    def submit(self, item: Any) -> None:
+        self._outbox.put(item)
+
+    def result(self) -> Any:
+        """The result of the oldest item submitted (its exception is raised here)."""
+        try:
+            value, exc = self._results.recv()
+        except EOFError:
+            raise self._died() from None
+        if exc is not None:
+            raise exc
+        return value
+
+    def _died(self) -> UserError:
+        self._process.join(timeout=5)
+        code = self._process.exitcode
+        killed = code is not None and code < 0
+        how = f"killed by signal {-code}: {signal.strsignal(-code)}" if killed else f"exit code {code}"
+        return UserError(f"worker process {self._process.pid} stopped unexpectedly ({how}); "
+                         f"if the machine ran out of memory, use fewer --workers")
+
+    def stop(self) -> None:
+        self._process.kill()
+        self._process.join()
+        self._outbox.put(None)  # ends the sender if it waits for an item; one in a send has its pipe broken
+        self._sender.join()
+        self._results.close()
 
 
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int,
                 initializer: Callable[..., None], initargs: tuple) -> Iterator[R]:
     """``fn`` over ``items`` in ``workers`` processes, results in input order.
 
-    At most IN_FLIGHT_PER_WORKER chunks per worker are outstanding, so memory stays bounded
-    (``Pool.imap`` would read the whole input ahead). One worker runs in this process.
+    Item i goes to worker i % workers, at most IN_FLIGHT_PER_WORKER per worker ahead of the
+    result being collected, so memory stays bounded (``Pool.imap`` would read the whole input
+    ahead). Closing the generator kills the workers. One worker runs in this process.
     """
     if workers == 1:
         initializer(*initargs)
         yield from map(fn, items)
         return
-    with multiprocessing.Pool(workers, initializer, initargs) as pool:
-        pending: deque = deque()
-        for item in items:
-            pending.append(pool.apply_async(fn, (item,)))
-            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
-                yield pending.popleft().get()
+    pool: list[_Worker] = []
+    try:
+        with _stop_signals_held():  # a Ctrl-C meanwhile arrives once every worker is in the pool, to be stopped
+            for _ in range(workers):
+                pool.append(_Worker(fn, initializer, initargs, pool))
+        pending: deque[_Worker] = deque()
+        for i, item in enumerate(items):
+            if len(pending) == IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft().result()
+            pool[i % workers].submit(item)
+            pending.append(pool[i % workers])
         while pending:
-            yield pending.popleft().get()
+            yield pending.popleft().result()
+    finally:
+        for worker in pool:
+            worker.stop()
 
 
 # --------------------------------------------------------------------------- writing
@@ -379,17 +521,9 @@ def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
-@contextlib.contextmanager
-def atomic_text_file(path: str) -> Iterator[IO[str]]:
-    """A text file written under ``path + ".tmp"`` and renamed into place only on success."""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def rejects_file_path(prefix: str) -> str:
+    """Where --skip-bad-docs writes the documents it skipped."""
+    return f"{prefix}.rejects.jsonl"
 
 
 @dataclass
@@ -397,13 +531,15 @@ class Summary:
     """What a run did; printed at the end and returned to callers (benchmarks, tests)."""
 
     outputs: list[str]
-    rejects_path: Optional[str] = None  # where skipped bad documents went (--skip-bad-docs)
-    files: int = 0
+    rejects_path: str  # where skipped bad documents went (--skip-bad-docs)
+    inputs: list[str] = field(default_factory=list)
+    input_size: int = 0  # bytes of all inputs on disk
     documents: int = 0
     tokens: int = 0
     empty: int = 0
     rejected: Counter = field(default_factory=Counter)
-    input_bytes: int = 0
+    found: Counter = field(default_factory=Counter)  # documents written or rejected, by input file
+    input_bytes: int = 0  # bytes of the inputs done so far
     bytes_written: int = 0
     elapsed: float = 0.0
 
@@ -412,11 +548,19 @@ class Summary:
         self.tokens += sum(len(t) for t in enc.tokens)
         self.empty += enc.empty
         self.rejected.update(r.kind for r in enc.rejects)
+        self.found[enc.path] += enc.documents + len(enc.rejects)
         self.input_bytes += enc.input_bytes
+
+    def empty_inputs(self) -> list[str]:
+        """Input files with no documents (nothing, or only blank lines and empty texts)."""
+        return [path for path in self.inputs if not self.found[path]]
 
     def rates(self) -> str:
         el = max(self.elapsed, 1e-9)
         return f"{self.documents / el:,.0f} docs/s, {self.tokens / el:,.0f} tokens/s"
+
+    def output_files(self) -> str:
+        return ", ".join(p + ".bin/.idx" for p in self.outputs)
 
     def report(self) -> str:
         rejected = sum(self.rejected.values())
@@ -424,7 +568,7 @@ class Summary:
         if rejected:
             reasons += f"\n    (written to {self.rejects_path})"
         return "\n".join([
-            f"preprocessed {self.files} file(s) → {', '.join(p + '.bin/.idx' for p in self.outputs)}",
+            f"preprocessed {len(self.inputs)} file(s) → {self.output_files()}",
             f"  documents  {self.documents:,} written, {self.empty:,} empty skipped, {rejected:,} rejected{reasons}",
             f"  tokens     {self.tokens:,}",
             f"  written    {self.bytes_written / 1e6:,.2f} MB",
@@ -432,12 +576,119 @@ class Summary:
             f"{self.input_bytes / max(self.elapsed, 1e-9) / 1e6:,.1f} MB/s of input)",
         ])
 
+    def expected_bytes(self, itemsize: int) -> Optional[int]:
+        """The size of all outputs, extrapolated from the share of the inputs done (None before any)."""
+        if not self.input_bytes:
+            return None
+        scale = self.input_size / self.input_bytes
+        index = IndexedDatasetBuilder.index_bytes(round(self.documents * scale))
+        return round(self.tokens * scale) * itemsize + len(self.outputs) * index
+
+    def unfinished(self) -> str:
+        """The line for an interrupted run: what it did not write, and how far it had got."""
+        total = round(self.documents * self.input_size / max(self.input_bytes, 1))
+        done = f"{self.documents:,} of ~{total:,} documents done" if self.documents else "no documents done yet"
+        return f"interrupted: {self.output_files()} not written ({done}); nothing was left behind"
+
 
 def _write(builders: list[IndexedDatasetBuilder], enc: Encoded) -> None:
     for builder, tokens, lengths in zip(builders, enc.tokens, enc.lengths):
-        ends = np.cumsum(lengths)
-        for start, end in zip(ends - lengths, ends):
-            builder.add_document(tokens[start:end])
+        builder.add_documents(tokens, lengths)
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _write_error(exc: OSError, needed_bytes: Optional[int]) -> str:
+    """One line for a failed write, with the fix that fits it."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = "free some space or choose another --output-prefix" if full else "choose a writable --output-prefix"
+    return write_error(exc, fix, needed_bytes)
+
+
+class WriteFailed(Exception):
+    """Writing the outputs failed (a read-only place, a full disk); the temporaries are removed.
+
+    preprocess() reports it only once the workers are gone too: they hold the files open (fork
+    copied the descriptors), so until then removing them frees no space."""
+
+    def __init__(self, error: OSError, needed_bytes: Optional[int]) -> None:
+        super().__init__(error, needed_bytes)
+        self.error, self.needed_bytes = error, needed_bytes
+
+
+class Outputs:
+    """What a run writes: one dataset per key, and a rejects file if it rejects documents.
+
+    Everything stays under temporary names until :meth:`commit`; any failure removes it all, and
+    a failed write raises WriteFailed."""
+
+    def __init__(self, summary: Summary, dtype: np.dtype) -> None:
+        self._summary = summary  # the run so far: it sizes the output, should the disk fill
+        self._itemsize = dtype.itemsize
+        self._rejects_tmp = summary.rejects_path + ".tmp"
+        self._rejects: Optional[IO[str]] = None  # opened at the first rejected document
+        self._builders: list[IndexedDatasetBuilder] = []
+        with self._writing():
+            for prefix in summary.outputs:
+                self._builders.append(IndexedDatasetBuilder(prefix, dtype))
+
+    def write(self, enc: Encoded) -> None:
+        with self._writing():
+            if enc.rejects:
+                with naming(self._rejects_tmp):
+                    self._rejects_file().writelines(r.to_json() + "\n" for r in enc.rejects)
+            _write(self._builders, enc)
+
+    def _rejects_file(self) -> IO[str]:
+        if self._rejects is None:
+            self._rejects = open(self._rejects_tmp, "w", encoding="utf-8")
+        return self._rejects
+
+    def commit(self) -> None:
+        """Move everything into place. A rejects file stays only if this run rejected documents:
+        one that an earlier run left on this prefix would pass for this run's."""
+        with self._writing():
+            if self._rejects is not None:
+                with naming(self._rejects_tmp):
+                    self._rejects.close()  # first: a full disk may show only when it flushes
+            for builder in self._builders:
+                builder.finalize()
+            if self._rejects is None:
+                _remove(self._summary.rejects_path)
+            else:
+                os.replace(self._rejects_tmp, self._summary.rejects_path)
+
+    def abort(self) -> None:
+        """Remove every temporary file; files of earlier runs stay as they were."""
+        for builder in self._builders:
+            builder.abort()
+        if self._rejects is not None:
+            with contextlib.suppress(OSError):  # flushing onto a full disk fails; the file goes all the same
+                self._rejects.close()
+            _remove(self._rejects_tmp)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """On any failure remove the temporaries; a failed write becomes WriteFailed."""
+        try:
+            yield
+        except BaseException as exc:
+            self.abort()
+            if isinstance(exc, OSError):
+                raise WriteFailed(exc, self._summary.expected_bytes(self._itemsize)) from exc
+            raise
+
+    def __enter__(self) -> "Outputs":
+        return self
+
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
 
 
 # --------------------------------------------------------------------------- command line
@@ -466,34 +717,84 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
-def preprocess(args: argparse.Namespace) -> Summary:
-    """Run the whole pipeline. Raises UserError (one line) for a user mistake, and for a bad
-    document unless --skip-bad-docs."""
-    tokenizer_args = (args.tokenizer_type, args.tokenizer_model, args.eod_token)
-    tokenizer = build_tokenizer(*tokenizer_args)  # fail fast here, not in a worker
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped a run; raised once its temporary files are gone, with the line to show."""
+
+
+class StopSignals:
+    """Within: SIGINT (Ctrl-C) and SIGTERM (a batch system's kill) raise KeyboardInterrupt. The
+    first one wins and later ones are ignored, so that the cleanup it starts runs to the end."""
+
+    def __enter__(self) -> "StopSignals":
+        self.received = signal.SIGINT  # a KeyboardInterrupt raised any other way counts as Ctrl-C
+        self._previous = {s: signal.signal(s, self._stop) for s in STOP_SIGNALS}
+        return self
+
+    def _stop(self, signum: int, frame: object) -> None:
+        self.received = signal.Signals(signum)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, as a shell reports a process that the signal ended."""
+        return 128 + self.received
+
+
+def _input_paths(args: argparse.Namespace) -> list[Path]:
+    """The input files, checked against the --json-keys they must hold."""
     paths = expand_inputs(args.input)
     if len(args.json_keys) > 1 and any(input_format(p) == "txt" for p in paths):
         raise UserError("a .txt input holds one document per line with no fields; give a single --json-keys key")
-    prefixes = [output_prefix(args.output_prefix, key) for key in args.json_keys]
-    rejects_path = f"{args.output_prefix}.rejects.jsonl" if args.skip_bad_docs else None
-    summary = Summary(prefixes, rejects_path, files=len(paths))
+    return paths
+
+
+def _no_documents(paths: Sequence[Path]) -> str:
+    if len(paths) == 1:
+        return f"{paths[0]} holds no documents; nothing was written"
+    names = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
+    return f"none of the {len(paths)} inputs ({names}) holds a document; nothing was written"
+
+
+def preprocess(args: argparse.Namespace) -> Summary:
+    """Run the whole pipeline. Raises UserError (one line) for a user mistake, and for a bad
+    document unless --skip-bad-docs; Interrupted for Ctrl-C, once nothing is left behind."""
+    summary = Summary([output_prefix(args.output_prefix, key) for key in args.json_keys],
+                      rejects_file_path(args.output_prefix))
+    try:
+        _tokenize(args, summary)
+    except KeyboardInterrupt:
+        raise Interrupted(summary.unfinished()) from None
+    except WriteFailed as failed:
+        raise UserError(_write_error(failed.error, failed.needed_bytes)) from failed.error
+    return summary
+
+
+def _tokenize(args: argparse.Namespace, summary: Summary) -> None:
+    """Tokenize the inputs into the outputs, filling in ``summary``."""
+    tokenizer_args = (args.tokenizer_type, args.tokenizer_model, args.eod_token)
+    tokenizer = build_tokenizer(*tokenizer_args)  # fail fast here, not in a worker
+    paths = _input_paths(args)
+    summary.inputs = [str(p) for p in paths]
+    summary.input_size = sum(p.stat().st_size for p in paths)
     start = time.perf_counter()
-    dtype = best_dtype(tokenizer.vocab_size)
     with contextlib.ExitStack() as stack:  # on any error: workers stopped, temporaries removed
-        builders = [stack.enter_context(IndexedDatasetBuilder(prefix, dtype)) for prefix in prefixes]
-        rejects = stack.enter_context(atomic_text_file(rejects_path)) if rejects_path else None
-        bar = stack.enter_context(tqdm(total=sum(p.stat().st_size for p in paths), unit="B", unit_scale=True,
+        outputs = stack.enter_context(Outputs(summary, best_dtype(tokenizer.vocab_size)))
+        bar = stack.enter_context(tqdm(total=summary.input_size, unit="B", unit_scale=True,
                                        desc="tokenizing", dynamic_ncols=True))
         encoded = stack.enter_context(contextlib.closing(ordered_map(
             _encode_chunk, read_chunks(paths, args.json_keys), args.workers,
             _init_encoder, (args.json_keys, tokenizer_args, args.append_eod))))
         shown_docs, shown_bytes = 0, 0
         for enc in encoded:
-            if enc.rejects:
-                if rejects is None:
-                    raise UserError(f"{enc.rejects[0]} (pass --skip-bad-docs to skip and count such documents)")
-                rejects.writelines(r.to_json() + "\n" for r in enc.rejects)
-            _write(builders, enc)
+            if enc.rejects and not args.skip_bad_docs:
+                raise UserError(f"{enc.rejects[0]} (pass --skip-bad-docs to skip and count such documents)")
+            outputs.write(enc)
             summary.add(enc)
             if summary.documents - shown_docs >= args.log_interval:
                 summary.elapsed = time.perf_counter() - start
@@ -501,14 +802,23 @@ def preprocess(args: argparse.Namespace) -> Summary:
                 bar.update(summary.input_bytes - shown_bytes)
                 shown_docs, shown_bytes = summary.documents, summary.input_bytes
         bar.update(summary.input_bytes - shown_bytes)
+        if len(summary.empty_inputs()) == len(paths):
+            raise UserError(_no_documents(paths))
     summary.elapsed = time.perf_counter() - start
-    summary.bytes_written = sum(os.path.getsize(f"{p}{ext}") for p in prefixes for ext in (".bin", ".idx"))
-    return summary
+    summary.bytes_written = sum(os.path.getsize(f"{p}{ext}") for p in summary.outputs for ext in (".bin", ".idx"))
 
 
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> Summary:
-    summary = preprocess(parse_args(argv))
+    args = parse_args(argv)
+    with StopSignals() as stop:
+        try:
+            summary = preprocess(args)
+        except Interrupted as exc:
+            print(exc, file=sys.stderr)
+            sys.exit(stop.exit_code)
+    for path in summary.empty_inputs():
+        print(f"warning: {path} holds no documents", file=sys.stderr)
     print(summary.report())
     return summary
 

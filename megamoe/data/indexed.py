@@ -16,6 +16,7 @@ Megatron-Core's GPTDataset — sampling treats each sequence as the unit.
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import shutil
 import struct
@@ -24,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from megamoe.cli import UserError
+from megamoe.cli import UserError, naming
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -152,22 +153,35 @@ class IndexedDatasetBuilder:
             raise UserError(f"token dtype {self.dtype} cannot be stored; use one of {sorted(str(d) for d in _CODE_OF)}")
         self._bin_tmp = data_file_path(prefix) + ".tmp"
         self._idx_tmp = index_file_path(prefix) + ".tmp"
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self._bin = open(self._bin_tmp, "wb")
         self._lengths = array.array("i")
         self._closed = False  # finalized or aborted: the context manager's exit then does nothing
         self._info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self._bin = open(self._bin_tmp, "wb")  # last: an interrupt before it leaves no file behind
+
+    @staticmethod
+    def index_bytes(documents: int) -> int:
+        """The size of the ``.idx`` for ``documents`` documents (one sequence each, as written here)."""
+        return _HEADER.size + documents * (4 + 8) + (documents + 1) * 8
 
     def add_document(self, tokens: np.ndarray) -> None:
         """Append one document (a 1-D array of token ids) as one sequence."""
         arr = np.asarray(tokens)
+        self.add_documents(arr, np.array([arr.size]))
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append ``len(lengths)`` documents, their tokens back to back in ``tokens``, in one write."""
+        arr = np.asarray(tokens)
+        if arr.size != int(np.sum(lengths)):
+            raise ValueError(f"{arr.size} tokens for documents whose lengths add up to {int(np.sum(lengths))}")
         if arr.dtype != self.dtype:
             if self._info is not None and arr.size and (arr.min() < self._info.min or arr.max() > self._info.max):
                 raise UserError(f"{self.prefix}: token ids [{arr.min()}, {arr.max()}] do not fit {self.dtype}; "
                                 f"choose the dtype with best_dtype(vocab_size)")
             arr = arr.astype(self.dtype)
-        self._bin.write(np.ascontiguousarray(arr).tobytes())
-        self._lengths.append(arr.size)
+        with naming(self._bin_tmp):  # a full disk shows in write(), which names no file
+            self._bin.write(np.ascontiguousarray(arr).tobytes())
+        self._lengths.frombytes(np.ascontiguousarray(lengths, dtype=np.int32).tobytes())
 
     def add_index(self, other_prefix: str) -> None:
         """Append a finished dataset (e.g. one preprocessing shard) after what was added so far."""
@@ -180,30 +194,46 @@ class IndexedDatasetBuilder:
             shutil.copyfileobj(src, self._bin, length=16 << 20)
 
     def finalize(self) -> None:
-        """Write the index, then rename ``.bin`` and ``.idx`` into place (the ``.idx`` last)."""
+        """Write the index, then rename ``.bin`` and ``.idx`` into place (the ``.idx`` last).
+
+        If that fails (a full disk, an interrupt), the temporaries are removed as by :meth:`abort`."""
         if self._closed:
             return
+        try:
+            self._close_bin()
+            self._write_index()
+            os.replace(self._bin_tmp, data_file_path(self.prefix))
+            os.replace(self._idx_tmp, index_file_path(self.prefix))
+        except BaseException:
+            self.abort()
+            raise
         self._closed = True
-        self._bin.close()
+
+    def _close_bin(self) -> None:
+        """Close the ``.bin``: this flushes its last tokens, so a full disk may show only here."""
+        with naming(self._bin_tmp):
+            self._bin.close()
+
+    def _write_index(self) -> None:
+        """Write the ``.idx`` under its temporary name."""
         lengths = np.frombuffer(self._lengths, dtype=np.int32)
         n = len(lengths)
         pointers = np.zeros(n, dtype=np.int64)
         np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
         pointers *= self.dtype.itemsize
-        with open(self._idx_tmp, "wb") as f:
+        with naming(self._idx_tmp), open(self._idx_tmp, "wb") as f:
             f.write(_HEADER.pack(MAGIC, VERSION, _CODE_OF[self.dtype], n, n + 1))
             f.write(lengths.astype("<i4", copy=False).tobytes())
             f.write(pointers.astype("<i8", copy=False).tobytes())
             f.write(np.arange(n + 1, dtype="<i8").tobytes())
-        os.replace(self._bin_tmp, data_file_path(self.prefix))
-        os.replace(self._idx_tmp, index_file_path(self.prefix))
 
     def abort(self) -> None:
         """Drop everything written so far (temporaries only; finished files are never touched)."""
         if self._closed:
             return
         self._closed = True
-        self._bin.close()
+        with contextlib.suppress(OSError):  # flushing onto a full disk fails; the file goes all the same
+            self._bin.close()
         for path in (self._bin_tmp, self._idx_tmp):
             if os.path.exists(path):
                 os.remove(path)

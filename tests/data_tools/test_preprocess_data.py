@@ -1,12 +1,15 @@
-"""preprocess_data.py: tokens on disk equal direct tokenization; formats, workers, bad input, interruption."""
+"""preprocess_data.py: tokens on disk equal direct tokenization; formats, workers, bad and empty input,
+damaged .gz files, interruption, leftovers of earlier runs."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -167,21 +170,86 @@ def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture)
     assert not list(tmp_path.glob("out*"))
 
 
-def test_interrupted_run_leaves_no_finished_looking_file(tmp_path: Path, corpus_dir: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_interrupted_run_leaves_nothing_and_says_what_is_missing(tmp_path: Path, corpus_dir: Path,
+                                                               capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(preprocess_data, "CHUNK_BYTES", 2048)
     real_write, calls = preprocess_data._write, []
 
     def write_then_interrupt(builders, enc) -> None:
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run
+            raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run (test_preprocess_faults sends real signals)
         real_write(builders, enc)
 
     monkeypatch.setattr(preprocess_data, "_write", write_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:
         run([corpus_dir / "en.jsonl"], tmp_path / "out", "--skip-bad-docs", "--workers", "2")
+    assert exit_info.value.code == 130
     assert os.listdir(tmp_path) == []
+    last = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
+    assert re.fullmatch(rf"interrupted: {re.escape(str(tmp_path))}/out_text_document\.bin/\.idx not written "
+                        rf"\([\d,]+ of ~[\d,]+ documents done\); nothing was left behind", last), last
+
+
+def test_empty_inputs_warn_and_only_empty_inputs_fail(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    nothing, blank, good = tmp_path / "nothing.jsonl", tmp_path / "blank.txt", tmp_path / "good.jsonl"
+    nothing.write_bytes(b"")
+    blank.write_bytes(b"\n  \n\t\n")
+    good.write_bytes(GOOD)
+    summary = run([nothing, blank, good], tmp_path / "out")
+    assert [line for line in capsys.readouterr().err.split("\n") if line.startswith("warning")] == [
+        f"warning: {nothing} holds no documents", f"warning: {blank} holds no documents"]
+    assert summary.documents == 1 and read_docs(str(tmp_path / "out_text_document")) == [list(GOOD_TEXT.encode())]
+    assert user_error(capsys, [nothing], tmp_path / "none") == f"{nothing} holds no documents; nothing was written"
+    assert user_error(capsys, [nothing, blank], tmp_path / "none") == (
+        f"none of the 2 inputs ({nothing}, {blank}) holds a document; nothing was written")
+    assert not list(tmp_path.glob("none*"))
+
+
+def test_rejects_file_is_only_left_by_a_run_that_rejected(tmp_path: Path) -> None:
+    bad, good = tmp_path / "bad.jsonl", tmp_path / "good.jsonl"
+    bad.write_bytes(GOOD + b"{oops\n")
+    good.write_bytes(GOOD)
+    rejects = tmp_path / "out.rejects.jsonl"
+    for second_run in (["--skip-bad-docs"], []):  # a rerun with no rejects, then one that allows none
+        run([bad], tmp_path / "out", "--skip-bad-docs")
+        assert [json.loads(line)["line"] for line in open(rejects)] == [2]
+        run([good], tmp_path / "out", *second_run)
+        assert not rejects.exists()
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "good.jsonl", "out_text_document.bin", "out_text_document.idx"]
+
+
+def _gzip_lines(count: int) -> bytes:
+    """A .jsonl.gz of ``count`` documents that compresses like text (not like one line repeated)."""
+    return gzip.compress(b"".join(json.dumps({"text": f"document {i}: " + "word " * (i % 40)}).encode() + b"\n"
+                                  for i in range(count)))
+
+
+@pytest.mark.parametrize("chunk_bytes", [preprocess_data.CHUNK_BYTES, 4096], ids=["one-chunk", "many-chunks"])
+def test_truncated_gzip_names_the_line_where_its_data_ends(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
+    monkeypatch.setattr(preprocess_data, "CHUNK_BYTES", chunk_bytes)
+    whole = _gzip_lines(5000)
+    cut = whole[:len(whole) * 2 // 3]
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(cut)
+    line = zlib.decompressobj(wbits=31).decompress(cut).count(b"\n") + 1  # the first line not whole
+    assert line > 1000
+    assert user_error(capsys, [path], tmp_path / "out") == (
+        f"{path}:{line}: cannot read (Compressed file ended before the end-of-stream marker was reached); "
+        f"the file is truncated")
+    assert os.listdir(tmp_path) == ["in.jsonl.gz"]
+
+
+def test_corrupt_gzip_names_the_line_where_its_data_ends(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    corrupt = bytearray(_gzip_lines(10))
+    corrupt[10] |= 0b110  # the first deflate block's type becomes 3, which does not exist: zlib.error, not OSError
+    path = tmp_path / "in.jsonl.gz"
+    path.write_bytes(_gzip_lines(5000) + corrupt)  # a good gzip member, then the corrupt one
+    assert user_error(capsys, [path], tmp_path / "out") == (
+        f"{path}:5001: cannot read (Error -3 while decompressing data: invalid block type)")
+    assert os.listdir(tmp_path) == ["in.jsonl.gz"]
 
 
 def test_command_line_exit_code(tmp_path: Path) -> None:
