@@ -1,6 +1,6 @@
 """Preprocessing throughput against the bare tokenizer on the same text and worker count.
 
-Claim (issue 4 §6): data_tools/preprocess_data.py reaches ≥ 0.9× the tokens/s of the tokenizer's
+Claim: data_tools/preprocess_data.py reaches ≥ 0.9× the tokens/s of the tokenizer's
 own batch encode. The baseline gets the document texts already in memory, cut into the same
 chunks and spread over the same worker processes (one tokenizer thread each); it does nothing
 but ``encode_batch``. The preprocessing run does everything: read and parse the jsonl, validate,

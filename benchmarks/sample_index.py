@@ -1,6 +1,6 @@
 """How long building the sample indices takes, and how much memory, as the corpus grows to 2T tokens.
 
-Claim (issue 4 §6): for a blended 2T-token corpus (100 prefixes × 20B tokens) at seq_len 4096,
+Claim: for a blended 2T-token corpus (100 prefixes × 20B tokens) at seq_len 4096,
 the document / sample / shuffle indices of every prefix plus the blend index build in
 ≤ 3 minutes with ≤ 6 GiB peak RSS on a 2-core machine.
 

@@ -7,7 +7,7 @@ and never holds more than one layer's q/k pair. The *files* (:func:`write_hf_che
 ``model.safetensors.index.json`` and ``config.json``, read and written one tensor at a time —
 so converting the 40B M32 needs about one shard of memory, never the model.
 
-What the official layout does differently from ours (facts: shared/yuan2-m32-facts.md §4, §7):
+What the official layout does differently from ours (docs/yuan2-m32.md §3, §8, §9):
 
 - ``q_proj`` / ``k_proj`` are not plain Q and K. The official forward concatenates
   q_proj(x) and k_proj(x), views the result as [heads, 2·head_dim] and splits each head into
@@ -75,7 +75,7 @@ _OURS_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(w1|w2)")
 _HF_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(w1|w2)\.weight")
 _HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some Yuan HF files persist
 
-# Ids of Yuan's sentencepiece tokenizer (facts §3), written only for its padded vocabulary.
+# Ids of Yuan's sentencepiece tokenizer (docs/yuan2-m32.md §7), written only for its padded vocabulary.
 YUAN_VOCAB_SIZE = 135040
 YUAN_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 77185, "pad_token_id": 77185,
                   "eod_token": 77185, "sep_token": 77187}
@@ -246,7 +246,7 @@ def check_exportable(cfg: DictConfig) -> None:
 
 
 def hf_config(cfg: DictConfig) -> dict[str, Any]:
-    """config.json for ``cfg`` in the keys the official Yuan2-M32 modeling code reads (facts §3, §7).
+    """config.json for ``cfg`` in the keys the official modeling code reads (docs/yuan2-m32.md §7, §9).
 
     The official routing is softmax → top-k → divide by their sum when ``norm_topk_prob``; our
     "topk_softmax" order equals it with ``norm_topk_prob`` true. The official code builds its

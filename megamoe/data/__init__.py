@@ -1,4 +1,4 @@
-"""Tokens from .bin/.idx files → samples → per-rank micro-batches (see DESIGN.md §5).
+"""Tokens from .bin/.idx files → samples → per-rank micro-batches (see docs/data.md).
 
 Modules: ``indexed`` (Megatron-compatible reader and builder), ``samples`` (document, sample
 and shuffle indices, cached), ``blend`` (weighted sources with train/valid/test splits),

@@ -1,9 +1,9 @@
 """Gradient synchronisation over data-parallel replicas, the global grad norm, and clipping.
 
-Layout (DESIGN.md §3): world = pp × dp and dp = edp × ep. A pipeline stage's dense parameters
-are replicated on its dp ranks; each expert lives on one rank of every ep group, so it is
-replicated on the edp ranks of its stage. Dense gradients are therefore summed over dp, expert
-gradients over edp, and the norm counts every replica as a fraction of one copy.
+Layout (docs/parallelism.md, "The grid"): world = pp × dp and dp = edp × ep. A pipeline stage's
+dense parameters are replicated on its dp ranks; each expert lives on one rank of every ep
+group, so it is replicated on the edp ranks of its stage. Dense gradients are therefore summed
+over dp, expert gradients over edp, and the norm counts every replica as a fraction of one copy.
 """
 
 from __future__ import annotations

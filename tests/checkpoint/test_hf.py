@@ -1,7 +1,7 @@
 """The Yuan2-M32 HF mapping, checked against the official layout and an independent HF forward.
 
 ``hf_reference_logits`` re-implements the official Hugging Face forward from the facts of
-shared/yuan2-m32-facts.md (§2, §4, §7) directly on the HF tensors: q/k split per head out of
+docs/yuan2-m32.md (§3–§5, §8, §9) directly on the HF tensors: q/k split per head out of
 cat(q_proj(x), k_proj(x)), LFA as Conv2d (2, 1) kernels with padding (1, 0) truncated to the
 first s positions, V from the unfiltered input, rotary on hidden/heads dims, and routing
 softmax → top-k → renormalise. Our model must produce the same logits from our tensors.
@@ -29,7 +29,7 @@ from megamoe.config import ConfigError, compose
 from megamoe.model.yuan import YuanModel
 
 # hidden 64, 4 heads of 32 (projection 128 = 2 × hidden, as M32's 4096 = 2 × 2048), rotary
-# 0.5 × 32 = 16 = hidden / heads; 8 experts of ffn 128: the tiny example of facts §7.
+# 0.5 × 32 = 16 = hidden / heads; 8 experts of ffn 128: the tiny example of docs/yuan2-m32.md §10.
 TINY_HF = ["+exp=tiny", "model.head_dim=32"]
 _EXPERT = re.compile(r"(.+\.mlp\.experts)\.(\d+)\.(w1|w2)")
 
@@ -72,7 +72,7 @@ def load_model(cfg: DictConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> 
     return model.eval()
 
 
-# ---- an independent forward of the official HF model, from the facts
+# ---- an independent forward of the official HF model, from docs/yuan2-m32.md
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -135,7 +135,7 @@ def hf_reference_logits(w: dict[str, torch.Tensor], config: dict, ids: torch.Ten
 
 
 def test_names_and_shapes_are_the_official_ones() -> None:
-    """Facts §7's tiny example (hidden 64, 8 experts, ffn 128), name for name and shape for shape."""
+    """docs/yuan2-m32.md §10's tiny example (hidden 64, 8 experts, ffn 128), name for name and shape for shape."""
     cfg = compose(TINY_HF)
     per_layer = {
         "input_layernorm.weight": (64,), "post_attention_layernorm.weight": (64,),
@@ -157,7 +157,7 @@ def test_names_and_shapes_are_the_official_ones() -> None:
 
 
 def test_m32_maps_to_the_released_shapes_and_config() -> None:
-    """Facts §3/§4: the paper model's tensors and config.json (mapped on the meta device)."""
+    """docs/yuan2-m32.md §2, §7, §8: the paper model's tensors and config.json (mapped on the meta device)."""
     cfg = compose(["+exp=m32_2000b"])
     shapes = {n: tuple(s) for n, s in hf.hf_tensor_shapes(cfg).items()}
     assert len(shapes) == 2 + 24 * (11 + 3 + 2 * 32)

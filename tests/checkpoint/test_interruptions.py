@@ -1,6 +1,10 @@
 """launch/pretrain.py interrupted for real — kill -9 in the middle of a save (two processes), kill -9
 at a random moment, SIGTERM — then resumed with checkpoint.resume=auto: the metrics of every
-step and the final checkpoint must equal an uninterrupted run's, bit for bit."""
+step and the final checkpoint must equal an uninterrupted run's, bit for bit.
+
+The random moment is seeded and measured in steps, not seconds: the kill comes a seeded
+fraction of a step's own measured time after that step's metrics, so a faster or slower
+machine moves it by the same share of a step."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ ARGS = ["+exp=tiny", "train.global_batch=4", "train.micro_batch=1", "train.seq_l
         "train.warmup_steps=1", "train.log_interval=4", "train.eval_interval=5", "train.eval_iters=1",
         "moe.aux_free_bias=true", "checkpoint.keep=2"]
 TWO_PROCESSES = ["parallel.ep=2"]  # dp 2: both ranks write expert shards, rank 0 commits
+SEED = 1234  # picks the step and the moment of the kill -9 and the step of the SIGTERM
 
 
 class Run:
@@ -64,10 +69,25 @@ class Run:
                 raise AssertionError(f"never saw {what}; output:\n{self.wait()[1][-3000:]}")
             time.sleep(0.001)
 
-    def last_logged_step(self) -> int:
+    def logged(self) -> list[dict]:
+        """The complete lines of metrics.jsonl so far (the last one may be half-written)."""
         path = self.run_dir / "metrics.jsonl"
-        lines = [line for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
-        return json.loads(lines[-1])["step"] if lines else 0
+        records = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+        return records
+
+    def last_logged_step(self) -> int:
+        records = self.logged()
+        return records[-1]["step"] if records else 0
+
+    def wait_for_step(self, step: int) -> dict:
+        """Block until ``step`` is logged; its record (with its measured step_time_s)."""
+        self.wait_for(lambda: self.last_logged_step() >= step, f"step {step}")
+        return next(r for r in self.logged() if r["step"] == step)
 
 
 def finished(run_dir: Path, nproc: int, *overrides: str) -> str:
@@ -114,23 +134,30 @@ def test_kill9_during_a_save_with_two_processes(tmp_path: Path) -> None:
 
 
 def test_kill9_at_a_random_moment_then_sigterm_then_resume(tmp_path: Path) -> None:
+    rng = random.Random(SEED)
+    kill_after, fraction = rng.randint(1, 6), rng.random()
     finished(tmp_path / "reference", 1)
-    delay = random.Random().uniform(0.0, 0.4)
     run = Run(tmp_path / "run", 1, "checkpoint.interval=2")
-    run.wait_for(lambda: run.last_logged_step() >= 1, "the first step")
-    time.sleep(delay)
+    # after step N's metrics come its eval / save, then step N + 1: kill somewhere in there
+    time.sleep(fraction * run.wait_for_step(kill_after)["step_time_s"])
     run.signal_all(signal.SIGKILL)
-    assert run.wait()[0] == -signal.SIGKILL, f"the run ended before the kill (delay {delay:.3f} s)"
+    where = f"kill -9 {fraction:.2f} of a step after step {kill_after}"
+    assert run.wait()[0] == -signal.SIGKILL, f"the run ended before the {where}"
     killed_at = run.last_logged_step()
 
     run = Run(tmp_path / "run", 1, "checkpoint.interval=5")  # the interval may change between runs
-    # metrics.jsonl is cut back to the resumed step at startup, so this step is the new run's own
-    run.wait_for(lambda: run.last_logged_step() >= killed_at + 2, f"step {killed_at + 2}")
+    # metrics.jsonl is cut back to the resumed step at startup, so a step past killed_at is the new run's own
+    term_after = killed_at + rng.randint(1, 3)
+    run.wait_for_step(term_after)
+    run.signal_all(signal.SIGSTOP)  # frozen: it can only stop after the step it is in now
+    frozen_at = run.last_logged_step()
     run.signal_all(signal.SIGTERM)
+    run.signal_all(signal.SIGCONT)
     code, out = run.wait()
     assert code == 0, out[-3000:]
     stopped_at = run.last_logged_step()
-    assert stopped_at < STEPS, f"SIGTERM came too late to test anything (killed at {killed_at}, delay {delay:.3f} s)"
+    assert frozen_at <= stopped_at <= frozen_at + 1 < STEPS, (
+        f"{where}, killed at {killed_at}; SIGTERM after step {term_after}: frozen at {frozen_at}, stopped at {stopped_at}")
     assert f"stopping after step {stopped_at} on SIGTERM; the checkpoint is saved" in out
     assert (tmp_path / "run/checkpoints/latest").read_text() == f"step_{stopped_at}\n"
 

@@ -47,7 +47,7 @@ def test_pad_vocab_size_is_the_smallest_multiple_of_128_that_fits() -> None:
     for n in range(1, 1000):
         padded = pad_vocab_size(n)
         assert padded % 128 == 0 and padded >= n and padded - 128 < n
-    assert pad_vocab_size(134953) == 135040  # Yuan 2.0's sentencepiece vocabulary (facts §3)
+    assert pad_vocab_size(134953) == 135040  # Yuan 2.0's sentencepiece vocabulary (docs/yuan2-m32.md §7)
 
 
 def test_byte_tokenizer_ids_are_utf8_bytes_then_specials() -> None:

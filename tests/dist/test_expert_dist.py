@@ -1,7 +1,9 @@
 """Expert parallelism on real gloo groups: the all-to-all exchange against one process.
 
 Routing is arranged so every awkward split occurs: rank 0 sends nothing to any other rank,
-the last expert receives no tokens at all, and ranks hold different numbers of tokens.
+the last expert receives no tokens at all, and ranks hold different numbers of tokens. Some
+rank still receives rows from several sources for several of its experts, so the received
+blocks must be regrouped from [source][expert] to [expert][source].
 """
 
 from __future__ import annotations
@@ -26,14 +28,14 @@ HIDDEN = 12
 
 
 def _exchange_inputs(rank: int, world_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank's expert-sorted rows and per-expert counts, with the awkward splits built in."""
+    """Rank's expert-sorted rows (all distinct) and per-expert counts, with the awkward splits built in."""
     gen = torch.Generator().manual_seed(100 + rank)
     counts = torch.randint(1, 4, (NUM_EXPERTS,), generator=gen)
     counts[1] = 0  # expert 1 receives nothing from anyone
     if rank == 0:
         counts[expert_range(NUM_EXPERTS, world_size, 0).stop :] = 0  # rank 0 sends only to itself
-    if rank == world_size - 1:
-        counts[:] = 0  # the last rank has no tokens at all
+    if rank == world_size - 1 and world_size > 2:
+        counts[:] = 0  # the last rank has no tokens at all (with 2 ranks, rank 1 must send to rank 0)
     return torch.randn(int(counts.sum()), 3, generator=gen), counts
 
 
@@ -59,6 +61,9 @@ def _exchange_worker(rank: int, world_size: int) -> dict[str, Any]:
 def test_all_to_all_round_trip_with_empty_splits(runs: dict[str, list[dict[str, Any]]], world_size: int) -> None:
     results = runs["exchange"]
     inputs = [_exchange_inputs(r, world_size) for r in range(world_size)]
+    sent = torch.stack([counts for _, counts in inputs])  # [source rank, global expert]
+    mixed = [int(((sent[:, expert_range(NUM_EXPERTS, world_size, r)] > 0).sum(0) >= 2).sum()) for r in range(world_size)]
+    assert max(mixed) >= 2, "no rank gets rows from ≥ 2 sources for ≥ 2 of its experts: the regroup goes untested"
     for rank, got in enumerate(results):
         owned = expert_range(NUM_EXPERTS, world_size, rank)
         # each local expert's rows: source 0's rows for it, then source 1's, ...

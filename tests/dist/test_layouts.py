@@ -4,6 +4,10 @@ Same seed, same global batch: per-step losses and the updated weights (gathered 
 global names, expert slices put back at their global expert index) must equal the
 single-process run to relative 1e-5.
 
+Features that change the MoE step with the layout in play — capacity mode (token dropping) and
+the aux-free bias (updated from the dp-summed expert counts) — run in a few layouts against one
+process with the same overrides; the bias buffers are compared with the weights.
+
 The weight comparison runs with float64 parameters (the router and the loss stay fp32, as
 always). In fp32, reduction-order noise (~1e-7) occasionally flips a near-tie in top-k routing
 or an Adam update of a near-zero gradient, and five steps amplify that into single weights
@@ -14,7 +18,7 @@ still shows as an O(1) difference. The fp32 per-step losses are checked too.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -43,10 +47,12 @@ def train_layout(rank: int, world_size: int, args: tuple[list[str], torch.dtype]
     experts = expert_range(cfg.moe.num_experts, grid.ep, grid.ep_rank)
     weights = {}
     for module in trainer.modules:
-        for name, param in module.model.named_parameters():
-            weights[name] = (param.detach().clone(), experts.start if ".mlp.experts." in name else None)
+        for name, tensor in [*module.model.named_parameters(), *module.model.named_buffers()]:  # buffers: expert bias
+            weights[name] = (tensor.detach().clone(), experts.start if ".mlp.experts." in name else None)
+    dropped = sum(int(layer.last_stats.dropped) for layer in trainer.expert_load.layers.values())
     torch.distributed.destroy_process_group()
-    return {"losses": [s["loss"] for s in steps], "grad_norms": [s["grad_norm"] for s in steps], "weights": weights}
+    return {"losses": [s["loss"] for s in steps], "grad_norms": [s["grad_norm"] for s in steps], "weights": weights,
+            "dropped": dropped}
 
 
 def merged_weights(results: list[dict[str, Any]], num_experts: int) -> dict[str, torch.Tensor]:
@@ -72,9 +78,17 @@ def _run(world_size: int, overrides: list[str], dtype: torch.dtype) -> list[dict
 
 
 @pytest.fixture(scope="module")
-def reference() -> dict[str, Any]:
-    (result,) = _run(1, [], torch.float64)
-    return {"losses": result["losses"], "grad_norms": result["grad_norms"], "weights": merged_weights([result], 8)}
+def references() -> Callable[[str], dict[str, Any]]:
+    """The single-process run of each feature, made on first use and shared by its layouts."""
+    cache: dict[str, dict[str, Any]] = {}
+
+    def reference(feature: str) -> dict[str, Any]:
+        if feature not in cache:
+            (result,) = _run(1, FEATURES[feature], torch.float64)
+            cache[feature] = {**result, "weights": merged_weights([result], 8)}
+        return cache[feature]
+
+    return reference
 
 
 def _assert_same(results: list[dict[str, Any]], reference: dict[str, Any], key: str) -> None:
@@ -93,10 +107,19 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_layout_matches_single_process(layout: str, reference: dict[str, Any]) -> None:
+# Overrides that change the MoE step, and the layouts each is compared in ("" = none: every layout).
+FEATURES = {"": [], "capacity": ["moe.capacity_factor=1.0"], "aux_free_bias": ["moe.aux_free_bias=true"]}
+CASES = [(layout, "") for layout in sorted(LAYOUTS)] + [
+    ("dp2_ep2", "capacity"), ("dp2", "aux_free_bias"), ("dp2_ep2", "aux_free_bias")]
+
+
+@pytest.mark.parametrize(("layout", "feature"), CASES, ids=["+".join(filter(None, case)) for case in CASES])
+def test_layout_matches_single_process(layout: str, feature: str, references: Callable[[str], dict[str, Any]]) -> None:
     world_size, overrides = LAYOUTS[layout]
-    results = _run(world_size, overrides, torch.float64)
+    reference = references(feature)
+    if feature == "capacity":  # the last micro-batch alone dropped some assignments
+        assert reference["dropped"] > 0
+    results = _run(world_size, [*overrides, *FEATURES[feature]], torch.float64)
     _assert_same(results, reference, "losses")
     _assert_same(results, reference, "grad_norms")  # Adam hides a wrong gradient scale; the norm does not
     weights = merged_weights(results, 8)

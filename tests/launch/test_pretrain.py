@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from launch.pretrain import hydra_overrides
 from megamoe.parallel.mesh import grid_rank_lists, read_launch_env
+from tests.dist.launcher import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -81,8 +85,6 @@ def test_grid_groups_partition_the_world() -> None:
 
 def test_runs_under_slurm_environment(tmp_path: Path) -> None:
     """What `srun` gives each task (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID) is enough to train."""
-    from tests.dist.launcher import free_port
-
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     base.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), SLURM_NTASKS="2")
     procs = [
@@ -101,28 +103,44 @@ def test_runs_under_deepspeed_launcher(tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     deepspeed = str(Path(sys.executable).with_name("deepspeed"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run([deepspeed, "--num_gpus", "2", "launch/pretrain.py", *TINY, "parallel.pp=2",
-                             f"run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    port = str(free_port())  # not the launcher's default 29500, which another run may hold
+    result = subprocess.run([deepspeed, "--num_gpus", "2", "--master_port", port, "launch/pretrain.py", *TINY,
+                             "parallel.pp=2", f"run.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=240)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_sigusr1_through_torchrun_saves_a_checkpoint(tmp_path: Path) -> None:
-    """The SLURM preemption path: torchrun forwards SIGUSR1, every rank saves the same step, exits."""
-    import signal
-    import time
+    """The SLURM preemption path: torchrun forwards SIGUSR1, every rank saves the same step and exits 0.
 
+    torchrun itself then exits 1: after forwarding a signal it re-raises it (SignalException).
+    """
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "--signals-to-handle=SIGTERM,SIGINT,SIGUSR1",
            "--shutdown-timeout=60", "launch/pretrain.py", *TINY, "parallel.pp=2", "train.steps=100000",
            "checkpoint.interval=100000", f"run.dir={tmp_path}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "output.log"  # a file, not a pipe: nobody reads while it trains
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=sink,
+                                stderr=subprocess.STDOUT)
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 3) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"never saw step 3; output:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
     proc.wait(timeout=120)
-    last_step = json.loads(metrics.read_text().splitlines()[-1])["step"]
-    assert (tmp_path / "checkpoints" / f"step_{last_step}" / "manifest.json").exists()
-    assert 3 <= last_step < 100000
+    out = log.read_text()
+    assert proc.returncode == 1, out[-3000:]  # torchrun re-raises the signal it forwarded ...
+    assert f"SignalException: Process {proc.pid} got signal: {signal.SIGUSR1.value}" in out
+    stopped = re.findall(r"stopping after step (\d+) on SIGUSR1; the checkpoint is saved", out)
+    assert len(stopped) == 1, out[-3000:]  # ... after the workers stopped cleanly (rank 0 says so once)
+    step = int(stopped[0])
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step
+    assert 3 <= step < 100000
+    checkpoints = tmp_path / "checkpoints"
+    assert (checkpoints / f"step_{step}" / "manifest.json").exists()
+    assert (checkpoints / "latest").read_text().strip() == f"step_{step}"
