@@ -6,16 +6,20 @@ SLURM's `srun` (SLURM_PROCID / SLURM_NTASKS), and as a single plain `python` pro
 
 The config is composed (Hydra) and validated against the world size *before* any process group
 starts, so a typo or an impossible layout ends with one line on rank 0 and exit code 2, never a
-hang.
+hang. Errors that every rank meets at once (a full disk during a save, a run directory held by
+another run, a diverged run) are agreed between the ranks and likewise reported by rank 0 alone.
 """
 
 from __future__ import annotations
 
 import sys
 
-from megamoe.cli import exit_on_user_error
+from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+from megamoe.cli import SharedError, exit_on_user_error
 from megamoe.config import ConfigError, compose, validate
 from megamoe.parallel.mesh import read_launch_env
+from megamoe.parallel.stall import CollectiveStall, reported
 
 
 def hydra_overrides(argv: list[str]) -> list[str]:
@@ -29,15 +33,21 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = compose(hydra_overrides(sys.argv[1:] if argv is None else argv))
         validate(cfg, world_size=env.world_size)
-    except ConfigError:
+        from megamoe.train.loop import run  # heavy imports only once the config is known to be good
+
+        run(cfg)
+    except (ConfigError, SharedError):
         if env.rank == 0:
             raise
         # Rank 0 says why. The others step aside with 0: a non-zero exit would make torchrun
         # kill rank 0 before its message is printed.
         sys.exit(0)
-    from megamoe.train.loop import run  # heavy imports only once the config is known to be good
-
-    run(cfg)
+    except CollectiveStall as stall:
+        if stall.report:
+            print(f"error: {stall}", file=sys.stderr, flush=True)
+            ErrorHandler().record_exception(stall)  # torchrun's summary names this as the root cause
+            reported()
+        sys.exit(1)
 
 
 if __name__ == "__main__":

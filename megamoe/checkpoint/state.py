@@ -11,12 +11,13 @@ so a checkpoint written by one (dp, pp, ep) loads into any other, optimizer stat
 from __future__ import annotations
 
 import io
+import json
 import random
 import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from torch import Tensor
 from megamoe.checkpoint.store import (
     CONFIG,
     CheckpointError,
+    FileEntry,
     Manifest,
     commit,
     expert_tensor_name,
@@ -41,8 +43,11 @@ from megamoe.checkpoint.store import (
     write_bytes,
     write_shards,
 )
+from megamoe.cli import SharedError, write_error
+from megamoe.data.loader import stream_change
 from megamoe.model.init import init_key_seed
 from megamoe.parallel.expert import expert_range
+from megamoe.parallel.mesh import first_error
 
 if TYPE_CHECKING:  # the loop imports this module to save and resume
     from megamoe.train.loop import Trainer
@@ -105,11 +110,6 @@ def _log(trainer: Trainer, message: str) -> None:
         print(f"checkpoint: {message}", flush=True)
 
 
-def _barrier(trainer: Trainer) -> None:
-    if trainer.grid.world_size > 1:
-        dist.barrier()
-
-
 def _gather_on_rank0(trainer: Trainer, obj: Any) -> Optional[list[Any]]:
     """Every rank's ``obj`` as a list on rank 0; None on the other ranks."""
     grid = trainer.grid
@@ -169,39 +169,95 @@ def _layout(trainer: Trainer) -> dict[str, int]:
             "virtual_stages": trainer.cfg.parallel.virtual_stages}
 
 
-def save_checkpoint(trainer: Trainer) -> Path:
+def _first_nonfinite(places: list[Placement], optimizer: torch.optim.Optimizer) -> Optional[str]:
+    """Name of this rank's first tensor (weight, buffer or optimizer state) holding a NaN or Inf."""
+    for place in places:
+        state = optimizer.state.get(place.tensor, {})
+        for key, value in (("", place.tensor), *((f"{k}/", v) for k, v in state.items() if torch.is_tensor(v))):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                return next(f"{key}{name}" for name, piece in place.pieces(value) if not bool(torch.isfinite(piece).all()))
+    return None
+
+
+def _total_bytes(trainer: Trainer, pieces: list[tuple[str, Tensor]]) -> int:
+    """Bytes of the whole checkpoint: every rank's share summed (collective)."""
+    total = torch.tensor([float(sum(t.numel() * t.element_size() for _, t in pieces))], dtype=torch.float64)
+    if trainer.grid.world_size > 1:
+        dist.all_reduce(total)
+    return int(total.item())
+
+
+def _failure(action: Callable[[], Any]) -> Optional[str]:
+    """Run one rank's part of a save; a failed write comes back as its (errno, reason, file) in JSON."""
+    try:
+        action()
+    except OSError as exc:
+        return json.dumps([exc.errno, exc.strerror, exc.filename])
+    return None
+
+
+def save_checkpoint(trainer: Trainer) -> Optional[Path]:
     """Save the trainer's state at its current step (collective: every rank calls it).
 
     Each rank streams what it owns into ``step_N.tmp/`` (fsynced); rank 0 collects the file
     entries, writes config and manifest, renames the directory, moves ``latest`` and prunes
-    to ``checkpoint.keep``. The final barrier means: when this returns, the checkpoint is there.
+    to ``checkpoint.keep``. When this returns, the checkpoint is there.
+
+    A state holding NaN or Inf is not saved (returns None): it could only be resumed into the
+    same failure. A write that fails on any rank (disk full, read-only directory) removes the
+    partial save and raises SharedError naming the file: earlier checkpoints stay as they were.
     """
-    grid, root = trainer.grid, checkpoint_root(trainer)
-    tmp, final = root / f"step_{trainer.step}.tmp", root / f"step_{trainer.step}"
-    if grid.rank == 0:
+    grid, root, step = trainer.grid, checkpoint_root(trainer), trainer.step
+    places, stem = placements(trainer), f"r{grid.rank:05d}"
+    bad = first_error(grid, _first_nonfinite(places, trainer.optimizer))
+    if bad is not None:
+        _log(trainer, f"not saving step {step}: {bad} holds NaN or Inf values (a diverged state cannot be resumed)")
+        return None
+    tmp, final = root / f"step_{step}.tmp", root / f"step_{step}"
+    model, optim = list(_model_pieces(places)), list(_optimizer_pieces(trainer.optimizer, places))
+    needed = _total_bytes(trainer, model + optim)
+    files: dict[str, FileEntry] = {}
+
+    def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier(trainer)
-    places, stem = placements(trainer), f"r{grid.rank:05d}"
-    files = write_shards(tmp, f"model-{stem}", _model_pieces(places), "model")
-    files |= write_shards(tmp, f"optim-{stem}", _optimizer_pieces(trainer.optimizer, places), "optim")
-    files[f"rng-{stem}.pt"] = write_bytes(tmp / f"rng-{stem}.pt", _rng_bytes(), "rng")
-    every_rank = _gather_on_rank0(trainer, files)
-    if every_rank is not None:
-        all_files = {name: entry for rank_files in every_rank for name, entry in rank_files.items()}
-        all_files[CONFIG] = write_bytes(tmp / CONFIG, OmegaConf.to_yaml(trainer.cfg).encode(), "config")
-        state = {
-            "step": trainer.step,  # also the position in the lr schedule
-            "loader": trainer.loader.state_dict(),  # consumed samples
-            "optimizer_group_steps": [group.get("step") for group in trainer.optimizer.param_groups],  # apex keeps it here
-        }
-        Manifest(trainer.step, True, all_files, state, _layout(trainer)).write(tmp)
-        commit(tmp, final)
-        set_latest(root, final)
-        prune(root, final, trainer.cfg.checkpoint.keep)
-    _barrier(trainer)
-    _log(trainer, f"saved step {trainer.step} to {final}")
+
+    def write() -> None:
+        files.update(write_shards(tmp, f"model-{stem}", iter(model), "model"))
+        files.update(write_shards(tmp, f"optim-{stem}", iter(optim), "optim"))
+        files[f"rng-{stem}.pt"] = write_bytes(tmp / f"rng-{stem}.pt", _rng_bytes(), "rng")
+
+    error = first_error(grid, _failure(prepare) if grid.rank == 0 else None)
+    if error is None:
+        error = first_error(grid, _failure(write))
+    if error is None:
+        every_rank = _gather_on_rank0(trainer, files)
+        error = first_error(grid, _failure(lambda: _commit(trainer, tmp, final, every_rank)) if every_rank else None)
+    if error is not None:
+        if grid.rank == 0:  # only rank 0 reports: its free space counts the partial save as removed
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = write_error(OSError(*json.loads(error)), "free space or choose another run.dir", needed)
+        raise SharedError(f"checkpoint: cannot save step {step}: {reason}; the run stopped, earlier checkpoints are intact")
+    _log(trainer, f"saved step {step} to {final}")
     return final
+
+
+def _commit(trainer: Trainer, tmp: Path, final: Path, every_rank: list[dict[str, FileEntry]]) -> None:
+    """Rank 0: config and manifest (written last), then the rename, ``latest``, and pruning."""
+    root = final.parent
+    all_files = {name: entry for rank_files in every_rank for name, entry in rank_files.items()}
+    all_files[CONFIG] = write_bytes(tmp / CONFIG, OmegaConf.to_yaml(trainer.cfg).encode(), "config")
+    state = {
+        "step": trainer.step,  # also the position in the lr schedule
+        "loader": trainer.loader.state_dict(),  # consumed samples
+        "global_batch": trainer.cfg.train.global_batch,
+        "data_stream": trainer.data_stream,  # a resume that changes it would read other samples
+        "optimizer_group_steps": [group.get("step") for group in trainer.optimizer.param_groups],  # apex keeps it here
+    }
+    Manifest(trainer.step, True, all_files, state, _layout(trainer)).write(tmp)
+    commit(tmp, final)
+    set_latest(root, final)
+    prune(root, final, trainer.cfg.checkpoint.keep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,6 +320,27 @@ def _load_optimizer(trainer: Trainer, ckpt_dir: Path, manifest: Manifest, places
     optimizer.load_state_dict(packed)
 
 
+def _check_data_stream(trainer: Trainer, ckpt_dir: Path, manifest: Manifest) -> None:
+    """Resume only into the same sample stream, unless checkpoint.allow_data_change says otherwise.
+
+    The global batch may change: the next step starts at the same consumed sample (Megatron's
+    rule), so no sample is repeated or skipped.
+    """
+    state, cfg = manifest.state, trainer.cfg
+    consumed = state["loader"]["consumed_samples"]
+    change = stream_change(state.get("data_stream", trainer.data_stream), trainer.data_stream)
+    if change is not None and not cfg.checkpoint.allow_data_change:
+        raise SharedError(f"{ckpt_dir}: the training data stream changed since this checkpoint ({change}), so the run "
+                          f"would read other samples than it was going to; restore the setting, or set "
+                          f"checkpoint.allow_data_change=true to continue at sample {consumed} of the new stream")
+    if change is not None:
+        _log(trainer, f"the data stream changed ({change}); continuing at sample {consumed} of the new stream")
+    before = state.get("global_batch", cfg.train.global_batch)
+    if before != cfg.train.global_batch:
+        _log(trainer, f"train.global_batch changed from {before} to {cfg.train.global_batch}: "
+                      f"continuing at sample {consumed} of the same stream")
+
+
 def _restore_rng_or_reseed(trainer: Trainer, ckpt_dir: Path, manifest: Manifest) -> None:
     """Same layout: each rank gets its own RNG states back. Another layout has other ranks, so
     their streams restart from (seed, rank, step) — only noisy gating draws from them."""
@@ -293,20 +370,12 @@ def load_checkpoint(trainer: Trainer, ckpt_dir: Path) -> Manifest:
         trainer.step = 0
         trainer.loader.consumed_samples = 0
         return manifest
+    _check_data_stream(trainer, ckpt_dir, manifest)
     _load_optimizer(trainer, ckpt_dir, manifest, places)
     trainer.step = manifest.state["step"]
     trainer.loader.load_state_dict(manifest.state["loader"])
     _restore_rng_or_reseed(trainer, ckpt_dir, manifest)
     return manifest
-
-
-def _first_error(trainer: Trainer, error: Optional[str]) -> Optional[str]:
-    """Every rank's load outcome → the first error anywhere, the same on every rank."""
-    errors = [error]
-    if trainer.grid.world_size > 1:
-        errors = [None] * trainer.grid.world_size
-        dist.all_gather_object(errors, error)
-    return next((e for e in errors if e is not None), None)
 
 
 def _candidates(trainer: Trainer) -> tuple[list[Path], bool]:
@@ -336,7 +405,7 @@ def resume(trainer: Trainer) -> Optional[Path]:
             manifest = load_checkpoint(trainer, ckpt_dir)
         except CheckpointError as exc:
             error = str(exc)
-        error = _first_error(trainer, error)
+        error = first_error(trainer.grid, error)
         if error is None:
             if manifest.has_optimizer:
                 _log(trainer, f"resumed from {ckpt_dir} at step {trainer.step}")

@@ -41,7 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from megamoe.cli import UserError
+from megamoe.cli import UserError, naming
 from megamoe.config.schema import MegaMoEConfig
 from megamoe.parallel.expert import EXPERT_PARAM_MARKER
 
@@ -143,7 +143,7 @@ def _fsync_dir(path: Path) -> None:
 
 def write_bytes(path: Path, data: bytes, kind: str) -> FileEntry:
     """A small file (config, RNG states), fsynced, with its manifest entry."""
-    with open(path, "wb") as f:
+    with naming(path), open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -164,7 +164,7 @@ def write_shard(path: Path, tensors: list[tuple[str, Tensor]], kind: str) -> Fil
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
     crc = _Crc32()
-    with open(path, "wb") as f:
+    with naming(path), open(path, "wb") as f:
         for chunk in (len(blob).to_bytes(8, "little") + blob, *(_raw_bytes(t) for _, t in ordered)):
             crc.update(chunk)
             f.write(chunk)
@@ -347,14 +347,30 @@ def resume_candidates(root: Path) -> list[Path]:
     return [named] + [p for p in found if step_of(p) < step_of(named)]
 
 
+def remove_unfinished(root: Path) -> list[Path]:
+    """Delete what interrupted saves left under ``root`` (``step_N.tmp/``, ``latest.tmp``).
+
+    They never count as checkpoints, but they hold disk space — after a save that filled the
+    disk, enough to make the next one fail too. Only call it while no save is in progress.
+    """
+    if not root.is_dir():
+        return []
+    leftovers = [p for p in root.iterdir() if p.name.endswith(".tmp")]
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return leftovers
+
+
 def prune(root: Path, current: Path, keep: int) -> list[Path]:
     """Keep ``current`` and the ``keep - 1`` newest checkpoints before it; delete older ones and
-    any leftover ``*.tmp`` directory. Newer ones (an abandoned timeline) are left alone."""
+    anything unfinished. Newer ones (an abandoned timeline) are left alone."""
     older = [p for p in complete_checkpoints(root) if step_of(p) < step_of(current)]
-    doomed = older[keep - 1:] + [p for p in root.iterdir() if p.name.endswith(".tmp") and p.is_dir()]
-    for path in doomed:
+    for path in older[keep - 1:]:
         shutil.rmtree(path, ignore_errors=True)
-    return doomed
+    return older[keep - 1:] + remove_unfinished(root)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,6 +121,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
     activation_checkpointing: str = "none"  # "none" | "full" | "selective"
     on_nonfinite: str = "skip"  # "skip" | "stop"
+    max_skipped_steps: int = 10  # with skip: this many skipped steps in a row stop the run (it diverged)
     log_interval: int = 10
     eval_interval: int = 1000
     eval_iters: int = 10
@@ -131,6 +132,9 @@ class CheckpointConfig:
     interval: int = 1000
     keep: int = 3
     resume: str = "auto"  # "auto" | "none" | a checkpoint path
+    # Resume even though the data stream changed (train.seq_len, data.sources, data.split, seed):
+    # training continues at the same consumed-sample count of the new stream.
+    allow_data_change: bool = False
 
 
 @dataclass

@@ -35,7 +35,7 @@ POSITIVE: tuple[str, ...] = (
     "model.rotary_base", "moe.num_experts", "moe.top_k", "moe.ffn_hidden_size", "parallel.pp", "parallel.ep",
     "parallel.virtual_stages", "parallel.collective_timeout_s", "train.steps", "train.global_batch",
     "train.micro_batch", "train.seq_len", "train.lr", "train.log_interval", "train.eval_interval",
-    "train.eval_iters", "checkpoint.interval", "checkpoint.keep",
+    "train.eval_iters", "train.max_skipped_steps", "checkpoint.interval", "checkpoint.keep",
 )
 
 NON_NEGATIVE: tuple[str, ...] = (

@@ -33,6 +33,7 @@ class Dataset(Protocol):
 
     def __len__(self) -> int: ...
     def __getitem__(self, i: int) -> np.ndarray: ...
+    def describe_token(self, i: int, token_id: int) -> str: ...  # the source and document it came from
 
 
 def normalize_weights(weights: Sequence[float]) -> np.ndarray:
@@ -140,6 +141,9 @@ class BlendedDataset:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         return self.datasets[int(self.dataset_index[i])][int(self.dataset_sample_index[i])]
+
+    def describe_token(self, i: int, token_id: int) -> str:
+        return self.datasets[int(self.dataset_index[i])].describe_token(int(self.dataset_sample_index[i]), token_id)
 
 
 def split_ranges(split: str, num_docs: int) -> list[range]:

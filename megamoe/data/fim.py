@@ -83,3 +83,6 @@ class FIMDataset:
     def __getitem__(self, i: int) -> np.ndarray:
         rng = np.random.default_rng([*self.seed, i])
         return apply_fim(self.inner[i], rng, self.rate, self.spm_rate, self.sentinels, self.eod_id)
+
+    def describe_token(self, i: int, token_id: int) -> str:
+        return self.inner.describe_token(i, token_id)

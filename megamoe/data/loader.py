@@ -12,15 +12,15 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from megamoe.cli import UserError
-from megamoe.data.blend import BlendedDataset, Dataset, blend_counts, split_ranges
+from megamoe.cli import SharedError, UserError
+from megamoe.data.blend import BlendedDataset, Dataset, blend_counts, normalize_weights, split_ranges
 from megamoe.data.fim import FIMDataset, FIMSentinels
 from megamoe.data.indexed import IndexedDataset
 from megamoe.data.mock import MockDataset
@@ -48,10 +48,15 @@ class GlobalBatchLoader:
     int64, ``loss_mask`` (float32 ones) and ``position_ids`` int64, which restart after every
     ``eod_id`` when ``reset_position_ids`` (data without an eod token, e.g. mock, has nothing
     to restart). Iteration stops when the dataset cannot fill another global batch.
+
+    With ``vocab_size``, every micro-batch's largest id is checked on the host: an id the
+    embedding cannot hold would otherwise fail mid-step with a bare IndexError (on a GPU, a
+    device-side assert that names nothing), so the loader names the dataset and document.
     """
 
     def __init__(self, dataset: Dataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0, eod_id: Optional[int] = None, reset_position_ids: bool = False) -> None:
+                 consumed_samples: int = 0, eod_id: Optional[int] = None, reset_position_ids: bool = False,
+                 vocab_size: Optional[int] = None) -> None:
         if global_batch % (micro_batch * dp_size):
             raise ValueError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} "
                              f"× data-parallel size {dp_size}")
@@ -61,6 +66,7 @@ class GlobalBatchLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = consumed_samples
         self.reset_eod = eod_id if reset_position_ids else None
+        self.vocab_size = vocab_size
 
     def __iter__(self) -> Iterator[list[Batch]]:
         per_rank = self.global_batch // self.dp_size
@@ -73,6 +79,8 @@ class GlobalBatchLoader:
 
     def _micro_batch(self, indices: range) -> Batch:
         samples = np.stack([self.dataset[i] for i in indices]).astype(np.int64, copy=False)
+        if self.vocab_size is not None and samples.max(initial=0) >= self.vocab_size:
+            self._out_of_vocab(indices, samples)
         tokens, labels = samples[:, :-1], samples[:, 1:]
         return {
             "tokens": torch.from_numpy(np.ascontiguousarray(tokens)),
@@ -81,11 +89,46 @@ class GlobalBatchLoader:
             "position_ids": torch.from_numpy(position_ids(tokens, self.reset_eod)),
         }
 
+    def _out_of_vocab(self, indices: range, samples: np.ndarray) -> None:
+        row = int(np.argmax(samples.max(axis=1) >= self.vocab_size))
+        token = int(samples[row].max())
+        where = self.dataset.describe_token(indices[row], token)
+        raise UserError(f"{where} holds token id {token}, but model.vocab_size is {self.vocab_size} (sample "
+                        f"{indices[row]} of the stream): the data was tokenized with a larger vocabulary; "
+                        "set model.vocab_size and data.tokenizer to the tokenizer that wrote it, or re-tokenize")
+
     def state_dict(self) -> dict[str, int]:
         return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.consumed_samples = int(state["consumed_samples"])
+
+
+def data_stream(cfg: DictConfig) -> dict[str, Any]:
+    """Everything that fixes which sample comes at which position of the training stream, under
+    the config keys that set it (documents and tokens per source stand for the data itself).
+
+    The run length and the global batch are not part of it: the stream is prefix-stable
+    (:mod:`megamoe.data.samples`, :mod:`megamoe.data.blend`), so a resumed run may change them.
+    """
+    d = cfg.data
+    stream: dict[str, Any] = {"data.kind": d.kind, "train.seq_len": cfg.train.seq_len, "seed": cfg.seed}
+    if d.kind == "mock":
+        return {**stream, "model.vocab_size": cfg.model.vocab_size}
+    stream.update({"data.split": d.split, "data.sources": len(d.sources)})
+    weights = normalize_weights([s.weight for s in d.sources])
+    for i, (src, weight) in enumerate(zip(d.sources, weights.tolist())):
+        data = IndexedDataset(src.path)
+        key = f"data.sources[{i}]"
+        stream.update({f"{key}.documents": len(data), f"{key}.tokens": data.num_tokens, f"{key}.weight": weight,
+                       f"{key}.fim_rate": src.fim_rate, f"{key}.fim_spm_rate": src.fim_spm_rate})
+    return stream
+
+
+def stream_change(before: dict[str, Any], now: dict[str, Any]) -> Optional[str]:
+    """The first setting whose change reorders the stream, as ``key: old → new``; None if none."""
+    key = next((k for k in {**before, **now} if before.get(k) != now.get(k)), None)
+    return None if key is None else f"{key}: {before.get(key)} → {now.get(key)}"
 
 
 def data_eod_id(cfg: DictConfig) -> Optional[int]:
@@ -120,6 +163,7 @@ class _IndexedBuilder:
         self.data = [IndexedDataset(s.path) for s in self.sources]
         self.ranges = [split_ranges(cfg.data.split, len(d)) for d in self.data]
         self.tokenizer = tokenizer_from_config(cfg.data.tokenizer)
+        check_vocabulary(self.tokenizer, cfg.model.vocab_size)
 
     def _cache_dir(self, i: int) -> str:
         return self.cfg.data.cache_dir or os.path.join(os.path.dirname(os.path.abspath(self.data[i].prefix)), "cache")
@@ -159,6 +203,14 @@ class _IndexedBuilder:
             ds = FIMDataset(ds, src.fim_rate, src.fim_spm_rate, fim_sentinels(self.tokenizer, f"data.sources[{i}]"),
                             self.tokenizer.eod_id, (seed, i, split))
         return ds
+
+
+def check_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """The model's embedding must hold every id the tokenizer can produce (checked at startup)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise SharedError(f"model.vocab_size: {vocab_size} is smaller than the vocabulary of data.tokenizer "
+                          f"({tokenizer.name}: {tokenizer.vocab_size} ids); set model.vocab_size to at least "
+                          f"{tokenizer.padded_vocab_size} (padded), or name the tokenizer the data was made with")
 
 
 def fim_sentinels(tokenizer: Tokenizer, where: str) -> FIMSentinels:

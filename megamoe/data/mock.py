@@ -22,3 +22,6 @@ class MockDataset:
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         return np.random.default_rng([self.seed, i]).integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64)
+
+    def describe_token(self, i: int, token_id: int) -> str:
+        return f"mock sample {i}"

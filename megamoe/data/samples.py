@@ -8,9 +8,17 @@ GPTDataset):
   first token. Sample ``j`` covers tokens ``[j * seq_len, (j + 1) * seq_len]`` of the stream,
   so consecutive samples share one token (the last label of one is the first input of the
   next) and their inputs tile the stream: every token is an input exactly once per epoch;
-- **shuffle index** — the order in which samples are read: a permutation *within* each epoch
-  (an epoch's samples are those starting inside it), so no sample repeats or is skipped
-  before the epoch is done.
+- **shuffle index** — the order in which samples are read: a permutation within each block of
+  ``SHUFFLE_BLOCK`` consecutive samples of an epoch (an epoch's samples are those starting
+  inside it; its last block may be shorter), so no sample repeats or is skipped before the
+  epoch is done.
+
+The stream is *prefix-stable*: the first ``n`` samples are the same whatever ``num_samples``
+the index was built for, because the documents' order never depends on it and the index is
+always laid out to the end of the block that holds the last sample asked for. A run can thus
+grow ``train.steps`` or change ``train.global_batch`` on resume and read exactly the samples
+it would have read. Blocks of 65,536 samples (268M tokens at seq_len 4096) drawn from documents
+already in random order decorrelate neighbouring batches as well as a whole-epoch shuffle.
 
 Global rank 0 builds them once — vectorised over documents in fixed-size chunks written
 straight to disk, so memory stays bounded at any corpus size — under a file name keyed by a
@@ -35,9 +43,10 @@ from megamoe.data.indexed import IndexedDataset
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1  # bump whenever the layout or the algorithm of any cached index changes
+INDEX_FORMAT = 2  # bump whenever the layout or the algorithm of any cached index changes
 DEFAULT_WAIT_TIMEOUT_S = 1800.0
 _CHUNK = 1 << 18  # elements per vectorised step: small enough to stay in cache
+SHUFFLE_BLOCK = 1 << 16  # samples shuffled together
 _BAND = 1 << 25  # keys sorted at once (256 MB): bounds memory at any corpus size
 _DOC_STREAM, _SAMPLE_STREAM = 0, 1  # independent random orders for documents and samples
 _GOLDEN, _MIX1, _MIX2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
@@ -165,7 +174,7 @@ def _band_edges(n: int, first: float) -> list[float]:
     return edges
 
 
-def shuffled(n: int, seed: int, stream: int, epoch: int, first_fraction: float = 1.0) -> Iterator[np.ndarray]:
+def shuffled(n: int, seed: int, stream: int, key: Sequence[int], first_fraction: float = 1.0) -> Iterator[np.ndarray]:
     """``range(n)`` in a uniformly random order, yielded a band at a time (int64 arrays).
 
     The random key of index ``i`` is a keyed 64-bit hash of ``i`` (SplitMix64), and the order
@@ -174,12 +183,13 @@ def shuffled(n: int, seed: int, stream: int, epoch: int, first_fraction: float =
     is cut into bands of at most ~_BAND indices, sorted one at a time, so memory stays bounded;
     the first band ends at ``first_fraction``, so a consumer that needs only the start of the
     order (a partial last epoch) stops after it, paying one hashing pass and a small sort.
+    ``key`` (e.g. the epoch) picks one of independent orders.
     """
     if n == 0:
         return
     bits = max(1, (n - 1).bit_length())  # low bits hold the index, high bits the truncated key
     span = 1 << (64 - bits)
-    offset = np.random.SeedSequence([seed, stream, epoch]).generate_state(1, np.uint64)[0]
+    offset = np.random.SeedSequence([seed, stream, *key]).generate_state(1, np.uint64)[0]
     edges = _band_edges(n, first_fraction)
     whole = len(edges) == 2  # one band: every key is in it, no selection needed
     for lo_f, hi_f in zip(edges[:-1], edges[1:]):
@@ -204,29 +214,40 @@ def shuffled(n: int, seed: int, stream: int, epoch: int, first_fraction: float =
         yield band.view(np.int64)
 
 
+def laid_out_samples(tokens: int, seq_len: int, num_samples: int) -> int:
+    """Samples the index covers: through the end of the shuffle block holding the last one asked for."""
+    if not num_samples:
+        return 0
+    last = num_samples - 1
+    epoch = last * seq_len // tokens  # the epoch whose tokens sample ``last`` starts in
+    lo, hi = _ceil_div(epoch * tokens, seq_len), _ceil_div((epoch + 1) * tokens, seq_len)
+    return min(hi, lo + ((last - lo) // SHUFFLE_BLOCK + 1) * SHUFFLE_BLOCK)
+
+
 def build_sample_index(lengths: np.ndarray, seq_len: int, num_samples: int, seed: int,
                        paths: Mapping[str, str]) -> int:
     """Write the ``doc``, ``sample`` and ``shuffle`` arrays for documents of ``lengths`` tokens.
 
     Works on lengths alone (no tokens), a cache-sized chunk of documents at a time: gather
     the lengths in this epoch's order, cumsum them into token end positions, and
-    ``searchsorted`` the sample start positions (multiples of ``seq_len``) into them. The last
-    epoch stops once the samples are covered. Returns the number of epochs.
+    ``searchsorted`` the sample start positions (multiples of ``seq_len``) into them. The
+    layout stops once :func:`laid_out_samples` are covered. Returns the number of epochs.
     """
     lengths = np.asarray(lengths)
     n_docs = len(lengths)
     tokens = int(lengths.sum(dtype=np.int64))
     if num_samples and tokens == 0:
         raise ValueError("cannot make samples from documents that hold no tokens")
-    epochs = num_epochs(tokens, seq_len, num_samples)
-    needed = num_samples * seq_len + 1 if num_samples else 0  # the stream's tokens the samples span
+    total = laid_out_samples(tokens, seq_len, num_samples)
+    epochs = num_epochs(tokens, seq_len, total)
+    needed = total * seq_len + 1 if total else 0  # the stream's tokens the samples span
     doc_w = NpyWriter(paths["doc"], index_dtype(n_docs))
     sample_w = NpyWriter(paths["sample"], index_dtype(epochs * n_docs), (2,))
-    shuffle_w = NpyWriter(paths["shuffle"], index_dtype(num_samples))
+    shuffle_w = NpyWriter(paths["shuffle"], index_dtype(total))
     end = 0  # tokens of the stream laid out so far
     for epoch in range(epochs):
         fraction = min(1.0, (needed - end) / tokens * 1.05 + 1 / 1024)  # a margin for unlucky draws
-        for order in shuffled(n_docs, seed, _DOC_STREAM, epoch, fraction):
+        for order in shuffled(n_docs, seed, _DOC_STREAM, (epoch,), fraction):
             base = doc_w.rows
             for a in range(0, len(order), _CHUNK):
                 ids = order[a:a + _CHUNK]
@@ -234,7 +255,7 @@ def build_sample_index(lengths: np.ndarray, seq_len: int, num_samples: int, seed
                 lens = lengths[ids]
                 ends = np.cumsum(lens, dtype=np.int64)
                 ends += end
-                first, stop = sample_w.rows, min(num_samples, _ceil_div(int(ends[-1]), seq_len))
+                first, stop = sample_w.rows, min(total, _ceil_div(int(ends[-1]), seq_len))
                 if stop > first:  # samples that start in this chunk
                     starts = np.arange(first, stop, dtype=np.int64) * seq_len
                     pos = np.searchsorted(ends, starts, side="right")  # skips empty documents
@@ -248,10 +269,11 @@ def build_sample_index(lengths: np.ndarray, seq_len: int, num_samples: int, seed
             if end >= needed:
                 break
         lo = _ceil_div(epoch * tokens, seq_len)  # the samples that start in this epoch
-        hi = min(num_samples, _ceil_div((epoch + 1) * tokens, seq_len))
-        for block in shuffled(hi - lo, seed, _SAMPLE_STREAM, epoch):
-            block += lo
-            shuffle_w.write(block)
+        hi = min(total, _ceil_div((epoch + 1) * tokens, seq_len))
+        for block, start in enumerate(range(lo, hi, SHUFFLE_BLOCK)):
+            for part in shuffled(min(SHUFFLE_BLOCK, hi - start), seed, _SAMPLE_STREAM, (epoch, block)):
+                part += start
+                shuffle_w.write(part)
     for w in (doc_w, sample_w, shuffle_w):
         w.close()
     return epochs
@@ -290,16 +312,24 @@ class SampleDataset:
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, i: int) -> np.ndarray:
+    def _pieces(self, i: int) -> Iterator[tuple[int, int, int]]:
+        """(document, first token, token count) of each document part that sample ``i`` spans."""
         if not 0 <= i < self.num_samples:
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         pos, offset = (int(x) for x in self.sample_index[self.shuffle_index[i]])
-        out = np.empty(self.seq_len + 1, dtype=np.int64)
-        filled = 0
-        while filled < len(out):
+        left = self.seq_len + 1
+        while left:
             doc = self.docs.start + int(self.doc_index[pos])
-            take = min(len(out) - filled, int(self.data.sequence_lengths[doc]) - offset)
-            out[filled:filled + take] = self.data.get(doc, offset, take)
-            filled += take
+            take = min(left, int(self.data.sequence_lengths[doc]) - offset)
+            yield doc, offset, take
+            left -= take
             pos, offset = pos + 1, 0
-        return out
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return np.concatenate([self.data.get(doc, offset, take) for doc, offset, take in self._pieces(i)],
+                              dtype=np.int64)
+
+    def describe_token(self, i: int, token_id: int) -> str:
+        """Where sample ``i`` got ``token_id`` from: the dataset and the document."""
+        doc = next((d for d, offset, take in self._pieces(i) if token_id in self.data.get(d, offset, take)), None)
+        return f"{self.data.prefix}, document {doc}"

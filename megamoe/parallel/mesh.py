@@ -143,6 +143,18 @@ def init_grid(pp: int, ep: int, timeout_s: int, backend: str = "auto", env: Opti
     return grid
 
 
+def first_error(grid: ProcessGrid, error: Optional[str]) -> Optional[str]:
+    """Every rank's outcome (an error message, or None) → the first rank's error, on every rank.
+
+    Collective: lets all ranks take the same branch after a step that may fail on some of them.
+    """
+    if grid.world_size == 1:
+        return error
+    errors: list[Optional[str]] = [None] * grid.world_size
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e is not None), None)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

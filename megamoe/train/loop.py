@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,20 +29,54 @@ from torch import Tensor, nn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from megamoe.checkpoint.state import resume, save_checkpoint
-from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id
+from megamoe.cli import SharedError
+from megamoe.data.blend import Dataset
+from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream
 from megamoe.model.flops import attention_flops_per_token, fwd_flops_per_token
 from megamoe.model.moe.layer import MoEAuxLossBackward, MoELayer
 from megamoe.parallel.expert import AllToAllExchange, is_expert_param
 from megamoe.parallel.grads import GradSync, clip_grads_, global_grad_norm
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.stall import CollectiveStall, Progress, announce, diagnose, is_communication_failure
 from megamoe.parallel.pipeline import StageModule, build_schedule, build_stage_modules, masked_labels, stage_loss
 from megamoe.train.metrics import MetricsLogger, detect_peak_flops, expert_load_summary, mfu
 from megamoe.train.optim import build_optimizer
+from megamoe.train.run_dir import claim_run_dir
 from megamoe.train.schedule import lr_at
 
 
-class NonFiniteError(RuntimeError):
-    """A NaN/Inf loss or gradient norm with train.on_nonfinite=stop."""
+class NonFiniteError(SharedError):
+    """A NaN/Inf loss or gradient norm with train.on_nonfinite=stop, or too many skipped in a row."""
+
+
+@dataclass
+class SkippedSteps:
+    """Steps whose update was dropped for a non-finite loss or gradient norm (on_nonfinite=skip).
+
+    A few isolated skips are harmless; a streak means the run has diverged and will not come
+    back by itself, so ``limit`` consecutive skips stop it.
+    """
+
+    limit: int
+    steps: list[int] = field(default_factory=list)
+    streak: int = 0
+
+    def record(self, step: int, skipped: bool) -> None:
+        self.streak = self.streak + 1 if skipped else 0
+        if not skipped:
+            return
+        self.steps.append(step)
+        if self.streak >= self.limit:
+            raise NonFiniteError(
+                f"train.max_skipped_steps: the last {self.streak} steps ({step - self.streak + 1}-{step}) all had a "
+                f"non-finite loss or gradient norm and were skipped; the run has diverged: lower train.lr or "
+                f"resume from an earlier checkpoint (checkpoint.resume=PATH)")
+
+    def summary(self) -> str:
+        if not self.steps:
+            return "no step skipped"
+        shown = ", ".join(map(str, self.steps[:20])) + (", ..." if len(self.steps) > 20 else "")
+        return f"{len(self.steps)} step(s) skipped for a non-finite loss or gradient norm: {shown}"
 
 
 @dataclass
@@ -91,7 +125,9 @@ class Trainer:
     expert_load: ExpertLoad
     tied_copy: Optional[nn.Parameter]  # the embedding / lm_head copy this rank syncs, if any
     eod_id: Optional[int]  # restarts position ids when data.reset_position_ids
+    data_stream: dict[str, Any]  # what fixes the sample order; a checkpoint records it
     step: int = 0
+    progress: Progress = field(default_factory=Progress)  # the operation in flight, for stall reports
     schedule: Optional[_PipelineSchedule] = None  # built on first use (pp > 1)
 
     @property
@@ -141,12 +177,16 @@ def build_trainer(cfg: DictConfig, grid: ProcessGrid) -> Trainer:
     optimizer = build_optimizer(nn.ModuleList(modules), cfg.train)
     train, valid, _ = build_datasets(cfg, is_builder=grid.rank == 0)
     eod_id = data_eod_id(cfg)
-    loader = GlobalBatchLoader(
-        train, cfg.train.global_batch, cfg.train.micro_batch, grid.dp_rank, grid.dp,
-        eod_id=eod_id, reset_position_ids=cfg.data.reset_position_ids,
-    )
     moe_layers = {int(i): layer.mlp for m in modules for i, layer in m.model.layers.items() if isinstance(layer.mlp, MoELayer)}
-    return Trainer(cfg, grid, modules, optimizer, grad_sync, dense, experts, loader, valid, ExpertLoad(moe_layers), _tied_copy(cfg, grid, modules), eod_id)
+    return Trainer(cfg, grid, modules, optimizer, grad_sync, dense, experts, rank_loader(cfg, grid, train, eod_id), valid,
+                   ExpertLoad(moe_layers), _tied_copy(cfg, grid, modules), eod_id, data_stream(cfg))
+
+
+def rank_loader(cfg: DictConfig, grid: ProcessGrid, dataset: Dataset, eod_id: Optional[int]) -> GlobalBatchLoader:
+    """This data-parallel rank's micro-batches of ``dataset``, ids checked against the model's vocabulary."""
+    return GlobalBatchLoader(dataset, cfg.train.global_batch, cfg.train.micro_batch, grid.dp_rank, grid.dp,
+                             eod_id=eod_id, reset_position_ids=cfg.data.reset_position_ids,
+                             vocab_size=cfg.model.vocab_size)
 
 
 def _forward_local(trainer: Trainer, tokens: Tensor, position_ids: Tensor) -> Tensor:
@@ -203,24 +243,32 @@ def train_step(trainer: Trainer, microbatches: list[dict[str, Tensor]], report_e
     lr = lr_at(trainer.step + 1, cfg.train)
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
-    loss = _world_mean_of_last_stage(trainer, _run_microbatches(trainer, microbatches, train=True))
+    at = trainer.progress.at
+    trainer.progress.step = trainer.step + 1
+    at("forward/backward")
+    outputs = _run_microbatches(trainer, microbatches, train=True)
+    at("loss all-reduce")
+    loss = _world_mean_of_last_stage(trainer, outputs)
+    at("gradient all-reduce")
     trainer.grad_sync.all_reduce()
     if trainer.tied_copy is not None:
         dist.all_reduce(trainer.tied_copy.grad, group=grid.embed_group)
     params = list(trainer.parameters())
     exclude = {trainer.tied_copy} if trainer.tied_copy is not None and not grid.is_first_stage else set()
+    at("gradient-norm all-reduce")
     norm = float(global_grad_norm(trainer.dense_params, trainer.expert_params,
                                   grid.dp, grid.edp, None if grid.world_size == 1 else dist.group.WORLD, exclude))
     trainer.step += 1
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
     if skipped and cfg.train.on_nonfinite == "stop":
         raise NonFiniteError(f"step {trainer.step}: non-finite loss {loss} or grad norm {norm} "
-                             "(train.on_nonfinite=stop; use skip to drop such updates)")
+                             "(train.on_nonfinite=stop; train.on_nonfinite=skip drops such updates instead)")
     if not skipped:
         clip_grads_(params, cfg.train.clip_grad, torch.tensor(norm))
         trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     if report_expert_load or cfg.moe.aux_free_bias:
+        at("expert-load all-reduce")
         counts = trainer.expert_load.reduce(grid.dp_group)
     else:
         counts, trainer.expert_load.counts = {}, {}
@@ -233,12 +281,11 @@ def train_step(trainer: Trainer, microbatches: list[dict[str, Tensor]], report_e
 def evaluate(trainer: Trainer) -> dict[str, float]:
     """Validation loss per data source (per language), over train.eval_iters global batches each."""
     t, grid = trainer.cfg.train, trainer.grid
+    trainer.progress.at("evaluation")
     trainer.expert_load.recording = False
     results = {}
     for name, dataset in trainer.valid.items():
-        loader = GlobalBatchLoader(dataset, t.global_batch, t.micro_batch, grid.dp_rank, grid.dp,
-                                   eod_id=trainer.eod_id, reset_position_ids=trainer.cfg.data.reset_position_ids)
-        batches = iter(loader)
+        batches = iter(rank_loader(trainer.cfg, grid, dataset, trainer.eod_id))
         losses = [_world_mean_of_last_stage(trainer, _run_microbatches(trainer, next(batches), train=False))
                   for _ in range(t.eval_iters)]
         results[name] = sum(losses) / len(losses)
@@ -251,6 +298,7 @@ def _expert_counts_on_rank0(trainer: Trainer, counts: dict[int, Tensor]) -> dict
     cfg = trainer.cfg
     if cfg.model.ffn_type != "moe":
         return {}
+    trainer.progress.at("expert-load gather")
     table = torch.zeros(cfg.model.num_layers, cfg.moe.num_experts, dtype=torch.float64, device=trainer.grid.device)
     if trainer.grid.dp_rank == 0:
         for index, layer_counts in counts.items():
@@ -263,27 +311,49 @@ def _expert_counts_on_rank0(trainer: Trainer, counts: dict[int, Tensor]) -> dict
 def run(cfg: DictConfig) -> None:
     """Train for cfg.train.steps steps with the layout of cfg.parallel on the launched processes."""
     grid = init_grid(cfg.parallel.pp, cfg.parallel.ep, cfg.parallel.collective_timeout_s, cfg.parallel.backend)
+    announce(grid.rank, grid.world_size)
+    stalled = False
     try:
         _train(cfg, grid)
+    except CollectiveStall:
+        stalled = True  # the group is broken: tearing it down could block on the missing rank
+        raise
     finally:
-        shutdown()
+        if not stalled:
+            shutdown()
 
 
 def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
     torch.manual_seed(cfg.seed + grid.rank)
     run_dir = Path(cfg.run.dir)
     is_writer = grid.rank == 0
-    if is_writer:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    trainer = build_trainer(cfg, grid)
-    resume(trainer)
-    if is_writer:
-        _forget_steps_after(run_dir, trainer.step)
-    logger = MetricsLogger(run_dir, is_writer, cfg.logging.wandb, cfg.train.steps, OmegaConf.to_container(cfg))
+    lock = claim_run_dir(cfg, grid)
+    try:
+        trainer = build_trainer(cfg, grid)
+        resume(trainer)
+        if is_writer:
+            _forget_steps_after(run_dir, trainer.step)
+        logger = MetricsLogger(run_dir, is_writer, cfg.logging.wandb, cfg.train.steps, OmegaConf.to_container(cfg))
+        try:
+            _steps(trainer, logger)
+        except Exception as exc:
+            if grid.world_size == 1 or not is_communication_failure(exc):
+                raise
+            raise diagnose(grid.rank, grid.world_size, trainer.progress, cfg.parallel.collective_timeout_s, exc) from exc
+        logger.finish()
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _steps(trainer: Trainer, logger: MetricsLogger) -> None:
+    """Train until cfg.train.steps (or a preemption signal), logging, evaluating and saving."""
+    cfg, grid = trainer.cfg, trainer.grid
     tokens_per_step = cfg.train.global_batch * cfg.train.seq_len
     flops_per_token = 3 * (fwd_flops_per_token(cfg) + attention_flops_per_token(cfg, cfg.train.seq_len))
     peak = detect_peak_flops(grid.device)
+    skipped = SkippedSteps(cfg.train.max_skipped_steps)
+    first_step, started = trainer.step + 1, time.perf_counter()
     batches = iter(trainer.loader)
     with Preemption() as preemption:
         while trainer.step < cfg.train.steps:
@@ -292,6 +362,7 @@ def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
             start = time.perf_counter()
             result = train_step(trainer, next(batches), report_expert_load=cfg.logging.expert_load and is_log_step)
             elapsed = time.perf_counter() - start
+            trainer.progress.step_time_s = elapsed
             record = {
                 "step": step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
                 "skipped": result["skipped"], "tokens_per_s": tokens_per_step / elapsed,
@@ -302,13 +373,17 @@ def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
             if cfg.logging.expert_load and is_log_step:
                 record.update(expert_load_summary(_expert_counts_on_rank0(trainer, result["expert_counts"])))
             logger.log_step(step, record)
-            if is_log_step:
+            if is_log_step or result["skipped"]:
                 logger.console(step, record)
+            skipped.record(step, result["skipped"])
             if trainer.valid and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
                 logger.log_eval(step, evaluate(trainer))
-            if _checkpoint_and_maybe_stop(trainer, preemption):
+            if _checkpoint_and_maybe_stop(trainer, preemption, skipped):
                 break
-    logger.finish()
+    if grid.rank == 0 and trainer.step >= first_step:
+        minutes = (time.perf_counter() - started) / 60
+        print(f"trained steps {first_step}-{trainer.step} of {cfg.train.steps} in {minutes:.1f} min; "
+              f"{skipped.summary()}", flush=True)
 
 
 class Preemption:
@@ -339,15 +414,28 @@ class Preemption:
         return bool(flag.item())
 
 
-def _checkpoint_and_maybe_stop(trainer: Trainer, preemption: Preemption) -> bool:
-    """Save every checkpoint.interval steps, at the last step, and on preemption (then: stop)."""
+def _checkpoint_and_maybe_stop(trainer: Trainer, preemption: Preemption, skipped: SkippedSteps) -> bool:
+    """Save every checkpoint.interval steps, at the last step, and on preemption (then: stop).
+
+    Not while the latest steps were skipped for non-finite values: the state may be the one
+    that diverged, and saving it would rotate the good checkpoints out (``checkpoint.keep``).
+    """
     step, cfg = trainer.step, trainer.cfg
+    trainer.progress.at("preemption check")
     stop = preemption.requested(trainer.grid)
+    saved = None
     if stop or step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
-        save_checkpoint(trainer)
+        if skipped.streak:
+            outcome = f"not saved: the last {skipped.streak} step(s) were skipped for non-finite values"
+            if trainer.grid.rank == 0:
+                print(f"checkpoint: step {step} {outcome}", flush=True)
+        else:
+            trainer.progress.at("checkpoint save")
+            saved = save_checkpoint(trainer)
+            outcome = "the checkpoint is saved" if saved else "no checkpoint: the state is not finite"
     if stop and trainer.grid.rank == 0:
         name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
-        print(f"stopping after step {step} on {name}; the checkpoint is saved", flush=True)
+        print(f"stopping after step {step} on {name}; {outcome}", flush=True)
     return stop
 
 

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from megamoe.cli import UserError
+from megamoe.cli import UserError, naming, write_error
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's datasheets (SXM
 # parts unless the name says otherwise). Matched as a substring of torch.cuda.get_device_name,
@@ -116,8 +116,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def _append_json(path: Path, obj: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj, default=_jsonable) + "\n")
+    try:
+        with naming(path), open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(obj, default=_jsonable) + "\n")
+    except OSError as exc:
+        raise UserError(write_error(exc, "free space or choose another run.dir")) from None
 
 
 def _format_step_line(step: int, total_steps: int, record: dict[str, Any], eta_s: Optional[float]) -> str:
@@ -134,6 +137,8 @@ def _format_step_line(step: int, total_steps: int, record: dict[str, Any], eta_s
         fields.append(f"MFU {100 * record['mfu']:.1f}%")
     if "expert_load_max" in record:
         fields.append(f"expert load max {record['expert_load_max']:.2f} min {record['expert_load_min']:.2f}")
+    if record.get("skipped"):
+        fields.append("SKIPPED: non-finite loss or grad norm, no update")
     if eta_s is not None:
         fields.append(f"ETA {datetime.timedelta(seconds=round(eta_s))}")
     return " | ".join(fields)

@@ -7,15 +7,18 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 import torch
 
 from megamoe.checkpoint import CheckpointError, iter_model_tensors, model_tensor_shapes, write_model_checkpoint
 from megamoe.checkpoint.state import load_checkpoint, resume, save_checkpoint
+from megamoe.cli import SharedError
 from megamoe.config import compose
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.train.loop import Trainer, build_trainer, train_step
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
+from tests.data.helpers import blend_overrides
 
 # noisy gating draws from the global RNG and the aux-free bias is a buffer: both must come back.
 BASE = ["+exp=tiny", "train.global_batch=4", "train.micro_batch=2", "train.seq_len=32", "train.steps=6",
@@ -154,3 +157,31 @@ def test_tensors_are_stored_under_single_process_names(grid: ProcessGrid, tmp_pa
     assert "lm_head.weight" in expected and "layers.0.mlp.expert_bias" in expected
     assert {n for n in stored if "/" not in n} == {n for n in expected if "/" not in n} == set(model_tensor_shapes(trainer.cfg))
     assert_same_tensors({n: stored[n] for n in expected}, expected)
+
+
+def test_a_changed_global_batch_continues_at_the_same_sample(grid: ProcessGrid, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """Megatron's rule: the next step starts at the consumed-sample count; nothing is repeated or skipped."""
+    data = blend_overrides(tmp_path / "data")
+    first = _trainer(grid, tmp_path / "run", *data)
+    _train(first, 2, save_at=(2,))
+    resumed = _trainer(grid, tmp_path / "run", *data, "train.global_batch=8")
+    capsys.readouterr()
+    resume(resumed)
+    assert "checkpoint: train.global_batch changed from 4 to 8: continuing at sample 8 of the same stream" in \
+        capsys.readouterr().out
+    next_batch = next(iter(resumed.loader))
+    read = torch.cat([torch.cat([mb["tokens"], mb["labels"][:, -1:]], dim=1) for mb in next_batch])
+    assert torch.equal(read, torch.from_numpy(np.stack([first.loader.dataset[i] for i in range(8, 16)])))
+
+
+def test_a_changed_sample_stream_is_refused_unless_allowed(grid: ProcessGrid, tmp_path: Path) -> None:
+    data = blend_overrides(tmp_path / "data")
+    _train(_trainer(grid, tmp_path / "run", *data), 2, save_at=(2,))
+    with pytest.raises(SharedError, match=r"step_2: the training data stream changed since this checkpoint "
+                                          r"\(train.seq_len: 32 → 16\).*checkpoint.allow_data_change=true to continue "
+                                          r"at sample 8 of the new stream$"):
+        resume(_trainer(grid, tmp_path / "run", *data, "train.seq_len=16"))
+    allowed = _trainer(grid, tmp_path / "run", *data, "train.seq_len=16", "checkpoint.allow_data_change=true")
+    resume(allowed)
+    assert allowed.step == 2 and allowed.loader.consumed_samples == 8

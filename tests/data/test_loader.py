@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from megamoe.cli import UserError
-from megamoe.config import compose, validate
+from megamoe.cli import SharedError, UserError
+from megamoe.config import compose
 from megamoe.data.indexed import IndexedDatasetBuilder
-from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, position_ids
+from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream, position_ids, stream_change
 from megamoe.data.mock import MockDataset
 from megamoe.data.tokenizer import ByteTokenizer
+from tests.data.helpers import blend_cfg
 
 SEQ, GLOBAL = 8, 8
 
@@ -117,34 +118,15 @@ def test_build_mock_datasets() -> None:
     assert data_eod_id(cfg) is None
 
 
-def _corpus(path: str, text: str, docs: int, seed: int) -> None:
-    """``docs`` documents of random words from ``text``, byte-tokenized, each ending in <eod>."""
-    tok, rng = ByteTokenizer(), np.random.default_rng(seed)
-    words = text.split()
-    with IndexedDatasetBuilder(path, np.dtype(np.uint16)) as builder:
-        for _ in range(docs):
-            doc = " ".join(rng.choice(words, rng.integers(1, 12)))
-            builder.add_document(np.array(tok.encode(doc) + [tok.eod_id]))
-
-
 def _chinese(samples: np.ndarray) -> np.ndarray:
     """Per sample: does it hold UTF-8 bytes of Chinese text (ids 128..255)?"""
     return ((samples >= 128) & (samples < 256)).any(axis=1)
 
 
-def _indexed_cfg(tmp_path, split: str = "80,10,10"):
-    zh, en = str(tmp_path / "zh_text_document"), str(tmp_path / "en_text_document")
-    _corpus(zh, "数据 模型 训练 中文 语料 专家 路由", 300, 0)
-    _corpus(en, "data model train english corpus expert router", 300, 1)
-    cfg = compose(["+exp=tiny", "data.kind=indexed", f"data.split='{split}'", f"data.cache_dir={tmp_path}/cache",
-                   f"data.sources=[{{path:'{zh}',weight:0.7,lang:zh}},"
-                   f"{{path:'{en}',weight:0.3,lang:en,fim_rate:0.5}}]", "train.steps=20"])
-    validate(cfg)
-    return cfg
 
 
 def test_build_indexed_datasets(tmp_path) -> None:
-    cfg = _indexed_cfg(tmp_path)
+    cfg = blend_cfg(tmp_path)
     train, valid, test = build_datasets(cfg, is_builder=True)
     n, t = cfg.train.steps * cfg.train.global_batch, cfg.train
     assert len(train) == n and sorted(valid) == sorted(test) == ["en", "zh"]
@@ -162,6 +144,44 @@ def test_build_indexed_datasets(tmp_path) -> None:
 
 
 def test_no_training_documents_is_a_user_error(tmp_path) -> None:
-    cfg = _indexed_cfg(tmp_path, split="0,50,50")
+    cfg = blend_cfg(tmp_path, split="0,50,50")
     with pytest.raises(UserError, match=r"data.sources\[0\].*leaves none of its 300 documents for training"):
         build_datasets(cfg, is_builder=True)
+
+
+def test_a_longer_run_or_larger_batch_reads_the_same_stream(tmp_path) -> None:
+    """Resuming with more steps or another global batch must not reorder samples (nor repeat or skip)."""
+    short, _, _ = build_datasets(blend_cfg(tmp_path), is_builder=True)
+    longer, _, _ = build_datasets(blend_cfg(tmp_path, "train.global_batch=16", "train.steps=30"), is_builder=True)
+    assert len(longer) > len(short)
+    assert all(np.array_equal(short[i], longer[i]) for i in range(len(short)))
+
+
+def test_data_stream_names_what_reorders_samples(tmp_path) -> None:
+    stream = data_stream(blend_cfg(tmp_path))
+    same = data_stream(blend_cfg(tmp_path, "train.global_batch=16", "train.steps=99", "data.sources.0.weight=1.4",
+                                 "data.sources.1.weight=0.6"))  # the same blend, scaled weights
+    assert stream_change(stream, same) is None
+    assert stream_change(stream, data_stream(blend_cfg(tmp_path, "train.seq_len=32"))) == "train.seq_len: 64 → 32"
+    assert stream_change(stream, data_stream(blend_cfg(tmp_path, "data.sources.1.fim_rate=0.2"))) == \
+        "data.sources[1].fim_rate: 0.5 → 0.2"
+
+
+def test_token_beyond_the_vocabulary_names_the_dataset_and_document(tmp_path) -> None:
+    prefix = str(tmp_path / "wide_text_document")
+    with IndexedDatasetBuilder(prefix, np.dtype(np.int32)) as builder:
+        for doc in range(40):
+            builder.add_document(np.array([70002 if doc == 17 else 5] * 7 + [256]))
+    cfg = compose(["+exp=tiny", "data.kind=indexed", f"data.sources=[{{path:'{prefix}'}}]", "data.split='100,0,0'",
+                   "train.seq_len=16", "train.global_batch=2", "train.micro_batch=1", "train.steps=10"])
+    train, _, _ = build_datasets(cfg, is_builder=True)
+    loader = GlobalBatchLoader(train, 2, 1, 0, 1, vocab_size=cfg.model.vocab_size)
+    with pytest.raises(UserError, match=rf"^{prefix}, document 17 holds token id 70002, but model.vocab_size is 512"):
+        list(loader)
+    assert len(list(GlobalBatchLoader(train, 2, 1, 0, 1))) == 10  # unchecked, the same batches pass
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_at_startup(tmp_path) -> None:
+    with pytest.raises(SharedError, match=r"^model.vocab_size: 200 is smaller than the vocabulary of data.tokenizer "
+                                          r"\(ByteTokenizer: 262 ids\); set model.vocab_size to at least 384"):
+        build_datasets(blend_cfg(tmp_path, "model.vocab_size=200"), is_builder=True)

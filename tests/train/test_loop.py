@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from megamoe.config import compose
 from megamoe.parallel.mesh import init_grid
 from megamoe.train.loop import NonFiniteError, build_trainer, evaluate, train_step
 from tests.dist.launcher import run_distributed
+from tests.pretrain import run_pretrain
 
 BASE = ["+exp=tiny", "train.global_batch=4", "train.micro_batch=2", "train.seq_len=32", "train.eval_iters=1"]
 
@@ -94,3 +96,37 @@ def test_unreported_steps_skip_the_reduction_and_do_not_accumulate() -> None:
     quiet, loud = run_distributed(unreported_then_reported, 1, None, timeout_s=120, init_process_group=False)[0]
     assert quiet == {}
     assert loud == {i: 4 * 32 * 2 for i in range(4)}  # this step's tokens only, top-2
+
+
+def test_a_diverged_run_marks_its_skips_and_stops_without_saving(tmp_path) -> None:
+    """train.lr=1e6: after an update or two every step is non-finite. Each skipped step gets a
+    console line (not only log steps), the run stops after train.max_skipped_steps in a row with
+    one line, and nothing is saved once the skipping has begun."""
+    result = run_pretrain(tmp_path, "train.lr=1e6", "train.min_lr=0", "train.steps=50", "train.log_interval=10",
+                          "train.max_skipped_steps=4", "checkpoint.interval=1")
+    assert result.returncode == 2
+    skipped = [int(line.split("/")[0].split()[1]) for line in result.stdout.splitlines()
+               if "SKIPPED: non-finite loss or grad norm" in line]
+    first = skipped[0]
+    assert skipped == [first, first + 1, first + 2, first + 3]
+    assert result.stderr.splitlines() == [
+        f"error: train.max_skipped_steps: the last 4 steps ({first}-{first + 3}) all had a non-finite loss or gradient "
+        "norm and were skipped; the run has diverged: lower train.lr or resume from an earlier checkpoint "
+        "(checkpoint.resume=PATH)"]
+    assert f"checkpoint: step {first} not saved: the last 1 step(s) were skipped for non-finite values" in result.stdout
+    saved = sorted(int(p.name.removeprefix("step_")) for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert saved and saved[-1] == first - 1
+
+
+def test_skips_are_summarised_and_stop_mode_is_one_line(tmp_path) -> None:
+    done = run_pretrain(tmp_path / "skip", "train.lr=1e6", "train.min_lr=0", "train.steps=6")
+    assert done.returncode == 0, done.stderr[-2000:]
+    skipped = [line.split("/")[0].split()[1] for line in done.stdout.splitlines() if "SKIPPED" in line]
+    assert skipped and done.stdout.splitlines()[-1].endswith(
+        f"; {len(skipped)} step(s) skipped for a non-finite loss or gradient norm: {', '.join(skipped)}")
+    stopped = run_pretrain(tmp_path / "stop", "train.lr=1e6", "train.min_lr=0", "train.steps=6",
+                           "train.on_nonfinite=stop")
+    assert stopped.returncode == 2
+    (line,) = stopped.stderr.splitlines()
+    assert re.fullmatch(rf"error: step {skipped[0]}: non-finite loss \S+ or grad norm nan \(train.on_nonfinite=stop; "
+                        r"train.on_nonfinite=skip drops such updates instead\)", line), line

@@ -1,0 +1,72 @@
+"""A rank that stops responding is named: SIGSTOP one of four torchrun workers mid-run; the job
+must end within the collective timeout plus the grace period, with one line that names the
+stopped rank (its pid) and what the others were waiting in — not a healthy rank."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from megamoe.parallel.stall import is_communication_failure
+from tests.pretrain import logged_steps, start_pretrain
+
+TIMEOUT_S = 5
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """Global rank → pid of torchrun's workers (its children, whose environment holds RANK)."""
+    workers = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+        if rank is not None:
+            workers[rank] = int(stat.parent.name)
+    return workers
+
+
+def test_a_stopped_rank_is_named_with_what_the_others_waited_in(tmp_path: Path) -> None:
+    run = start_pretrain(tmp_path, "parallel.pp=2", "parallel.ep=2", "train.steps=100000",
+                         "checkpoint.interval=100000", f"parallel.collective_timeout_s={TIMEOUT_S}", nproc=4,
+                         TORCH_ELASTIC_SHUTDOWN_TIMEOUT="5")  # torchrun's wait before it SIGKILLs the stopped rank
+    deadline = time.monotonic() + 180
+    while len(logged_steps(tmp_path)) < 2 and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    workers = _worker_pids(run.pid)
+    assert sorted(workers) == [0, 1, 2, 3], workers
+    stopped_at = time.monotonic()
+    os.kill(workers[2], signal.SIGSTOP)
+    try:
+        out, _ = run.communicate(timeout=240)
+    finally:
+        for pid in workers.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    took = time.monotonic() - stopped_at
+    assert run.returncode != 0
+    lines = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, out[-4000:]
+    assert re.fullmatch(
+        rf"error: rank 2 \(host \S+, pid {workers[2]}\) did not arrive within parallel.collective_timeout_s={TIMEOUT_S} s "
+        r"\((ranks? [\d, ]+ in [\w/ -]+ of step \d+(; )?)+\); it does not respond: check that process and its host "
+        r"\(stopped, hung or too slow\)", lines[0]), lines[0]
+    assert all(f"rank {r} " not in lines[0].split(" did not arrive")[0] for r in (0, 1, 3))
+    assert "Root Cause" in out and "CollectiveStall: rank 2 (host" in out  # torchrun's summary names it too
+    assert took < TIMEOUT_S + 60, f"the job took {took:.0f} s to end after the stop"
+
+
+def test_communication_failures_are_told_from_bugs() -> None:
+    timeout = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation")
+    wrapped = RuntimeError("stage 1 failed")
+    wrapped.__cause__ = timeout  # how torch's pipeline stages re-raise
+    assert is_communication_failure(timeout) and is_communication_failure(wrapped)
+    assert not is_communication_failure(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not is_communication_failure(ValueError("Timed out waiting"))
