@@ -7,18 +7,27 @@ Accounting, per GPU, for the pipeline rank that needs the most:
   mixed precision instead stores bf16 weights 2 + fp32 main grads 4 + fp32 master weights 4 +
   m 4 + v 4 = 18 B.) A rank holds its stage's layers and, of each MoE layer, num_experts / ep
   experts. There is no ZeRO, so data parallelism shards nothing.
-* **bf16 weight copies.** Autocast casts a parameter once per autocast region and caches it
-  (attention projections, shared / dense FFN, output head). The expert banks (grouped GEMM
-  ``w.to(bf16)``, or per-expert views) and the LFA kernels (views) are cast in every forward,
-  so each micro-batch in flight keeps its own copy until its backward, unless full recompute
-  drops it. The Attention Router concatenates its fp32 q/k/v weights once per forward.
+* **bf16 weight copies** (:func:`weight_copy_bytes`). The expert banks' copies are made once
+  per step and shared by its micro-batches (megamoe.model.casts). Autocast caches the casts
+  of the attention projections and the shared / dense FFN for its region: the whole step in a
+  pipeline, one micro-batch's forward with pp = 1. The LFA kernels (views) are cast in every
+  forward and the Attention Router concatenates its fp32 q/k/v weights once per forward: one
+  copy per micro-batch in flight. A recomputed block makes its copies again in the backward
+  pass, one layer at a time, unless a longer-lived cache still holds them.
 * **Activations**: the bytes each layer saves for backward per token (the terms below follow
   megamoe.model's code paths, and tests/model/test_memory.py checks them against the tensors
   autograd actually saves on CPU), times the tokens of a micro-batch, times the micro-batches
-  in flight on the rank (1F1B: pipeline rank r holds pp − r; interleaved 1F1B holds more).
-  Plus one layer's worth for the backward pass at work (recomputed activations and their
-  gradients), and on the last stage the logits, the fp32 log-probabilities the loss keeps and
-  their gradient.
+  in flight on the rank (1F1B: pipeline rank r holds pp − r; interleaved 1F1B holds more); on
+  the last stage also the head's input and the loss's per-token scalars
+  (:func:`head_held_bytes`); in a pipeline, the buffers torch's PipelineStage allocates for
+  every micro-batch of the step (:func:`pipeline_buffer_bytes`). Plus the larger of two
+  working sets: one layer's backward pass (its activations again, a conservative bound for
+  the recomputed activations and their gradients), or the chunked loss's (one chunk of
+  logits, the head weight's bf16 copy and fp32 gradient: :func:`loss_working_bytes`; no
+  micro-batch's logits are ever whole), which runs before the layers' backward passes.
+
+tests/model/test_memory.py also runs stages of a tiny model the way 1F1B runs them and checks
+the estimate against the peak of the bytes the CPU allocator really handed out.
 
 Dropless routing with balanced load is assumed (every expert-parallel rank receives its
 average k·tokens). Not counted: the CUDA context, NCCL and gradient-bucket buffers and
@@ -34,6 +43,7 @@ from omegaconf import DictConfig
 
 from megamoe.config.validate import rotary_dim, validate_layout
 from megamoe.model.flops import parameter_breakdown
+from megamoe.model.loss import chunk_tokens
 
 GIB = 2**30
 FP32, BF16, INT64 = 4, 2, 8
@@ -95,17 +105,15 @@ def layer_params(cfg: DictConfig, ep: int) -> LayerParams:
 
 @dataclass(frozen=True)
 class WeightCopies:
-    """Bytes of one layer's weight copies: ``cached`` ones live once per step, ``per_forward``
-    ones once per micro-batch in flight; each for the attention and the FFN block."""
+    """Bytes of one layer's weight copies, for the attention and the FFN block: ``cached`` ones
+    live as long as autocast's cache, ``per_forward`` ones once per micro-batch in flight;
+    the routed experts' once per step (megamoe.model.casts.shared_casts)."""
 
     attention_cached: int
     attention_per_forward: int
     ffn_cached: int
     ffn_per_forward: int
-
-    @property
-    def layer(self) -> int:
-        return self.attention_cached + self.attention_per_forward + self.ffn_cached + self.ffn_per_forward
+    experts: int
 
 
 def weight_copies(layer: LayerParams, act: int) -> WeightCopies:
@@ -114,8 +122,34 @@ def weight_copies(layer: LayerParams, act: int) -> WeightCopies:
         attention_cached=cast * layer.attention_matmul,
         attention_per_forward=cast * layer.lfa_kernels,
         ffn_cached=cast * layer.ffn_matmul,
-        ffn_per_forward=cast * layer.experts + FP32 * layer.attention_router,
+        ffn_per_forward=FP32 * layer.attention_router,
+        experts=cast * layer.experts,
     )
+
+
+def recomputed_blocks(cfg: DictConfig) -> tuple[str, ...]:
+    """The blocks whose forward the backward pass runs again, by train.activation_checkpointing."""
+    return {"none": (), "selective": ("attention",), "full": ("attention", "ffn")}[cfg.train.activation_checkpointing]
+
+
+def weight_copy_bytes(cfg: DictConfig, lay: Layout, layers: int, in_flight: float) -> float:
+    """Bytes of the weight copies of a rank with ``layers`` layers at its peak (module docstring).
+
+    A block's autocast-cached copies outlive its recompute in a pipeline, whose schedule runs in
+    one autocast region; with pp = 1 the backward pass (and so the recompute) runs outside it.
+    """
+    copies = weight_copies(layer_params(cfg, lay.ep), BF16 if is_bf16(cfg) else FP32)
+    held, working = layers * copies.experts, 0.0
+    blocks = {"attention": (copies.attention_cached, copies.attention_per_forward),
+              "ffn": (copies.ffn_cached, copies.ffn_per_forward)}
+    for block, (cached, per_forward) in blocks.items():
+        if block not in recomputed_blocks(cfg):
+            held += layers * (cached + in_flight * per_forward)
+        elif lay.pp > 1:
+            held, working = held + layers * cached, working + per_forward
+        else:
+            working += cached + per_forward
+    return held + working
 
 
 @dataclass(frozen=True)
@@ -125,14 +159,16 @@ class StageParams:
     layers: int
     total: int
     holds_embedding: bool
-    holds_head: bool  # final norm and logits (the last stage)
+    holds_head: bool  # final norm, head and loss (the last stage)
 
 
 def stage_params(cfg: DictConfig, pp_rank: int, ep: int) -> StageParams:
-    """Parameters of pipeline rank ``pp_rank``, matching megamoe.parallel.pipeline's split."""
+    """Parameters of pipeline rank ``pp_rank``: the layers of all its stages under the config's split."""
+    from megamoe.parallel.balance import rank_layers  # at call time: balance's memory tie-break uses this module
+
     m, p = cfg.model, cfg.parallel
     layer = layer_params(cfg, ep)
-    layers = m.num_layers // p.pp
+    layers = rank_layers(cfg, pp_rank)
     first, last = pp_rank == 0, pp_rank == p.pp - 1
     vocab_matrix = m.vocab_size * m.hidden_size
     single_stage = p.pp * p.virtual_stages == 1
@@ -229,11 +265,44 @@ def stage_input_bytes(cfg: DictConfig, first_stage: bool) -> int:
     return FP32 * 2 * rotary_dim(cfg) + INT64 * first_stage
 
 
-def head_bytes(cfg: DictConfig, act: int) -> int:
-    """Per token on the last stage: final norm, the head's input, logits, and the loss's fp32
-    log-probabilities with their gradient."""
+def head_held_bytes(cfg: DictConfig) -> int:
+    """Per token, held on the last stage from the head's forward to its backward: the final
+    norm, its fp32 output (the loss's input) and the loss's scalars (label, log-sum-exp, mask)."""
+    h = cfg.model.hidden_size
+    return rms_norm_bytes(h) + FP32 * h + INT64 + 2 * FP32
+
+
+def loss_working_bytes(cfg: DictConfig, act: int, tokens: int) -> int:
+    """The chunked loss's transient bytes (megamoe.model.loss) at its larger pass, with C·V the
+    elements of one chunk's logits and V·H the head's. Forward: the weight's bf16 copy, the fp32
+    logits and log-sum-exp's temporary (8·C·V). Backward: the bf16 copy, the fp32 gradient
+    accumulator, each chunk's bf16 product into it, the hidden states' gradient, the fp32
+    softmax and its bf16 cast. (On CPU, adding the bf16 product to the fp32 accumulator makes
+    an fp32 copy of it, 4·V·H more; CUDA casts on the fly.)"""
     m = cfg.model
-    return rms_norm_bytes(m.hidden_size) + act * m.hidden_size + (act + 2 * FP32) * m.vocab_size
+    cast = BF16 if act == BF16 else 0
+    chunk = min(chunk_tokens(m.vocab_size), tokens) * m.vocab_size
+    weight = m.vocab_size * m.hidden_size
+    forward = cast * weight + 2 * FP32 * chunk
+    backward = (2 * cast + FP32) * weight + FP32 * tokens * m.hidden_size + (FP32 + cast) * chunk
+    return max(forward, backward)
+
+
+def pipeline_buffer_bytes(cfg: DictConfig, pp_rank: int, in_flight: float, num_microbatches: int) -> float:
+    """Per token of a micro-batch, what pipelining adds on rank ``pp_rank`` (0 without a pipeline).
+
+    torch's PipelineStage allocates, once for the run, a receive buffer per micro-batch of the
+    step for each stage input but the first stage's (hidden states fp32, position ids), and one
+    for the gradient of each output but the last stage's. An in-flight micro-batch's input sits
+    in one of those buffers, which the held activations count already (its first layer saves
+    it): taken off here. Its output (fp32 hidden states) is held until its backward: added.
+    """
+    pp, v, h = cfg.parallel.pp, cfg.parallel.virtual_stages, cfg.model.hidden_size
+    if pp == 1:
+        return 0.0
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    buffers = num_microbatches * ((v - first) * (FP32 * h + INT64) + (v - last) * FP32 * h)
+    return buffers + in_flight * FP32 * h * (first - last)
 
 
 def microbatches_in_flight(cfg: DictConfig, pp_rank: int, num_microbatches: int) -> float:
@@ -283,31 +352,21 @@ class RankMemory:
 def rank_memory(cfg: DictConfig, lay: Layout, pp_rank: int) -> RankMemory:
     """The estimate for one pipeline rank (see the module docstring for the accounting)."""
     act = BF16 if is_bf16(cfg) else FP32
-    t, m = cfg.train, cfg.model
+    t = cfg.train
     tokens = t.micro_batch * t.seq_len
     stage = stage_params(cfg, pp_rank, lay.ep)
-    in_flight = microbatches_in_flight(cfg, pp_rank, t.global_batch // (t.micro_batch * lay.dp))
-
-    copies = weight_copies(layer_params(cfg, lay.ep), act)
-    mode = t.activation_checkpointing
-    if mode == "full":  # every copy is made again in the recompute, one layer at a time
-        held_copies, recomputed_copies = 0.0, copies.layer
-    elif mode == "selective":  # the attention block's copies are made again in its recompute
-        held_copies = stage.layers * (copies.ffn_cached + in_flight * copies.ffn_per_forward)
-        recomputed_copies = copies.attention_cached + copies.attention_per_forward
-    else:
-        cached = copies.attention_cached + copies.ffn_cached
-        held_copies = stage.layers * (cached + in_flight * (copies.attention_per_forward + copies.ffn_per_forward))
-        recomputed_copies = 0
-    head_copy = (BF16 if act == BF16 else 0) * m.vocab_size * m.hidden_size * stage.holds_head
-
-    held = stage.layers * held_layer_bytes(cfg, act) + stage_input_bytes(cfg, stage.holds_embedding)
-    working = layer_bytes(cfg, act) + (head_bytes(cfg, act) if stage.holds_head else 0)
+    num_microbatches = t.global_batch // (t.micro_batch * lay.dp)
+    in_flight = microbatches_in_flight(cfg, pp_rank, num_microbatches)
+    held = (in_flight * (stage.layers * held_layer_bytes(cfg, act) + stage_input_bytes(cfg, stage.holds_embedding))
+            + pipeline_buffer_bytes(cfg, pp_rank, in_flight, num_microbatches)
+            + stage.holds_head * head_held_bytes(cfg))
+    # at work: one layer's backward, or the loss (which runs before the layers' backward passes)
+    working = max(tokens * layer_bytes(cfg, act), stage.holds_head * loss_working_bytes(cfg, act, tokens))
     return RankMemory(
         pp_rank, in_flight,
         **{part: per_param * stage.total for part, per_param in MODEL_STATE_BYTES.items()},
-        weight_copies=held_copies + recomputed_copies + head_copy,
-        activations=tokens * (in_flight * held + working),
+        weight_copies=weight_copy_bytes(cfg, lay, stage.layers, in_flight),
+        activations=tokens * held + working,
     )
 
 

@@ -118,10 +118,17 @@ class YuanModel(nn.Module):
             seeded_normal_(self.lm_head.weight, std, seed, head_key, "weight")
 
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: token ids [b, s] on the first stage, else hidden states [b, s, H].
+        """Logits [b, s, V] on the last stage (inference, evaluation, HF conversion), else hidden
+        states [b, s, H]. Training never builds the logits: it feeds :meth:`hidden_states` and
+        :attr:`head_weight` to megamoe.model.loss.chunked_lm_loss."""
+        h = self.hidden_states(x, position_ids)
+        return F.linear(h, self.head_weight) if self.post_process else h
+
+    def hidden_states(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: token ids [b, s] on the first stage, else hidden states [b, s, H] → hidden states
+        [b, s, H], final-normed on the last stage (the head's input).
 
         position_ids [b, s] default to 0..s-1; pass restarted ones for ``reset_position_ids``.
-        Returns logits [b, s, V] on the last stage, else hidden states [b, s, H].
         """
         h = self.embed(x) if self.embed is not None else x
         if position_ids is None:
@@ -130,18 +137,15 @@ class YuanModel(nn.Module):
         recompute = self.recompute_layers and torch.is_grad_enabled()
         for layer in self.layers.values():
             h = checkpoint(layer, h, rope, use_reentrant=False) if recompute else layer(h, rope)
+        return self.final_norm(h) if self.post_process else h
+
+    @property
+    def head_weight(self) -> nn.Parameter:
+        """The output head [V, H] of the last stage: ``lm_head``'s, or the embedding on a tied model holding both."""
         if not self.post_process:
-            return h
-        head = self.lm_head.weight if self.lm_head is not None else self.embed.weight
-        return F.linear(self.final_norm(h), head)
+            raise RuntimeError("only the last stage holds the output head")
+        return self.lm_head.weight if self.lm_head is not None else self.embed.weight
 
     def moe_layers(self) -> Iterator[MoELayer]:
         """The MoE layers this stage holds, in global layer order (for stats and aux-free bias updates)."""
         return (layer.mlp for layer in self.layers.values() if isinstance(layer.mlp, MoELayer))
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy (fp32) over the positions where ``loss_mask`` is nonzero."""
-    losses = F.cross_entropy(logits.float().flatten(0, -2), labels.flatten(), reduction="none")
-    mask = loss_mask.flatten().float()
-    return (losses * mask).sum() / mask.sum().clamp_min(1.0)

@@ -9,8 +9,9 @@ from omegaconf import DictConfig
 
 from megamoe.config import compose
 from megamoe.model.ffn import SwiGLU
+from megamoe.model.loss import lm_loss
 from megamoe.model.moe.layer import MoELayer
-from megamoe.model.yuan import YuanModel, lm_loss
+from megamoe.model.yuan import YuanModel
 
 SEED = 1234
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.config import ConfigError
+from megamoe.model.casts import CastCache, compute_dtype
 from megamoe.model.ffn import swiglu
 from megamoe.model.init import seeded_normal_
 
@@ -30,6 +31,11 @@ class ExpertBank(nn.Module):
     the sorted tokens. On CUDA (``grouped_gemm`` auto/on, bf16) one ``torch._grouped_mm`` per
     weight runs all experts; elsewhere a loop over experts (never over tokens) runs one plain
     matmul chain per slice, which on CPU beats grouped/padded alternatives.
+
+    Under autocast both paths read the weights' bf16 copies from a :class:`CastCache`: inside
+    the trainer's ``shared_casts()`` (one step's passes) made once and shared by every
+    micro-batch, instead of one copy per micro-batch in flight (autocast's own cache skips the
+    per-expert views).
     """
 
     def __init__(self, num_local_experts: int, first_expert: int, hidden_size: int, ffn_hidden_size: int,
@@ -44,6 +50,7 @@ class ExpertBank(nn.Module):
         self.hidden_size, self.ffn_hidden_size = hidden_size, ffn_hidden_size
         self.w1 = nn.Parameter(torch.empty(num_local_experts, 2 * ffn_hidden_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_local_experts, hidden_size, ffn_hidden_size))
+        self._w1_cast, self._w2_cast = CastCache(), CastCache()
 
     def reset_parameters(self, std: float, seed: int, layer_index: int) -> None:
         """Each expert from its GLOBAL identity, so any expert placement gets the same values."""
@@ -61,21 +68,21 @@ class ExpertBank(nn.Module):
     def _use_grouped_gemm(self, tokens: torch.Tensor) -> bool:
         if self.grouped_gemm != "auto":
             return self.grouped_gemm == "on"
-        dtype = self._compute_dtype(tokens)
+        dtype = compute_dtype(tokens)
         aligned = all(size * dtype.itemsize % 16 == 0 for size in (self.hidden_size, self.ffn_hidden_size))
         return grouped_gemm_available() and tokens.is_cuda and dtype == torch.bfloat16 and aligned
 
-    @staticmethod
-    def _compute_dtype(tokens: torch.Tensor) -> torch.dtype:
-        device = tokens.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tokens.dtype
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """w1 and w2 in ``dtype``: the parameters, or their cached cast copies."""
+        return self._w1_cast(self.w1, dtype), self._w2_cast(self.w2, dtype)
 
     def _loop(self, tokens: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         # unbind (not w1[e]) so the backward stacks the expert grads once instead of
         # scattering each into a full-size zero tensor.
         slices = tokens.split(tokens_per_expert)
-        weights = zip(self.w1.unbind(0), self.w2.unbind(0))
-        return torch.cat([F.linear(swiglu(F.linear(x, w1)), w2) for x, (w1, w2) in zip(slices, weights)])
+        w1, w2 = self._weights(compute_dtype(tokens))
+        experts = zip(slices, w1.unbind(0), w2.unbind(0))
+        return torch.cat([F.linear(swiglu(F.linear(x, w1_e)), w2_e) for x, w1_e, w2_e in experts])
 
     def _grouped(self, tokens: torch.Tensor, tokens_per_expert: list[int]) -> torch.Tensor:
         """Two grouped GEMMs over row-aligned groups (zero rows pad each group to the alignment).
@@ -83,7 +90,7 @@ class ExpertBank(nn.Module):
         The final ``index_select`` out of the padded layout also hands the grouped GEMMs'
         backward fresh contiguous gradients, which ``torch._grouped_mm`` requires.
         """
-        dtype, device, n = self._compute_dtype(tokens), tokens.device, tokens.shape[0]
+        dtype, device, n = compute_dtype(tokens), tokens.device, tokens.shape[0]
         align = GROUPED_GEMM_ROW_ALIGN
         padded = [-(-count // align) * align for count in tokens_per_expert]
         group_ends = list(itertools.accumulate(padded))
@@ -93,6 +100,7 @@ class ExpertBank(nn.Module):
             torch.tensor(shift, device=device), torch.tensor(tokens_per_expert, device=device), output_size=n)
         x = tokens.new_zeros(group_ends[-1], tokens.shape[1], dtype=dtype).index_copy(0, rows, tokens.to(dtype))
         offs = torch.tensor(group_ends, dtype=torch.int32, device=device)
-        h = torch._grouped_mm(x, self.w1.to(dtype).transpose(-2, -1), offs=offs)
-        y = torch._grouped_mm(swiglu(h), self.w2.to(dtype).transpose(-2, -1), offs=offs)
+        w1, w2 = self._weights(dtype)
+        h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)
+        y = torch._grouped_mm(swiglu(h), w2.transpose(-2, -1), offs=offs)
         return y.index_select(0, rows)

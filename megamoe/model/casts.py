@@ -1,0 +1,70 @@
+"""Weights in the compute dtype: which dtype a matmul runs in, and cast copies shared by a step.
+
+Parameters stay fp32 (the master weights) and bf16 comes from autocast. Autocast caches its
+casts only for leaf tensors; weights used through views (the expert banks' per-expert slices)
+or cast by hand (the grouped GEMM) would be cast again in every forward — and, saved for
+backward, kept once per micro-batch in flight. Inside :func:`shared_casts` (the trainer opens
+it around one optimizer step's forward and backward passes) a :class:`CastCache` makes each
+such copy once and every micro-batch uses it; on exit the copies are dropped, before the
+optimizer changes the weights. An update cannot be detected from the parameter itself: the
+fused AdamW kernels (torch's, apex's) write it without bumping its ``_version``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+
+_filled: Optional[list["CastCache"]] = None  # the caches holding a copy in the open shared_casts() scope
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on ``tensor`` runs in here: autocast's when it is on, else the tensor's own."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else tensor.dtype
+
+
+@contextlib.contextmanager
+def shared_casts() -> Iterator[None]:
+    """Share each weight's cast copy among the passes inside; drop every copy on exit (a no-op when nested)."""
+    global _filled
+    if _filled is not None:
+        yield
+        return
+    _filled = []
+    try:
+        yield
+    finally:
+        for cache in _filled:
+            cache.clear()
+        _filled = None
+
+
+class CastCache:
+    """``weight.to(dtype)``: inside :func:`shared_casts` made once and reused, else made per call.
+
+    The copy is a non-leaf whose ``ToCopyBackward`` saves no tensor, so every micro-batch's
+    graph can run its backward through the one copy into ``weight.grad``. It is made again if
+    the weight is replaced or changed in place (a new storage or ``_version``), and a copy made
+    without autograd (evaluation under no_grad) is never handed to a pass that records one.
+    In the weight's own dtype (fp32 training) the "copy" is the weight itself.
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._key: Optional[tuple] = None
+        self._copy: Optional[torch.Tensor] = None
+
+    def __call__(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if _filled is None:
+            return weight.to(dtype)
+        key = (dtype, weight.data_ptr(), weight._version, torch.is_grad_enabled())
+        if key != self._key:
+            if self._key is None:
+                _filled.append(self)
+            self._key, self._copy = key, weight.to(dtype)
+        return self._copy
