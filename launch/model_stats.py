@@ -4,8 +4,9 @@
 The model is built on the meta device (no memory, so the 40B M32 is instant) and its parameter
 count is checked against the analytic breakdown of megamoe.model.flops, whose conventions are
 stated there. Memory per GPU (megamoe.model.memory) is for the config's layout on N GPUs
-(default: the fewest it allows, pp × ep) and the pipeline rank that needs the most. Prints a
-table, then, as the last line, one JSON object with the figures.
+(default: the fewest it allows, pp × ep) and the pipeline rank that needs the most, under the
+config's stage split, whose layers per stage and compute balance the table also shows. Prints
+a table, then, as the last line, one JSON object with the figures.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from megamoe.cli import UserError, exit_on_user_error
 from megamoe.config import compose, validate
 from megamoe.model import flops, memory
 from megamoe.model.yuan import YuanModel
+from megamoe.parallel import balance
 
 LABELS = {
     "embedding": "embedding", "attention": "attention q/k/v/o", "lfa": "LFA convs + norm", "router": "router",
@@ -61,6 +63,22 @@ def built_params(cfg: DictConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def pipeline_stats(cfg: DictConfig) -> dict:
+    """The layers of each pipeline stage and how evenly they spread the training compute
+    (megamoe.parallel.balance's cost model: the last stage also runs the head and the loss)."""
+    layers = balance.stage_layers(cfg)
+    costs = balance.stage_costs(cfg, layers)
+    parts = balance.part_costs(cfg)
+    p = cfg.parallel
+    return {
+        "layers_per_stage": layers,
+        "split": "explicit" if p.layers_per_stage is not None else p.stage_balance,
+        "slowest_stage_vs_mean": balance.imbalance(costs),
+        "slowest_rank_vs_mean": balance.imbalance(balance.rank_totals(cfg, costs)),
+        "head_in_layers": parts.head / parts.layer,
+    }
+
+
 def memory_stats(cfg: DictConfig, world_size: int | None) -> dict:
     """The memory estimate of the fullest GPU, in GiB by part, and the layout it assumes."""
     lay, rank = memory.memory_per_gpu(cfg, world_size)
@@ -91,6 +109,7 @@ def stats(cfg: DictConfig, world_size: int | None = None) -> dict:
         "seq_len": cfg.train.seq_len,
         "compute_ratio_vs_dense": flops.compute_ratio_vs_dense(cfg),
         "params": {row: {"total": part.total, "active": part.active} for row, part in breakdown.items()},
+        "pipeline": pipeline_stats(cfg),
         **memory_stats(cfg, world_size),
     }
 
@@ -125,16 +144,32 @@ def table(cfg: DictConfig, s: dict) -> str:
         f"compute vs dense        {100 * s['compute_ratio_vs_dense']:.2f}%  of a dense model with "
         f"{human(s['total_params'])} parameters (6 FLOPs / parameter / token)",
         "",
+        *pipeline_table(cfg, s["pipeline"]),
         *memory_table(s),
     ]
     return "\n".join(lines)
+
+
+def pipeline_table(cfg: DictConfig, pipe: dict) -> list[str]:
+    """The stage split's lines (none without a pipeline)."""
+    p, layers = cfg.parallel, pipe["layers_per_stage"]
+    if len(layers) == 1:
+        return []
+    ranks = (f", slowest pipeline rank {pipe['slowest_rank_vs_mean']:.2f} ×" if p.virtual_stages > 1 else "")
+    return [
+        f"pipeline stages         {len(layers)} (pp {p.pp} × {p.virtual_stages} virtual), layers per stage "
+        f"{', '.join(map(str, layers))} ({pipe['split']} split)",
+        f"                        slowest stage {pipe['slowest_stage_vs_mean']:.2f} × the mean training FLOPs{ranks} "
+        f"(head and loss ≈ {pipe['head_in_layers']:.2f} layers)",
+        "",
+    ]
 
 
 def memory_table(s: dict) -> list[str]:
     """The memory estimate's lines: the layout it assumes, then GiB by part and the total."""
     gib, lay = s["memory_per_gpu_gib"], s["memory_layout"]
     last = lay["pp_rank"] == lay["pp"] - 1
-    stage = f"pipeline rank {lay['pp_rank']}{' (last stage: logits)' if last and lay['pp'] > 1 else ''}"
+    stage = f"pipeline rank {lay['pp_rank']}{' (last stage: head and loss)' if last and lay['pp'] > 1 else ''}"
     gpus = f"{lay['world_size']} GPU{'s' if lay['world_size'] > 1 else ''}"
     lines = [
         f"memory per GPU on {gpus} (pp {lay['pp']} × dp {lay['dp']}, ep {lay['ep']}), {stage}: "

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass
@@ -64,6 +65,10 @@ class ParallelConfig:
     ep: int = 1
     schedule: str = "1f1b"  # "1f1b" | "interleaved_1f1b"
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved_1f1b)
+    # Layers per stage (megamoe.parallel.balance): "even" (L / stages each) | "auto" (the split that
+    # balances the cost model: the last stage also runs the output head and the loss).
+    stage_balance: str = "even"
+    layers_per_stage: Optional[list[int]] = None  # or an explicit split, one entry per stage (pp × virtual_stages)
     collective_timeout_s: int = 600
     backend: str = "auto"  # "auto" (nccl with CUDA, else gloo) | "nccl" | "gloo"
 
@@ -169,6 +174,12 @@ class MegaMoEConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     seed: int = 1234
+
+
+def as_object(cfg: DictConfig | MegaMoEConfig) -> MegaMoEConfig:
+    """The config as plain dataclasses: attribute reads ~7× faster than a DictConfig's, and
+    ``dataclasses.replace`` makes variants in microseconds (for code that evaluates thousands)."""
+    return OmegaConf.to_object(cfg) if OmegaConf.is_config(cfg) else cfg  # type: ignore[return-value]
 
 
 def register_configs() -> None:

@@ -19,6 +19,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "moe.router_order": ("topk_softmax", "softmax_topk"),
     "moe.grouped_gemm": ("auto", "on", "off"),
     "parallel.schedule": ("1f1b", "interleaved_1f1b"),
+    "parallel.stage_balance": ("even", "auto"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "data.kind": ("indexed", "mock"),
     "data.tokenizer.type": ("ByteTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer"),
@@ -46,9 +47,10 @@ NON_NEGATIVE: tuple[str, ...] = (
 
 
 def _get(cfg: DictConfig, dotted: str) -> Any:
+    """``cfg.a.b`` for ``"a.b"``: by attribute, so plain schema objects validate too (the planner's)."""
     node: Any = cfg
     for part in dotted.split("."):
-        node = node[part]
+        node = getattr(node, part)
     return node
 
 
@@ -85,13 +87,36 @@ def _validate_moe(cfg: DictConfig) -> None:
            "noisy top-k gating applies to the linear router only; set moe.router=linear")
 
 
+def _validate_split(cfg: DictConfig) -> None:
+    """Every one of the pp × virtual_stages stages gets at least one layer, and they add up to the model."""
+    p, num_layers = cfg.parallel, cfg.model.num_layers
+    stages = p.pp * p.virtual_stages
+    if p.layers_per_stage is None:
+        _check(num_layers >= stages, "model.num_layers",
+               f"{num_layers} layers cannot fill parallel.pp × parallel.virtual_stages = {stages} stages; "
+               "every stage needs at least one")
+        _check(p.stage_balance != "even" or num_layers % stages == 0, "model.num_layers",
+               f"{num_layers} layers cannot be split into parallel.pp × parallel.virtual_stages = {stages} equal "
+               "stages; set parallel.stage_balance=auto or list parallel.layers_per_stage")
+        return
+    layers = list(p.layers_per_stage)
+    key = "parallel.layers_per_stage"
+    _check(p.stage_balance == "even", key,
+           f"{layers} and parallel.stage_balance={p.stage_balance} both choose the split; set only one")
+    _check(len(layers) == stages, key, f"{layers} has {len(layers)} entries, but parallel.pp × "
+                                       f"parallel.virtual_stages = {stages} stages need one each")
+    for stage, count in enumerate(layers):
+        _check(count > 0, key, f"{layers} gives stage {stage} {'no layer' if count == 0 else f'{count} layers'}; "
+                               "every stage needs at least one")
+    _check(sum(layers) == num_layers, key,
+           f"{layers} adds up to {sum(layers)} layers, but model.num_layers={num_layers}")
+
+
 def _validate_parallel(cfg: DictConfig) -> None:
-    p, m = cfg.parallel, cfg.model
+    p = cfg.parallel
     _check(p.schedule == "interleaved_1f1b" or p.virtual_stages == 1, "parallel.virtual_stages",
            f"{p.virtual_stages} virtual stages need parallel.schedule=interleaved_1f1b")
-    chunks = p.pp * p.virtual_stages
-    _check(m.num_layers % chunks == 0, "model.num_layers",
-           f"{m.num_layers} layers cannot be split into parallel.pp × parallel.virtual_stages = {chunks} equal stages")
+    _validate_split(cfg)
     _check(cfg.moe.num_experts % p.ep == 0, "moe.num_experts",
            f"{cfg.moe.num_experts} experts cannot be divided among parallel.ep={p.ep} ranks")
 

@@ -1,6 +1,7 @@
 """Pipeline parallelism: which layers a rank builds, and the schedule that runs them.
 
-Stage s of S = pp × virtual_stages holds layers [s·L/S, (s+1)·L/S). Pipeline rank r holds the
+Stage s of S = pp × virtual_stages holds a contiguous run of layers, as many as the config's
+split gives it (even, explicit or balanced: megamoe.parallel.balance). Pipeline rank r holds the
 stages r, r + pp, r + 2·pp, … (the loop layout that torch's interleaved 1F1B expects). Each
 stage builds only its own layers. Stages pass ``(hidden, position_ids)`` along, because
 position ids may restart after each end-of-document token and every layer's RoPE needs them.
@@ -12,7 +13,7 @@ accumulation loop, which is the same math without any point-to-point traffic.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -21,10 +22,10 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleIn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
 from megamoe.model.moe.dispatcher import TokenExchange
-from megamoe.model.yuan import YuanModel, lm_loss
+from megamoe.model.loss import IGNORE_INDEX, chunked_lm_loss
+from megamoe.model.yuan import YuanModel
+from megamoe.parallel.balance import layer_ranges, stage_indices, stage_layers
 from megamoe.parallel.mesh import ProcessGrid
-
-IGNORE_INDEX = -100
 
 
 class StageModule(nn.Module):
@@ -36,30 +37,32 @@ class StageModule(nn.Module):
         self.is_last = is_last
 
     def forward(self, x: Tensor, position_ids: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        out = self.model(x, position_ids=position_ids)
+        """Hidden states: passed on with the position ids, or — on the last stage — final-normed,
+        for :meth:`loss` (the head runs there, chunked, so no stage outputs logits)."""
+        out = self.model.hidden_states(x, position_ids=position_ids)
         return out if self.is_last else (out, position_ids)
 
-
-def stage_indices(cfg: DictConfig, pp_rank: int) -> list[int]:
-    """The global stage indices this pipeline rank holds (loop layout)."""
-    return [chunk * cfg.parallel.pp + pp_rank for chunk in range(cfg.parallel.virtual_stages)]
+    def loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """Mean token cross-entropy of one micro-batch from the last stage's output (the
+        pipeline's loss_fn); ``labels`` hold IGNORE_INDEX where the loss mask is 0."""
+        return chunked_lm_loss(hidden, self.model.head_weight, labels, labels != IGNORE_INDEX)
 
 
 def build_stage_modules(cfg: DictConfig, pp_rank: int, exchange: Optional[TokenExchange] = None) -> list[StageModule]:
     """Build (only) the layers of this rank's stages; parameters keep their global names."""
-    num_stages = cfg.parallel.pp * cfg.parallel.virtual_stages
-    per_stage = cfg.model.num_layers // num_stages
+    ranges = layer_ranges(stage_layers(cfg))
+    last_stage = len(ranges) - 1
     modules = []
     for s in stage_indices(cfg, pp_rank):
         model = YuanModel(
             cfg,
-            first_layer=s * per_stage,
-            last_layer=(s + 1) * per_stage,
+            first_layer=ranges[s].start,
+            last_layer=ranges[s].stop,
             pre_process=s == 0,
-            post_process=s == num_stages - 1,
+            post_process=s == last_stage,
             exchange=exchange,
         )
-        modules.append(StageModule(model, is_last=s == num_stages - 1))
+        modules.append(StageModule(model, is_last=s == last_stage))
     return modules
 
 
@@ -68,13 +71,8 @@ def masked_labels(labels: Tensor, loss_mask: Tensor) -> Tensor:
     return labels.masked_fill(loss_mask == 0, IGNORE_INDEX)
 
 
-def stage_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean token cross-entropy of one micro-batch (the pipeline's loss_fn)."""
-    return lm_loss(logits, labels, (labels != IGNORE_INDEX).float())
-
-
-def _example_io(cfg: DictConfig, module: StageModule, stage: int, num_stages: int,
-                autocast_dtype: Optional[torch.dtype]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+def _example_io(cfg: DictConfig, module: StageModule, stage: int,
+                num_stages: int) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
     """Meta tensors with each stage's input / output shapes and dtypes (static pipeline metadata).
 
     Given these, torch's PipelineStage skips its shape-inference pass, which would otherwise run
@@ -88,25 +86,25 @@ def _example_io(cfg: DictConfig, module: StageModule, stage: int, num_stages: in
     hidden = meta(b, s, m.hidden_size).requires_grad_()
     inputs = (meta(b, s, dtype=torch.int64) if stage == 0 else hidden, positions)
     if stage == num_stages - 1:
-        return inputs, (meta(b, s, m.vocab_size, dtype=autocast_dtype or dtype).requires_grad_(),)
+        return inputs, (hidden,)  # the final-normed hidden states (fp32, like the residual stream)
     return inputs, (hidden, positions)
 
 
-def build_schedule(
-    cfg: DictConfig, grid: ProcessGrid, modules: list[StageModule], num_microbatches: int,
-    autocast_dtype: Optional[torch.dtype] = None, loss_fn: Callable[[Tensor, Tensor], Tensor] = stage_loss,
-) -> _PipelineSchedule:
+def build_schedule(cfg: DictConfig, grid: ProcessGrid, modules: list[StageModule],
+                   num_microbatches: int) -> _PipelineSchedule:
     """Wrap the stage modules in torch PipelineStages and the configured schedule.
 
     ``scale_grads=True``: gradients are divided by the number of micro-batches after the
-    backward passes, so each micro-batch loss is a plain mean (as in the pp = 1 loop).
+    backward passes, so each micro-batch loss is a plain mean (as in the pp = 1 loop). The loss
+    is the last stage's :meth:`StageModule.loss` (never called on the other ranks).
     """
     num_stages = cfg.parallel.pp * cfg.parallel.virtual_stages
     stages = []
     for module, s in zip(modules, stage_indices(cfg, grid.pp_rank)):
-        inputs, outputs = _example_io(cfg, module, s, num_stages, autocast_dtype)
+        inputs, outputs = _example_io(cfg, module, s, num_stages)
         stages.append(PipelineStage(module, stage_index=s, num_stages=num_stages, device=grid.device,
                                     input_args=inputs, output_args=outputs, group=grid.pp_group))
+    loss_fn = modules[-1].loss
     if cfg.parallel.schedule == "interleaved_1f1b":
         return ScheduleInterleaved1F1B(stages, n_microbatches=num_microbatches, loss_fn=loss_fn)
     return Schedule1F1B(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn)

@@ -32,13 +32,14 @@ from megamoe.checkpoint.state import resume, save_checkpoint
 from megamoe.cli import SharedError
 from megamoe.data.blend import Dataset
 from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream
+from megamoe.model.casts import shared_casts
 from megamoe.model.flops import attention_flops_per_token, fwd_flops_per_token
 from megamoe.model.moe.layer import MoEAuxLossBackward, MoELayer
 from megamoe.parallel.expert import AllToAllExchange, is_expert_param
 from megamoe.parallel.grads import GradSync, clip_grads_, global_grad_norm
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.parallel.stall import CollectiveStall, Progress, announce, diagnose, is_communication_failure
-from megamoe.parallel.pipeline import StageModule, build_schedule, build_stage_modules, masked_labels, stage_loss
+from megamoe.parallel.pipeline import StageModule, build_schedule, build_stage_modules, masked_labels
 from megamoe.train.metrics import MetricsLogger, detect_peak_flops, expert_load_summary, mfu
 from megamoe.train.optim import build_optimizer
 from megamoe.train.run_dir import claim_run_dir
@@ -190,15 +191,22 @@ def rank_loader(cfg: DictConfig, grid: ProcessGrid, dataset: Dataset, eod_id: Op
 
 
 def _forward_local(trainer: Trainer, tokens: Tensor, position_ids: Tensor) -> Tensor:
-    """pp = 1: run this rank's stage modules in sequence (one, or several virtual stages)."""
+    """pp = 1: run this rank's stage modules in sequence (one, or several virtual stages); the
+    last one's final-normed hidden states."""
     x: Tensor | tuple[Tensor, Tensor] = tokens
     for module in trainer.modules:
         x = module(*x) if isinstance(x, tuple) else module(x, position_ids)
     return x  # type: ignore[return-value]
 
 
+@shared_casts()
 def _run_microbatches(trainer: Trainer, microbatches: list[dict[str, Tensor]], train: bool) -> Optional[Tensor]:
-    """Forward (and backward when ``train``) all micro-batches; the mean loss on the last stage, else None."""
+    """Forward (and backward when ``train``) all micro-batches; the mean loss on the last stage, else None.
+
+    The last stage module computes head and loss together, by chunks of tokens
+    (:meth:`StageModule.loss`): no micro-batch's logits are ever held whole. The expert banks'
+    bf16 weight copies are made once for all the micro-batches (:func:`shared_casts`).
+    """
     device, n = trainer.grid.device, len(microbatches)
     batch = {k: torch.cat([mb[k] for mb in microbatches]).to(device) for k in microbatches[0]}
     labels = masked_labels(batch["labels"], batch["loss_mask"])
@@ -208,20 +216,20 @@ def _run_microbatches(trainer: Trainer, microbatches: list[dict[str, Tensor]], t
         with torch.set_grad_enabled(train):
             for tokens, pos, target in zip(*(t.chunk(n) for t in (batch["tokens"], batch["position_ids"], labels))):
                 with trainer.autocast():
-                    loss = stage_loss(_forward_local(trainer, tokens, pos), target)
+                    loss = trainer.modules[-1].loss(_forward_local(trainer, tokens, pos), target)
                 if train:
                     (loss / n).backward()
                 losses.append(loss.detach())
         return torch.stack(losses).mean()
     MoEAuxLossBackward.set_loss_scale(1.0)  # the schedule divides gradients by n afterwards
     if trainer.schedule is None:
-        trainer.schedule = build_schedule(trainer.cfg, trainer.grid, trainer.modules, n, trainer.autocast_dtype)
+        trainer.schedule = build_schedule(trainer.cfg, trainer.grid, trainer.modules, n)
     run = trainer.schedule.step if train else trainer.schedule.eval
     losses: list[Tensor] = []
     args = (batch["tokens"], batch["position_ids"]) if trainer.grid.is_first_stage else ()
     target = labels if trainer.grid.is_last_stage else None
-    with trainer.autocast():
-        run(*args, target=target, losses=losses)
+    with trainer.autocast():  # return_outputs=False: the last stage keeps no micro-batch's output past its backward
+        run(*args, target=target, losses=losses, return_outputs=False)
     return torch.stack([l.detach().float() for l in losses]).mean() if trainer.grid.is_last_stage else None
 
 

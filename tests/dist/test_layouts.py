@@ -4,6 +4,9 @@ Same seed, same global batch: per-step losses and the updated weights (gathered 
 global names, expert slices put back at their global expert index) must equal the
 single-process run to relative 1e-5.
 
+Uneven pipeline splits (parallel.layers_per_stage) run with 1F1B and interleaved 1F1B; each
+run also reports the layers every stage built, checked against the config's split.
+
 Features that change the MoE step with the layout in play — capacity mode (token dropping) and
 the aux-free bias (updated from the dp-summed expert counts) — run in a few layouts against one
 process with the same overrides; the bias buffers are compared with the weights.
@@ -24,6 +27,7 @@ import pytest
 import torch
 
 from megamoe.config import compose, validate
+from megamoe.parallel import balance
 from megamoe.parallel.expert import expert_range
 from megamoe.parallel.mesh import init_grid
 from megamoe.train.loop import build_trainer, train_step
@@ -52,7 +56,8 @@ def train_layout(rank: int, world_size: int, args: tuple[list[str], torch.dtype]
     dropped = sum(int(layer.last_stats.dropped) for layer in trainer.expert_load.layers.values())
     torch.distributed.destroy_process_group()
     return {"losses": [s["loss"] for s in steps], "grad_norms": [s["grad_norm"] for s in steps], "weights": weights,
-            "dropped": dropped}
+            "dropped": dropped, "pp_rank": grid.pp_rank,
+            "layers": [[int(i) for i in module.model.layers] for module in trainer.modules]}
 
 
 def merged_weights(results: list[dict[str, Any]], num_experts: int) -> dict[str, torch.Tensor]:
@@ -104,22 +109,35 @@ LAYOUTS = {
     "dp2_pp2_ep2": (4, ["parallel.pp=2", "parallel.ep=2"]),
     "dp4_ep4": (4, ["parallel.ep=4"]),
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"]),
+    "pp2_uneven": (2, ["parallel.pp=2", "parallel.layers_per_stage=[3,1]"]),
+}
+# Interleaved stages can be uneven only with more layers than stages: 6 layers on pp 2 × 2 chunks,
+# rank 0 holding 4 of them (stages 0 and 2), rank 1 two.
+SIX_LAYER_LAYOUTS = {
+    "pp2_interleaved_uneven": (2, ["parallel.pp=2", "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2",
+                                   "parallel.layers_per_stage=[1,1,3,1]"]),
 }
 
 
-# Overrides that change the MoE step, and the layouts each is compared in ("" = none: every layout).
-FEATURES = {"": [], "capacity": ["moe.capacity_factor=1.0"], "aux_free_bias": ["moe.aux_free_bias=true"]}
+# Overrides that change the MoE step or the model, and the layouts each is compared in ("" = none: every layout).
+FEATURES = {"": [], "capacity": ["moe.capacity_factor=1.0"], "aux_free_bias": ["moe.aux_free_bias=true"],
+            "6_layers": ["model.num_layers=6"]}
 CASES = [(layout, "") for layout in sorted(LAYOUTS)] + [
-    ("dp2_ep2", "capacity"), ("dp2", "aux_free_bias"), ("dp2_ep2", "aux_free_bias")]
+    ("dp2_ep2", "capacity"), ("dp2", "aux_free_bias"), ("dp2_ep2", "aux_free_bias")] + [
+    (layout, "6_layers") for layout in sorted(SIX_LAYER_LAYOUTS)]
 
 
 @pytest.mark.parametrize(("layout", "feature"), CASES, ids=["+".join(filter(None, case)) for case in CASES])
 def test_layout_matches_single_process(layout: str, feature: str, references: Callable[[str], dict[str, Any]]) -> None:
-    world_size, overrides = LAYOUTS[layout]
+    world_size, overrides = {**LAYOUTS, **SIX_LAYER_LAYOUTS}[layout]
     reference = references(feature)
     if feature == "capacity":  # the last micro-batch alone dropped some assignments
         assert reference["dropped"] > 0
     results = _run(world_size, [*overrides, *FEATURES[feature]], torch.float64)
+    cfg = compose([*BASE, *overrides, *FEATURES[feature]])
+    ranges = balance.layer_ranges(balance.stage_layers(cfg))
+    for result in results:  # each stage built the layers the config's split gives it
+        assert result["layers"] == [list(ranges[s]) for s in balance.stage_indices(cfg, result["pp_rank"])]
     _assert_same(results, reference, "losses")
     _assert_same(results, reference, "grad_norms")  # Adam hides a wrong gradient scale; the norm does not
     weights = merged_weights(results, 8)

@@ -4,6 +4,12 @@ A checkpoint saved by the 4-process (2, 2, 2) run is loaded by (1, 1, 1), (4, 1,
 Two checks per layout: saving again right after loading reproduces the original checkpoint
 bit for bit (model *and* optimizer state went to the right ranks under the right names), and
 the next step's loss equals the original layout's next step (fp32 reduction-order noise only).
+
+Pipeline splits: a run on the even split [3, 3] resumes on the balanced [4, 2] and back, with
+the same checks, and there bit-identical losses and checkpoints: the same ranks do the same
+math, only the stage boundary moves. Gradient clipping is off there: the global grad norm sums
+each rank's squares, which a moved boundary regroups (last-bit noise that clipping would pass
+on to every weight); everything else is computed per parameter.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 from megamoe.checkpoint.state import load_checkpoint, save_checkpoint
 from megamoe.checkpoint.store import read_manifest
 from megamoe.config import compose, validate
+from megamoe.parallel import balance
 from megamoe.parallel.mesh import init_grid
 from megamoe.train.loop import build_trainer, train_step
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
@@ -115,3 +122,37 @@ def test_reshard_to_another_layout(layout: str, original: dict[str, Any]) -> Non
     assert_same_tensors(checkpoint_tensors(root / f"{layout}/checkpoints/step_{SAVED_STEP}"),
                         checkpoint_tensors(root / f"original/checkpoints/step_{SAVED_STEP}"))
     torch.testing.assert_close(next_losses[0], original["losses"][SAVED_STEP], rtol=1e-5, atol=0)
+
+
+# 6 layers on pp 2 with a head worth ~2.3 layers (vocab 2048): stage_balance=auto moves a layer off the last stage.
+SPLIT = ["model.num_layers=6", "model.vocab_size=2048", "parallel.pp=2", "train.clip_grad=0"]
+EVEN, BALANCED = [*SPLIT, "parallel.stage_balance=even"], [*SPLIT, "parallel.stage_balance=auto"]
+
+
+@pytest.fixture(scope="module")
+def across_splits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """2 processes: the even split trains 6 steps saving at 2 and 4; the balanced split resumes
+    from step 2 to 4 (saving at once and at 4); the even split resumes from that step 4 to 6."""
+    root = tmp_path_factory.mktemp("splits")
+    phases = [
+        {"layout": EVEN, "run_dir": str(root / "even"), "until": 6, "save_at": (2, 4)},
+        {"layout": BALANCED, "run_dir": str(root / "balanced"), "until": 4, "save_at": (4,),
+         "load": str(root / "even/checkpoints/step_2"), "save_after_load": True},
+        {"layout": EVEN, "run_dir": str(root / "back"), "until": 6, "save_after_load": True,
+         "load": str(root / "balanced/checkpoints/step_4")},
+    ]
+    results = run_distributed(run_phases, 2, phases, timeout_s=300, init_process_group=False)
+    assert results[0] == results[1]
+    even, balanced, back = results[0]
+    return {"root": root, "even": even, "balanced": balanced, "back": back}
+
+
+def test_resume_across_pipeline_splits_is_bit_identical(across_splits: dict[str, Any]) -> None:
+    assert [balance.stage_layers(compose([*BASE, *layout])) for layout in (EVEN, BALANCED)] == [[3, 3], [4, 2]]
+    assert across_splits["balanced"] == across_splits["even"][2:4]
+    assert across_splits["back"] == across_splits["even"][4:6]
+    root = across_splits["root"]
+    for saved_after_load, original in [("balanced/checkpoints/step_2", "even/checkpoints/step_2"),
+                                       ("balanced/checkpoints/step_4", "even/checkpoints/step_4"),
+                                       ("back/checkpoints/step_4", "balanced/checkpoints/step_4")]:
+        assert_same_tensors(checkpoint_tensors(root / saved_after_load), checkpoint_tensors(root / original))

@@ -85,8 +85,8 @@ def test_tiny_memory_per_gpu(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     stats = last_json(out)
     model_states = 16 * 924_864
-    weight_copies = 4 * (2 * 16_384 + 2 * 8_192 + 2 * 8 * 24_576 + 4 * 1_536) + 2 * 512 * 64
-    activations = 2 * 64 * (5 * 6_300 + 72 + 5_764)
+    weight_copies = 4 * (2 * 16_384 + 2 * 8_192 + 2 * 8 * 24_576 + 4 * 1_536)
+    activations = 2 * 64 * (5 * 6_300 + 72 + 788)
     gib = stats["memory_per_gpu_gib"]
     assert gib["total"] * 2**30 == pytest.approx(model_states + weight_copies + activations)
     assert gib["total"] == pytest.approx(sum(gib[p] for p in ("weights", "gradients", "optimizer", "weight_copies",
@@ -126,3 +126,17 @@ def test_ladder_config_fits_an_80_gib_gpu(exp: str, world_size: int, capsys: pyt
     header = (CONFIG_DIR / "exp" / f"{exp}.yaml").read_text()
     stated = re.search(r"Memory per GPU .*?~(\d+) GiB", header, re.S)
     assert stated is not None and int(stated.group(1)) == round(total), (stated and stated.group(0), total)
+
+
+def test_uneven_split_shows_its_layers_and_memory_follows_it(capsys: pytest.CaptureFixture) -> None:
+    model_stats.main(["+exp=tiny", "parallel.pp=2", "parallel.layers_per_stage=[3,1]"])
+    out = capsys.readouterr().out
+    stats = last_json(out)
+    assert "layers per stage 3, 1 (explicit split)" in out
+    # training FLOPs per token at seq 64 (tests/parallel/test_balance.py): a layer 476,544, the head 262,144
+    stages = [3 * 476_544, 476_544 + 262_144]
+    assert stats["pipeline"]["layers_per_stage"] == [3, 1]
+    assert stats["pipeline"]["slowest_stage_vs_mean"] == pytest.approx(max(stages) / (sum(stages) / 2))
+    # the fullest GPU is rank 0: 3 layers of 223,008 parameters (the hand count above) and the embedding
+    assert stats["memory_layout"]["pp_rank"] == 0
+    assert stats["memory_per_gpu_gib"]["weights"] * 2**30 == 4 * (3 * 223_008 + 512 * 64)

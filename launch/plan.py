@@ -1,0 +1,136 @@
+"""Find a layout before renting the cluster:
+`python launch/plan.py +exp=m32_2000b --gpus 256 --gpu h100-80gb [--top N] [key=value ...]`.
+
+Enumerates every valid (pp, dp, ep, virtual stages, schedule, micro-batch, recompute, stage
+split) of the config on ``--gpus`` GPUs, estimates each one's memory per GPU (the fullest
+pipeline rank) and predicts its step time (megamoe.parallel.planner states the model and what
+it ignores). Prints the best layouts that fit — memory, step time, tokens/s, MFU, and days and
+GPU-hours to the config's train.steps — then one line per parallel shape that never fits or is
+not valid, and last one JSON object for scripts. No layout fits: exit 2, naming the smallest
+memory found. Other hardware: --gpu-memory (GiB), --tflops (dense bf16 peak), --gpus-per-node,
+--intra-node-gbps / --inter-node-gbps (per GPU, each way), --efficiency (share of peak the
+matmuls sustain).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections import defaultdict
+from typing import Optional, Sequence
+
+from omegaconf import DictConfig
+
+from megamoe.cli import UserError, exit_on_user_error
+from megamoe.config import compose, validate
+from megamoe.parallel.planner import GPUS, Hardware, Plan, PlanResult, Rejection, plan
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs to plan for")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100-80gb", help="a known GPU (default h100-80gb)")
+    parser.add_argument("--gpu-memory", type=float, help="GiB per GPU (overrides --gpu's)")
+    parser.add_argument("--tflops", type=float, help="dense bf16 peak TFLOP/s per GPU")
+    parser.add_argument("--gpus-per-node", type=int)
+    parser.add_argument("--intra-node-gbps", type=float, help="per GPU, each way, in Gb/s (NVLink 4: 3600)")
+    parser.add_argument("--inter-node-gbps", type=float, help="per GPU, each way, in Gb/s (NDR: 400)")
+    parser.add_argument("--efficiency", type=float, help="share of peak the matmuls sustain (default 0.6)")
+    parser.add_argument("--top", type=int, default=10, help="rows of the table (default 10)")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [arg for arg in overrides if arg.startswith("-")]
+    if unknown:
+        raise UserError(f"{unknown[0]}: unknown option (see --help)")
+    if args.gpus < 1 or args.top < 1:
+        raise UserError(f"--gpus and --top must be at least 1 (got {args.gpus} and {args.top})")
+    return args, overrides
+
+
+def hardware(args: argparse.Namespace) -> Hardware:
+    """The named GPU with any figure the flags give replaced."""
+    given = {"memory_gib": args.gpu_memory, "peak_tflops": args.tflops, "gpus_per_node": args.gpus_per_node,
+             "intra_node_gbps": args.intra_node_gbps, "inter_node_gbps": args.inter_node_gbps,
+             "efficiency": args.efficiency}
+    hw = dataclasses.replace(GPUS[args.gpu], **{k: v for k, v in given.items() if v is not None})
+    if min(hw.memory_gib, hw.peak_tflops, hw.gpus_per_node, hw.intra_node_gbps, hw.inter_node_gbps) <= 0 \
+            or not 0 < hw.efficiency <= 1:
+        raise UserError(f"hardware figures must be positive and --efficiency in (0, 1]: {hw}")
+    return hw
+
+
+def table(plans: list[Plan]) -> list[str]:
+    head = (f"{'pp':>3} {'v':>2} {'dp':>4} {'ep':>3} {'mb':>3} {'recompute':>9} {'stage layers':<24} "
+            f"{'GiB':>6} {'step s':>8} {'tokens/s':>11} {'MFU':>6} {'days':>7} {'GPU-hours':>10}")
+    rows = [head, "-" * len(head)]
+    for p in plans:
+        lay = p.layout
+        rows.append(f"{lay.pp:>3} {lay.virtual_stages:>2} {p.dp:>4} {lay.ep:>3} {lay.micro_batch:>3} "
+                    f"{lay.recompute:>9} {','.join(map(str, p.stage_layers)):<24} {p.memory_gib:>6.1f} "
+                    f"{p.step.total:>8.3f} {p.tokens_per_s:>11,.0f} {100 * p.mfu:>5.1f}% {p.days:>7.1f} "
+                    f"{p.gpu_hours:>10,.0f}")
+    return rows
+
+
+def rejection_lines(result: PlanResult) -> list[str]:
+    """One line per (pp, v, ep) shape none of whose micro-batch / recompute / split variants fits."""
+    fitting = {(p.layout.pp, p.layout.virtual_stages, p.layout.ep) for p in result.plans}
+    shapes: dict[tuple[int, int, int], list[Rejection]] = defaultdict(list)
+    for r in result.rejected:
+        shapes[r.layout.pp, r.layout.virtual_stages, r.layout.ep].append(r)
+    lines = []
+    for (pp, v, ep), rejections in sorted(shapes.items()):
+        if (pp, v, ep) in fitting:
+            continue
+        sizes = [r.memory_gib for r in rejections if r.memory_gib is not None]
+        shape = f"pp={pp}{f' v={v}' if v > 1 else ''} ep={ep}"
+        if sizes:
+            best = min((r for r in rejections if r.memory_gib is not None), key=lambda r: r.memory_gib)
+            lines.append(f"  {shape}: out of memory in every variant (smallest {min(sizes):.1f} GiB: "
+                         f"mb={best.layout.micro_batch} recompute={best.layout.recompute})")
+        else:
+            lines.append(f"  {shape}: {rejections[0].reason}")
+    return lines
+
+
+def report(cfg: DictConfig, result: PlanResult, hw: Hardware, gpus: int, top: int) -> dict:
+    """Print the table and the rejections; return the JSON summary."""
+    t = cfg.train
+    total_tokens = t.steps * t.global_batch * t.seq_len
+    print(f"{gpus} × {hw.name} ({hw.memory_gib:.0f} GiB, {hw.usable_gib:.1f} usable; {hw.peak_tflops:g} TFLOP/s peak "
+          f"× {hw.efficiency:g} sustained; {hw.gpus_per_node} per node, {hw.intra_node_gbps:g} / "
+          f"{hw.inter_node_gbps:g} Gb/s intra / inter): {len(result.plans)} layouts fit, {len(result.rejected)} do not")
+    print(f"run: {t.steps:,} steps × {t.global_batch} × {t.seq_len} tokens = {total_tokens / 1e9:,.1f}B tokens\n")
+    print("\n".join(table(result.plans[:top])))
+    lines = rejection_lines(result)
+    if lines:
+        print("\nnever fits or not valid:")
+        print("\n".join(lines))
+    best = result.plans[0]
+    step = best.step
+    print(f"\nbest: {best.layout.short()} — step {step.total:.3f} s = compute {step.compute:.3f} + bubble "
+          f"{step.bubble:.3f} + all-to-all {step.all_to_all:.3f} + send/recv {step.send_recv:.3f} "
+          f"+ gradient all-reduce {step.grad_reduce:.3f}")
+    return {**best.summary(), "gpus": gpus, "gpu": hw.name, "top": [p.summary() for p in result.plans[:top]]}
+
+
+@exit_on_user_error
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    cfg = compose(overrides)
+    validate(cfg)
+    hw = hardware(args)
+    result = plan(cfg, args.gpus, hw)
+    if not result.plans:
+        sizes = [r.memory_gib for r in result.rejected if r.memory_gib is not None]
+        smallest = f"the smallest needs {min(sizes):.1f} GiB per GPU" if sizes else "none is valid for this config"
+        raise UserError(f"no layout of {args.gpus} × {hw.name} fits ({hw.usable_gib:.1f} GiB usable): {smallest}; "
+                        "add GPUs or choose larger ones")
+    summary = report(cfg, result, hw, args.gpus, args.top)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Which layout to rent: every valid (pp, dp, ep, virtual stages, schedule, micro-batch,
+recompute, stage split) of a config on N GPUs, its memory per GPU and its predicted step time.
+
+Memory is megamoe.model.memory's estimate for the fullest pipeline rank; a layout fits when it
+stays under ``(1 - reserve)`` of the GPU (the estimate leaves out the CUDA context, NCCL
+buffers and fragmentation). The step time adds, with no overlap between them:
+
+* **compute**: each pipeline rank's FLOPs per micro-batch (its stages' layers, head and loss,
+  recompute included; megamoe.parallel.balance) ÷ the sustained throughput
+  ``peak × efficiency``;
+* **the pipeline's bubble**: 1F1B runs ``m + pp − 1`` slots of the slowest rank's micro-batch
+  time, interleaved 1F1B ``m + (pp − 1) / v`` (Megatron's figures); ``m`` micro-batches per step;
+* **expert all-to-all**: top-k copies of each token's hidden state (bf16) go to other ep ranks
+  and come back, in the forward and the backward (and once more in a full recompute), over the
+  ep group's link;
+* **pipeline send / receive**: one hidden state per token across each stage boundary, forward
+  and backward;
+* **gradient all-reduce**: a ring all-reduce of the fp32 gradients, dense over dp and experts
+  over edp, each over its group's link.
+
+A group stays inside a node when its ranks do (ranks are laid out pp-major, then edp, then ep:
+ep groups are consecutive ranks, a dp group is dp consecutive ranks); otherwise it runs at the
+inter-node bandwidth per GPU. Ignored: the optimizer step and other memory-bound kernels,
+kernel launch and Python overheads, overlap of communication with compute, routing imbalance
+(balanced dropless routing assumed), link contention between groups, and NCCL's hierarchical
+algorithms. ``docs/planner.md`` records how its predictions compare with measured steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+from omegaconf import DictConfig
+
+from megamoe.config.compose import ConfigError
+from megamoe.config.schema import MegaMoEConfig, as_object
+from megamoe.config.validate import validate
+from megamoe.model import flops, memory
+from megamoe.parallel import balance
+
+BF16 = 2
+FP32 = 4
+SCHEDULES = ("1f1b", "interleaved_1f1b")
+RECOMPUTE = ("none", "selective", "full")
+MICRO_BATCHES = (1, 2, 4, 8, 16)
+MAX_VIRTUAL_STAGES = 4
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU and its links. Bandwidths are per GPU, one direction, in gigabits per second."""
+
+    name: str
+    memory_gib: float
+    peak_tflops: float  # dense bf16
+    gpus_per_node: int = 8
+    intra_node_gbps: float = 3600.0  # NVLink 4: 450 GB/s each way
+    inter_node_gbps: float = 400.0  # one 400 Gb/s NIC per GPU
+    efficiency: float = 0.6  # the share of peak the matmuls sustain
+    reserve: float = 0.1  # the share of memory kept free for what the estimate leaves out
+
+    @property
+    def usable_gib(self) -> float:
+        return self.memory_gib * (1 - self.reserve)
+
+    @property
+    def sustained_flops(self) -> float:
+        return self.peak_tflops * 1e12 * self.efficiency
+
+    def bytes_per_s(self, inside_node: bool) -> float:
+        return (self.intra_node_gbps if inside_node else self.inter_node_gbps) * 1e9 / 8
+
+
+GPUS: dict[str, Hardware] = {  # NVIDIA's datasheets: SXM parts, HDR / NDR InfiniBand per GPU
+    "a100-80gb": Hardware("a100-80gb", 80, 312, intra_node_gbps=2400, inter_node_gbps=200),
+    "h100-80gb": Hardware("h100-80gb", 80, 989),
+    "h200-141gb": Hardware("h200-141gb", 141e9 / 2**30, 989),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The settings one candidate changes, under the config keys that select it."""
+
+    pp: int
+    ep: int
+    virtual_stages: int
+    schedule: str
+    micro_batch: int
+    recompute: str
+    split: str  # "even" or "auto" (parallel.stage_balance)
+
+    def overrides(self) -> dict[str, Any]:
+        return {"parallel.pp": self.pp, "parallel.ep": self.ep, "parallel.virtual_stages": self.virtual_stages,
+                "parallel.schedule": self.schedule, "parallel.stage_balance": self.split,
+                "parallel.layers_per_stage": None, "train.micro_batch": self.micro_batch,
+                "train.activation_checkpointing": self.recompute}
+
+    def short(self) -> str:
+        chunks = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
+        return (f"pp={self.pp}{chunks} ep={self.ep} mb={self.micro_batch} recompute={self.recompute} "
+                f"split={self.split}")
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one optimizer step, by part (they add up to ``total``)."""
+
+    compute: float
+    bubble: float
+    all_to_all: float
+    send_recv: float
+    grad_reduce: float
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.bubble + self.all_to_all + self.send_recv + self.grad_reduce
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A layout that fits, with what it costs."""
+
+    layout: Layout
+    dp: int
+    memory_gib: float
+    step: StepTime
+    tokens_per_s: float
+    mfu: float
+    days: float
+    gpu_hours: float
+    stage_layers: tuple[int, ...]
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON a script reads: the overrides that select the layout and its figures."""
+        split = {"parallel.stage_balance": "even", "parallel.layers_per_stage": list(self.stage_layers)}
+        return {"layout": self.layout.overrides() | split,
+                "dp": self.dp, "memory_gib": round(self.memory_gib, 2), "step_s": round(self.step.total, 4),
+                "tokens_per_s": round(self.tokens_per_s), "mfu": round(self.mfu, 4), "days": round(self.days, 2),
+                "gpu_hours": round(self.gpu_hours)}
+
+
+@dataclass
+class Rejection:
+    """A candidate that does not work, and why (``memory_gib`` when it was too big)."""
+
+    layout: Layout
+    reason: str
+    memory_gib: Optional[float] = None
+
+
+@dataclass
+class PlanResult:
+    plans: list[Plan] = field(default_factory=list)  # fastest first
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def layouts(cfg: DictConfig | MegaMoEConfig, gpus: int) -> Iterator[Layout]:
+    """Every combination the planner considers (validity is checked when it is evaluated)."""
+    m = cfg.model
+    for pp in _divisors(gpus):
+        if pp > m.num_layers:
+            break
+        for ep in _divisors(gpus // pp):
+            if cfg.moe.num_experts % ep or (m.ffn_type != "moe" and ep > 1):
+                continue
+            chunks = range(1, min(MAX_VIRTUAL_STAGES, m.num_layers // pp) + 1) if pp > 1 else [1]  # ≥ 1 layer each
+            for v, mb, recompute in itertools.product(chunks, MICRO_BATCHES, RECOMPUTE):
+                for split in ("even", "auto") if pp > 1 else ("even",):
+                    yield Layout(pp, ep, v, "interleaved_1f1b" if v > 1 else "1f1b", mb, recompute, split)
+
+
+def with_layout(cfg: DictConfig | MegaMoEConfig, layout: Layout) -> MegaMoEConfig:
+    """``cfg`` (as plain schema objects, which read fast) with the layout's keys set and validated
+    (ConfigError for an impossible one). An auto split is computed once and set explicitly."""
+    plain = as_object(cfg)
+    parallel = dataclasses.replace(plain.parallel, pp=layout.pp, ep=layout.ep, virtual_stages=layout.virtual_stages,
+                                   schedule=layout.schedule, stage_balance=layout.split, layers_per_stage=None)
+    train = dataclasses.replace(plain.train, micro_batch=layout.micro_batch, activation_checkpointing=layout.recompute)
+    candidate = dataclasses.replace(plain, parallel=parallel, train=train)
+    validate(candidate)
+    if layout.split == "auto":
+        split = dataclasses.replace(parallel, stage_balance="even", layers_per_stage=balance.balanced_split(candidate))
+        candidate = dataclasses.replace(candidate, parallel=split)
+    return candidate
+
+
+def _ring_all_reduce_s(nbytes: float, ranks: int, bytes_per_s: float) -> float:
+    return 2 * (ranks - 1) / ranks * nbytes / bytes_per_s if ranks > 1 else 0.0
+
+
+def step_time(cfg: DictConfig, lay: memory.Layout, hw: Hardware, layers: list[int]) -> StepTime:
+    """The predicted step of ``cfg`` on layout ``lay`` with stage split ``layers`` (see the module docstring)."""
+    t, m, p = cfg.train, cfg.model, cfg.parallel
+    tokens = t.micro_batch * t.seq_len
+    micro_batches = t.global_batch // (t.micro_batch * lay.dp)
+    gpn = hw.gpus_per_node
+    rank_flops = balance.rank_totals(cfg, balance.stage_costs(cfg, layers))  # training FLOPs per token
+    rank_layers = balance.rank_totals(cfg, layers)
+
+    passes = 6 if t.activation_checkpointing == "full" else 4  # dispatch + combine, forward / backward (/ again)
+    a2a_bytes = tokens * cfg.moe.top_k * m.hidden_size * BF16 * (lay.ep - 1) / lay.ep
+    a2a_s = passes * a2a_bytes / hw.bytes_per_s(lay.ep <= gpn) if m.ffn_type == "moe" else 0.0
+    boundary_s = 2 * tokens * m.hidden_size * BF16 / hw.bytes_per_s(lay.world_size <= gpn) if lay.pp > 1 else 0.0
+
+    send_recv_s = p.virtual_stages * boundary_s  # every chunk of a rank receives and sends
+    per_rank = [(f * tokens / hw.sustained_flops, n * a2a_s) for f, n in zip(rank_flops, rank_layers)]
+    compute_s, all_to_all_s = max(per_rank, key=sum)  # the slowest rank paces the pipeline
+    slot = compute_s + all_to_all_s + send_recv_s
+    fill = (lay.pp - 1) / p.virtual_stages if p.schedule == "interleaved_1f1b" else lay.pp - 1
+
+    grad_s = 0.0
+    for r in range(lay.pp):
+        params = memory.stage_params(cfg, r, lay.ep)
+        experts = params.layers * memory.layer_params(cfg, lay.ep).experts
+        dense_s = _ring_all_reduce_s(FP32 * (params.total - experts), lay.dp, hw.bytes_per_s(lay.dp <= gpn))
+        expert_s = _ring_all_reduce_s(FP32 * experts, lay.dp // lay.ep, hw.bytes_per_s(lay.dp <= gpn))
+        grad_s = max(grad_s, dense_s + expert_s)
+    n = micro_batches
+    return StepTime(n * compute_s, fill * slot, n * all_to_all_s, n * send_recv_s, grad_s)
+
+
+def model_flops_per_token(cfg: DictConfig) -> float:
+    """Training FLOPs per token without recompute (what MFU counts): 3 × (forward + attention scores)."""
+    return 3 * (flops.fwd_flops_per_token(cfg) + flops.attention_flops_per_token(cfg, cfg.train.seq_len))
+
+
+def evaluate(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware) -> Plan | Rejection:
+    """One candidate: a Plan if it is valid and fits, else why not."""
+    try:
+        candidate = with_layout(cfg, layout)
+        lay, rank = memory.memory_per_gpu(candidate, gpus)
+    except ConfigError as exc:
+        return Rejection(layout, f"not valid: {exc}")
+    gib = rank.total / memory.GIB
+    if gib > hw.usable_gib:
+        return Rejection(layout, f"out of memory: {gib:.1f} GiB > {hw.usable_gib:.1f} GiB usable", gib)
+    layers = balance.stage_layers(candidate)
+    step = step_time(candidate, lay, hw, layers)
+    t = candidate.train
+    tokens_per_step = t.global_batch * t.seq_len
+    tokens_per_s = tokens_per_step / step.total
+    days = t.steps * step.total / 86400
+    mfu = model_flops_per_token(candidate) * tokens_per_s / (gpus * hw.peak_tflops * 1e12)
+    return Plan(layout, lay.dp, gib, step, tokens_per_s, mfu, days, days * 24 * gpus, tuple(layers))
+
+
+def plan(cfg: DictConfig, gpus: int, hw: Hardware) -> PlanResult:
+    """Every candidate on ``gpus`` GPUs of kind ``hw``: the ones that fit, fastest first, and the rest."""
+    result, plain = PlanResult(), as_object(cfg)
+    for layout in layouts(plain, gpus):
+        outcome = evaluate(plain, layout, gpus, hw)
+        (result.plans if isinstance(outcome, Plan) else result.rejected).append(outcome)
+    result.plans.sort(key=lambda p: (p.step.total, p.memory_gib))
+    return result

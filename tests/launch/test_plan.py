@@ -1,0 +1,53 @@
+"""launch/plan.py as users run it: the table, one line per shape that never fits, the JSON last
+line that selects a layout, and one line with exit 2 when nothing fits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from megamoe.config import compose, validate
+from megamoe.model import memory
+from tests.pretrain import ROOT
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/plan.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_m32_on_256_h100s() -> None:
+    result = _plan("+exp=m32_2000b", "--gpus", "256", "--gpu", "h100-80gb", "--top", "3")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("256 × h100-80gb (80 GiB, 72.0 usable")
+    assert "pp=8 ep=1: out of memory in every variant (smallest " in result.stdout  # the paper's layout
+    best = json.loads(lines[-1])
+    assert {"layout", "memory_gib", "step_s", "tokens_per_s", "mfu", "days", "gpu_hours"} <= set(best)
+    assert len(best["top"]) == 3 and best["top"][0] == {k: best[k] for k in best["top"][0]}
+    # the layout it names is a valid config whose memory estimate is the one it printed
+    cfg = compose(["+exp=m32_2000b", *(f"{k}={v}".replace(" ", "") for k, v in best["layout"].items())])
+    validate(cfg, world_size=256)
+    assert memory.memory_per_gpu(cfg, 256)[1].total / memory.GIB == pytest.approx(best["memory_gib"], abs=0.01)
+    assert best["memory_gib"] <= 72 and 0 < best["mfu"] < 0.6
+    assert best["gpu_hours"] == pytest.approx(best["days"] * 24 * 256, rel=0.01)
+
+
+def test_nothing_fits_is_one_line_naming_the_smallest_memory() -> None:
+    result = _plan("+exp=m32_2000b", "--gpus", "8", "--gpu-memory", "40")
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("error: no layout of 8 × h100-80gb fits (36.0 GiB usable): the smallest needs ")
+    assert line.endswith(" GiB per GPU; add GPUs or choose larger ones")
+
+
+def test_described_hardware_and_bad_flags() -> None:
+    slow = json.loads(_plan("+exp=tiny", "--gpus", "2", "--tflops", "1", "--top", "1").stdout.splitlines()[-1])
+    fast = json.loads(_plan("+exp=tiny", "--gpus", "2", "--tflops", "1000", "--top", "1").stdout.splitlines()[-1])
+    assert slow["step_s"] > 100 * fast["step_s"]
+    assert _plan("+exp=tiny", "--gpus", "2", "--gpu", "tpu").returncode == 2
+    bad = _plan("+exp=tiny", "--gpus", "2", "--efficiency", "1.5")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: hardware figures must be positive")
