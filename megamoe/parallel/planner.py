@@ -23,7 +23,7 @@ ep groups are consecutive ranks, a dp group is dp consecutive ranks); otherwise 
 inter-node bandwidth per GPU. Ignored: the optimizer step and other memory-bound kernels,
 kernel launch and Python overheads, overlap of communication with compute, routing imbalance
 (balanced dropless routing assumed), link contention between groups, and NCCL's hierarchical
-algorithms. ``docs/planner.md`` records how its predictions compare with measured steps.
+algorithms. docs/benchmarks.md records how its predictions compare with measured steps.
 """
 
 from __future__ import annotations

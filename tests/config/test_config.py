@@ -24,7 +24,11 @@ def test_tiny_and_m32_compose_and_validate() -> None:
     validate(m32)
     assert (m32.model.num_layers, m32.moe.num_experts, m32.moe.top_k) == (24, 32, 2)
     assert m32.model.num_heads * m32.model.head_dim == 4096
-    assert (m32.train.global_batch, m32.train.seq_len, m32.parallel.pp) == (1536, 4096, 8)
+    assert (m32.train.global_batch, m32.train.seq_len, m32.parallel.pp, m32.parallel.ep) == (1536, 4096, 4, 8)
+    paper = compose(["+exp=m32_2000b_paper_pp8"])
+    validate(paper)
+    assert (paper.parallel.pp, paper.parallel.ep, paper.train.micro_batch) == (8, 1, 2)  # the paper's layout
+    assert paper.train.steps == m32.train.steps and paper.model == m32.model  # the same recipe and model
 
 
 def test_composed_config_is_read_only() -> None:

@@ -72,7 +72,7 @@ def world_size(argv: list[str]) -> int | None:
         hostfile = (ROOT / _flag(argv, "--hostfile")).read_text()
         return sum(int(n) for n in re.findall(r"slots=(\d+)", hostfile))
     count = _flag(argv, "--nproc_per_node") or _flag(argv, "--num_gpus")
-    return int(count) if count else 1
+    return int(count or 1) * int(_flag(argv, "--nnodes") or 1)
 
 
 def check_pretrain(argv: list[str]) -> None:
@@ -111,6 +111,7 @@ HANDLERS: list[tuple[Callable[[list[str]], bool], Callable[[list[str]], None]]] 
     (lambda a: any(x.endswith(("launch/pretrain.py", "pretrain.sbatch")) for x in a), check_pretrain),
     (lambda a: any(x.endswith("launch/model_stats.py") for x in a), check_model_stats),
     (lambda a: "launch/convert_checkpoint.py" in a, check_parsed_by("launch.convert_checkpoint", "parser")),
+    (lambda a: "launch/plan.py" in a, check_parsed_by("launch.plan", "parse_args")),
     (lambda a: "launch/report.py" in a, check_parsed_by("launch.report", "main")),
     *[(lambda a, m=m: f"data_tools.{m}" in a, check_parsed_by(f"data_tools.{m}", "parse_args"))
       for m in ("preprocess_data", "merge_datasets", "train_tokenizer", "make_demo_corpus", "inspect_data")],

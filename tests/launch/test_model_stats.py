@@ -140,3 +140,12 @@ def test_uneven_split_shows_its_layers_and_memory_follows_it(capsys: pytest.Capt
     # the fullest GPU is rank 0: 3 layers of 223,008 parameters (the hand count above) and the embedding
     assert stats["memory_layout"]["pp_rank"] == 0
     assert stats["memory_per_gpu_gib"]["weights"] * 2**30 == 4 * (3 * 223_008 + 512 * 64)
+
+
+@pytest.mark.parametrize(("exp", "world_size", "gpu_gib"), [("m32_2000b", 256, 80), ("m32_2000b_141gb", 64, 141e9 / 2**30)])
+def test_m32_configs_fit_their_gpus_and_the_paper_layout_does_not(exp: str, world_size: int, gpu_gib: float) -> None:
+    """The planner's recommendations leave 10% of the GPU for what the estimate leaves out."""
+    fits = model_stats.stats(compose([f"+exp={exp}"]), world_size)["memory_per_gpu_gib"]["total"]
+    assert fits <= 0.9 * gpu_gib
+    paper = model_stats.stats(compose(["+exp=m32_2000b_paper_pp8"]), world_size)["memory_per_gpu_gib"]["total"]
+    assert paper > 80
