@@ -166,18 +166,18 @@ def test_stage_parameters_match_built_stages(pp: int, ep: int, overrides: list[s
 
 
 def test_pipeline_and_expert_parallelism_divide_parameter_memory() -> None:
-    cfg = compose(["+exp=m32_2000b", "parallel.pp=1"])
+    cfg = compose(["+exp=m32_2000b_paper_pp8", "parallel.pp=1"])
     vocab_matrix = cfg.model.vocab_size * cfg.model.hidden_size
     layer = memory.layer_params(cfg, ep=1)
     whole = memory.stage_params(cfg, 0, 1).total
     assert whole == total_params(cfg)
     # pp = 8: the stages add up to the model plus the last stage's copy of the tied embedding
-    cfg8 = compose(["+exp=m32_2000b"])
+    cfg8 = compose(["+exp=m32_2000b_paper_pp8"])
     stages = [memory.stage_params(cfg8, r, 1).total for r in range(8)]
     assert sum(stages) == whole + vocab_matrix
     assert stages[3] == 3 * (layer.dense + layer.experts)
     # ep = 4 keeps a quarter of each layer's experts
-    cfg_ep = compose(["+exp=m32_2000b", "parallel.ep=4"])
+    cfg_ep = compose(["+exp=m32_2000b_paper_pp8", "parallel.ep=4"])
     assert memory.stage_params(cfg8, 3, 1).total - memory.stage_params(cfg_ep, 3, 4).total == 3 * layer.experts * 3 // 4
 
 

@@ -37,7 +37,7 @@ def test_part_costs_by_hand(recompute: str, layer: int) -> None:
 
 def test_m32_head_is_worth_1_7_layers_under_full_recompute() -> None:
     """flops.py's M32 figures: a layer 0.286 GFLOPs forward + 0.034 of scores at seq 4096, the tied head 0.553."""
-    costs = balance.part_costs(compose(["+exp=m32_2000b"]))  # activation_checkpointing: full
+    costs = balance.part_costs(compose(["+exp=m32_2000b_paper_pp8"]))  # activation_checkpointing: full
     assert costs.layer == pytest.approx(4 * 0.320e9, rel=0.01)
     assert costs.head == pytest.approx(4 * 0.553e9, rel=0.01)
     assert costs.head / costs.layer == pytest.approx(1.73, abs=0.01)
@@ -90,12 +90,12 @@ def test_balanced_split_is_the_best_of_every_split(overrides: list[str]) -> None
 def test_m32_reaches_the_whole_layer_bound(pp: int) -> None:
     """One stage per rank: the last stage holds k ≥ 1 layers and the head, the other S − 1 share
     the rest, so one of them holds ⌈(L − k)/(S − 1)⌉; the best k gives the least possible slowest stage."""
-    cfg = compose(["+exp=m32_2000b", f"parallel.pp={pp}", "parallel.stage_balance=auto"])
+    cfg = compose(["+exp=m32_2000b_paper_pp8", f"parallel.pp={pp}", "parallel.stage_balance=auto"])
     costs, num_layers = balance.part_costs(cfg), cfg.model.num_layers
     bound = min(max(k * costs.layer + costs.head, math.ceil((num_layers - k) / (pp - 1)) * costs.layer)
                 for k in range(1, num_layers - pp + 2))
     assert max(balance.stage_costs(cfg, balance.balanced_split(cfg))) == bound
-    even = balance.stage_costs(cfg, balance.stage_layers(compose(["+exp=m32_2000b", f"parallel.pp={pp}"])))
+    even = balance.stage_costs(cfg, balance.stage_layers(compose(["+exp=m32_2000b_paper_pp8", f"parallel.pp={pp}"])))
     assert max(even) > bound
 
 
