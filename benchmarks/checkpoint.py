@@ -120,13 +120,13 @@ def main() -> None:
         seconds[key].append(time.perf_counter() - start)
 
     try:
-        ckpt = save_checkpoint(trainer)  # untimed warm-up: learns the size, touches every page once
+        ckpt = save_checkpoint(trainer.state)  # untimed warm-up: learns the size, touches every page once
         files = checkpoint_files(ckpt)
         nbytes = sum(f.stat().st_size for f in files)
         shutil.rmtree(ckpt)
         for repeat in tqdm(range(args.repeats), desc="save / load / raw", unit="round"):
-            writes = [("save", lambda: save_checkpoint(trainer)), ("raw_write", lambda: raw_write(raw_file, nbytes))]
-            reads = [("load", lambda: load_checkpoint(trainer, ckpt)), ("raw_read", lambda: raw_read(raw_file))]
+            writes = [("save", lambda: save_checkpoint(trainer.state)), ("raw_write", lambda: raw_write(raw_file, nbytes))]
+            reads = [("load", lambda: load_checkpoint(trainer.state, ckpt)), ("raw_read", lambda: raw_read(raw_file))]
             order = slice(None, None, 1 if repeat % 2 == 0 else -1)  # alternate who goes first
             for key, fn in writes[order]:
                 timed(key, fn)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from megamoe.cli import UserError, exit_on_user_error
-from megamoe.model.loss import IGNORE_INDEX, chunk_tokens, chunked_lm_loss, lm_loss
+from megamoe.nn.loss import IGNORE_INDEX, chunk_tokens, chunked_lm_loss, lm_loss
 from megamoe.train.peak_memory import cpu_peak_bytes
 
 GIB = 2**30

@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 from megamoe.cli import UserError, exit_on_user_error
 from megamoe.config.schema import MoEConfig
-from megamoe.model.ffn import SwiGLU, swiglu
-from megamoe.model.moe import MoELayer
-from megamoe.model.moe.router import select_experts
+from megamoe.nn.ffn import SwiGLU, swiglu
+from megamoe.nn.moe import MoELayer
+from megamoe.nn.moe.router import select_experts
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megamoe.config import compose
-from megamoe.model import memory
+from megamoe.models import memory
 from megamoe.parallel import balance
 from megamoe.parallel.planner import GPUS, Hardware, Layout, plan, step_time, with_layout
 

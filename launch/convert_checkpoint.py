@@ -1,11 +1,13 @@
-"""Convert checkpoints: megamoe ↔ the Yuan2-M32 Hugging Face layout, and dense → MoE upcycling.
+"""Convert checkpoints: megamoe ↔ Hugging Face (each model family's own layout: Yuan2-M32,
+Qwen2-MoE), and dense → MoE upcycling.
 
   python launch/convert_checkpoint.py to-hf --checkpoint DIR --output HF_DIR [--max-shard-size 5GB] [--dtype bf16]
   python launch/convert_checkpoint.py from-hf --hf HF_DIR --output DIR [+exp=NAME key=value ...]
   python launch/convert_checkpoint.py upcycle --dense DIR --output DIR --num-experts N [--granularity G] [--top-k K]
 
 --checkpoint / --dense take a checkpoint (``step_N/``) or a checkpoints directory (its latest).
-from-hf takes the architecture from the HF config.json and everything else (training, data,
+from-hf picks the family from config.json's ``model_type`` and takes the architecture from it,
+and everything else (training, data,
 parallel layout) from the usual overrides; the result is a model-only checkpoint that a run
 starts from with ``checkpoint.resume=DIR``. Every conversion streams tensor by tensor, so memory
 stays around one shard whatever the model size. Mistakes end with one ``error:`` line, exit 2.
@@ -24,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from megamoe.checkpoint import hf
+from megamoe.checkpoint import hf_files
 from megamoe.checkpoint.store import (
     MANIFEST, Manifest, checked_tensors, iter_model_tensors, model_tensor_shapes, read_config, resume_candidates,
     write_model_checkpoint,
@@ -32,6 +34,7 @@ from megamoe.checkpoint.store import (
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
 from megamoe.cli import UserError, exit_on_user_error
 from megamoe.config import ConfigError, compose, validate
+from megamoe.models import FAMILIES, ModelFamily, family_for_hf, family_of
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -77,26 +80,40 @@ def model_bytes(manifest: Manifest) -> int:
 def to_hf_command(args: argparse.Namespace) -> None:
     source, out = checkpoint_dir(args.checkpoint), fresh_output(args.output)
     cfg = read_config(source)
-    config = hf.hf_config(cfg)  # refuses what the HF format cannot express, before any work
+    adapter = family_of(cfg).hf
+    config = adapter.hf_config(cfg)  # refuses what the HF format cannot express, before any work
     shapes = model_tensor_shapes(cfg)
     start = time.perf_counter()
     with progress(len(shapes), "to-hf") as bar:
-        tensors = hf.to_hf(ticking(checked_tensors(iter_model_tensors(source), shapes, source), bar), cfg)
+        tensors = adapter.to_hf(ticking(checked_tensors(iter_model_tensors(source), shapes, source), bar), cfg)
         if args.dtype:
             tensors = ((name, tensor.to(DTYPES[args.dtype])) for name, tensor in tensors)
-        summary = hf.write_hf_checkpoint(out, tensors, config, args.max_shard_size)
+        summary = hf_files.write_hf_checkpoint(out, tensors, config, args.max_shard_size)
     report("to-hf", summary.tensors, summary.bytes, summary.shards, out, start)
 
 
+def hf_family(config: dict, source: Path) -> ModelFamily:
+    """The family whose adapter reads this config.json (by its ``model_type``)."""
+    family = family_for_hf(config.get("model_type"))
+    if family is None:
+        raise UserError(f"{source}: model_type {config.get('model_type')!r} is not a layout megamoe reads "
+                        f"(its families: {', '.join(FAMILIES)})")
+    return family
+
+
 def hf_training_config(hf_dir: Path, overrides: list[str]) -> DictConfig:
-    """The run config (from ``overrides``) with the architecture of the HF checkpoint in ``hf_dir``.
+    """The run config (from ``overrides``) with the family and architecture of the HF checkpoint
+    in ``hf_dir``.
 
     An explicit override of an architecture key that disagrees with config.json is an error
     rather than silently lost.
     """
-    source = hf_dir / hf.CONFIG_FILE
+    source = hf_dir / hf_files.CONFIG_FILE
     cfg = compose(overrides)
-    architecture = hf.config_from_hf(hf.read_hf_config(hf_dir), str(source))
+    config = hf_files.read_hf_config(hf_dir)
+    family = hf_family(config, source)
+    architecture = family.hf.config_from_hf(config, str(source))
+    architecture["model"]["family"] = family.name
     explicit = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
     for section, values in architecture.items():
         for key, value in values.items():
@@ -112,19 +129,20 @@ def hf_training_config(hf_dir: Path, overrides: list[str]) -> DictConfig:
         validate(merged)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (with the architecture of {source}; set the run's other keys as overrides)") from None
-    hf.check_exportable(merged)  # what came in must map back: the rotary split survived the float division
+    family.hf.hf_config(merged)  # what came in must map back (e.g. the rotary split survived the float division)
     return merged  # type: ignore[return-value]
 
 
 def from_hf_command(args: argparse.Namespace) -> None:
     out = fresh_output(args.output)
     cfg = hf_training_config(args.hf, args.overrides)
-    shapes = hf.hf_tensor_shapes(cfg)
-    tied = cfg.model.tie_embeddings
-    source = ((name, t) for name, t in hf.iter_hf_tensors(args.hf) if not hf.is_ignored_hf_tensor(name, tied))
+    adapter, tied = family_of(cfg).hf, cfg.model.tie_embeddings
+    shapes = hf_files.hf_tensor_shapes(cfg)
+    source = ((name, t) for name, t in hf_files.iter_hf_tensors(args.hf) if not adapter.ignored(name, tied))
     start = time.perf_counter()
     with progress(len(shapes), "from-hf") as bar:
-        manifest = write_model_checkpoint(out, hf.from_hf(ticking(checked_tensors(source, shapes, args.hf), bar), cfg), cfg)
+        tensors = adapter.from_hf(ticking(checked_tensors(source, shapes, args.hf), bar), cfg)
+        manifest = write_model_checkpoint(out, tensors, cfg)
     report("from-hf", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out, start)
     print(f"start training from it with checkpoint.resume={out}")
 
@@ -151,14 +169,14 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    to = sub.add_parser("to-hf", help="megamoe checkpoint -> Yuan2-M32 Hugging Face directory")
+    to = sub.add_parser("to-hf", help="megamoe checkpoint -> Hugging Face directory (its family's layout)")
     to.add_argument("--checkpoint", type=Path, required=True, help="step_N/ or a checkpoints directory")
     to.add_argument("--output", type=Path, required=True, help="new Hugging Face model directory")
-    to.add_argument("--max-shard-size", type=hf.parse_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    to.add_argument("--max-shard-size", type=hf_files.parse_size, default="5GB", help="largest safetensors shard (default 5GB)")
     to.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: as stored)")
     to.set_defaults(run=to_hf_command)
 
-    back = sub.add_parser("from-hf", help="Yuan2-M32 Hugging Face directory -> megamoe checkpoint")
+    back = sub.add_parser("from-hf", help="Hugging Face directory (Yuan2-M32, Qwen2-MoE) -> megamoe checkpoint")
     back.add_argument("--hf", type=Path, required=True, help="Hugging Face model directory (safetensors)")
     back.add_argument("--output", type=Path, required=True, help="new checkpoint directory")
     back.add_argument("overrides", nargs="*", help="training config overrides, e.g. +exp=m32_2000b train.lr=2e-5")

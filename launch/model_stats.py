@@ -1,9 +1,9 @@
-"""Parameters, FLOPs and memory per GPU of a Yuan MoE run, before launching it:
+"""Parameters, FLOPs and memory per GPU of an MoE run (any model family), before launching it:
 `python launch/model_stats.py +exp=NAME [--world-size N] [key=value ...]`.
 
 The model is built on the meta device (no memory, so the 40B M32 is instant) and its parameter
-count is checked against the analytic breakdown of megamoe.model.flops, whose conventions are
-stated there. Memory per GPU (megamoe.model.memory) is for the config's layout on N GPUs
+count is checked against the analytic breakdown of megamoe.models.flops, whose conventions are
+stated there. Memory per GPU (megamoe.models.memory) is for the config's layout on N GPUs
 (default: the fewest it allows, pp × ep) and the pipeline rank that needs the most, under the
 config's stage split, whose layers per stage and compute balance the table also shows. Prints
 a table, then, as the last line, one JSON object with the figures.
@@ -19,8 +19,8 @@ from omegaconf import DictConfig
 
 from megamoe.cli import UserError, exit_on_user_error
 from megamoe.config import compose, validate
-from megamoe.model import flops, memory
-from megamoe.model.yuan import YuanModel
+from megamoe.models import flops, memory
+from megamoe.models import build_stage
 from megamoe.parallel import balance
 
 LABELS = {
@@ -59,7 +59,7 @@ def human_flops(n: float) -> str:
 
 def built_params(cfg: DictConfig) -> int:
     with torch.device("meta"):
-        model = YuanModel(cfg)
+        model = build_stage(cfg)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -119,7 +119,8 @@ def table(cfg: DictConfig, s: dict) -> str:
     ffn = (f"{moe.num_experts} experts top-{moe.top_k}, expert ffn {moe.ffn_hidden_size}, {moe.router} router"
            if m.ffn_type == "moe" else f"dense SwiGLU ffn {m.dense_ffn_hidden_size}")
     lines = [
-        f"Yuan decoder: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads × {m.head_dim}, "
+        f"{m.family} decoder: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads × {m.head_dim}"
+        f"{f' ({m.num_kv_heads} kv heads)' if m.num_kv_heads not in (None, m.num_heads) else ''}, "
         f"{ffn}, vocab {m.vocab_size}{', tied embeddings' if m.tie_embeddings else ''}",
         "",
         f"{'':<20}{'total':>27}{'active':>27}",
@@ -130,9 +131,9 @@ def table(cfg: DictConfig, s: dict) -> str:
 
     for name, counts in s["params"].items():
         if name == "head" and m.tie_embeddings:
-            lines.append(f"{LABELS[name]:<20}{'tied: the embedding':>54}")
+            lines.append(f"{LABELS.get(name, name):<20}{'tied: the embedding':>54}")
         elif counts["total"]:
-            lines.append(row(LABELS[name], counts["total"], counts["active"]))
+            lines.append(row(LABELS.get(name, name), counts["total"], counts["active"]))
     lines += [
         "-" * 74,
         row("total", s["total_params"], s["active_params"]),

@@ -1,4 +1,4 @@
-"""A running trainer ↔ a checkpoint: who writes what, who reads what, resuming with fallback.
+"""A running job ↔ a checkpoint: who writes what, who reads what, resuming with fallback.
 
 Every tensor a rank holds has a *placement*: its global name(s) in the checkpoint and whether
 this rank writes it. Dense tensors are written by data-parallel rank 0 of their pipeline stage,
@@ -17,13 +17,13 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
-from torch import Tensor
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 
 from megamoe.checkpoint.store import (
     CONFIG,
@@ -31,9 +31,6 @@ from megamoe.checkpoint.store import (
     FileEntry,
     Manifest,
     commit,
-    expert_tensor_name,
-    is_expert_bank,
-    model_tensor_shapes,
     prune,
     read_manifest,
     read_shard,
@@ -43,14 +40,35 @@ from megamoe.checkpoint.store import (
     write_bytes,
     write_shards,
 )
+from megamoe.checkpoint.names import expert_bank_names, expert_tensor_name, model_tensor_shapes
 from megamoe.cli import SharedError, write_error
 from megamoe.data.loader import stream_change
-from megamoe.model.init import init_key_seed
+from megamoe.nn.init import init_key_seed
 from megamoe.parallel.expert import expert_range
-from megamoe.parallel.mesh import first_error
+from megamoe.parallel.mesh import ProcessGrid, first_error
 
-if TYPE_CHECKING:  # the loop imports this module to save and resume
-    from megamoe.train.loop import Trainer
+
+
+class Stateful(Protocol):
+    """A part of the job that saves and restores its own position (the data loader)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint saves of a running job and restores into it: this rank's stage models
+    (in stage order), the optimizer, the data position, the step, and the run config (saved with
+    the checkpoint; its checkpoint, run and data settings steer saving and resuming)."""
+
+    cfg: DictConfig
+    grid: ProcessGrid
+    models: list[nn.Module]
+    optimizer: torch.optim.Optimizer
+    data: Stateful
+    data_stream: dict[str, Any]  # what fixes the sample order (megamoe.data.loader.data_stream)
+    step: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,35 +102,40 @@ class Placement:
         return pieces[0]
 
 
-def placements(trainer: Trainer) -> list[Placement]:
-    """Every parameter and persistent buffer of this rank's stages, with its global names."""
-    cfg, grid = trainer.cfg, trainer.grid
+def placements(state: TrainingState) -> list[Placement]:
+    """Every parameter and persistent buffer of this rank's stages, with its global names.
+
+    Expert banks and tied copies are what the modules declare them to be (an ExpertBank; a
+    stage model's ``tied_copies()``), whatever they are called.
+    """
+    cfg, grid = state.cfg, state.grid
     experts = expert_range(cfg.moe.num_experts, grid.ep, grid.ep_rank)
     result = []
-    for module in trainer.modules:
-        for name, tensor in module.model.state_dict(keep_vars=True).items():
-            if is_expert_bank(name):
+    for model in state.models:
+        banks, copies = expert_bank_names(model), model.tied_copies()
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if name in banks:
                 names = tuple(expert_tensor_name(name, e) for e in experts)
                 result.append(Placement(tensor, names, owned=grid.edp_rank == 0, bank=True))
-            elif name == "lm_head.weight" and cfg.model.tie_embeddings:  # a last stage's tied copy
-                result.append(Placement(tensor, ("embed.weight",), owned=False, bank=False))
+            elif name in copies:  # a last stage's copy of the tied embedding: stored once, as the original
+                result.append(Placement(tensor, (copies[name],), owned=False, bank=False))
             else:
                 result.append(Placement(tensor, (name,), owned=grid.dp_rank == 0, bank=False))
     return result
 
 
-def checkpoint_root(trainer: Trainer) -> Path:
-    return Path(trainer.cfg.run.dir) / "checkpoints"
+def checkpoint_root(state: TrainingState) -> Path:
+    return Path(state.cfg.run.dir) / "checkpoints"
 
 
-def _log(trainer: Trainer, message: str) -> None:
-    if trainer.grid.rank == 0:
+def _log(state: TrainingState, message: str) -> None:
+    if state.grid.rank == 0:
         print(f"checkpoint: {message}", flush=True)
 
 
-def _gather_on_rank0(trainer: Trainer, obj: Any) -> Optional[list[Any]]:
+def _gather_on_rank0(state: TrainingState, obj: Any) -> Optional[list[Any]]:
     """Every rank's ``obj`` as a list on rank 0; None on the other ranks."""
-    grid = trainer.grid
+    grid = state.grid
     if grid.world_size == 1:
         return [obj]
     gathered: Optional[list[Any]] = [None] * grid.world_size if grid.rank == 0 else None
@@ -163,10 +186,10 @@ def _restore_rng(data: bytes) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def _layout(trainer: Trainer) -> dict[str, int]:
-    g = trainer.grid
+def _layout(state: TrainingState) -> dict[str, int]:
+    g = state.grid
     return {"world_size": g.world_size, "pp": g.pp, "dp": g.dp, "ep": g.ep,
-            "virtual_stages": trainer.cfg.parallel.virtual_stages}
+            "virtual_stages": state.cfg.parallel.virtual_stages}
 
 
 def _first_nonfinite(places: list[Placement], optimizer: torch.optim.Optimizer) -> Optional[str]:
@@ -179,10 +202,10 @@ def _first_nonfinite(places: list[Placement], optimizer: torch.optim.Optimizer) 
     return None
 
 
-def _total_bytes(trainer: Trainer, pieces: list[tuple[str, Tensor]]) -> int:
+def _total_bytes(state: TrainingState, pieces: list[tuple[str, Tensor]]) -> int:
     """Bytes of the whole checkpoint: every rank's share summed (collective)."""
     total = torch.tensor([float(sum(t.numel() * t.element_size() for _, t in pieces))], dtype=torch.float64)
-    if trainer.grid.world_size > 1:
+    if state.grid.world_size > 1:
         dist.all_reduce(total)
     return int(total.item())
 
@@ -196,8 +219,8 @@ def _failure(action: Callable[[], Any]) -> Optional[str]:
     return None
 
 
-def save_checkpoint(trainer: Trainer) -> Optional[Path]:
-    """Save the trainer's state at its current step (collective: every rank calls it).
+def save_checkpoint(state: TrainingState) -> Optional[Path]:
+    """Save the job's state at its current step (collective: every rank calls it).
 
     Each rank streams what it owns into ``step_N.tmp/`` (fsynced); rank 0 collects the file
     entries, writes config and manifest, renames the directory, moves ``latest`` and prunes
@@ -207,15 +230,15 @@ def save_checkpoint(trainer: Trainer) -> Optional[Path]:
     same failure. A write that fails on any rank (disk full, read-only directory) removes the
     partial save and raises SharedError naming the file: earlier checkpoints stay as they were.
     """
-    grid, root, step = trainer.grid, checkpoint_root(trainer), trainer.step
-    places, stem = placements(trainer), f"r{grid.rank:05d}"
-    bad = first_error(grid, _first_nonfinite(places, trainer.optimizer))
+    grid, root, step = state.grid, checkpoint_root(state), state.step
+    places, stem = placements(state), f"r{grid.rank:05d}"
+    bad = first_error(grid, _first_nonfinite(places, state.optimizer))
     if bad is not None:
-        _log(trainer, f"not saving step {step}: {bad} holds NaN or Inf values (a diverged state cannot be resumed)")
+        _log(state, f"not saving step {step}: {bad} holds NaN or Inf values (a diverged state cannot be resumed)")
         return None
     tmp, final = root / f"step_{step}.tmp", root / f"step_{step}"
-    model, optim = list(_model_pieces(places)), list(_optimizer_pieces(trainer.optimizer, places))
-    needed = _total_bytes(trainer, model + optim)
+    model, optim = list(_model_pieces(places)), list(_optimizer_pieces(state.optimizer, places))
+    needed = _total_bytes(state, model + optim)
     files: dict[str, FileEntry] = {}
 
     def prepare() -> None:
@@ -231,50 +254,50 @@ def save_checkpoint(trainer: Trainer) -> Optional[Path]:
     if error is None:
         error = first_error(grid, _failure(write))
     if error is None:
-        every_rank = _gather_on_rank0(trainer, files)
-        error = first_error(grid, _failure(lambda: _commit(trainer, tmp, final, every_rank)) if every_rank else None)
+        every_rank = _gather_on_rank0(state, files)
+        error = first_error(grid, _failure(lambda: _commit(state, tmp, final, every_rank)) if every_rank else None)
     if error is not None:
         if grid.rank == 0:  # only rank 0 reports: its free space counts the partial save as removed
             shutil.rmtree(tmp, ignore_errors=True)
         reason = write_error(OSError(*json.loads(error)), "free space or choose another run.dir", needed)
         raise SharedError(f"checkpoint: cannot save step {step}: {reason}; the run stopped, earlier checkpoints are intact")
-    _log(trainer, f"saved step {step} to {final}")
+    _log(state, f"saved step {step} to {final}")
     return final
 
 
-def _commit(trainer: Trainer, tmp: Path, final: Path, every_rank: list[dict[str, FileEntry]]) -> None:
+def _commit(state: TrainingState, tmp: Path, final: Path, every_rank: list[dict[str, FileEntry]]) -> None:
     """Rank 0: config and manifest (written last), then the rename, ``latest``, and pruning."""
     root = final.parent
     all_files = {name: entry for rank_files in every_rank for name, entry in rank_files.items()}
-    all_files[CONFIG] = write_bytes(tmp / CONFIG, OmegaConf.to_yaml(trainer.cfg).encode(), "config")
-    state = {
-        "step": trainer.step,  # also the position in the lr schedule
-        "loader": trainer.loader.state_dict(),  # consumed samples
-        "global_batch": trainer.cfg.train.global_batch,
-        "data_stream": trainer.data_stream,  # a resume that changes it would read other samples
-        "optimizer_group_steps": [group.get("step") for group in trainer.optimizer.param_groups],  # apex keeps it here
+    all_files[CONFIG] = write_bytes(tmp / CONFIG, OmegaConf.to_yaml(state.cfg).encode(), "config")
+    counters = {
+        "step": state.step,  # also the position in the lr schedule
+        "loader": state.data.state_dict(),  # consumed samples
+        "global_batch": state.cfg.train.global_batch,
+        "data_stream": state.data_stream,  # a resume that changes it would read other samples
+        "optimizer_group_steps": [group.get("step") for group in state.optimizer.param_groups],  # apex keeps it here
     }
-    Manifest(trainer.step, True, all_files, state, _layout(trainer)).write(tmp)
+    Manifest(state.step, True, all_files, counters, _layout(state)).write(tmp)
     commit(tmp, final)
     set_latest(root, final)
-    prune(root, final, trainer.cfg.checkpoint.keep)
+    prune(root, final, state.cfg.checkpoint.keep)
 
 
 # ---------------------------------------------------------------------------------------------
 # Load
 
 
-def _check_names(manifest: Manifest, trainer: Trainer, ckpt_dir: Path) -> None:
+def _check_names(manifest: Manifest, state: TrainingState, ckpt_dir: Path) -> None:
     """The checkpoint holds exactly the configured model's tensors (shapes are checked on copy)."""
     stored = {t for name in manifest.files_of_kind("model") for t in manifest.files[name].tensors}
-    expected = set(model_tensor_shapes(trainer.cfg))
+    expected = set(model_tensor_shapes(state.cfg))
     for what, names in (("is missing", expected - stored), ("is not a parameter of the configured model", stored - expected)):
         if names:
             raise CheckpointError(f"{ckpt_dir}: tensor {sorted(names)[0]} {what} "
                                   f"({len(names)} such; was it saved with another model config?)")
 
 
-def _load_model(trainer: Trainer, ckpt_dir: Path, manifest: Manifest, places: list[Placement]) -> None:
+def _load_model(state: TrainingState, ckpt_dir: Path, manifest: Manifest, places: list[Placement]) -> None:
     where = manifest.tensor_files()
     targets: dict[str, list[tuple[str, Tensor]]] = defaultdict(list)  # file → (name, destination)
     for place in places:
@@ -290,9 +313,9 @@ def _load_model(trainer: Trainer, ckpt_dir: Path, manifest: Manifest, places: li
             destination.copy_(source)
 
 
-def _load_optimizer(trainer: Trainer, ckpt_dir: Path, manifest: Manifest, places: list[Placement]) -> None:
+def _load_optimizer(state: TrainingState, ckpt_dir: Path, manifest: Manifest, places: list[Placement]) -> None:
     """Rebuild this rank's optimizer state from the global names, then ``load_state_dict``."""
-    optimizer = trainer.optimizer
+    optimizer = state.optimizer
     where = manifest.tensor_files()
     keys = sorted({name.split("/", 1)[0] for name in where if "/" in name})  # exp_avg, exp_avg_sq, step
     index = {p: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
@@ -306,117 +329,117 @@ def _load_optimizer(trainer: Trainer, ckpt_dir: Path, manifest: Manifest, places
     for file in needed:
         tensors = read_shard(ckpt_dir / file, manifest.files[file])
         values.update({name: tensors[name] for name in needed[file]})
-    state: dict[int, dict[str, Any]] = {}
+    loaded: dict[int, dict[str, Any]] = {}
     for place in owned:
         entry = {key: place.assemble([values[f"{key}/{n}"] for n in place.names])
                  for key in keys if f"{key}/{place.names[0]}" in values}
         if entry:  # a parameter never stepped (all updates skipped so far) has no state yet
-            state[index[place.tensor]] = entry
+            loaded[index[place.tensor]] = entry
     packed = optimizer.state_dict()
-    packed["state"] = state
+    packed["state"] = loaded
     for group, step in zip(packed["param_groups"], manifest.state["optimizer_group_steps"]):
         if step is not None:
             group["step"] = step
     optimizer.load_state_dict(packed)
 
 
-def _check_data_stream(trainer: Trainer, ckpt_dir: Path, manifest: Manifest) -> None:
+def _check_data_stream(state: TrainingState, ckpt_dir: Path, manifest: Manifest) -> None:
     """Resume only into the same sample stream, unless checkpoint.allow_data_change says otherwise.
 
     The global batch may change: the next step starts at the same consumed sample (Megatron's
     rule), so no sample is repeated or skipped.
     """
-    state, cfg = manifest.state, trainer.cfg
-    consumed = state["loader"]["consumed_samples"]
-    change = stream_change(state.get("data_stream", trainer.data_stream), trainer.data_stream)
+    saved, cfg = manifest.state, state.cfg
+    consumed = saved["loader"]["consumed_samples"]
+    change = stream_change(saved.get("data_stream", state.data_stream), state.data_stream)
     if change is not None and not cfg.checkpoint.allow_data_change:
         raise SharedError(f"{ckpt_dir}: the training data stream changed since this checkpoint ({change}), so the run "
                           f"would read other samples than it was going to; restore the setting, or set "
                           f"checkpoint.allow_data_change=true to continue at sample {consumed} of the new stream")
     if change is not None:
-        _log(trainer, f"the data stream changed ({change}); continuing at sample {consumed} of the new stream")
-    before = state.get("global_batch", cfg.train.global_batch)
+        _log(state, f"the data stream changed ({change}); continuing at sample {consumed} of the new stream")
+    before = saved.get("global_batch", cfg.train.global_batch)
     if before != cfg.train.global_batch:
-        _log(trainer, f"train.global_batch changed from {before} to {cfg.train.global_batch}: "
+        _log(state, f"train.global_batch changed from {before} to {cfg.train.global_batch}: "
                       f"continuing at sample {consumed} of the same stream")
 
 
-def _restore_rng_or_reseed(trainer: Trainer, ckpt_dir: Path, manifest: Manifest) -> None:
+def _restore_rng_or_reseed(state: TrainingState, ckpt_dir: Path, manifest: Manifest) -> None:
     """Same layout: each rank gets its own RNG states back. Another layout has other ranks, so
     their streams restart from (seed, rank, step) — only noisy gating draws from them."""
-    grid = trainer.grid
-    if manifest.layout == _layout(trainer):
+    grid = state.grid
+    if manifest.layout == _layout(state):
         name = f"rng-r{grid.rank:05d}.pt"
         _restore_rng(read_verified(ckpt_dir / name, manifest.files[name]).numpy().tobytes())
     else:
-        torch.manual_seed(init_key_seed(trainer.cfg.seed, "resume", grid.rank, trainer.step))
-        _log(trainer, f"layout changed from {manifest.layout} to {_layout(trainer)}: weights, optimizer and data "
+        torch.manual_seed(init_key_seed(state.cfg.seed, "resume", grid.rank, state.step))
+        _log(state, f"layout changed from {manifest.layout} to {_layout(state)}: weights, optimizer and data "
                       "position carry over; RNG streams restart from (seed, rank, step)")
 
 
-def load_checkpoint(trainer: Trainer, ckpt_dir: Path) -> Manifest:
+def load_checkpoint(state: TrainingState, ckpt_dir: Path) -> Manifest:
     """Load ``ckpt_dir`` into this rank (in place). Raises CheckpointError naming a bad file.
 
     A model-only checkpoint (``write_model_checkpoint``) sets the weights and starts at step 0
     with a fresh optimizer.
     """
     manifest = read_manifest(ckpt_dir)
-    _check_names(manifest, trainer, ckpt_dir)
-    places = placements(trainer)
+    _check_names(manifest, state, ckpt_dir)
+    places = placements(state)
     with torch.no_grad():
-        _load_model(trainer, ckpt_dir, manifest, places)
+        _load_model(state, ckpt_dir, manifest, places)
     if not manifest.has_optimizer:
-        trainer.optimizer.state.clear()
-        trainer.step = 0
-        trainer.loader.consumed_samples = 0
+        state.optimizer.state.clear()
+        state.step = 0
+        state.data.load_state_dict({"consumed_samples": 0})
         return manifest
-    _check_data_stream(trainer, ckpt_dir, manifest)
-    _load_optimizer(trainer, ckpt_dir, manifest, places)
-    trainer.step = manifest.state["step"]
-    trainer.loader.load_state_dict(manifest.state["loader"])
-    _restore_rng_or_reseed(trainer, ckpt_dir, manifest)
+    _check_data_stream(state, ckpt_dir, manifest)
+    _load_optimizer(state, ckpt_dir, manifest, places)
+    state.step = manifest.state["step"]
+    state.data.load_state_dict(manifest.state["loader"])
+    _restore_rng_or_reseed(state, ckpt_dir, manifest)
     return manifest
 
 
-def _candidates(trainer: Trainer) -> tuple[list[Path], bool]:
+def _candidates(state: TrainingState) -> tuple[list[Path], bool]:
     """What checkpoint.resume asks for: (directories to try in order, whether one was named)."""
-    mode = trainer.cfg.checkpoint.resume
+    mode = state.cfg.checkpoint.resume
     if mode == "none":
         return [], False
     if mode != "auto":
         return [Path(mode)], True
-    found = [resume_candidates(checkpoint_root(trainer)) if trainer.grid.rank == 0 else None]
-    if trainer.grid.world_size > 1:  # every rank tries the same list, whatever its view of the disk
+    found = [resume_candidates(checkpoint_root(state)) if state.grid.rank == 0 else None]
+    if state.grid.world_size > 1:  # every rank tries the same list, whatever its view of the disk
         dist.broadcast_object_list(found, src=0)
     return found[0], False  # type: ignore[return-value]
 
 
-def resume(trainer: Trainer) -> Optional[Path]:
+def resume(state: TrainingState) -> Optional[Path]:
     """Apply ``checkpoint.resume`` (collective). Returns the checkpoint loaded, or None (fresh start).
 
     ``auto``: the checkpoint ``latest`` names; if any rank finds a file of it corrupt or missing,
     say which and fall back to the next older complete checkpoint. ``PATH``: that one, or an
     error. ``none``: start fresh.
     """
-    candidates, named = _candidates(trainer)
+    candidates, named = _candidates(state)
     for ckpt_dir in candidates:
         error: Optional[str] = None
         try:
-            manifest = load_checkpoint(trainer, ckpt_dir)
+            manifest = load_checkpoint(state, ckpt_dir)
         except CheckpointError as exc:
             error = str(exc)
-        error = first_error(trainer.grid, error)
+        error = first_error(state.grid, error)
         if error is None:
             if manifest.has_optimizer:
-                _log(trainer, f"resumed from {ckpt_dir} at step {trainer.step}")
+                _log(state, f"resumed from {ckpt_dir} at step {state.step}")
             else:
-                _log(trainer, f"{ckpt_dir} holds model weights only: starting at step 0 with a fresh optimizer")
+                _log(state, f"{ckpt_dir} holds model weights only: starting at step 0 with a fresh optimizer")
             return ckpt_dir
         if named:
             raise CheckpointError(error)
-        _log(trainer, error)
-        _log(trainer, f"{ckpt_dir.name} is unusable; falling back to the previous checkpoint")
+        _log(state, error)
+        _log(state, f"{ckpt_dir.name} is unusable; falling back to the previous checkpoint")
     if candidates:
-        raise CheckpointError(f"{checkpoint_root(trainer)}: none of the {len(candidates)} checkpoints loads "
+        raise CheckpointError(f"{checkpoint_root(state)}: none of the {len(candidates)} checkpoints loads "
                               "(errors above); fix or remove them, or start fresh with checkpoint.resume=none")
     return None

@@ -41,9 +41,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from megamoe.checkpoint.names import model_tensor_shapes
 from megamoe.cli import UserError, naming
 from megamoe.config.schema import MegaMoEConfig
-from megamoe.parallel.expert import EXPERT_PARAM_MARKER
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -63,36 +63,6 @@ STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(UserError):
     """A missing, truncated, corrupt or mismatched checkpoint file; the message names the file."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Global names
-
-
-def expert_tensor_name(bank_name: str, expert: int) -> str:
-    """``layers.3.mlp.experts.w1`` (a bank parameter) → ``layers.3.mlp.experts.{expert}.w1``."""
-    prefix, _, weight = bank_name.rpartition(".")
-    return f"{prefix}.{expert}.{weight}"
-
-
-def is_expert_bank(name: str) -> bool:
-    """True for an expert bank parameter (``...mlp.experts.w1``), whose dim 0 is the local expert."""
-    return EXPERT_PARAM_MARKER in name
-
-
-def model_tensor_shapes(cfg: DictConfig) -> dict[str, torch.Size]:
-    """Every tensor a model checkpoint of ``cfg`` holds, with its shape (built on the meta device)."""
-    from megamoe.model.yuan import YuanModel  # the model is only needed to enumerate its names
-
-    with torch.device("meta"):
-        model = YuanModel(cfg)
-    shapes: dict[str, torch.Size] = {}
-    for name, tensor in model.state_dict().items():
-        if is_expert_bank(name):
-            shapes.update({expert_tensor_name(name, e): tensor.shape[1:] for e in range(tensor.shape[0])})
-        else:
-            shapes[name] = tensor.shape
-    return shapes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,11 +28,10 @@ from typing import Iterable, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from megamoe.checkpoint.hf import split_layer_name
-from megamoe.checkpoint.store import expert_tensor_name
+from megamoe.checkpoint.names import expert_tensor_name, split_layer_name
 from megamoe.config import ConfigError
-from megamoe.model.moe.dispatcher import LocalExchange
-from megamoe.model.moe.layer import MoELayer
+from megamoe.nn.moe.dispatcher import LocalExchange
+from megamoe.nn.moe.layer import MoELayer
 
 Tensors = Iterable[tuple[str, torch.Tensor]]
 DENSE_FFN = {"mlp.w1.weight": "w1", "mlp.w2.weight": "w2"}  # a dense layer's SwiGLU, after ``layers.{i}.``

@@ -16,13 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 
 @dataclass
 class ModelConfig:
-    """The Yuan 2.0 decoder. Defaults are Yuan 2.0-M32's (see configs/exp/m32_2000b.yaml)."""
+    """The decoder. Defaults are Yuan 2.0-M32's (see configs/exp/m32_2000b.yaml)."""
 
+    family: str = "yuan"  # a key of megamoe.models.FAMILIES: "yuan" | "qwen_moe"
     vocab_size: int = 135040
     hidden_size: int = 2048
     num_layers: int = 24
     num_heads: int = 16
+    num_kv_heads: Optional[int] = None  # grouped-query attention (qwen_moe); None = num_heads
     head_dim: int = 256  # Megatron's --kv-channels; attention_projection_size = heads * head_dim
+    qkv_bias: bool = False  # biases on the q/k/v projections (qwen_moe)
     rotary_percent: float = 0.5  # fraction of each head's dims that get RoPE
     rotary_base: float = 10000.0
     rms_norm_eps: float = 1e-6
@@ -54,6 +57,7 @@ class MoEConfig:
     capacity_factor: Optional[float] = None  # None = dropless (the paper's run)
     num_shared_experts: int = 0  # always-on experts (Qwen1.5-MoE style)
     shared_expert_ffn_hidden_size: int = 0  # 0 = same as ffn_hidden_size
+    shared_expert_gate: bool = False  # scale the shared experts by sigmoid(w · x) per token (Qwen1.5-MoE)
     grouped_gemm: str = "auto"  # "auto" (grouped GEMM on CUDA) | "on" | "off"
 
 

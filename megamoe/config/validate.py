@@ -12,6 +12,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from megamoe.config.compose import ConfigError
+from megamoe.nn.rope import rotary_dim
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.ffn_type": ("moe", "dense"),
@@ -59,9 +60,13 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def rotary_dim(cfg: DictConfig) -> int:
-    """Dims of each head that get RoPE (Yuan M32: 0.5 × 256 = 128)."""
-    return int(cfg.model.head_dim * cfg.model.rotary_percent)
+def _validate_family(cfg: DictConfig) -> None:
+    """model.family names a registered family, whose own rules then apply."""
+    from megamoe.models import FAMILIES, get_family  # families import the config schema
+
+    family = cfg.model.family
+    _check(family in FAMILIES, "model.family", f"'{family}' is not one of {', '.join(FAMILIES)}")
+    get_family(family).validate(cfg)
 
 
 def _validate_model(cfg: DictConfig) -> None:
@@ -69,9 +74,9 @@ def _validate_model(cfg: DictConfig) -> None:
     _check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
            f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
     _check(0.0 < m.rotary_percent <= 1.0, "model.rotary_percent",
-           f"{m.rotary_percent} gives rotary dim {rotary_dim(cfg)} > model.head_dim={m.head_dim}; use a value in (0, 1]")
-    _check(rotary_dim(cfg) % 2 == 0 and rotary_dim(cfg) > 0, "model.rotary_percent",
-           f"rotary dim {rotary_dim(cfg)} (head_dim × rotary_percent) must be a positive even number")
+           f"{m.rotary_percent} gives rotary dim {rotary_dim(m)} > model.head_dim={m.head_dim}; use a value in (0, 1]")
+    _check(rotary_dim(m) % 2 == 0 and rotary_dim(m) > 0, "model.rotary_percent",
+           f"rotary dim {rotary_dim(m)} (head_dim × rotary_percent) must be a positive even number")
     _check(not m.use_lfa or m.hidden_size % 2 == 0, "model.hidden_size",
            f"{m.hidden_size} must be even for LFA (its first conv maps H → H/2)")
     _check(cfg.train.seq_len <= m.max_position_embeddings, "train.seq_len",
@@ -165,6 +170,7 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
         _check(_get(cfg, key) > 0, key, f"{_get(cfg, key)} must be > 0")
     for key in NON_NEGATIVE:
         _check(_get(cfg, key) >= 0, key, f"{_get(cfg, key)} must be >= 0")
+    _validate_family(cfg)
     _validate_model(cfg)
     _validate_moe(cfg)
     _validate_parallel(cfg)

@@ -6,7 +6,7 @@ stages r, r + pp, r + 2·pp, … (the loop layout torch's interleaved 1F1B expec
 or ``stage_balance=auto`` (:func:`balanced_split`). Layers keep their global names whatever the
 split, so checkpoints load across splits.
 
-**Compute**, in training FLOPs per token (megamoe.model.flops's conventions, attention scores
+**Compute**, in training FLOPs per token (megamoe.models.flops's conventions, attention scores
 at train.seq_len included):
 
 * a decoder layer: forward, backward (2 × forward), and what train.activation_checkpointing
@@ -20,7 +20,7 @@ at train.seq_len included):
 All decoder layers are alike, so a stage costs n × layer (+ the head on the last stage) and a
 pipeline rank the sum of its stages (it runs every one of its chunks for each micro-batch).
 
-**Memory**, for the tie-break only: megamoe.model.memory's estimate of each pipeline rank
+**Memory**, for the tie-break only: megamoe.models.memory's estimate of each pipeline rank
 (model states, weight copies, activations at the schedule's peak with recompute, the head's
 and the pipeline's buffers) on the fewest GPUs the config allows.
 
@@ -40,7 +40,7 @@ from omegaconf import DictConfig
 
 from megamoe.config.schema import as_object
 
-from megamoe.model import flops, memory
+from megamoe.models import flops, memory
 
 
 def num_stages(cfg: DictConfig) -> int:

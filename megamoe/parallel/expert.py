@@ -16,8 +16,6 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-EXPERT_PARAM_MARKER = ".mlp.experts."
-
 
 def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> range:
     """Global ids of the experts that ep rank ``ep_rank`` owns: [r·E/ep, (r+1)·E/ep)."""
@@ -27,14 +25,6 @@ def expert_range(num_experts: int, ep_size: int, ep_rank: int) -> range:
         raise ValueError(f"ep rank {ep_rank} is outside [0, {ep_size})")
     per_rank = num_experts // ep_size
     return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
-
-
-def is_expert_param(name: str) -> bool:
-    """True for routed-expert weights (full-model names, e.g. ``layers.3.mlp.experts.w1``).
-
-    They exist only on their ep rank, so their gradients are averaged over edp, not dp.
-    """
-    return EXPERT_PARAM_MARKER in name
 
 
 class _AllToAll(torch.autograd.Function):

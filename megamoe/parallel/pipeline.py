@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
-from megamoe.model.moe.dispatcher import TokenExchange
-from megamoe.model.loss import IGNORE_INDEX, chunked_lm_loss
-from megamoe.model.yuan import YuanModel
+from megamoe.models import build_stage
+from megamoe.nn.decoder import Decoder
+from megamoe.nn.loss import IGNORE_INDEX, chunked_lm_loss
+from megamoe.nn.moe.dispatcher import TokenExchange
 from megamoe.parallel.balance import layer_ranges, stage_indices, stage_layers
 from megamoe.parallel.mesh import ProcessGrid
 
@@ -31,7 +32,7 @@ from megamoe.parallel.mesh import ProcessGrid
 class StageModule(nn.Module):
     """One pipeline stage: a contiguous slice of the decoder, speaking the stage protocol."""
 
-    def __init__(self, model: YuanModel, is_last: bool) -> None:
+    def __init__(self, model: Decoder, is_last: bool) -> None:
         super().__init__()
         self.model = model
         self.is_last = is_last
@@ -54,14 +55,7 @@ def build_stage_modules(cfg: DictConfig, pp_rank: int, exchange: Optional[TokenE
     last_stage = len(ranges) - 1
     modules = []
     for s in stage_indices(cfg, pp_rank):
-        model = YuanModel(
-            cfg,
-            first_layer=ranges[s].start,
-            last_layer=ranges[s].stop,
-            pre_process=s == 0,
-            post_process=s == last_stage,
-            exchange=exchange,
-        )
+        model = build_stage(cfg, ranges[s], pre_process=s == 0, post_process=s == last_stage, exchange=exchange)
         modules.append(StageModule(model, is_last=s == last_stage))
     return modules
 

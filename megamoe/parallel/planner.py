@@ -1,7 +1,7 @@
 """Which layout to rent: every valid (pp, dp, ep, virtual stages, schedule, micro-batch,
 recompute, stage split) of a config on N GPUs, its memory per GPU and its predicted step time.
 
-Memory is megamoe.model.memory's estimate for the fullest pipeline rank; a layout fits when it
+Memory is megamoe.models.memory's estimate for the fullest pipeline rank; a layout fits when it
 stays under ``(1 - reserve)`` of the GPU (the estimate leaves out the CUDA context, NCCL
 buffers and fragmentation). The step time adds, with no overlap between them:
 
@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from megamoe.config.compose import ConfigError
 from megamoe.config.schema import MegaMoEConfig, as_object
 from megamoe.config.validate import validate
-from megamoe.model import flops, memory
+from megamoe.models import flops, memory
 from megamoe.parallel import balance
 
 BF16 = 2

@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,14 +28,15 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 
-from megamoe.checkpoint.state import resume, save_checkpoint
+from megamoe.checkpoint.state import TrainingState, resume, save_checkpoint
 from megamoe.cli import SharedError
 from megamoe.data.blend import Dataset
 from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream
-from megamoe.model.casts import shared_casts
-from megamoe.model.flops import attention_flops_per_token, fwd_flops_per_token
-from megamoe.model.moe.layer import MoEAuxLossBackward, MoELayer
-from megamoe.parallel.expert import AllToAllExchange, is_expert_param
+from megamoe.nn.casts import shared_casts
+from megamoe.models.flops import attention_flops_per_token, fwd_flops_per_token
+from megamoe.nn.moe.experts import expert_parameters
+from megamoe.nn.moe.layer import MoEAuxLossBackward, MoELayer
+from megamoe.parallel.expert import AllToAllExchange
 from megamoe.parallel.grads import GradSync, clip_grads_, global_grad_norm
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.parallel.stall import CollectiveStall, Progress, announce, diagnose, is_communication_failure
@@ -112,24 +113,36 @@ class ExpertLoad:
 
 @dataclass
 class Trainer:
-    """Everything one rank needs to run steps; built by :func:`build_trainer`."""
+    """Everything one rank needs to run steps; built by :func:`build_trainer`.
 
-    cfg: DictConfig
-    grid: ProcessGrid
-    modules: list[StageModule]
-    optimizer: torch.optim.Optimizer
+    ``state`` is what a checkpoint saves and restores (models, optimizer, data position, step);
+    the rest is rebuilt from the config at every start.
+    """
+
+    state: TrainingState
+    modules: list[StageModule]  # the pipeline's wrappers of state.models
     grad_sync: GradSync
     dense_params: list[nn.Parameter]  # replicated over dp
     expert_params: list[nn.Parameter]  # replicated over edp, sharded over ep
-    loader: GlobalBatchLoader
     valid: dict
     expert_load: ExpertLoad
-    tied_copy: Optional[nn.Parameter]  # the embedding / lm_head copy this rank syncs, if any
+    tied_copy: Optional[nn.Parameter]  # this rank's end of a tied embedding split over stages, if any
     eod_id: Optional[int]  # restarts position ids when data.reset_position_ids
-    data_stream: dict[str, Any]  # what fixes the sample order; a checkpoint records it
-    step: int = 0
     progress: Progress = field(default_factory=Progress)  # the operation in flight, for stall reports
     schedule: Optional[_PipelineSchedule] = None  # built on first use (pp > 1)
+
+    cfg = property(lambda self: self.state.cfg)
+    grid = property(lambda self: self.state.grid)
+    optimizer = property(lambda self: self.state.optimizer)
+    loader = property(lambda self: self.state.data)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
 
     @property
     def num_microbatches(self) -> int:
@@ -157,30 +170,25 @@ def precision(cfg: DictConfig, device: torch.device) -> str:
     return cfg.train.precision
 
 
-def _tied_copy(cfg: DictConfig, grid: ProcessGrid, modules: list[StageModule]) -> Optional[nn.Parameter]:
-    if not cfg.model.tie_embeddings or grid.embed_group is None:
-        return None
-    if grid.is_first_stage:
-        return modules[0].model.embed.weight
-    return modules[-1].model.lm_head.weight
-
-
 def build_trainer(cfg: DictConfig, grid: ProcessGrid) -> Trainer:
     exchange = AllToAllExchange(cfg.moe.num_experts, grid.ep_group) if grid.ep > 1 else None
     modules = build_stage_modules(cfg, grid.pp_rank, exchange)
-    for module in modules:
-        module.model.reset_parameters(cfg.seed)
-        module.to(grid.device)
-    named = [(n, p) for m in modules for n, p in m.named_parameters()]
-    dense = [p for n, p in named if not is_expert_param(n)]
-    experts = [p for n, p in named if is_expert_param(n)]
+    models = [module.model for module in modules]
+    for model in models:
+        model.reset_parameters(cfg.seed)
+        model.to(grid.device)
+    experts = [p for model in models for p in expert_parameters(model)]
+    expert_ids = {id(p) for p in experts}
+    dense = [p for model in models for p in model.parameters() if id(p) not in expert_ids]
     grad_sync = GradSync(dense, experts, grid.dp_group, grid.edp_group, grid.dp)
-    optimizer = build_optimizer(nn.ModuleList(modules), cfg.train)
+    embeddings = [p for model in models for p in model.embedding_parameters()]
+    optimizer = build_optimizer(nn.ModuleList(models), cfg.train, embeddings)
     train, valid, _ = build_datasets(cfg, is_builder=grid.rank == 0)
     eod_id = data_eod_id(cfg)
-    moe_layers = {int(i): layer.mlp for m in modules for i, layer in m.model.layers.items() if isinstance(layer.mlp, MoELayer)}
-    return Trainer(cfg, grid, modules, optimizer, grad_sync, dense, experts, rank_loader(cfg, grid, train, eod_id), valid,
-                   ExpertLoad(moe_layers), _tied_copy(cfg, grid, modules), eod_id, data_stream(cfg))
+    state = TrainingState(cfg, grid, models, optimizer, rank_loader(cfg, grid, train, eod_id), data_stream(cfg))
+    moe_layers = {layer.layer_index: layer for model in models for layer in model.moe_layers()}
+    tied = next((p for model in models if (p := model.tied_parameter()) is not None), None)
+    return Trainer(state, modules, grad_sync, dense, experts, valid, ExpertLoad(moe_layers), tied, eod_id)
 
 
 def rank_loader(cfg: DictConfig, grid: ProcessGrid, dataset: Dataset, eod_id: Optional[int]) -> GlobalBatchLoader:
@@ -338,7 +346,7 @@ def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
     lock = claim_run_dir(cfg, grid)
     try:
         trainer = build_trainer(cfg, grid)
-        resume(trainer)
+        resume(trainer.state)
         if is_writer:
             _forget_steps_after(run_dir, trainer.step)
         logger = MetricsLogger(run_dir, is_writer, cfg.logging.wandb, cfg.train.steps, OmegaConf.to_container(cfg))
@@ -439,7 +447,7 @@ def _checkpoint_and_maybe_stop(trainer: Trainer, preemption: Preemption, skipped
                 print(f"checkpoint: step {step} {outcome}", flush=True)
         else:
             trainer.progress.at("checkpoint save")
-            saved = save_checkpoint(trainer)
+            saved = save_checkpoint(trainer.state)
             outcome = "the checkpoint is saved" if saved else "no checkpoint: the state is not finite"
     if stop and trainer.grid.rank == 0:
         name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"

@@ -9,28 +9,27 @@ decays them).
 
 from __future__ import annotations
 
+from typing import Collection
+
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
-EMBEDDING_NAMES: tuple[str, ...] = ("embed.weight", "lm_head.weight")
-
-
-def _is_embedding(name: str) -> bool:
-    return any(name == e or name.endswith("." + e) for e in EMBEDDING_NAMES)
-
-
-def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool,
+                 embeddings: Collection[nn.Parameter] = ()) -> list[dict]:
     """Two AdamW groups, always in this order: ``decay`` and ``no_decay`` (either may be empty).
 
-    A fixed group layout keeps optimizer state dicts comparable across pipeline stages.
+    ``embeddings`` are the vocabulary matrices (what a stage model's ``embedding_parameters()``
+    declares; known by identity, not by name). A fixed group layout keeps optimizer state dicts
+    comparable across pipeline stages.
     """
+    embedding_ids = {id(p) for p in embeddings}
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or (_is_embedding(name) and not decay_embeddings)
+        skip = p.ndim < 2 or (id(p) in embedding_ids and not decay_embeddings)
         (no_decay if skip else decay).append(p)
     return [
         {"name": "decay", "params": decay, "weight_decay": weight_decay},
@@ -47,14 +46,15 @@ def _apex_fused_adam() -> type | None:
     return FusedAdam
 
 
-def build_optimizer(model: nn.Module, train_cfg: DictConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, train_cfg: DictConfig,
+                    embeddings: Collection[nn.Parameter] = ()) -> torch.optim.Optimizer:
     """AdamW(β1, β2, eps) over :func:`param_groups`; the loop sets the lr of every step.
 
     On CUDA: apex FusedAdam (AdamW mode) if importable, else torch's fused AdamW. On CPU:
     torch's fused AdamW too — elementwise, so bit-identical run to run and across layouts, and
     ~6× faster than the for-loop version on the MoE's many expert parameters.
     """
-    groups = param_groups(model, train_cfg.weight_decay, train_cfg.decay_embeddings)
+    groups = param_groups(model, train_cfg.weight_decay, train_cfg.decay_embeddings, embeddings)
     kwargs = {"lr": train_cfg.lr, "betas": (train_cfg.beta1, train_cfg.beta2), "eps": train_cfg.eps}
     on_cuda = all(p.is_cuda for g in groups for p in g["params"])
     fused_adam = _apex_fused_adam() if on_cuda else None

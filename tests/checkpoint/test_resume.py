@@ -42,7 +42,7 @@ def _train(trainer: Trainer, steps: int, save_at: tuple[int, ...] = ()) -> list[
     for _ in range(steps):
         losses.append(train_step(trainer, next(batches))["loss"])
         if trainer.step in save_at:
-            save_checkpoint(trainer)
+            save_checkpoint(trainer.state)
     return losses
 
 
@@ -54,7 +54,7 @@ def test_resume_continues_bit_identically(grid: ProcessGrid, tmp_path: Path) -> 
 
     torch.manual_seed(123)  # the resumed process starts from other RNG states; the checkpoint restores them
     resumed = _trainer(grid, tmp_path / "b")
-    load_checkpoint(resumed, tmp_path / "a/checkpoints/step_2")
+    load_checkpoint(resumed.state, tmp_path / "a/checkpoints/step_2")
     assert resumed.step == 2 and resumed.loader.consumed_samples == 2 * 4
     assert _train(resumed, 3, save_at=(5,)) == losses[2:]
     assert torch.equal(torch.get_rng_state(), rng_after)
@@ -81,7 +81,7 @@ def test_auto_falls_back_past_damaged_checkpoints(grid: ProcessGrid, tmp_path: P
     capsys.readouterr()
 
     trainer = _trainer(grid, tmp_path)
-    assert resume(trainer) == root / "step_2" and trainer.step == 2
+    assert resume(trainer.state) == root / "step_2" and trainer.step == 2
     out = capsys.readouterr().out.splitlines()
     assert f"checkpoint: {root}/step_4/optim-r00000-00000.safetensors: CRC-32 mismatch" in out[0]
     assert out[1] == "checkpoint: step_4 is unusable; falling back to the previous checkpoint"
@@ -91,7 +91,7 @@ def test_auto_falls_back_past_damaged_checkpoints(grid: ProcessGrid, tmp_path: P
     torch.manual_seed(0)
     reference = _trainer(grid, tmp_path / "ref")
     _train(reference, 2)
-    assert_same_tensors(checkpoint_tensors(root / "step_2"), checkpoint_tensors(save_checkpoint(reference)))
+    assert_same_tensors(checkpoint_tensors(root / "step_2"), checkpoint_tensors(save_checkpoint(reference.state)))
 
 
 def test_named_damaged_checkpoint_is_an_error_and_all_damaged_is_too(grid: ProcessGrid, tmp_path: Path) -> None:
@@ -99,28 +99,28 @@ def test_named_damaged_checkpoint_is_an_error_and_all_damaged_is_too(grid: Proce
     root = tmp_path / "checkpoints"
     _corrupt(root / "step_2/model-r00000-00000.safetensors")
     with pytest.raises(CheckpointError, match=f"^{root}/step_2/model-r00000-00000.safetensors: CRC-32 mismatch"):
-        resume(_trainer(grid, tmp_path, f"checkpoint.resume={root}/step_2"))
+        resume(_trainer(grid, tmp_path, f"checkpoint.resume={root}/step_2").state)
     (root / "step_1/manifest.json").write_text("{")
     with pytest.raises(CheckpointError, match="none of the 2 checkpoints loads"):
-        resume(_trainer(grid, tmp_path))
+        resume(_trainer(grid, tmp_path).state)
 
 
 def test_resume_none_starts_fresh(grid: ProcessGrid, tmp_path: Path) -> None:
     _train(_trainer(grid, tmp_path), 1, save_at=(1,))
     trainer = _trainer(grid, tmp_path, "checkpoint.resume=none")
-    assert resume(trainer) is None and trainer.step == 0
+    assert resume(trainer.state) is None and trainer.step == 0
 
 
 def test_model_only_checkpoint_starts_at_step_zero(grid: ProcessGrid, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     trained = _trainer(grid, tmp_path / "a")
     _train(trained, 2)
-    source = save_checkpoint(trained)
+    source = save_checkpoint(trained.state)
     cfg = trained.cfg
     write_model_checkpoint(tmp_path / "weights", iter_model_tensors(source), cfg)
 
     trainer = _trainer(grid, tmp_path / "b", f"checkpoint.resume={tmp_path / 'weights'}")
     capsys.readouterr()
-    assert resume(trainer) == tmp_path / "weights"
+    assert resume(trainer.state) == tmp_path / "weights"
     assert "holds model weights only: starting at step 0 with a fresh optimizer" in capsys.readouterr().out
     assert trainer.step == 0 and trainer.loader.consumed_samples == 0 and not trainer.optimizer.state
     model = trainer.modules[0].model
@@ -132,16 +132,16 @@ def test_checkpoint_of_another_model_is_refused(grid: ProcessGrid, tmp_path: Pat
     _train(_trainer(grid, tmp_path), 1, save_at=(1,))
     shutil.copytree(tmp_path / "checkpoints/step_1", tmp_path / "copy")
     with pytest.raises(CheckpointError, match=r"tensor layers\.4\..* is missing"):
-        load_checkpoint(_trainer(grid, tmp_path / "b", "model.num_layers=6"), tmp_path / "copy")
+        load_checkpoint(_trainer(grid, tmp_path / "b", "model.num_layers=6").state, tmp_path / "copy")
     with pytest.raises(CheckpointError, match=r"embed\.weight has shape \[512, 64\], the configured model needs \[640, 64\]"):
-        load_checkpoint(_trainer(grid, tmp_path / "c", "model.vocab_size=640"), tmp_path / "copy")
+        load_checkpoint(_trainer(grid, tmp_path / "c", "model.vocab_size=640").state, tmp_path / "copy")
 
 
 def test_tensors_are_stored_under_single_process_names(grid: ProcessGrid, tmp_path: Path) -> None:
     """The reference, from the definition: a one-process model's state_dict, banks split per expert."""
     trainer = _trainer(grid, tmp_path, "model.tie_embeddings=false")
     _train(trainer, 1)
-    stored = checkpoint_tensors(save_checkpoint(trainer))
+    stored = checkpoint_tensors(save_checkpoint(trainer.state))
     model = trainer.modules[0].model
     expected: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
@@ -167,7 +167,7 @@ def test_a_changed_global_batch_continues_at_the_same_sample(grid: ProcessGrid, 
     _train(first, 2, save_at=(2,))
     resumed = _trainer(grid, tmp_path / "run", *data, "train.global_batch=8")
     capsys.readouterr()
-    resume(resumed)
+    resume(resumed.state)
     assert "checkpoint: train.global_batch changed from 4 to 8: continuing at sample 8 of the same stream" in \
         capsys.readouterr().out
     next_batch = next(iter(resumed.loader))
@@ -181,7 +181,7 @@ def test_a_changed_sample_stream_is_refused_unless_allowed(grid: ProcessGrid, tm
     with pytest.raises(SharedError, match=r"step_2: the training data stream changed since this checkpoint "
                                           r"\(train.seq_len: 32 → 16\).*checkpoint.allow_data_change=true to continue "
                                           r"at sample 8 of the new stream$"):
-        resume(_trainer(grid, tmp_path / "run", *data, "train.seq_len=16"))
+        resume(_trainer(grid, tmp_path / "run", *data, "train.seq_len=16").state)
     allowed = _trainer(grid, tmp_path / "run", *data, "train.seq_len=16", "checkpoint.allow_data_change=true")
-    resume(allowed)
+    resume(allowed.state)
     assert allowed.step == 2 and allowed.loader.consumed_samples == 8

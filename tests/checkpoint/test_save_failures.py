@@ -49,20 +49,20 @@ def _assert_nothing_lost(grid: ProcessGrid, run_dir: Path, error: str) -> None:
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_1"]
     assert (root / "latest").read_text() == "step_1\n"
     resumed = _trainer(grid, run_dir)
-    assert resume(resumed) == root / "step_1" and resumed.step == 1
+    assert resume(resumed.state) == root / "step_1" and resumed.step == 1
 
 
 def test_a_full_disk_stops_the_save_with_one_line(grid: ProcessGrid, tmp_path: Path) -> None:
     probe = _trainer(grid, tmp_path / "probe")
     _step(probe)  # with optimizer state, as every later save
-    size = _checkpoint_bytes(save_checkpoint(probe))
+    size = _checkpoint_bytes(save_checkpoint(probe.state))
     with small_filesystem(tmp_path / "disk", int(1.5 * size)) as disk:  # room for one checkpoint, not two
         trainer = _trainer(grid, disk / "run")
         _step(trainer)
-        first = save_checkpoint(trainer)
+        first = save_checkpoint(trainer.state)
         _step(trainer)
         with pytest.raises(SharedError) as failure:
-            save_checkpoint(trainer)
+            save_checkpoint(trainer.state)
         error = str(failure.value)
         assert error.startswith(f"checkpoint: cannot save step 2: {disk}/run/checkpoints/step_2.tmp/")
         assert "cannot write (No space left on device)" in error
@@ -74,13 +74,13 @@ def test_an_injected_full_disk_names_the_file_it_was_writing(grid: ProcessGrid, 
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     trainer = _trainer(grid, tmp_path / "run")
     _step(trainer)
-    size = _checkpoint_bytes(save_checkpoint(trainer))
+    size = _checkpoint_bytes(save_checkpoint(trainer.state))
     _step(trainer)
     full_disk_writes(monkeypatch, store, room_bytes=size // 2)
     with pytest.raises(SharedError, match=rf"^checkpoint: cannot save step 2: {tmp_path}/run/checkpoints/step_2.tmp/"
                                           r"\w+-r00000-00000.safetensors: cannot write \(No space left on device\)") \
             as failure:
-        save_checkpoint(trainer)
+        save_checkpoint(trainer.state)
     monkeypatch.undo()
     _assert_nothing_lost(grid, tmp_path / "run", str(failure.value))
 
@@ -88,16 +88,16 @@ def test_an_injected_full_disk_names_the_file_it_was_writing(grid: ProcessGrid, 
 def test_a_state_with_nan_is_never_saved(grid: ProcessGrid, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     trainer = _trainer(grid, tmp_path / "run")
     _step(trainer)
-    assert save_checkpoint(trainer) is not None
+    assert save_checkpoint(trainer.state) is not None
     bank = trainer.modules[0].model.layers["2"].mlp.experts.w2
     trainer.optimizer.state[bank]["exp_avg_sq"][5, 0, 0] = float("inf")
     trainer.step += 1
     capsys.readouterr()
-    assert save_checkpoint(trainer) is None
+    assert save_checkpoint(trainer.state) is None
     assert capsys.readouterr().out == ("checkpoint: not saving step 2: exp_avg_sq/layers.2.mlp.experts.5.w2 holds NaN "
                                        "or Inf values (a diverged state cannot be resumed)\n")
     assert sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir()) == ["latest", "step_1"]
     with torch.no_grad():
         trainer.modules[0].model.embed.weight[3, 1] = float("nan")
-    assert save_checkpoint(trainer) is None
+    assert save_checkpoint(trainer.state) is None
     assert "embed.weight holds NaN" in capsys.readouterr().out

@@ -8,8 +8,8 @@ import torch
 from megamoe.checkpoint.store import model_tensor_shapes
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
 from megamoe.config import ConfigError, compose
-from megamoe.model.yuan import YuanModel
-from tests.checkpoint.test_hf import load_model, model_tensors, random_model
+from megamoe.models import build_stage
+from tests.models.helpers import load_model, model_tensors, random_model
 
 DENSE = ["+exp=tiny", "model.ffn_type=dense", "model.dense_ffn_hidden_size=96"]
 
@@ -57,7 +57,7 @@ def test_experts_are_copies_of_the_dense_ffn_slices() -> None:
 def test_router_is_a_fresh_seeded_one_in_virtual_groups() -> None:
     dense_cfg = compose(DENSE)
     dense = list(model_tensors(random_model(dense_cfg)))
-    from_scratch = YuanModel(upcycled_config(dense_cfg, copies=4))  # what training from scratch draws
+    from_scratch = build_stage(upcycled_config(dense_cfg, copies=4))  # what training from scratch draws
     from_scratch.reset_parameters(seed=11)
     for granularity in (1, 2):
         cfg = upcycled_config(dense_cfg, copies=4, granularity=granularity)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megamoe.config.schema import MoEConfig
-from megamoe.model.moe import MoELayer
+from megamoe.nn.moe import MoELayer
 from megamoe.parallel.expert import AllToAllExchange, expert_range
 
 from .launcher import run_distributed

@@ -45,15 +45,15 @@ def run_phases(rank: int, world_size: int, phases: list[dict[str, Any]]) -> list
         validate(cfg, world_size)
         trainer = build_trainer(cfg, init_grid(cfg.parallel.pp, cfg.parallel.ep, timeout_s=60))
         if "load" in phase:
-            load_checkpoint(trainer, Path(phase["load"]))
+            load_checkpoint(trainer.state, Path(phase["load"]))
             if phase.get("save_after_load"):
-                save_checkpoint(trainer)
+                save_checkpoint(trainer.state)
         batches = iter(trainer.loader)
         losses = []
         while trainer.step < phase["until"]:
             losses.append(train_step(trainer, next(batches))["loss"])
             if trainer.step in phase.get("save_at", ()):
-                save_checkpoint(trainer)
+                save_checkpoint(trainer.state)
         results.append(losses)
     torch.distributed.destroy_process_group()
     return results

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from megamoe.checkpoint import iter_model_tensors, read_config, write_model_checkpoint
 from megamoe.config import compose
-from tests.checkpoint.test_hf import TINY_HF, load_model, model_tensors, random_model
+from tests.models.helpers import load_model, model_tensors, random_model
+from tests.models.yuan.test_hf import TINY_HF
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "convert_checkpoint.py"
 spec = importlib.util.spec_from_file_location("convert_checkpoint", SCRIPT)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from megamoe.config import compose, validate
-from megamoe.model import memory
+from megamoe.models import memory
 from tests.pretrain import ROOT
 
 

@@ -11,10 +11,10 @@ import torch
 from omegaconf import DictConfig
 
 from megamoe.config import ConfigError, compose, validate
-from megamoe.model import memory
+from megamoe.models import memory
 from megamoe.parallel import balance
 from megamoe.parallel.pipeline import build_stage_modules
-from tests.model.test_memory import ExpertSlice
+from tests.models.test_memory import ExpertSlice
 
 INTERLEAVED = ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"]
 

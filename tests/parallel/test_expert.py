@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from megamoe.config import compose
-from megamoe.model.moe import ExpertBank
-from megamoe.model.yuan import YuanModel
-from megamoe.parallel.expert import expert_range, is_expert_param, source_major_to_expert_major
+from megamoe.models import build_stage
+from megamoe.nn.moe import ExpertBank
+from megamoe.checkpoint.names import expert_bank_names
+from megamoe.nn.moe.experts import expert_parameters
+from megamoe.parallel.expert import expert_range, source_major_to_expert_major
 
 
 @pytest.mark.parametrize("num_experts, ep_size", [(8, 1), (8, 2), (8, 8), (32, 4)])
@@ -25,20 +27,24 @@ def test_expert_range_rejects_uneven_split_and_bad_rank() -> None:
         expert_range(8, 2, 2)
 
 
-def test_expert_params_are_exactly_the_expert_banks_of_the_model() -> None:
+def test_expert_params_are_the_expert_banks_whatever_they_are_called() -> None:
+    """Which gradients are averaged over edp (experts) is decided by module type, not by names:
+    renaming a layer's bank moves its names but not its parameters' group."""
     cfg = compose(["+exp=tiny", "moe.num_shared_experts=1"])  # shared experts are dense params
     with torch.device("meta"):
-        model = YuanModel(cfg)
-    banks = {
-        f"{module_name}.{name}"
-        for module_name, module in model.named_modules()
-        if isinstance(module, ExpertBank)
-        for name, _ in module.named_parameters()
-    }
-    names = [name for name, _ in model.named_parameters()]
-    assert len(banks) == 2 * cfg.model.num_layers
-    assert {name for name in names if is_expert_param(name)} == banks
-    assert any("shared_experts" in name for name in names)
+        model = build_stage(cfg)
+    banks = [module for module in model.modules() if isinstance(module, ExpertBank)]
+    assert len(banks) == cfg.model.num_layers
+    expected = {id(p) for bank in banks for p in (bank.w1, bank.w2)}
+    assert {id(p) for p in expert_parameters(model)} == expected
+    moe = model.layers["1"].mlp
+    moe.routed = moe.experts  # the same bank under another name ...
+    del moe.experts
+    assert "layers.1.mlp.routed.w1" in expert_bank_names(model) and "layers.1.mlp.experts.w1" not in dict(
+        model.named_parameters())
+    assert {id(p) for p in expert_parameters(model)} == expected  # ... is still the experts' group
+    shared = {id(p) for p in moe.shared_experts.parameters()}
+    assert shared and not shared & expected
 
 
 def _regroup_reference(counts: torch.Tensor) -> list[int]:

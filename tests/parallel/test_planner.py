@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from megamoe.config import compose
-from megamoe.model import memory
+from megamoe.models import memory
 from megamoe.parallel import balance
 from megamoe.parallel.planner import GPUS, Hardware, Layout, evaluate, layouts, plan, step_time, with_layout
 

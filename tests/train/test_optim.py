@@ -44,7 +44,8 @@ def _cfg(**overrides: object) -> DictConfig:
 def test_param_groups_follow_the_decay_rule(decay_embeddings: bool) -> None:
     model = nn.Sequential()
     model.add_module("stage", _Toy())  # names gain a prefix, as inside a pipeline-stage wrapper
-    groups = param_groups(model, 0.1, decay_embeddings)
+    toy = model.stage
+    groups = param_groups(model, 0.1, decay_embeddings, {toy.embed.weight, toy.lm_head.weight})
     assert [(g["name"], g["weight_decay"]) for g in groups] == [("decay", 0.1), ("no_decay", 0.0)]
     decay, no_decay = _names(model, groups)
     matrices = {f"stage.layers.{i}.{n}" for i in (0, 1) for n in ("proj.weight", "experts")}

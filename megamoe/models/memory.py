@@ -1,0 +1,365 @@
+"""GPU memory per rank of a training run, estimated from the config before anything launches.
+
+Accounting, per GPU, for the pipeline rank that needs the most:
+
+* **Model states, 16 B per parameter the rank holds.** We keep fp32 parameters and run bf16
+  under autocast, so: fp32 weights 4 + fp32 gradients 4 + AdamW m 4 + v 4. (Megatron-Core's
+  mixed precision instead stores bf16 weights 2 + fp32 main grads 4 + fp32 master weights 4 +
+  m 4 + v 4 = 18 B.) A rank holds its stage's layers and, of each MoE layer, num_experts / ep
+  experts. There is no ZeRO, so data parallelism shards nothing.
+* **bf16 weight copies** (:func:`weight_copy_bytes`). The expert banks' copies are made once
+  per step and shared by its micro-batches (megamoe.nn.casts). Autocast caches the casts
+  of the attention projections and the shared / dense FFN for its region: the whole step in a
+  pipeline, one micro-batch's forward with pp = 1. The LFA kernels (views) are cast in every
+  forward and the Attention Router concatenates its fp32 q/k/v weights once per forward: one
+  copy per micro-batch in flight. A recomputed block makes its copies again in the backward
+  pass, one layer at a time, unless a longer-lived cache still holds them.
+* **Activations**: the bytes each layer saves for backward per token (the terms below follow
+  megamoe.model's code paths, and tests/model/test_memory.py checks them against the tensors
+  autograd actually saves on CPU), times the tokens of a micro-batch, times the micro-batches
+  in flight on the rank (1F1B: pipeline rank r holds pp − r; interleaved 1F1B holds more); on
+  the last stage also the head's input and the loss's per-token scalars
+  (:func:`head_held_bytes`); in a pipeline, the buffers torch's PipelineStage allocates for
+  every micro-batch of the step (:func:`pipeline_buffer_bytes`). Plus the larger of two
+  working sets: one layer's backward pass (its activations again, a conservative bound for
+  the recomputed activations and their gradients), or the chunked loss's (one chunk of
+  logits, the head weight's bf16 copy and fp32 gradient: :func:`loss_working_bytes`; no
+  micro-batch's logits are ever whole), which runs before the layers' backward passes.
+
+tests/model/test_memory.py also runs stages of a tiny model the way 1F1B runs them and checks
+the estimate against the peak of the bytes the CPU allocator really handed out.
+
+Dropless routing with balanced load is assumed (every expert-parallel rank receives its
+average k·tokens). Not counted: the CUDA context, NCCL and gradient-bucket buffers and
+allocator fragmentation (together often 2–5 GiB): keep ~10% of the GPU free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+from omegaconf import DictConfig
+
+from megamoe.config.validate import validate_layout
+from megamoe.nn.rope import rotary_dim
+from megamoe.models import family_of
+from megamoe.models.flops import parameter_breakdown
+from megamoe.nn.loss import chunk_tokens
+
+GIB = 2**30
+FP32, BF16, INT64 = 4, 2, 8
+MODEL_STATE_BYTES = {"weights": FP32, "gradients": FP32, "optimizer": 2 * FP32}  # AdamW m and v
+FFN_ROWS = ("router", "shared_experts", "dense_ffn")  # a layer's parameters besides its attention block
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many processes run the config and how they are arranged (world = pp × dp, ep | dp)."""
+
+    world_size: int
+    pp: int
+    dp: int
+    ep: int
+
+
+def layout(cfg: DictConfig, world_size: Optional[int] = None) -> Layout:
+    """The layout for ``world_size`` GPUs; by default the smallest the config allows (dp = ep)."""
+    p = cfg.parallel
+    world = p.pp * p.ep if world_size is None else world_size
+    return Layout(world, p.pp, validate_layout(cfg, world), p.ep)
+
+
+def is_bf16(cfg: DictConfig) -> bool:
+    """On a GPU, train.precision=auto means bf16 autocast."""
+    return cfg.train.precision != "fp32"
+
+
+# ---- parameters ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """One decoder layer's parameters as seen by one expert-parallel rank."""
+
+    dense: int  # everything but the routed experts: attention block, router, shared/dense FFN, norms
+    experts: int  # the num_experts / ep routed experts this rank holds
+    attention_matmul: int  # matmul weights cast once per step (autocast's cache), e.g. q/k/v/o
+    attention_per_forward: int  # cast again in every forward (used through views: Yuan's LFA kernels)
+    ffn_matmul: int  # shared experts or the dense FFN: cast once per step
+    attention_router: int  # the Attention Router's q/k/v maps: concatenated in fp32 in every forward
+
+
+def layer_params(cfg: DictConfig, ep: int) -> LayerParams:
+    m = cfg.model
+    family = family_of(cfg)
+    attention = family.attention_parts(m)
+    rows = parameter_breakdown(cfg)
+    per_layer = {row: rows[row].total // m.num_layers for row in (*FFN_ROWS, "experts")}
+    attention_router = m.ffn_type == "moe" and cfg.moe.router == "attention"
+    per_forward = family.attention_cast_per_forward(m)
+    return LayerParams(
+        dense=(sum(part.total for part in attention.values()) + sum(per_layer[row] for row in FFN_ROWS)
+               + 2 * m.hidden_size),  # + input / post-attention norms
+        experts=per_layer["experts"] // ep,
+        attention_matmul=sum(part.matmul for part in attention.values()) - per_forward,
+        attention_per_forward=per_forward,
+        ffn_matmul=per_layer["shared_experts"] + per_layer["dense_ffn"],
+        attention_router=per_layer["router"] if attention_router else 0,
+    )
+
+
+@dataclass(frozen=True)
+class WeightCopies:
+    """Bytes of one layer's weight copies, for the attention and the FFN block: ``cached`` ones
+    live as long as autocast's cache, ``per_forward`` ones once per micro-batch in flight;
+    the routed experts' once per step (megamoe.nn.casts.shared_casts)."""
+
+    attention_cached: int
+    attention_per_forward: int
+    ffn_cached: int
+    ffn_per_forward: int
+    experts: int
+
+
+def weight_copies(layer: LayerParams, act: int) -> WeightCopies:
+    cast = BF16 if act == BF16 else 0  # fp32 training casts nothing
+    return WeightCopies(
+        attention_cached=cast * layer.attention_matmul,
+        attention_per_forward=cast * layer.attention_per_forward,
+        ffn_cached=cast * layer.ffn_matmul,
+        ffn_per_forward=FP32 * layer.attention_router,
+        experts=cast * layer.experts,
+    )
+
+
+def recomputed_blocks(cfg: DictConfig) -> tuple[str, ...]:
+    """The blocks whose forward the backward pass runs again, by train.activation_checkpointing."""
+    return {"none": (), "selective": ("attention",), "full": ("attention", "ffn")}[cfg.train.activation_checkpointing]
+
+
+def weight_copy_bytes(cfg: DictConfig, lay: Layout, layers: int, in_flight: float) -> float:
+    """Bytes of the weight copies of a rank with ``layers`` layers at its peak (module docstring).
+
+    A block's autocast-cached copies outlive its recompute in a pipeline, whose schedule runs in
+    one autocast region; with pp = 1 the backward pass (and so the recompute) runs outside it.
+    """
+    copies = weight_copies(layer_params(cfg, lay.ep), BF16 if is_bf16(cfg) else FP32)
+    held, working = layers * copies.experts, 0.0
+    blocks = {"attention": (copies.attention_cached, copies.attention_per_forward),
+              "ffn": (copies.ffn_cached, copies.ffn_per_forward)}
+    for block, (cached, per_forward) in blocks.items():
+        if block not in recomputed_blocks(cfg):
+            held += layers * (cached + in_flight * per_forward)
+        elif lay.pp > 1:
+            held, working = held + layers * cached, working + per_forward
+        else:
+            working += cached + per_forward
+    return held + working
+
+
+@dataclass(frozen=True)
+class StageParams:
+    """What one pipeline rank stores: its layers, plus the embedding and / or head and final norm."""
+
+    layers: int
+    total: int
+    holds_embedding: bool
+    holds_head: bool  # final norm, head and loss (the last stage)
+
+
+def stage_params(cfg: DictConfig, pp_rank: int, ep: int) -> StageParams:
+    """Parameters of pipeline rank ``pp_rank``: the layers of all its stages under the config's split."""
+    from megamoe.parallel.balance import rank_layers  # at call time: balance's memory tie-break uses this module
+
+    m, p = cfg.model, cfg.parallel
+    layer = layer_params(cfg, ep)
+    layers = rank_layers(cfg, pp_rank)
+    first, last = pp_rank == 0, pp_rank == p.pp - 1
+    vocab_matrix = m.vocab_size * m.hidden_size
+    single_stage = p.pp * p.virtual_stages == 1
+    owns_head = last and not (m.tie_embeddings and single_stage)  # a tied model split in stages keeps a head copy
+    total = (layers * (layer.dense + layer.experts) + (first + owns_head) * vocab_matrix
+             + last * m.hidden_size)  # + the final norm
+    return StageParams(layers, total, first, last)
+
+
+# ---- activations -----------------------------------------------------------------------------
+
+
+def matmul_input_bytes(elements: int, consumers: int, act: int) -> int:
+    """Bytes an fp32 tensor costs as the input of ``consumers`` matmuls: in fp32 they share the
+    one saved tensor; under bf16 autocast each saves its own bf16 cast."""
+    return FP32 * elements if act == FP32 else BF16 * elements * consumers
+
+
+def rms_norm_bytes(hidden: int) -> int:
+    """RMSNorm over the fp32 residual stream saves its input, the normalised input and 1/rms
+    (torch's kernel; apex's fused one on CUDA keeps one fp32 [tokens, H] less: we count high)."""
+    return FP32 * (2 * hidden + 1)
+
+
+def _swiglu_bytes(rows: int, ffn: int, act: int) -> int:
+    """A SwiGLU saves w1's output [gate | up], silu(gate) and silu(gate)·up for each of its rows."""
+    return rows * act * 4 * ffn
+
+
+def ffn_bytes(cfg: DictConfig, act: int) -> int:
+    """Saved per token by the FFN block: its norm, then the MoE layer or the dense SwiGLU."""
+    m, moe = cfg.model, cfg.moe
+    h = m.hidden_size
+    if m.ffn_type == "dense":
+        return rms_norm_bytes(h) + act * h + _swiglu_bytes(1, m.dense_ffn_hidden_size, act)
+    e, k = moe.num_experts, moe.top_k
+    router = FP32 * h  # the fp32 router's input (the normed tokens)
+    if moe.router == "attention":
+        router += FP32 * 5 * e  # q/k/v logits, the expert-attention output and its logsumexp
+    else:
+        router += FP32 * (3 if moe.noisy_gating else 1) * e  # logits (noisy: + the noise logits' softplus, the noise)
+    selection = FP32 * e + INT64 * k + FP32 * k  # softmax over experts, chosen ids, combine weights
+    permutation = 2 * INT64 * k  # source-token indices of the sorted assignments
+    experts = k * act * h + _swiglu_bytes(k, moe.ffn_hidden_size, act)  # each assignment's input row, then its SwiGLU
+    combine = k * (2 * act * h + act)  # expert outputs, weighted outputs, weights
+    z_loss = FP32  # logsumexp of the logits
+    shared = 0
+    if moe.num_shared_experts:
+        shared_ffn = moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size)
+        shared = (BF16 * h if act == BF16 else 0) + _swiglu_bytes(1, shared_ffn, act)  # fp32 shares the router's input
+    return rms_norm_bytes(h) + router + selection + permutation + experts + combine + z_loss + shared
+
+
+def layer_bytes(cfg: DictConfig, act: int) -> int:
+    """Everything one decoder layer saves per token without recompute."""
+    return family_of(cfg).attention_bytes(cfg.model, act) + ffn_bytes(cfg, act)
+
+
+def held_layer_bytes(cfg: DictConfig, act: int) -> int:
+    """What a layer keeps per token between its forward and backward, by train.activation_checkpointing.
+
+    full: only the layer's input (the fp32 residual stream). selective: the attention block
+    keeps its input norm and the normed input it recomputes from; the FFN block keeps all.
+    """
+    h = cfg.model.hidden_size
+    mode = cfg.train.activation_checkpointing
+    if mode == "full":
+        return FP32 * h
+    if mode == "selective":
+        return rms_norm_bytes(h) + FP32 * h + ffn_bytes(cfg, act)
+    return layer_bytes(cfg, act)
+
+
+def stage_input_bytes(cfg: DictConfig, first_stage: bool) -> int:
+    """Per token and micro-batch, once per stage: RoPE cos / sin (fp32), and the token ids on the first stage."""
+    return FP32 * 2 * rotary_dim(cfg.model) + INT64 * first_stage
+
+
+def head_held_bytes(cfg: DictConfig) -> int:
+    """Per token, held on the last stage from the head's forward to its backward: the final
+    norm, its fp32 output (the loss's input) and the loss's scalars (label, log-sum-exp, mask)."""
+    h = cfg.model.hidden_size
+    return rms_norm_bytes(h) + FP32 * h + INT64 + 2 * FP32
+
+
+def loss_working_bytes(cfg: DictConfig, act: int, tokens: int) -> int:
+    """The chunked loss's transient bytes (megamoe.nn.loss) at its larger pass, with C·V the
+    elements of one chunk's logits and V·H the head's. Forward: the weight's bf16 copy, the fp32
+    logits and log-sum-exp's temporary (8·C·V). Backward: the bf16 copy, the fp32 gradient
+    accumulator, each chunk's bf16 product into it, the hidden states' gradient, the fp32
+    softmax and its bf16 cast. (On CPU, adding the bf16 product to the fp32 accumulator makes
+    an fp32 copy of it, 4·V·H more; CUDA casts on the fly.)"""
+    m = cfg.model
+    cast = BF16 if act == BF16 else 0
+    chunk = min(chunk_tokens(m.vocab_size), tokens) * m.vocab_size
+    weight = m.vocab_size * m.hidden_size
+    forward = cast * weight + 2 * FP32 * chunk
+    backward = (2 * cast + FP32) * weight + FP32 * tokens * m.hidden_size + (FP32 + cast) * chunk
+    return max(forward, backward)
+
+
+def pipeline_buffer_bytes(cfg: DictConfig, pp_rank: int, in_flight: float, num_microbatches: int) -> float:
+    """Per token of a micro-batch, what pipelining adds on rank ``pp_rank`` (0 without a pipeline).
+
+    torch's PipelineStage allocates, once for the run, a receive buffer per micro-batch of the
+    step for each stage input but the first stage's (hidden states fp32, position ids), and one
+    for the gradient of each output but the last stage's. An in-flight micro-batch's input sits
+    in one of those buffers, which the held activations count already (its first layer saves
+    it): taken off here. Its output (fp32 hidden states) is held until its backward: added.
+    """
+    pp, v, h = cfg.parallel.pp, cfg.parallel.virtual_stages, cfg.model.hidden_size
+    if pp == 1:
+        return 0.0
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    buffers = num_microbatches * ((v - first) * (FP32 * h + INT64) + (v - last) * FP32 * h)
+    return buffers + in_flight * FP32 * h * (first - last)
+
+
+def microbatches_in_flight(cfg: DictConfig, pp_rank: int, num_microbatches: int) -> float:
+    """Micro-batches whose activations rank ``pp_rank`` holds at its peak, in units of all its layers.
+
+    1F1B: rank r runs pp − r forwards before its first backward. Interleaved 1F1B (v chunks of
+    L/(pp·v) layers per rank) warms up (v − 1)·pp + 2·(pp − 1 − r) chunk forwards, the count of
+    torch's ScheduleInterleaved1F1B; on rank 0 that is Megatron's factor 1 + (pp − 1)/(pp·v)
+    over 1F1B. Without a pipeline, micro-batches run one after another.
+    """
+    pp, v = cfg.parallel.pp, cfg.parallel.virtual_stages
+    if pp == 1:
+        return 1.0
+    if cfg.parallel.schedule == "interleaved_1f1b":
+        chunks = min((v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1, num_microbatches * v)
+        return chunks / v
+    return float(min(pp - pp_rank, num_microbatches))
+
+
+# ---- the estimate ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes on one GPU of pipeline rank ``pp_rank``, by part."""
+
+    pp_rank: int
+    in_flight: float
+    weights: float
+    gradients: float
+    optimizer: float
+    weight_copies: float
+    activations: float
+
+    PARTS: ClassVar[tuple[str, ...]] = ("weights", "gradients", "optimizer", "weight_copies", "activations")
+
+    @property
+    def total(self) -> float:
+        return sum(getattr(self, part) for part in self.PARTS)
+
+    def gib(self) -> dict[str, float]:
+        """The parts and the total in GiB, for the JSON line."""
+        parts = {part: getattr(self, part) / GIB for part in self.PARTS}
+        return {**parts, "total": self.total / GIB}
+
+
+def rank_memory(cfg: DictConfig, lay: Layout, pp_rank: int) -> RankMemory:
+    """The estimate for one pipeline rank (see the module docstring for the accounting)."""
+    act = BF16 if is_bf16(cfg) else FP32
+    t = cfg.train
+    tokens = t.micro_batch * t.seq_len
+    stage = stage_params(cfg, pp_rank, lay.ep)
+    num_microbatches = t.global_batch // (t.micro_batch * lay.dp)
+    in_flight = microbatches_in_flight(cfg, pp_rank, num_microbatches)
+    held = (in_flight * (stage.layers * held_layer_bytes(cfg, act) + stage_input_bytes(cfg, stage.holds_embedding))
+            + pipeline_buffer_bytes(cfg, pp_rank, in_flight, num_microbatches)
+            + stage.holds_head * head_held_bytes(cfg))
+    # at work: one layer's backward, or the loss (which runs before the layers' backward passes)
+    working = max(tokens * layer_bytes(cfg, act), stage.holds_head * loss_working_bytes(cfg, act, tokens))
+    return RankMemory(
+        pp_rank, in_flight,
+        **{part: per_param * stage.total for part, per_param in MODEL_STATE_BYTES.items()},
+        weight_copies=weight_copy_bytes(cfg, lay, stage.layers, in_flight),
+        activations=tokens * held + working,
+    )
+
+
+def memory_per_gpu(cfg: DictConfig, world_size: Optional[int] = None) -> tuple[Layout, RankMemory]:
+    """The layout and the estimate of its fullest GPU (the pipeline rank with the largest total)."""
+    lay = layout(cfg, world_size)
+    ranks = [rank_memory(cfg, lay, r) for r in range(lay.pp)]
+    return lay, max(ranks, key=lambda r: r.total)

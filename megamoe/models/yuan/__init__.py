@@ -1,0 +1,30 @@
+"""Yuan 2.0 (M32): Localized Filtering-based Attention with RoPE on part of each head, the
+Attention Router, tied embeddings; the Yuan2-M32 Hugging Face layout (docs/yuan2-m32.md)."""
+
+from omegaconf import DictConfig
+
+from megamoe.config.compose import ConfigError
+from megamoe.models.family import HFAdapter, ModelFamily
+from megamoe.models.yuan import accounting, hf
+from megamoe.models.yuan.attention import YuanAttention
+
+
+def validate(cfg: DictConfig) -> None:
+    """Yuan's attention has one K/V head per query head and no projection biases."""
+    m = cfg.model
+    for key, ok in (("model.num_kv_heads", m.num_kv_heads in (None, m.num_heads)), ("model.qkv_bias", not m.qkv_bias)):
+        if not ok:
+            raise ConfigError(f"{key}: {getattr(m, key.split('.')[1])} is not a Yuan setting (model.family=yuan has plain "
+                              "multi-head attention without biases); use model.family=qwen_moe")
+
+
+FAMILY = ModelFamily(
+    name="yuan",
+    attention=YuanAttention,
+    attention_parts=accounting.attention_parts,
+    attention_bytes=accounting.attention_bytes,
+    attention_cast_per_forward=accounting.cast_per_forward,
+    validate=validate,
+    hf=HFAdapter("YuanForCausalLM", "yuan", hf.to_hf, hf.from_hf, hf.hf_config, hf.config_from_hf,
+                 hf.is_ignored_hf_tensor),
+)
