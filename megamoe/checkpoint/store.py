@@ -2,7 +2,7 @@
 
 A checkpoint directory (``step_N/``) holds
 
-- ``model-*.safetensors``: the model under the single-process ``YuanModel`` parameter names
+- ``model-*.safetensors``: the model under the single-process decoder parameter names (megamoe.checkpoint.names)
   (``embed.weight``, ``layers.3.attn.q_proj.weight``, ...), except that each expert bank is
   stored per *global* expert: ``layers.{i}.mlp.experts.{e}.w1`` [2F, H] and ``.w2`` [H, F].
   Names do not depend on (dp, pp, ep), so any layout can read what any layout wrote;

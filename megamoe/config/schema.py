@@ -105,7 +105,6 @@ class DataConfig:
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cache_dir: Optional[str] = None  # where index .npy files go; default next to the data
     reset_position_ids: bool = False
-    num_workers: int = 0
 
 
 @dataclass

@@ -43,7 +43,7 @@ POSITIVE: tuple[str, ...] = (
 NON_NEGATIVE: tuple[str, ...] = (
     "moe.aux_loss_coeff", "moe.z_loss_coeff", "moe.aux_free_bias_update_rate", "moe.num_shared_experts",
     "moe.shared_expert_ffn_hidden_size", "train.min_lr", "train.warmup_steps", "train.weight_decay",
-    "train.eps", "train.clip_grad", "data.num_workers",
+    "train.eps", "train.clip_grad",
 )
 
 

@@ -15,7 +15,7 @@ Accounting, per GPU, for the pipeline rank that needs the most:
   copy per micro-batch in flight. A recomputed block makes its copies again in the backward
   pass, one layer at a time, unless a longer-lived cache still holds them.
 * **Activations**: the bytes each layer saves for backward per token (the terms below follow
-  megamoe.model's code paths, and tests/model/test_memory.py checks them against the tensors
+  megamoe.nn's code paths, and tests/models/test_memory.py checks them against the tensors
   autograd actually saves on CPU), times the tokens of a micro-batch, times the micro-batches
   in flight on the rank (1F1B: pipeline rank r holds pp − r; interleaved 1F1B holds more); on
   the last stage also the head's input and the loss's per-token scalars
@@ -26,7 +26,7 @@ Accounting, per GPU, for the pipeline rank that needs the most:
   logits, the head weight's bf16 copy and fp32 gradient: :func:`loss_working_bytes`; no
   micro-batch's logits are ever whole), which runs before the layers' backward passes.
 
-tests/model/test_memory.py also runs stages of a tiny model the way 1F1B runs them and checks
+tests/models/test_memory.py also runs stages of a tiny model the way 1F1B runs them and checks
 the estimate against the peak of the bytes the CPU allocator really handed out.
 
 Dropless routing with balanced load is assumed (every expert-parallel rank receives its

@@ -93,9 +93,6 @@ class ProcessGrid:
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp - 1
 
-    def global_rank(self, pp_rank: int, dp_rank: int) -> int:
-        return pp_rank * self.dp + dp_rank
-
 
 def grid_rank_lists(pp: int, dp: int, ep: int) -> dict[str, list[list[int]]]:
     """Every group of each kind as lists of global ranks (pure: testable without processes)."""

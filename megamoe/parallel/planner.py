@@ -43,7 +43,6 @@ from megamoe.parallel import balance
 
 BF16 = 2
 FP32 = 4
-SCHEDULES = ("1f1b", "interleaved_1f1b")
 RECOMPUTE = ("none", "selective", "full")
 MICRO_BATCHES = (1, 2, 4, 8, 16)
 MAX_VIRTUAL_STAGES = 4

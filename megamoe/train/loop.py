@@ -44,7 +44,7 @@ from megamoe.parallel.pipeline import StageModule, build_schedule, build_stage_m
 from megamoe.train.metrics import MetricsLogger, detect_peak_flops, expert_load_summary, mfu
 from megamoe.train.optim import build_optimizer
 from megamoe.train.run_dir import claim_run_dir
-from megamoe.train.schedule import lr_at
+from megamoe.train.schedule import lr_at, set_lr
 
 
 class NonFiniteError(SharedError):
@@ -257,8 +257,7 @@ def train_step(trainer: Trainer, microbatches: list[dict[str, Tensor]], report_e
     so ordinary steps pay no extra collective."""
     cfg, grid = trainer.cfg, trainer.grid
     lr = lr_at(trainer.step + 1, cfg.train)
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = lr
+    set_lr(trainer.optimizer, lr)
     at = trainer.progress.at
     trainer.progress.step = trainer.step + 1
     at("forward/backward")

@@ -80,7 +80,7 @@ def test_a_bad_override_exits_2_with_one_line(args: list[str], named: str, capsy
 
 
 def test_tiny_memory_per_gpu(capsys: pytest.CaptureFixture) -> None:
-    """The JSON line carries tests/model/test_memory.py's hand count of tiny on one GPU."""
+    """The JSON line carries tests/models/test_memory.py's hand count of tiny on one GPU."""
     model_stats.main(["+exp=tiny"])
     out = capsys.readouterr().out
     stats = last_json(out)
