@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 NPROC ?= 4
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/moe_layer.py
+
+# The GPU path, with the Python that has your CUDA torch (the image's, or PYTHON=...), not the CPU venv.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs demo_data .pytest_cache
