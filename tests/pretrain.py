@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -15,11 +16,13 @@ TINY = ["+exp=tiny", "train.global_batch=4", "train.micro_batch=1", "train.seq_l
         "train.log_interval=1"]
 
 
-def pretrain_command(run_dir: Path, *overrides: str, nproc: int = 1) -> list[str]:
+def pretrain_command(run_dir: Path, *overrides: str, nproc: int = 1, torchrun: Sequence[str] = ()) -> list[str]:
+    """One plain process, or torchrun with ``nproc`` workers (``torchrun`` replaces --standalone,
+    e.g. a multi-node rendezvous, and adds options such as --max-restarts)."""
     script = ["launch/pretrain.py", *TINY, f"run.dir={run_dir}", *overrides]
-    if nproc == 1:
+    if nproc == 1 and not torchrun:
         return [sys.executable, *script]
-    return [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *script]
+    return [TORCHRUN, *(torchrun or ["--standalone"]), f"--nproc_per_node={nproc}", *script]
 
 
 def pretrain_env(**extra: str) -> dict[str, str]:
@@ -31,14 +34,42 @@ def run_pretrain(run_dir: Path, *overrides: str, nproc: int = 1, timeout: float 
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start_pretrain(run_dir: Path, *overrides: str, nproc: int = 1, **env: str) -> subprocess.Popen:
+def start_pretrain(run_dir: Path, *overrides: str, nproc: int = 1, torchrun: Sequence[str] = (),
+                   **env: str) -> subprocess.Popen:
     """The run in the background (``env`` added to its environment), its output (stdout and stderr
     together) on a pipe."""
-    return subprocess.Popen(pretrain_command(run_dir, *overrides, nproc=nproc), cwd=ROOT, env=pretrain_env(**env),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(pretrain_command(run_dir, *overrides, nproc=nproc, torchrun=torchrun), cwd=ROOT,
+                            env=pretrain_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def logged(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    """The complete records of a run's metrics.jsonl (or eval.jsonl) so far; a line torn by a
+    kill in mid-write is left out."""
+    path, records = run_dir / name, []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
 
 
 def logged_steps(run_dir: Path) -> list[int]:
     """The steps metrics.jsonl holds, in file order."""
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line)["step"] for line in path.read_text().splitlines()] if path.exists() else []
+    return [record["step"] for record in logged(run_dir)]
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """Global rank → pid of a torchrun's workers (its children, whose environment holds RANK)."""
+    workers = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher_pid:
+                continue
+            environ = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
+        if rank is not None:
+            workers[rank] = int(stat.parent.name)
+    return workers

@@ -114,6 +114,22 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def attempt_store(env: LaunchEnv, timeout: timedelta, environ: Mapping[str, str] = os.environ) -> dist.Store:
+    """The job's key-value store (at MASTER_ADDR:MASTER_PORT), with this launch attempt's keys apart.
+
+    torchrun restarts a failed group in place (``--max-restarts``), and by default its workers
+    share the agent's rendezvous store, which still holds the previous attempt's keys: a
+    restarted gloo group then reads stale peer addresses and fails to connect ("Gloo
+    connectFullMesh failed … Connection refused", pytorch issue 135712). Prefixing every key
+    with the restart count makes each attempt start on a clean slate, with or without
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE``. Rank 0 hosts the store unless the agent does.
+    """
+    agent_hosts = environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), env.world_size,
+                          is_master=env.rank == 0 and not agent_hosts, timeout=timeout, wait_for_workers=False)
+    return dist.PrefixStore(f"megamoe/attempt{environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_grid(pp: int, ep: int, timeout_s: int, backend: str = "auto", env: Optional[LaunchEnv] = None) -> ProcessGrid:
     """Start torch.distributed (nccl on CUDA, gloo on CPU) with a collective timeout; build all groups.
 
@@ -125,10 +141,8 @@ def init_grid(pp: int, ep: int, timeout_s: int, backend: str = "auto", env: Opti
         backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():
-        if env.world_size == 1:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        else:
-            dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+        store = dist.HashStore() if env.world_size == 1 else attempt_store(env, timeout)
+        dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     dp = env.world_size // pp
     grid = ProcessGrid(rank=env.rank, world_size=env.world_size, pp=pp, dp=dp, ep=ep, device=device)
     for kind, rank_lists in grid_rank_lists(pp, dp, ep).items():

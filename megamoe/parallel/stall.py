@@ -19,6 +19,7 @@ flight recorder (``TORCH_NCCL_TRACE_BUFFER_SIZE``) covers the rest on GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -115,17 +116,23 @@ def diagnose(rank: int, world_size: int, progress: Progress, timeout_s: int, err
         arrived = _wait_for_check_ins(store, world_size, grace_s)
         missing = [r for r in range(world_size) if r not in arrived]
         if not missing:
-            message = f"every rank reached its collective, yet the transport failed ({error}); see the ranks' logs"
+            message = f"every rank reached its collective, yet the transport failed ({_first_line(error)}); see the ranks' logs"
         else:
             message = _describe(store, arrived, missing, timeout_s)
         reporter = rank == min(arrived)
-        if not reporter:  # let the reporter's line out before a non-zero exit makes the launcher stop it
-            store.wait([_key(_REPORTED)], timedelta(seconds=grace_s))
     except (RuntimeError, dist.DistError) as store_error:  # the store itself is gone or hangs
-        message = (f"{progress.operation} of step {progress.step} failed ({error}), and the job's store does not "
-                   f"answer either ({store_error}): the rank hosting it (rank 0, or the launcher) may be the one stopped")
-        reporter = True
+        message = (f"{progress.operation} of step {progress.step} failed ({_first_line(error)}), and the job's store "
+                   f"does not answer either ({_first_line(store_error)}): the rank hosting it (rank 0, or the "
+                   "launcher) may be the one stopped")
+        return CollectiveStall(message, report=True)
+    if not reporter:  # let the reporter's line out before a non-zero exit makes the launcher stop it
+        with contextlib.suppress(RuntimeError, dist.DistError):  # it may have been stopped first: go anyway
+            store.wait([_key(_REPORTED)], timedelta(seconds=grace_s))
     return CollectiveStall(message, reporter)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def reported() -> None:

@@ -12,25 +12,9 @@ import time
 from pathlib import Path
 
 from megamoe.parallel.stall import is_communication_failure
-from tests.pretrain import logged_steps, start_pretrain
+from tests.pretrain import logged_steps, start_pretrain, worker_pids
 
 TIMEOUT_S = 5
-
-
-def _worker_pids(launcher_pid: int) -> dict[int, int]:
-    """Global rank → pid of torchrun's workers (its children, whose environment holds RANK)."""
-    workers = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher_pid:
-                continue
-            environ = (stat.parent / "environ").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        rank = next((int(v[5:]) for v in environ if v.startswith(b"RANK=")), None)
-        if rank is not None:
-            workers[rank] = int(stat.parent.name)
-    return workers
 
 
 def test_a_stopped_rank_is_named_with_what_the_others_waited_in(tmp_path: Path) -> None:
@@ -40,7 +24,7 @@ def test_a_stopped_rank_is_named_with_what_the_others_waited_in(tmp_path: Path) 
     deadline = time.monotonic() + 180
     while len(logged_steps(tmp_path)) < 2 and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.2)
-    workers = _worker_pids(run.pid)
+    workers = worker_pids(run.pid)
     assert sorted(workers) == [0, 1, 2, 3], workers
     stopped_at = time.monotonic()
     os.kill(workers[2], signal.SIGSTOP)
