@@ -28,7 +28,8 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from megamoe.checkpoint.state import load_checkpoint, save_checkpoint
+from megamoe.checkpoint.saver import save_checkpoint
+from megamoe.checkpoint.state import load_checkpoint
 from megamoe.checkpoint.store import read_manifest
 from megamoe.cli import UserError, exit_on_user_error
 from megamoe.config import compose

@@ -8,7 +8,13 @@ and the last 20 steps). The demo corpus is built and preprocessed first if missi
 
     python -m benchmarks.router_ablation                       # 3 seeds × {attention, linear}
     python -m benchmarks.router_ablation --routers attention linear noisy --seeds 0 1 2 3 4
+    python -m benchmarks.router_ablation --routers attention linear attention_ec linear_ec
     python -m benchmarks.router_ablation --steps 5 --seeds 0   # smoke run
+
+``*_ec``: the same router with expert-choice routing (``moe.router_mode=expert_choice``, capacity
+T · k / N: the compute of top-k). Its load is even by construction (load CV 0), and its validation
+loss is not a causal model's: each expert ranks the whole micro-batch, so a token's routing
+depends on the tokens after it.
 
 It is a benchmark, not a test: the result is whatever it shows; record it as it is.
 Last line: one JSON object.
@@ -32,6 +38,8 @@ ROUTERS = {
     "attention": ["moe.router=attention"],
     "linear": ["moe.router=linear"],
     "noisy": ["moe.router=linear", "moe.noisy_gating=true"],
+    "attention_ec": ["moe.router=attention", "moe.router_mode=expert_choice"],
+    "linear_ec": ["moe.router=linear", "moe.router_mode=expert_choice"],
 }
 BALANCE_WINDOW = 20  # last steps whose expert counts define the balance figures
 
@@ -48,8 +56,11 @@ def load_balance(counts: list[dict[int, torch.Tensor]]) -> dict[str, float]:
 
 
 def train_one(router: str, seed: int, steps: int, threads: int) -> dict:
-    cfg = compose(["+exp=demo", "parallel.pp=1", "parallel.ep=1", f"seed={seed}", f"train.steps={steps}",
-                   "train.decay_steps=" + str(steps), "train.eval_iters=4", *ROUTERS[router]])
+    overrides = ["+exp=demo", "parallel.pp=1", "parallel.ep=1", f"seed={seed}", f"train.steps={steps}",
+                 "train.decay_steps=" + str(steps), "train.eval_iters=4", *ROUTERS[router]]
+    cfg = compose(overrides)
+    if cfg.train.warmup_steps > steps:  # a smoke run ends before the demo's warmup would
+        cfg = compose([*overrides, f"train.warmup_steps={steps}"])
     validate(cfg, world_size=1)
     torch.set_num_threads(threads)
     grid = init_grid(pp=1, ep=1, timeout_s=600)
@@ -81,7 +92,7 @@ def main() -> None:
         for seed in args.seeds:
             run = train_one(router, seed, args.steps, args.threads)
             runs.append(run)
-            print(f"{router:>9} seed {seed}: train {run['train_loss']:.4f}  "
+            print(f"{router:>12} seed {seed}: train {run['train_loss']:.4f}  "
                   + "  ".join(f"val[{k}] {v:.4f}" for k, v in run["valid"].items())
                   + f"  max/min load {run['balance']['max_load']:.2f}/{run['balance']['min_load']:.2f}"
                   + f"  ({run['seconds']:.0f} s)", flush=True)
@@ -94,7 +105,7 @@ def main() -> None:
         cv = statistics.mean(r["balance"]["cv"] for r in mine)
         summary[router] = {"valid": valid, "load_cv": cv}
         cells = "  ".join(f"val[{lang}] {m:.4f} ± {s:.4f}" for lang, (m, s) in valid.items())
-        print(f"{router:>9}: {cells}  load CV {cv:.3f}  (n={len(mine)})")
+        print(f"{router:>12}: {cells}  load CV {cv:.3f}  (n={len(mine)})")
     print(json.dumps({"steps": args.steps, "seeds": args.seeds, "summary": summary, "runs": runs}))
 
 

@@ -93,6 +93,14 @@ def make_people(rng: random.Random, names: list[str], cities: list[str], jobs: l
     return [Person(n, rng.choice(cities), rng.choice(jobs), rng.choice(foods)) for n in names]
 
 
+def demo_people(seed: int) -> tuple[list[Person], list[Person]]:
+    """The English and the Chinese people of the world ``seed`` draws (the built-in evaluation
+    tasks, megamoe.evaluation.demo, ask about the same people)."""
+    world = random.Random(seed)
+    return (make_people(world, EN_NAMES, EN_CITIES, EN_JOBS, EN_FOODS),
+            make_people(world, ZH_NAMES, ZH_CITIES, ZH_JOBS, ZH_FOODS))
+
+
 def en_document(rng: random.Random, people: list[Person]) -> str:
     """A short story about one person: fixed facts, agreeing verbs, weekdays in order, sums."""
     p, friend = rng.sample(people, 2)
@@ -201,9 +209,7 @@ def make_corpus(output_dir: str, size_mb: float = 4.0, seed: int = 0) -> dict[st
         raise UserError(f"--size-mb must be positive, got {size_mb}")
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    world = random.Random(seed)
-    en_people = make_people(world, EN_NAMES, EN_CITIES, EN_JOBS, EN_FOODS)
-    zh_people = make_people(world, ZH_NAMES, ZH_CITIES, ZH_JOBS, ZH_FOODS)
+    en_people, zh_people = demo_people(seed)
     rngs = {name: random.Random(f"{seed}:{name}") for name in SHARES}
     makers: dict[str, Callable[[], str]] = {
         "zh": lambda: zh_document(rngs["zh"], zh_people),

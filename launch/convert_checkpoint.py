@@ -4,6 +4,7 @@ Qwen2-MoE), and dense → MoE upcycling.
   python launch/convert_checkpoint.py to-hf --checkpoint DIR --output HF_DIR [--max-shard-size 5GB] [--dtype bf16]
   python launch/convert_checkpoint.py from-hf --hf HF_DIR --output DIR [+exp=NAME key=value ...]
   python launch/convert_checkpoint.py upcycle --dense DIR --output DIR --num-experts N [--granularity G] [--top-k K]
+      [--shared-expert]
 
 --checkpoint / --dense take a checkpoint (``step_N/``) or a checkpoints directory (its latest).
 from-hf picks the family from config.json's ``model_type`` and takes the architecture from it,
@@ -150,7 +151,7 @@ def from_hf_command(args: argparse.Namespace) -> None:
 def upcycle_command(args: argparse.Namespace) -> None:
     source, out = checkpoint_dir(args.dense), fresh_output(args.output)
     dense_cfg = read_config(source)
-    cfg = upcycled_config(dense_cfg, args.num_experts, args.granularity, args.top_k)
+    cfg = upcycled_config(dense_cfg, args.num_experts, args.granularity, args.top_k, args.shared_expert)
     seed = dense_cfg.seed if args.seed is None else args.seed
     shapes = model_tensor_shapes(dense_cfg)
     start = time.perf_counter()
@@ -158,8 +159,9 @@ def upcycle_command(args: argparse.Namespace) -> None:
         dense = ticking(checked_tensors(iter_model_tensors(source), shapes, source), bar)
         manifest = write_model_checkpoint(out, upcycle(dense, cfg, args.granularity, seed), cfg)
     report("upcycle", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out, start)
+    shared = f" + a gated shared expert of width {cfg.moe.shared_expert_ffn_hidden_size}" if args.shared_expert else ""
     print(f"{cfg.moe.num_experts} experts of width {cfg.moe.ffn_hidden_size}, top-{cfg.moe.top_k} "
-          f"({args.num_experts} copies x granularity {args.granularity}), router seed {seed}")
+          f"({args.num_experts} copies x granularity {args.granularity}){shared}, router seed {seed}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +190,8 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--num-experts", type=int, required=True, help="copies N of the dense FFN")
     up.add_argument("--granularity", type=int, default=1, help="slices G per copy: N*G experts of width F/G")
     up.add_argument("--top-k", type=int, default=2, help="copies' worth K each token uses: moe.top_k = K*G")
+    up.add_argument("--shared-expert", action="store_true",
+                    help="add a shared expert (the dense FFN) behind a sigmoid gate, as Qwen1.5-MoE")
     up.add_argument("--seed", type=int, help="router seed (default: the dense run's seed)")
     up.set_defaults(run=upcycle_command)
     return p

@@ -3,7 +3,8 @@
 demo corpus (zh / en, generated, no download) → Megatron .bin/.idx (byte-level tokens) →
 train a tiny Yuan MoE with 4 processes: pipeline (pp=2) × data (dp=2) × expert (ep=2)
 parallelism, stopping at step 150 and resuming from its checkpoint to step 300 → show the loss falling below the corpus' unigram entropy, per language → write
-the run report (plots and summary) into runs/demo/report/.
+the run report (plots and summary) into runs/demo/report/ → print a zh and an en completion
+of the trained model (launch/generate.py, greedy).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def main() -> None:
     train()  # ... and a new launch resumes from runs/demo/checkpoints/latest to 300
     summarise()
     sh(sys.executable, "launch/report.py", str(RUN_DIR))
+    sh(sys.executable, "launch/generate.py", "--checkpoint", str(RUN_DIR / "checkpoints"), "--greedy",
+       "--max-new-tokens", "40", "--prompt", "北京", "--prompt", "The ", OMP_NUM_THREADS="1")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Plots and a summary of a training run: `python launch/report.py RUN_DIR`.
 
 Reads what the trainer wrote into RUN_DIR — metrics.jsonl (one JSON object per step),
-eval.jsonl (validation loss per data source, if the run had validation data) and config.yaml
-(train.seq_len: tokens = consumed_samples × seq_len) — and writes into RUN_DIR/report/:
+eval.jsonl (validation loss per data source, if the run had validation data), downstream.jsonl
+(downstream task metrics, if eval.downstream_interval was set) and config.yaml (train.seq_len:
+tokens = consumed_samples × seq_len) — and writes into RUN_DIR/report/:
 
   loss.png            training loss and each source's (language's) validation loss vs tokens
   lr.png              learning rate vs step
@@ -11,8 +12,9 @@ eval.jsonl (validation loss per data source, if the run had validation data) and
   expert_load.png     per MoE layer, the fraction of tokens each expert got over time, and the
                       most / least loaded expert relative to a uniform share
   expert_load_last.png  layer × expert at the last snapshot (what wandb gets at every snapshot)
+  downstream.png      each downstream task's metrics (accuracy, exact match) vs step
   summary.md          steps, tokens, first / last loss, best validation loss per source, mean
-                      tokens/s, expert-load balance, and the figures
+                      tokens/s, expert-load balance, downstream scores, and the figures
 
 Works on a run still in progress: an unfinished last line of a .jsonl file is left out.
 """
@@ -61,6 +63,7 @@ class Run:
     seq_len: int
     steps: list[Record]  # metrics.jsonl
     evals: list[Record] = field(default_factory=list)  # eval.jsonl
+    downstream: list[Record] = field(default_factory=list)  # downstream.jsonl
 
     def tokens_at(self, record: Record) -> int:
         return record["consumed_samples"] * self.seq_len
@@ -82,6 +85,15 @@ class Run:
                 by_source.setdefault(source, []).append((record["step"], loss))
         return by_source
 
+    def scores(self) -> dict[tuple[str, str], list[tuple[int, float]]]:
+        """(step, value) per downstream (task, metric), in step order."""
+        series: dict[tuple[str, str], list[tuple[int, float]]] = {}
+        for record in self.downstream:
+            for task, metrics in record["tasks"].items():
+                for metric, value in metrics.items():
+                    series.setdefault((task, metric), []).append((record["step"], value))
+        return series
+
 
 def load_run(run_dir: Path) -> Run:
     """Read RUN_DIR; every problem is one line naming the file."""
@@ -100,8 +112,9 @@ def load_run(run_dir: Path) -> Run:
     if not config.is_file():
         raise UserError(f"{config}: missing; it gives train.seq_len, which turns consumed samples into tokens")
     seq_len = OmegaConf.load(config).train.seq_len
-    evals = run_dir / "eval.jsonl"
-    return Run(run_dir, seq_len, steps, read_jsonl(evals) if evals.is_file() else [])
+    evals, downstream = run_dir / "eval.jsonl", run_dir / "downstream.jsonl"
+    return Run(run_dir, seq_len, steps, read_jsonl(evals) if evals.is_file() else [],
+               read_jsonl(downstream) if downstream.is_file() else [])
 
 
 # ---- figures ---------------------------------------------------------------------------------
@@ -194,6 +207,19 @@ def expert_load_over_time_figure(run: Run) -> Any:
     return fig
 
 
+def downstream_figure(run: Run) -> Any:
+    """Each task's metrics vs step: one colour per task, acc_norm dashed."""
+    fig, ax = _figure()
+    colours: dict[str, str] = {}
+    for (task, metric), points in run.scores().items():
+        colour = colours.setdefault(task, f"C{len(colours) % 10}")
+        ax.plot([step for step, _ in points], [value for _, value in points], marker="o", ms=3, color=colour,
+                ls="--" if metric == "acc_norm" else "-", label=f"{task}: {metric}")
+    ax.set(xlabel="step", ylabel="score", title="downstream tasks", ylim=(0, 1))
+    ax.legend(fontsize="small")
+    return fig
+
+
 def figures(run: Run) -> dict[str, Any]:
     """File name → figure, for what this run logged."""
     out = {
@@ -206,6 +232,8 @@ def figures(run: Run) -> dict[str, Any]:
         last = run.load_snapshots[-1]
         out["expert_load.png"] = expert_load_over_time_figure(run)
         out["expert_load_last.png"] = expert_load_figure(last["expert_fraction"], last["step"])
+    if run.downstream:
+        out["downstream.png"] = downstream_figure(run)
     return out
 
 
@@ -236,6 +264,12 @@ def summary(run: Run, images: list[str]) -> str:
         for source, points in validation.items():
             best_step, best = min(points, key=lambda p: p[1])
             lines.append(f"| {source} | {best:.4f} | {best_step} | {points[-1][1]:.4f} |")
+    scores = run.scores()
+    if scores:
+        lines += ["", "## Downstream tasks", "", "| task | metric | best | at step | last |", "|---|---|---|---|---|"]
+        for (task, metric), points in scores.items():
+            best_step, best = max(points, key=lambda p: p[1])
+            lines.append(f"| {task} | {metric} | {best:.4f} | {best_step} | {points[-1][1]:.4f} |")
     lines += ["", *expert_balance(run)]
     lines += ["", "## Figures", ""] + [f"![{Path(name).stem}]({name})" for name in images]
     return "\n".join(lines) + "\n"

@@ -1,10 +1,11 @@
 """Checkpoints: save / resume / reshard under layout-independent names (see docs/checkpoints.md)."""
 
 from megamoe.checkpoint.names import expert_tensor_name, model_tensor_shapes
-from megamoe.checkpoint.state import TrainingState, load_checkpoint, resume, save_checkpoint
+from megamoe.checkpoint.saver import CheckpointSaver, save_checkpoint
+from megamoe.checkpoint.state import TrainingState, load_checkpoint, resume
 from megamoe.checkpoint.store import CheckpointError, iter_model_tensors, read_config, write_model_checkpoint
 
 __all__ = [
-    "CheckpointError", "TrainingState", "expert_tensor_name", "iter_model_tensors", "load_checkpoint",
+    "CheckpointError", "CheckpointSaver", "TrainingState", "expert_tensor_name", "iter_model_tensors", "load_checkpoint",
     "model_tensor_shapes", "read_config", "resume", "save_checkpoint", "write_model_checkpoint",
 ]

@@ -1,47 +1,41 @@
-"""A running job ↔ a checkpoint: who writes what, who reads what, resuming with fallback.
+"""A running job ↔ a checkpoint: what each rank holds under which global names, and resuming.
 
-Every tensor a rank holds has a *placement*: its global name(s) in the checkpoint and whether
-this rank writes it. Dense tensors are written by data-parallel rank 0 of their pipeline stage,
-expert banks by expert-data-parallel rank 0 of each ep rank (one name per global expert), and
-the last stage's copy of a tied embedding is never written (it equals ``embed.weight``). On
-load every rank reads exactly the names its placements list, from whichever files hold them —
-so a checkpoint written by one (dp, pp, ep) loads into any other, optimizer state included.
+Every tensor a rank holds has a *placement*: its global name(s) in the checkpoint. Dense tensors
+are replicated over the data-parallel ranks of their stage and expert banks over the
+expert-data-parallel ranks of their ep rank; each replica writes a share of them
+(:func:`written_names`), and the last stage's copy of a tied embedding is never written (it
+equals ``embed.weight``). On load every rank reads exactly the names its placements list, from
+whichever files hold them — so a checkpoint written by one (dp, pp, ep) loads into any other,
+optimizer state included. Saving itself is megamoe.checkpoint.saver.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import random
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from megamoe.checkpoint.store import (
-    CONFIG,
     CheckpointError,
-    FileEntry,
     Manifest,
-    commit,
-    prune,
+    complete_checkpoints,
     read_manifest,
     read_shard,
     read_verified,
     resume_candidates,
-    set_latest,
-    write_bytes,
-    write_shards,
+    step_of,
 )
 from megamoe.checkpoint.names import expert_bank_names, expert_tensor_name, model_tensor_shapes
-from megamoe.cli import SharedError, write_error
+from megamoe.cli import SharedError
 from megamoe.data.loader import stream_change
 from megamoe.nn.init import init_key_seed
 from megamoe.parallel.expert import expert_range
@@ -76,13 +70,14 @@ class Placement:
     """Where one local parameter or buffer lives in the checkpoint's global namespace.
 
     ``names`` holds one global name, or for an expert bank one per local expert (``tensor[i]``
-    is expert ``names[i]``). ``owned``: this rank is the one that writes it.
+    is expert ``names[i]``). A ``copy`` (a last stage's copy of a tied embedding) is never
+    written: its original is.
     """
 
     tensor: Tensor
     names: tuple[str, ...]
-    owned: bool
     bank: bool
+    copy: bool = False
 
     def pieces(self, value: Tensor) -> list[tuple[str, Tensor]]:
         """``value`` (the tensor itself, or optimizer state shaped like it) under global names.
@@ -115,54 +110,68 @@ def placements(state: TrainingState) -> list[Placement]:
         banks, copies = expert_bank_names(model), model.tied_copies()
         for name, tensor in model.state_dict(keep_vars=True).items():
             if name in banks:
-                names = tuple(expert_tensor_name(name, e) for e in experts)
-                result.append(Placement(tensor, names, owned=grid.edp_rank == 0, bank=True))
+                result.append(Placement(tensor, tuple(expert_tensor_name(name, e) for e in experts), bank=True))
             elif name in copies:  # a last stage's copy of the tied embedding: stored once, as the original
-                result.append(Placement(tensor, (copies[name],), owned=False, bank=False))
+                result.append(Placement(tensor, (copies[name],), bank=False, copy=True))
             else:
-                result.append(Placement(tensor, (name,), owned=grid.dp_rank == 0, bank=False))
+                result.append(Placement(tensor, (name,), bank=False))
     return result
+
+
+def _share(sizes: dict[str, int], replicas: int) -> list[set[str]]:
+    """Names split over ``replicas`` writers: largest first, each to the least-loaded (ties: the
+    lowest index) — the same on every replica, which all hold the same names and sizes."""
+    loads, shares = [0] * replicas, [set() for _ in range(replicas)]
+    for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
+        writer = loads.index(min(loads))
+        loads[writer] += size
+        shares[writer].add(name)
+    return shares
+
+
+def written_names(places: list[Placement], grid: ProcessGrid) -> set[str]:
+    """The global names this rank writes. A stage's dense tensors are replicated over its dp
+    ranks and an expert over its edp ranks: each replica writes a share, so no byte is written
+    twice and a save's time falls as dp grows (checkpoints stay layout-independent)."""
+    dense = {place.names[0]: place.tensor.numel() * place.tensor.element_size()
+             for place in places if not place.bank and not place.copy}
+    experts = {name: place.tensor[0].numel() * place.tensor.element_size()
+               for place in places if place.bank for name in place.names}
+    return _share(dense, grid.dp)[grid.dp_rank] | _share(experts, grid.edp)[grid.edp_rank]
 
 
 def checkpoint_root(state: TrainingState) -> Path:
     return Path(state.cfg.run.dir) / "checkpoints"
 
 
-def _log(state: TrainingState, message: str) -> None:
+def log(state: TrainingState, message: str) -> None:
     if state.grid.rank == 0:
         print(f"checkpoint: {message}", flush=True)
 
 
-def _gather_on_rank0(state: TrainingState, obj: Any) -> Optional[list[Any]]:
-    """Every rank's ``obj`` as a list on rank 0; None on the other ranks."""
-    grid = state.grid
-    if grid.world_size == 1:
-        return [obj]
-    gathered: Optional[list[Any]] = [None] * grid.world_size if grid.rank == 0 else None
-    dist.gather_object(obj, gathered, dst=0)
-    return gathered
-
-
 # ---------------------------------------------------------------------------------------------
-# Save
+# What a save writes (megamoe.checkpoint.saver writes it)
 
 
-def _model_pieces(places: list[Placement]) -> Iterator[tuple[str, Tensor]]:
-    for place in places:
-        if place.owned:
-            yield from place.pieces(place.tensor.detach())
+def model_pieces(places: list[Placement], mine: set[str]) -> list[tuple[str, Tensor]]:
+    """The model tensors this rank writes, under their global names (views, not copies). A tied
+    copy never: its original is written (a V schedule's rank 0 holds both)."""
+    return [(name, piece) for place in places if not place.copy
+            for name, piece in place.pieces(place.tensor.detach()) if name in mine]
 
 
-def _optimizer_pieces(optimizer: torch.optim.Optimizer, places: list[Placement]) -> Iterator[tuple[str, Tensor]]:
-    """AdamW's exp_avg / exp_avg_sq / step (whatever state it keeps) as ``{key}/{global name}``."""
-    for place in places:
-        state = optimizer.state.get(place.tensor, {}) if place.owned else {}
-        for key, value in state.items():
+def optimizer_pieces(optimizer: torch.optim.Optimizer, places: list[Placement], mine: set[str]) -> list[tuple[str, Tensor]]:
+    """AdamW's exp_avg / exp_avg_sq / step (whatever state it keeps) as ``{key}/{global name}``,
+    for the tensors this rank writes."""
+    pieces = []
+    for place in (place for place in places if not place.copy):  # as model_pieces
+        for key, value in optimizer.state.get(place.tensor, {}).items():
             if torch.is_tensor(value):
-                yield from ((f"{key}/{name}", piece) for name, piece in place.pieces(value.detach()))
+                pieces += [(f"{key}/{name}", piece) for name, piece in place.pieces(value.detach()) if name in mine]
+    return pieces
 
 
-def _rng_bytes() -> bytes:
+def rng_bytes() -> bytes:
     """This rank's RNG states (torch CPU and CUDA, Python, NumPy), as a weights-only torch file."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
@@ -186,13 +195,13 @@ def _restore_rng(data: bytes) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
 
 
-def _layout(state: TrainingState) -> dict[str, int]:
+def layout_of(state: TrainingState) -> dict[str, int]:
     g = state.grid
     return {"world_size": g.world_size, "pp": g.pp, "dp": g.dp, "ep": g.ep,
             "virtual_stages": state.cfg.parallel.virtual_stages}
 
 
-def _first_nonfinite(places: list[Placement], optimizer: torch.optim.Optimizer) -> Optional[str]:
+def first_nonfinite(places: list[Placement], optimizer: torch.optim.Optimizer) -> Optional[str]:
     """Name of this rank's first tensor (weight, buffer or optimizer state) holding a NaN or Inf."""
     for place in places:
         state = optimizer.state.get(place.tensor, {})
@@ -200,87 +209,6 @@ def _first_nonfinite(places: list[Placement], optimizer: torch.optim.Optimizer) 
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 return next(f"{key}{name}" for name, piece in place.pieces(value) if not bool(torch.isfinite(piece).all()))
     return None
-
-
-def _total_bytes(state: TrainingState, pieces: list[tuple[str, Tensor]]) -> int:
-    """Bytes of the whole checkpoint: every rank's share summed (collective)."""
-    total = torch.tensor([float(sum(t.numel() * t.element_size() for _, t in pieces))], dtype=torch.float64)
-    if state.grid.world_size > 1:
-        dist.all_reduce(total)
-    return int(total.item())
-
-
-def _failure(action: Callable[[], Any]) -> Optional[str]:
-    """Run one rank's part of a save; a failed write comes back as its (errno, reason, file) in JSON."""
-    try:
-        action()
-    except OSError as exc:
-        return json.dumps([exc.errno, exc.strerror, exc.filename])
-    return None
-
-
-def save_checkpoint(state: TrainingState) -> Optional[Path]:
-    """Save the job's state at its current step (collective: every rank calls it).
-
-    Each rank streams what it owns into ``step_N.tmp/`` (fsynced); rank 0 collects the file
-    entries, writes config and manifest, renames the directory, moves ``latest`` and prunes
-    to ``checkpoint.keep``. When this returns, the checkpoint is there.
-
-    A state holding NaN or Inf is not saved (returns None): it could only be resumed into the
-    same failure. A write that fails on any rank (disk full, read-only directory) removes the
-    partial save and raises SharedError naming the file: earlier checkpoints stay as they were.
-    """
-    grid, root, step = state.grid, checkpoint_root(state), state.step
-    places, stem = placements(state), f"r{grid.rank:05d}"
-    bad = first_error(grid, _first_nonfinite(places, state.optimizer))
-    if bad is not None:
-        _log(state, f"not saving step {step}: {bad} holds NaN or Inf values (a diverged state cannot be resumed)")
-        return None
-    tmp, final = root / f"step_{step}.tmp", root / f"step_{step}"
-    model, optim = list(_model_pieces(places)), list(_optimizer_pieces(state.optimizer, places))
-    needed = _total_bytes(state, model + optim)
-    files: dict[str, FileEntry] = {}
-
-    def prepare() -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-
-    def write() -> None:
-        files.update(write_shards(tmp, f"model-{stem}", iter(model), "model"))
-        files.update(write_shards(tmp, f"optim-{stem}", iter(optim), "optim"))
-        files[f"rng-{stem}.pt"] = write_bytes(tmp / f"rng-{stem}.pt", _rng_bytes(), "rng")
-
-    error = first_error(grid, _failure(prepare) if grid.rank == 0 else None)
-    if error is None:
-        error = first_error(grid, _failure(write))
-    if error is None:
-        every_rank = _gather_on_rank0(state, files)
-        error = first_error(grid, _failure(lambda: _commit(state, tmp, final, every_rank)) if every_rank else None)
-    if error is not None:
-        if grid.rank == 0:  # only rank 0 reports: its free space counts the partial save as removed
-            shutil.rmtree(tmp, ignore_errors=True)
-        reason = write_error(OSError(*json.loads(error)), "free space or choose another run.dir", needed)
-        raise SharedError(f"checkpoint: cannot save step {step}: {reason}; the run stopped, earlier checkpoints are intact")
-    _log(state, f"saved step {step} to {final}")
-    return final
-
-
-def _commit(state: TrainingState, tmp: Path, final: Path, every_rank: list[dict[str, FileEntry]]) -> None:
-    """Rank 0: config and manifest (written last), then the rename, ``latest``, and pruning."""
-    root = final.parent
-    all_files = {name: entry for rank_files in every_rank for name, entry in rank_files.items()}
-    all_files[CONFIG] = write_bytes(tmp / CONFIG, OmegaConf.to_yaml(state.cfg).encode(), "config")
-    counters = {
-        "step": state.step,  # also the position in the lr schedule
-        "loader": state.data.state_dict(),  # consumed samples
-        "global_batch": state.cfg.train.global_batch,
-        "data_stream": state.data_stream,  # a resume that changes it would read other samples
-        "optimizer_group_steps": [group.get("step") for group in state.optimizer.param_groups],  # apex keeps it here
-    }
-    Manifest(state.step, True, all_files, counters, _layout(state)).write(tmp)
-    commit(tmp, final)
-    set_latest(root, final)
-    prune(root, final, state.cfg.checkpoint.keep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,10 +285,10 @@ def _check_data_stream(state: TrainingState, ckpt_dir: Path, manifest: Manifest)
                           f"would read other samples than it was going to; restore the setting, or set "
                           f"checkpoint.allow_data_change=true to continue at sample {consumed} of the new stream")
     if change is not None:
-        _log(state, f"the data stream changed ({change}); continuing at sample {consumed} of the new stream")
+        log(state, f"the data stream changed ({change}); continuing at sample {consumed} of the new stream")
     before = saved.get("global_batch", cfg.train.global_batch)
     if before != cfg.train.global_batch:
-        _log(state, f"train.global_batch changed from {before} to {cfg.train.global_batch}: "
+        log(state, f"train.global_batch changed from {before} to {cfg.train.global_batch}: "
                       f"continuing at sample {consumed} of the same stream")
 
 
@@ -368,12 +296,12 @@ def _restore_rng_or_reseed(state: TrainingState, ckpt_dir: Path, manifest: Manif
     """Same layout: each rank gets its own RNG states back. Another layout has other ranks, so
     their streams restart from (seed, rank, step) — only noisy gating draws from them."""
     grid = state.grid
-    if manifest.layout == _layout(state):
+    if manifest.layout == layout_of(state):
         name = f"rng-r{grid.rank:05d}.pt"
         _restore_rng(read_verified(ckpt_dir / name, manifest.files[name]).numpy().tobytes())
     else:
         torch.manual_seed(init_key_seed(state.cfg.seed, "resume", grid.rank, state.step))
-        _log(state, f"layout changed from {manifest.layout} to {_layout(state)}: weights, optimizer and data "
+        log(state, f"layout changed from {manifest.layout} to {layout_of(state)}: weights, optimizer and data "
                       "position carry over; RNG streams restart from (seed, rank, step)")
 
 
@@ -414,6 +342,15 @@ def _candidates(state: TrainingState) -> tuple[list[Path], bool]:
     return found[0], False  # type: ignore[return-value]
 
 
+def checkpoint_before(state: TrainingState, step: int) -> Optional[Path]:
+    """The newest complete checkpoint of this run from before ``step`` (collective: rank 0 looks,
+    every rank gets its answer), or None."""
+    found = [next((p for p in complete_checkpoints(checkpoint_root(state)) if step_of(p) < step), None)]
+    if state.grid.world_size > 1:
+        dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
 def resume(state: TrainingState) -> Optional[Path]:
     """Apply ``checkpoint.resume`` (collective). Returns the checkpoint loaded, or None (fresh start).
 
@@ -431,14 +368,14 @@ def resume(state: TrainingState) -> Optional[Path]:
         error = first_error(state.grid, error)
         if error is None:
             if manifest.has_optimizer:
-                _log(state, f"resumed from {ckpt_dir} at step {state.step}")
+                log(state, f"resumed from {ckpt_dir} at step {state.step}")
             else:
-                _log(state, f"{ckpt_dir} holds model weights only: starting at step 0 with a fresh optimizer")
+                log(state, f"{ckpt_dir} holds model weights only: starting at step 0 with a fresh optimizer")
             return ckpt_dir
         if named:
             raise CheckpointError(error)
-        _log(state, error)
-        _log(state, f"{ckpt_dir.name} is unusable; falling back to the previous checkpoint")
+        log(state, error)
+        log(state, f"{ckpt_dir.name} is unusable; falling back to the previous checkpoint")
     if candidates:
         raise CheckpointError(f"{checkpoint_root(state)}: none of the {len(candidates)} checkpoints loads "
                               "(errors above); fix or remove them, or start fresh with checkpoint.resume=none")

@@ -40,6 +40,16 @@ def _one_line(exc: BaseException) -> str:
     return head
 
 
+# Keys users type that cannot be schema fields (Python keywords) → the field that holds them.
+ALIASES = {"checkpoint.async": "checkpoint.asynchronous"}
+
+
+def _unalias(override: str) -> str:
+    key, sep, value = override.partition("=")
+    prefix = key[:len(key) - len(key.lstrip("+~"))]
+    return f"{prefix}{ALIASES.get(key.lstrip('+~'), key.lstrip('+~'))}{sep}{value}"
+
+
 def compose(overrides: Sequence[str] = (), config_dir: Path | str = CONFIG_DIR) -> DictConfig:
     """Compose configs/config.yaml with ``overrides`` (e.g. ``["+exp=tiny", "train.steps=5"]``).
 
@@ -48,7 +58,7 @@ def compose(overrides: Sequence[str] = (), config_dir: Path | str = CONFIG_DIR) 
     register_configs()
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None):
-            cfg = hydra_compose("config", overrides=list(overrides))
+            cfg = hydra_compose("config", overrides=[_unalias(o) for o in overrides])
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise ConfigError(_one_line(exc)) from None

@@ -45,6 +45,10 @@ class MoEConfig:
     top_k: int = 2
     ffn_hidden_size: int = 8192  # per expert; smaller values + more experts = fine-grained
     router: str = "attention"  # "attention" (the paper's) | "linear" (classical)
+    # "token_choice": each token takes its top_k experts (the paper). "expert_choice" (Zhou et al., 2022): each
+    # expert takes the ceil(capacity_factor · T · top_k / num_experts) tokens of the micro-batch's T that score it
+    # highest (capacity_factor null = 1: token choice's compute); balanced by construction, not causal.
+    router_mode: str = "token_choice"
     # "topk_softmax": top-k of the logits, softmax over the k (Megatron / vLLM / paper).
     # "softmax_topk": softmax over all experts, top-k, renormalise if norm_topk_prob (Yuan HF).
     router_order: str = "topk_softmax"
@@ -67,12 +71,16 @@ class ParallelConfig:
 
     pp: int = 1
     ep: int = 1
-    schedule: str = "1f1b"  # "1f1b" | "interleaved_1f1b"
-    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved_1f1b)
+    # "1f1b" | "interleaved_1f1b" | "interleaved_zero_bubble" | "zbv_zero_bubble" | "dualpipev" (docs/parallelism.md)
+    schedule: str = "1f1b"
+    virtual_stages: int = 1  # model chunks per pipeline rank (interleaved: any; zbv / dualpipev: 2, in a V)
     # Layers per stage (megamoe.parallel.balance): "even" (L / stages each) | "auto" (the split that
     # balances the cost model: the last stage also runs the output head and the loss).
     stage_balance: str = "even"
     layers_per_stage: Optional[list[int]] = None  # or an explicit split, one entry per stage (pp × virtual_stages)
+    # Reduce each gradient bucket as soon as its gradients are final, during the last backward
+    # (megamoe.parallel.grads.GradSync); false waits for the whole backward. Same result either way.
+    overlap_grad_reduce: bool = True
     collective_timeout_s: int = 600
     backend: str = "auto"  # "auto" (nccl with CUDA, else gloo) | "nccl" | "gloo"
 
@@ -108,6 +116,18 @@ class DataConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike rollback (megamoe.train.spikes; PaLM's recipe): off by default."""
+
+    enabled: bool = False
+    window: int = 100  # recent healthy steps whose loss gives the running mean and standard deviation
+    sigmas: float = 6.0  # a loss above mean + sigmas · std (or not finite) is suspicious ...
+    patience: int = 1  # ... and this many suspicious steps in a row roll back to the checkpoint before them
+    skip_batches: int = 0  # global batches skipped beyond those read since that checkpoint
+    max_rollbacks: int = 5  # more than this in one run stops it: the problem is not one batch
+
+
+@dataclass
 class TrainConfig:
     """Optimisation: batch, schedule, AdamW, precision, and what to do with non-finite steps."""
 
@@ -128,11 +148,25 @@ class TrainConfig:
     clip_grad: float = 1.0
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
     activation_checkpointing: str = "none"  # "none" | "full" | "selective"
+    compile: str = "none"  # "none" | "block": torch.compile each layer's fixed-shape blocks (megamoe.nn.compile)
     on_nonfinite: str = "skip"  # "skip" | "stop"
     max_skipped_steps: int = 10  # with skip: this many skipped steps in a row stop the run (it diverged)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     log_interval: int = 10
     eval_interval: int = 1000
     eval_iters: int = 10
+
+
+@dataclass
+class EvalConfig:
+    """Downstream tasks scored during training (megamoe.train.downstream, docs/evaluation.md); the
+    validation loss has its own keys, train.eval_interval and train.eval_iters."""
+
+    downstream_interval: int = 0  # score every this many steps and at the last; 0 = off
+    downstream_tasks: list[str] = field(default_factory=list)  # built-in names (demo-zh, ...), .jsonl files, directories
+    downstream_limit: Optional[int] = None  # the first N items of each task; null = all
+    downstream_fewshot: int = 0  # solved examples put before each item, drawn from the task's other items by seed
+    downstream_max_new_tokens: int = 256  # greedy tokens for generation items that set no max_new_tokens
 
 
 @dataclass
@@ -143,6 +177,10 @@ class CheckpointConfig:
     # Resume even though the data stream changed (train.seq_len, data.sources, data.split, seed):
     # training continues at the same consumed-sample count of the new stream.
     allow_data_change: bool = False
+    # Write in the background while training goes on (`checkpoint.async` on the command line:
+    # `async` is a Python keyword, so the field is spelled out here).
+    asynchronous: bool = False
+    on_error: str = "continue"  # a save that fails: "continue" (say so loudly, retry next interval) | "stop"
 
 
 @dataclass
@@ -173,6 +211,7 @@ class MegaMoEConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -17,9 +17,10 @@ from megamoe.nn.rope import rotary_dim
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.ffn_type": ("moe", "dense"),
     "moe.router": ("attention", "linear"),
+    "moe.router_mode": ("token_choice", "expert_choice"),
     "moe.router_order": ("topk_softmax", "softmax_topk"),
     "moe.grouped_gemm": ("auto", "on", "off"),
-    "parallel.schedule": ("1f1b", "interleaved_1f1b"),
+    "parallel.schedule": ("1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev"),
     "parallel.stage_balance": ("even", "auto"),
     "parallel.backend": ("auto", "nccl", "gloo"),
     "data.kind": ("indexed", "mock"),
@@ -27,9 +28,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.decay": ("cosine", "linear", "constant"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.activation_checkpointing": ("none", "full", "selective"),
+    "train.compile": ("none", "block"),
     "train.on_nonfinite": ("skip", "stop"),
+    "checkpoint.on_error": ("continue", "stop"),
     "logging.wandb.mode": ("offline", "online", "disabled"),
 }
+
+# Schedules that place a rank's two stages in a V (rank r: stages r and 2·pp − 1 − r), not in a loop.
+V_SCHEDULES: tuple[str, ...] = ("zbv_zero_bubble", "dualpipev")
 
 POSITIVE: tuple[str, ...] = (
     "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.head_dim",
@@ -37,13 +43,14 @@ POSITIVE: tuple[str, ...] = (
     "model.rotary_base", "moe.num_experts", "moe.top_k", "moe.ffn_hidden_size", "parallel.pp", "parallel.ep",
     "parallel.virtual_stages", "parallel.collective_timeout_s", "train.steps", "train.global_batch",
     "train.micro_batch", "train.seq_len", "train.lr", "train.log_interval", "train.eval_interval",
-    "train.eval_iters", "train.max_skipped_steps", "checkpoint.interval", "checkpoint.keep",
+    "train.eval_iters", "train.max_skipped_steps", "train.spike.window", "train.spike.sigmas", "train.spike.patience",
+    "train.spike.max_rollbacks", "checkpoint.interval", "checkpoint.keep", "eval.downstream_max_new_tokens",
 )
 
 NON_NEGATIVE: tuple[str, ...] = (
     "moe.aux_loss_coeff", "moe.z_loss_coeff", "moe.aux_free_bias_update_rate", "moe.num_shared_experts",
     "moe.shared_expert_ffn_hidden_size", "train.min_lr", "train.warmup_steps", "train.weight_decay",
-    "train.eps", "train.clip_grad",
+    "train.eps", "train.clip_grad", "train.spike.skip_batches", "eval.downstream_interval", "eval.downstream_fewshot",
 )
 
 
@@ -77,8 +84,6 @@ def _validate_model(cfg: DictConfig) -> None:
            f"{m.rotary_percent} gives rotary dim {rotary_dim(m)} > model.head_dim={m.head_dim}; use a value in (0, 1]")
     _check(rotary_dim(m) % 2 == 0 and rotary_dim(m) > 0, "model.rotary_percent",
            f"rotary dim {rotary_dim(m)} (head_dim × rotary_percent) must be a positive even number")
-    _check(not m.use_lfa or m.hidden_size % 2 == 0, "model.hidden_size",
-           f"{m.hidden_size} must be even for LFA (its first conv maps H → H/2)")
     _check(cfg.train.seq_len <= m.max_position_embeddings, "train.seq_len",
            f"{cfg.train.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
 
@@ -90,6 +95,13 @@ def _validate_moe(cfg: DictConfig) -> None:
            f"{e.capacity_factor} must be > 0, or null for dropless dispatch")
     _check(not (e.noisy_gating and e.router != "linear"), "moe.noisy_gating",
            "noisy top-k gating applies to the linear router only; set moe.router=linear")
+    _check(not e.shared_expert_gate or e.num_shared_experts > 0, "moe.shared_expert_gate",
+           "true gates the shared experts, but moe.num_shared_experts=0; set it >= 1 or the gate to false")
+    if e.router_mode == "expert_choice":  # every expert takes the same number of tokens: nothing to balance
+        _check(e.aux_loss_coeff == 0, "moe.aux_loss_coeff", f"{e.aux_loss_coeff}: the Switch loss is constant "
+               "under moe.router_mode=expert_choice, whose load is balanced by construction; set it to 0")
+        _check(not e.aux_free_bias, "moe.aux_free_bias", "true: the bias steers token choice only, and "
+               "moe.router_mode=expert_choice is balanced by construction; set it to false")
 
 
 def _validate_split(cfg: DictConfig) -> None:
@@ -119,8 +131,12 @@ def _validate_split(cfg: DictConfig) -> None:
 
 def _validate_parallel(cfg: DictConfig) -> None:
     p = cfg.parallel
-    _check(p.schedule == "interleaved_1f1b" or p.virtual_stages == 1, "parallel.virtual_stages",
-           f"{p.virtual_stages} virtual stages need parallel.schedule=interleaved_1f1b")
+    _check(p.schedule != "1f1b" or p.virtual_stages == 1, "parallel.virtual_stages",
+           f"{p.virtual_stages} virtual stages need a multi-stage parallel.schedule (interleaved_1f1b, "
+           "interleaved_zero_bubble, or with exactly 2: zbv_zero_bubble, dualpipev)")
+    _check(p.schedule not in V_SCHEDULES or p.virtual_stages == 2, "parallel.virtual_stages",
+           f"{p.virtual_stages}: parallel.schedule={p.schedule} places exactly two stages on each rank, in a V; "
+           "set parallel.virtual_stages=2")
     _validate_split(cfg)
     _check(cfg.moe.num_experts % p.ep == 0, "moe.num_experts",
            f"{cfg.moe.num_experts} experts cannot be divided among parallel.ep={p.ep} ranks")
@@ -148,6 +164,19 @@ def _validate_data(cfg: DictConfig) -> None:
            f"'{d.split}' must be three non-negative numbers like '98,1,1' (train, valid, test)")
 
 
+def _validate_eval(cfg: DictConfig) -> None:
+    """Downstream evaluation has tasks, and room in a training sequence for a prompt and its answer."""
+    e = cfg.eval
+    if e.downstream_interval == 0:
+        return
+    _check(len(e.downstream_tasks) > 0, "eval.downstream_tasks",
+           "is empty; list task names or files (e.g. [demo-zh, demo-en]), or set eval.downstream_interval=0")
+    _check(e.downstream_limit is None or e.downstream_limit > 0, "eval.downstream_limit",
+           f"{e.downstream_limit} must be > 0, or null for every item")
+    _check(e.downstream_max_new_tokens < cfg.train.seq_len, "eval.downstream_max_new_tokens",
+           f"{e.downstream_max_new_tokens} leaves no room for a prompt in train.seq_len={cfg.train.seq_len}")
+
+
 def validate_layout(cfg: DictConfig, world_size: int) -> int:
     """Check that ``world_size`` processes fit the grid; returns the data-parallel size."""
     p, t = cfg.parallel, cfg.train
@@ -158,7 +187,22 @@ def validate_layout(cfg: DictConfig, world_size: int) -> int:
            f"{p.ep} does not divide the data-parallel size {dp} (world {world_size} / pp {p.pp})")
     _check(t.global_batch % (t.micro_batch * dp) == 0, "train.global_batch",
            f"{t.global_batch} is not divisible by train.micro_batch × dp = {t.micro_batch} × {dp}")
+    if p.pp > 1:
+        _validate_microbatches(cfg, t.global_batch // (t.micro_batch * dp))
     return dp
+
+
+def _validate_microbatches(cfg: DictConfig, microbatches: int) -> None:
+    """What torch's multi-stage schedules need of the micro-batches each data-parallel rank runs per step."""
+    p, key = cfg.parallel, "train.global_batch"
+    per_rank = f"{cfg.train.global_batch} gives {microbatches} micro-batches per data-parallel rank"
+    if p.schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
+        rounds = max(1, microbatches // p.pp)
+        _check(microbatches % rounds == 0, key, f"{per_rank}, which parallel.schedule={p.schedule} cannot split "
+               f"into max(1, m // parallel.pp) = {rounds} equal rounds; use e.g. at most pp, or a multiple of pp")
+    if p.schedule == "dualpipev":
+        _check(microbatches >= 2 * p.pp, key, f"{per_rank}; parallel.schedule=dualpipev needs at least one per "
+               f"stage, 2 × parallel.pp = {2 * p.pp}")
 
 
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
@@ -176,5 +220,6 @@ def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     _validate_parallel(cfg)
     _validate_train(cfg)
     _validate_data(cfg)
+    _validate_eval(cfg)
     if world_size is not None:
         validate_layout(cfg, world_size)

@@ -17,7 +17,7 @@ Accounting, per GPU, for the pipeline rank that needs the most:
 * **Activations**: the bytes each layer saves for backward per token (the terms below follow
   megamoe.nn's code paths, and tests/models/test_memory.py checks them against the tensors
   autograd actually saves on CPU), times the tokens of a micro-batch, times the micro-batches
-  in flight on the rank (1F1B: pipeline rank r holds pp − r; interleaved 1F1B holds more); on
+  in flight on the rank (1F1B: rank r holds pp − r; :func:`microbatches_in_flight`); on
   the last stage also the head's input and the loss's per-token scalars
   (:func:`head_held_bytes`); in a pipeline, the buffers torch's PipelineStage allocates for
   every micro-batch of the step (:func:`pipeline_buffer_bytes`). Plus the larger of two
@@ -170,12 +170,12 @@ class StageParams:
 
 def stage_params(cfg: DictConfig, pp_rank: int, ep: int) -> StageParams:
     """Parameters of pipeline rank ``pp_rank``: the layers of all its stages under the config's split."""
-    from megamoe.parallel.balance import rank_layers  # at call time: balance's memory tie-break uses this module
+    from megamoe.parallel.balance import rank_ends, rank_layers  # at call time: balance's tie-break uses this module
 
     m, p = cfg.model, cfg.parallel
     layer = layer_params(cfg, ep)
     layers = rank_layers(cfg, pp_rank)
-    first, last = pp_rank == 0, pp_rank == p.pp - 1
+    first, last = rank_ends(cfg, pp_rank)  # both on rank 0 of a V schedule
     vocab_matrix = m.vocab_size * m.hidden_size
     single_stage = p.pp * p.virtual_stages == 1
     owns_head = last and not (m.tie_embeddings and single_stage)  # a tied model split in stages keeps a head copy
@@ -199,6 +199,14 @@ def rms_norm_bytes(hidden: int) -> int:
     return FP32 * (2 * hidden + 1)
 
 
+def sdpa_bytes(heads: int, kv_heads: int, head_dim: int, act: int) -> int:
+    """Saved per token by causal SDPA (megamoe.nn.attention) and the output projection after it:
+    q and the output at heads·head_dim, k and v at kv_heads·head_dim (grouped-query attention
+    saves them unrepeated), the fp32 logsumexp per head, and o_proj's input (the heads re-laid
+    out as one [tokens, heads·head_dim] copy)."""
+    return act * (3 * heads + 2 * kv_heads) * head_dim + FP32 * heads
+
+
 def _swiglu_bytes(rows: int, ffn: int, act: int) -> int:
     """A SwiGLU saves w1's output [gate | up], silu(gate) and silu(gate)·up for each of its rows."""
     return rows * act * 4 * ffn
@@ -216,7 +224,11 @@ def ffn_bytes(cfg: DictConfig, act: int) -> int:
         router += FP32 * 5 * e  # q/k/v logits, the expert-attention output and its logsumexp
     else:
         router += FP32 * (3 if moe.noisy_gating else 1) * e  # logits (noisy: + the noise logits' softplus, the noise)
-    selection = FP32 * e + INT64 * k + FP32 * k  # softmax over experts, chosen ids, combine weights
+    if moe.router_order == "topk_softmax":
+        weights = FP32 * k  # the softmax over the k chosen logits
+    else:  # gathering the probabilities keeps only the ids; renormalising keeps the k and their sum
+        weights = FP32 * (k + 1) if moe.norm_topk_prob else 0
+    selection = FP32 * e + INT64 * k + weights  # softmax over experts, chosen ids, combine weights
     permutation = 2 * INT64 * k  # source-token indices of the sorted assignments
     experts = k * act * h + _swiglu_bytes(k, moe.ffn_hidden_size, act)  # each assignment's input row, then its SwiGLU
     combine = k * (2 * act * h + act)  # expert outputs, weighted outputs, weights
@@ -224,7 +236,10 @@ def ffn_bytes(cfg: DictConfig, act: int) -> int:
     shared = 0
     if moe.num_shared_experts:
         shared_ffn = moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size)
-        shared = (BF16 * h if act == BF16 else 0) + _swiglu_bytes(1, shared_ffn, act)  # fp32 shares the router's input
+        cast = BF16 * h if act == BF16 else 0  # fp32 shares the router's input
+        shared = cast + _swiglu_bytes(1, shared_ffn, act)
+        if moe.shared_expert_gate:  # its own cast of the input, sigmoid(g·x), and the output it scales
+            shared += cast + act * (h + 1)
     return rms_norm_bytes(h) + router + selection + permutation + experts + combine + z_loss + shared
 
 
@@ -285,10 +300,12 @@ def pipeline_buffer_bytes(cfg: DictConfig, pp_rank: int, in_flight: float, num_m
     in one of those buffers, which the held activations count already (its first layer saves
     it): taken off here. Its output (fp32 hidden states) is held until its backward: added.
     """
+    from megamoe.parallel.balance import rank_ends  # at call time: balance's tie-break uses this module
+
     pp, v, h = cfg.parallel.pp, cfg.parallel.virtual_stages, cfg.model.hidden_size
     if pp == 1:
         return 0.0
-    first, last = pp_rank == 0, pp_rank == pp - 1
+    first, last = rank_ends(cfg, pp_rank)
     buffers = num_microbatches * ((v - first) * (FP32 * h + INT64) + (v - last) * FP32 * h)
     return buffers + in_flight * FP32 * h * (first - last)
 
@@ -296,18 +313,33 @@ def pipeline_buffer_bytes(cfg: DictConfig, pp_rank: int, in_flight: float, num_m
 def microbatches_in_flight(cfg: DictConfig, pp_rank: int, num_microbatches: int) -> float:
     """Micro-batches whose activations rank ``pp_rank`` holds at its peak, in units of all its layers.
 
-    1F1B: rank r runs pp − r forwards before its first backward. Interleaved 1F1B (v chunks of
-    L/(pp·v) layers per rank) warms up (v − 1)·pp + 2·(pp − 1 − r) chunk forwards, the count of
-    torch's ScheduleInterleaved1F1B; on rank 0 that is Megatron's factor 1 + (pp − 1)/(pp·v)
-    over 1F1B. Without a pipeline, micro-batches run one after another.
+    Counted in the order torch's schedules run the passes, a chunk (one stage's layers, 1 / v of
+    the rank's) held from its forward to its weight gradient: a split backward keeps the whole
+    graph until then. With m micro-batches, rank r, and torch's rounds of p = m // max(1, m // pp):
+
+    * 1F1B: rank r runs pp − r forwards before its first backward: min(pp − r, m);
+    * interleaved 1F1B: its warm-up, (v − 1)·p + 2·(pp − 1 − r) chunks, and one more, at most
+      m·v; on rank 0 with p = pp, Megatron's factor 1 + (pp − 1)/(pp·v) over 1F1B;
+    * interleaved zero bubble (ZB1P: ZB-H1 for v = 1): (v − 1)·p + pp chunks on every rank, at
+      most m·v: rank r runs r fewer warm-up forwards and delays its weight passes by r;
+    * ZB-V: min(2·pp, m + r + 1, 2·m) chunks, pp micro-batches once m ≥ 2·pp − 1 (the ZB paper's p·M_B);
+    * DualPipeV: 2·pp + 1 chunks (DualPipe's PP + 1, PP = 2·pp stages).
+
+    tests/parallel/test_pipeline.py checks each count against the action lists torch builds.
+    Without a pipeline, micro-batches run one after another.
     """
-    pp, v = cfg.parallel.pp, cfg.parallel.virtual_stages
+    pp, v, m, r = cfg.parallel.pp, cfg.parallel.virtual_stages, num_microbatches, pp_rank
     if pp == 1:
         return 1.0
-    if cfg.parallel.schedule == "interleaved_1f1b":
-        chunks = min((v - 1) * pp + 2 * (pp - 1 - pp_rank) + 1, num_microbatches * v)
-        return chunks / v
-    return float(min(pp - pp_rank, num_microbatches))
+    per_round = m // max(1, m // pp)
+    chunks = {
+        "1f1b": min(pp - r, m),
+        "interleaved_1f1b": min((v - 1) * per_round + 2 * (pp - 1 - r) + 1, m * v),
+        "interleaved_zero_bubble": min((v - 1) * per_round + pp, m * v),
+        "zbv_zero_bubble": min(2 * pp, m + r + 1, 2 * m),
+        "dualpipev": 2 * pp + 1,
+    }[cfg.parallel.schedule]
+    return chunks / v
 
 
 # ---- the estimate ----------------------------------------------------------------------------

@@ -13,6 +13,10 @@ names and values are the same whatever the pipeline split.
 Tensor names are the families' common checkpoint layout: ``embed.weight``,
 ``layers.{i}.input_norm / attn.* / post_attn_norm / mlp.*``, ``final_norm.weight``,
 ``lm_head.weight``; the MoE block's names come from megamoe.nn.moe.layer.
+
+``forward(x, position_ids, cache)`` with a :class:`~megamoe.nn.kv_cache.KVCache` decodes
+incrementally (x continues the cached positions; megamoe.inference); without one it is the
+training computation, unchanged.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from megamoe.config.schema import ModelConfig, MoEConfig
 from megamoe.nn.rope import rotary_dim
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.init import seeded_normal_
+from megamoe.nn.kv_cache import KVCache, LayerCache
 from megamoe.nn.moe.dispatcher import TokenExchange
 from megamoe.nn.moe.layer import MoELayer
 from megamoe.nn.norms import RMSNorm
 from megamoe.nn.rope import RotaryEmbedding
 
-# An attention block: built from the model section; forward(normed hidden [b, s, H], (cos, sin)) → [b, s, H];
+# An attention block: built from the model section; forward(normed hidden [b, s, H], (cos, sin)) → [b, s, H]
+# (generation also passes a third argument, the layer's LayerCache: megamoe.nn.kv_cache);
 # reset_parameters(std, *key) initialises it from its global identity.
 AttentionFactory = Callable[[ModelConfig], nn.Module]
 
@@ -70,9 +76,12 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp.reset_parameters(std, *key, "mlp")
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: Optional[LayerCache] = None) -> torch.Tensor:
         x = self.input_norm(h)
-        if self.recompute_attention and torch.is_grad_enabled():
+        if cache is not None:
+            h = h + self.attn(x, rope, cache)
+        elif self.recompute_attention and torch.is_grad_enabled():
             h = h + checkpoint(self.attn, x, rope, use_reentrant=False)
         else:
             h = h + self.attn(x, rope)
@@ -120,18 +129,21 @@ class Decoder(nn.Module):
             head_key = "embed" if self.tie_embeddings else "lm_head"  # a tied copy starts equal
             seeded_normal_(self.lm_head.weight, self.init_std, seed, head_key, "weight")
 
-    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
         """Logits [b, s, V] on the last stage (inference, evaluation, HF conversion), else hidden
         states [b, s, H]. Training never builds the logits: it feeds :meth:`hidden_states` and
         :attr:`head_weight` to megamoe.nn.loss.chunked_lm_loss."""
-        h = self.hidden_states(x, position_ids)
+        h = self.hidden_states(x, position_ids, cache)
         return F.linear(h, self.head_weight) if self.post_process else h
 
-    def hidden_states(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def hidden_states(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
+                      cache: Optional[KVCache] = None) -> torch.Tensor:
         """x: token ids [b, s] on the first stage, else hidden states [b, s, H] → hidden states
         [b, s, H], final-normed on the last stage (the head's input).
 
-        position_ids [b, s] default to 0..s-1; pass restarted ones for ``reset_position_ids``.
+        position_ids [b, s] default to 0..s-1; pass restarted ones for ``reset_position_ids``,
+        and with ``cache`` the ones ``cache.advance`` returned for these positions.
         """
         h = self.embed(x) if self.embed is not None else x
         if position_ids is None:
@@ -139,7 +151,12 @@ class Decoder(nn.Module):
         rope = self.rotary(position_ids)
         recompute = self.recompute_layers and torch.is_grad_enabled()
         for layer in self.layers.values():
-            h = checkpoint(layer, h, rope, use_reentrant=False) if recompute else layer(h, rope)
+            if cache is not None:
+                h = layer(h, rope, cache.layer(layer.layer_index))
+            elif recompute:
+                h = checkpoint(layer, h, rope, use_reentrant=False)
+            else:
+                h = layer(h, rope)
         return self.final_norm(h) if self.post_process else h
 
     @property

@@ -1,7 +1,8 @@
 """How many decoder layers each pipeline stage holds, and the cost model that balances them.
 
 Stage s of S = pp × virtual_stages holds a contiguous run of layers; pipeline rank r holds the
-stages r, r + pp, r + 2·pp, … (the loop layout torch's interleaved 1F1B expects). The split is
+stages r, r + pp, r + 2·pp, … (the loop layout of torch's interleaved schedules), or under a V
+schedule (zbv_zero_bubble, dualpipev: two stages per rank) r and 2·pp − 1 − r. The split is
 ``parallel.stage_balance=even`` (L / S layers each), an explicit ``parallel.layers_per_stage``,
 or ``stage_balance=auto`` (:func:`balanced_split`). Layers keep their global names whatever the
 split, so checkpoints load across splits.
@@ -39,8 +40,9 @@ from typing import Callable, Sequence, TypeVar
 from omegaconf import DictConfig
 
 from megamoe.config.schema import as_object
+from megamoe.config.validate import V_SCHEDULES
 
-from megamoe.models import flops, memory
+from megamoe.models import family_of, flops, memory
 
 
 def num_stages(cfg: DictConfig) -> int:
@@ -49,8 +51,18 @@ def num_stages(cfg: DictConfig) -> int:
 
 
 def stage_indices(cfg: DictConfig, pp_rank: int) -> list[int]:
-    """The global stage indices this pipeline rank holds (loop layout)."""
-    return [chunk * cfg.parallel.pp + pp_rank for chunk in range(cfg.parallel.virtual_stages)]
+    """The global stage indices this pipeline rank holds, in order: a loop (r, r + pp, …), or a V
+    (r, 2·pp − 1 − r), where the first and the last stage share rank 0."""
+    pp = cfg.parallel.pp
+    if cfg.parallel.schedule in V_SCHEDULES:
+        return [pp_rank, 2 * pp - 1 - pp_rank]
+    return [chunk * pp + pp_rank for chunk in range(cfg.parallel.virtual_stages)]
+
+
+def rank_ends(cfg: DictConfig, pp_rank: int) -> tuple[bool, bool]:
+    """Does pipeline rank ``pp_rank`` hold the first stage (the embedding), the last (the head)?"""
+    stages = stage_indices(cfg, pp_rank)
+    return 0 in stages, num_stages(cfg) - 1 in stages
 
 
 Number = TypeVar("Number", int, float)
@@ -104,7 +116,7 @@ def part_costs(cfg: DictConfig) -> PartCosts:
     scores = flops.attention_flops_per_token(cfg, cfg.train.seq_len) // num_layers
     head = 2 * rows["head"].matmul
     layer = (flops.fwd_flops_per_token(cfg) - head) // num_layers + scores
-    attention_block = 2 * (rows["attention"].matmul + rows["lfa"].matmul) // num_layers + scores
+    attention_block = 2 * sum(part.matmul for part in family_of(cfg).attention_parts(cfg.model).values()) + scores
     recompute = {"none": 0, "selective": attention_block, "full": layer}[cfg.train.activation_checkpointing]
     return PartCosts(layer=3 * layer + recompute, head=4 * head)
 
@@ -198,7 +210,7 @@ def _balanced_split(cfg: DictConfig) -> tuple[int, ...]:
     pp, num_layers, count = cfg.parallel.pp, cfg.model.num_layers, num_stages(cfg)
     ranks = [stage_indices(cfg, r) for r in range(pp)]
     costs, each = part_costs(cfg), range(num_layers + 1)
-    rank_compute = [[costs.holding(n, head=r == pp - 1) for n in each] for r in range(pp)]
+    rank_compute = [[costs.holding(n, head=rank_ends(cfg, r)[1]) for n in each] for r in range(pp)]
     stage_compute = [[costs.holding(n, head=s == count - 1) for n in each] for s in range(count)]
     rank_memory = [[fixed + n * per_layer for n in each] for per_layer, fixed in _memory_lines(cfg)]
 

@@ -9,7 +9,7 @@ over dp, expert gradients over edp, and the norm counts every replica as a fract
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,104 +21,163 @@ BYTES_PER_FP32 = 4
 
 
 @dataclass(frozen=True)
-class Piece:
-    """Elements ``[start, start + numel)`` of parameter ``param``'s flat gradient, at ``offset`` in a bucket."""
+class GradChunk:
+    """One model chunk's parameters (a pipeline stage module): ``key`` names it to
+    :meth:`GradSync.arm` / :meth:`GradSync.flush`; dense ones reduce over dp, experts over edp."""
 
-    param: int
-    start: int
-    numel: int
-    offset: int
+    key: object
+    dense: list[Parameter]
+    expert: list[Parameter]
 
 
-def plan_buckets(numels: Sequence[int], bucket_numel: int) -> list[list[Piece]]:
-    """Cut the concatenated gradients into consecutive buckets of ``bucket_numel`` elements.
+class _Bucket:
+    """A slice of one chunk's flat gradient buffer: reduced by one collective, once every
+    parameter overlapping it has its final gradient (or its chunk is flushed)."""
 
-    A gradient that straddles a boundary is split between two buckets, so every bucket but the
-    last is full and the communication buffers stay at two buckets whatever the largest tensor.
-    """
-    buckets: list[list[Piece]] = []
-    bucket: list[Piece] = []
-    fill = 0
-    for param, numel in enumerate(numels):
-        start = 0
-        while start < numel:
-            take = min(numel - start, bucket_numel - fill)
-            bucket.append(Piece(param, start, take, fill))
-            start += take
-            fill += take
-            if fill == bucket_numel:
-                buckets.append(bucket)
-                bucket, fill = [], 0
-    if bucket:
-        buckets.append(bucket)
-    return buckets
+    def __init__(self, flat: Tensor, params: list[Parameter]) -> None:
+        self.flat, self.params = flat, params
+        self.waiting = len(params)
+        self.work: Optional[dist.Work] = None
+
+
+class _Queue:
+    """The buckets reduced over one process group, in the one order every rank of the group
+    launches them: bucket k goes only after bucket k - 1, so ranks whose gradients become final
+    in a different order (an expert without tokens on one of them) still pair their collectives."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
+        self.group, self.buckets, self.launched = group, [], 0
+
+    def launch_ready(self, adopt: Callable[[list[Parameter]], None]) -> None:
+        while self.launched < len(self.buckets) and self.buckets[self.launched].waiting == 0:
+            bucket = self.buckets[self.launched]
+            adopt(bucket.params)
+            if self.group is not None:
+                bucket.work = dist.all_reduce(bucket.flat, group=self.group, async_op=True)
+            self.launched += 1
 
 
 class GradSync:
     """Average gradients over data parallelism: dense over ``dp_group``, experts over ``edp_group``.
 
-    Both sets are summed in flat fp32 buckets (one all-reduce each, two buffers so packing the
-    next bucket overlaps the current one's communication) and then divided by ``dp_size`` — for
-    the experts too, not by the edp size: an expert's local gradient already sums the
-    contributions of the tokens of every rank in its ep group (they reached it through the
-    all-to-all, and the backward all-to-all brought their gradients back), so after the edp sum
-    it holds the sum over all dp ranks' micro-batch losses, exactly like a dense gradient.
+    Each chunk's dense (and expert) gradients live in one flat buffer (fp32, the parameters' dtype) — ``param.grad`` is a
+    view into it, so autograd accumulates in place and a bucket is a contiguous slice reduced
+    with no copy (Megatron's grad buffer). Parameters are laid out in reverse order, the order
+    backward finishes them, and cut into buckets of ``bucket_mb``.
 
-    A group of ``None`` means that size is 1: no communication, only the division. A parameter
-    without a gradient (say, an expert that got no tokens) contributes zeros.
+    Without overlap, :meth:`finish` reduces every bucket after the backward. With
+    ``overlap=True`` (``parallel.overlap_grad_reduce``) a chunk is :meth:`arm`-ed for its last
+    backward: a post-accumulate-grad hook marks each parameter final, and a bucket whose
+    parameters are all final starts its async all-reduce while backward goes on; :meth:`flush`
+    launches the rest of a chunk when its backward is over (the zero-bubble weight pass adds to
+    ``.grad`` itself, so no hook sees it); :meth:`finish` waits. Both paths reduce the same
+    buckets with the same bytes in the same order: the results are bit-identical.
+
+    The sum is divided by ``divisor`` (:meth:`start_step`): dp, times the micro-batch count
+    where the pipeline leaves its micro-batch gradients summed. Experts are divided by dp too,
+    not edp: an expert's local gradient already sums the tokens of every rank of its ep group
+    (they reached it through the all-to-all), so after the edp sum it holds the sum over all dp
+    ranks' micro-batches, exactly like a dense gradient. A group of ``None`` means that size is
+    1: no communication, only the division.
     """
 
-    def __init__(
-        self,
-        params_dense: list[Parameter],
-        params_expert: list[Parameter],
-        dp_group: Optional[dist.ProcessGroup],
-        edp_group: Optional[dist.ProcessGroup],
-        dp_size: int,
-        bucket_mb: float = 25.0,
-    ) -> None:
+    def __init__(self, chunks: Sequence[GradChunk], dp_group: Optional[dist.ProcessGroup],
+                 edp_group: Optional[dist.ProcessGroup], bucket_mb: float = 25.0, overlap: bool = False) -> None:
         bucket_numel = max(1, int(bucket_mb * 2**20) // BYTES_PER_FP32)
-        self.dp_size = dp_size
-        self._sets = [
-            (list(params), group, plan_buckets([p.numel() for p in params], bucket_numel))
-            for params, group in ((params_dense, dp_group), (params_expert, edp_group))
-        ]
-        self._buffer_numel = max((sum(pc.numel for pc in b) for _, _, plan in self._sets for b in plan), default=0)
+        self.overlap, self.divisor = overlap, 1
+        self._queues = [_Queue(dp_group), _Queue(edp_group)]
+        self._views: dict[Parameter, Tensor] = {}
         self._buffers: list[Tensor] = []
+        self._chunk_buckets: dict[object, list[_Bucket]] = {}
+        self._armed: set[object] = set()
+        self._open = False
+        for chunk in chunks:
+            self._chunk_buckets[chunk.key] = []
+            for params, queue in ((chunk.dense, self._queues[0]), (chunk.expert, self._queues[1])):
+                buckets = self._lay_out(list(reversed(params)), bucket_numel)
+                queue.buckets += buckets
+                self._chunk_buckets[chunk.key] += buckets
+                for p in params:
+                    holding = [b for b in buckets if any(q is p for q in b.params)]
+                    p.register_post_accumulate_grad_hook(self._hook(chunk.key, holding))
 
-    def all_reduce(self) -> None:
-        """Replace every gradient by its data-parallel average (in place)."""
-        for params, group, plan in self._sets:
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            flat = [p.grad.view(-1) for p in params]
-            if group is None and self.dp_size > 1:
-                for g in flat:
-                    g.div_(self.dp_size)
-            elif group is not None:
-                self._reduce(flat, plan, group)
+    def _lay_out(self, params: list[Parameter], bucket_numel: int) -> list[_Bucket]:
+        """One flat buffer for ``params`` (views become their gradients), cut into buckets."""
+        if not params:
+            return []
+        if len({p.dtype for p in params}) > 1:
+            raise TypeError("GradSync keeps one buffer per chunk: its parameters must share a dtype")
+        buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self._buffers.append(buffer)
+        offsets = [0]
+        for p in params:
+            self._views[p] = buffer[offsets[-1]: offsets[-1] + p.numel()].view_as(p)
+            offsets.append(offsets[-1] + p.numel())
+        buckets = []
+        for start in range(0, buffer.numel(), bucket_numel):
+            stop = min(start + bucket_numel, buffer.numel())
+            inside = [p for p, a, b in zip(params, offsets, offsets[1:]) if a < stop and b > start]
+            buckets.append(_Bucket(buffer[start:stop], inside))
+        return buckets
 
-    def _reduce(self, flat: list[Tensor], plan: list[list[Piece]], group: dist.ProcessGroup) -> None:
-        if not self._buffers and plan:
-            self._buffers = [torch.empty(self._buffer_numel, dtype=torch.float32, device=flat[0].device) for _ in range(2)]
-        pending: Optional[tuple[dist.Work, Tensor, list[Piece]]] = None
-        for i, bucket in enumerate(plan):
-            buffer = self._buffers[i % 2][: sum(pc.numel for pc in bucket)]
-            for pc in bucket:
-                buffer[pc.offset : pc.offset + pc.numel].copy_(flat[pc.param][pc.start : pc.start + pc.numel])
-            work = dist.all_reduce(buffer, group=group, async_op=True)
-            if pending is not None:  # finish bucket i - 1 while i is in flight; its buffer takes i + 1
-                self._unpack(*pending, flat)
-            pending = (work, buffer, bucket)
-        if pending is not None:
-            self._unpack(*pending, flat)
+    def _hook(self, key: object, buckets: list[_Bucket]) -> Callable[[Parameter], None]:
+        def on_final_grad(_: Parameter) -> None:
+            if key in self._armed:
+                for bucket in buckets:
+                    bucket.waiting -= 1
+                self._launch_ready()
+        return on_final_grad
 
-    def _unpack(self, work: dist.Work, buffer: Tensor, bucket: list[Piece], flat: list[Tensor]) -> None:
-        work.wait()
-        buffer.div_(self.dp_size)
-        for pc in bucket:
-            flat[pc.param][pc.start : pc.start + pc.numel].copy_(buffer[pc.offset : pc.offset + pc.numel])
+    def _adopt(self, params: list[Parameter]) -> None:
+        """Make sure each gradient is its buffer view (code that assigned ``.grad`` is copied in)."""
+        for p in params:
+            view = self._views[p]
+            if p.grad is not view:
+                view.copy_(p.grad) if p.grad is not None else view.zero_()
+                p.grad = view
+
+    def _launch_ready(self) -> None:
+        for queue in self._queues:
+            queue.launch_ready(self._adopt)
+
+    def start_step(self, divisor: int) -> None:
+        """Zero the gradients (as views of the buffers) before a step's first backward."""
+        for buffer in self._buffers:
+            buffer.zero_()
+        for p, view in self._views.items():
+            p.grad = view
+        for queue in self._queues:
+            queue.launched = 0
+            for bucket in queue.buckets:
+                bucket.waiting, bucket.work = len(bucket.params), None
+        self.divisor, self._armed, self._open = divisor, set(), True
+
+    def arm(self, key: object) -> None:
+        """Chunk ``key`` starts its last backward of the step: final gradients may go now."""
+        if self.overlap and self._open:
+            self._armed.add(key)
+
+    def flush(self, key: object) -> None:
+        """Chunk ``key``'s backward is over: launch whatever of it is still waiting."""
+        if self.overlap and self._open:
+            for bucket in self._chunk_buckets[key]:
+                bucket.waiting = 0
+            self._launch_ready()
+
+    def finish(self) -> None:
+        """Launch every bucket not launched yet, wait for all, divide: each gradient is now its
+        data-parallel average."""
+        for buckets in self._chunk_buckets.values():
+            for bucket in buckets:
+                bucket.waiting = 0
+        self._launch_ready()
+        for queue in self._queues:
+            for bucket in queue.buckets:
+                if bucket.work is not None:
+                    bucket.work.wait()
+                if self.divisor != 1:
+                    bucket.flat.div_(self.divisor)
+        self._armed, self._open = set(), False
 
 
 def _sum_of_squares(params: Iterable[Parameter], exclude_ids: set[int]) -> Tensor:

@@ -63,7 +63,7 @@ class ProcessGrid:
     dp_group: Optional[ProcessGroup] = None
     ep_group: Optional[ProcessGroup] = None
     edp_group: Optional[ProcessGroup] = None
-    embed_group: Optional[ProcessGroup] = None  # first + last pipeline stage, same dp rank
+    embed_group: Optional[ProcessGroup] = None  # pp ranks 0 and pp − 1, same dp rank (a loop's first + last stage)
 
     @property
     def edp(self) -> int:
@@ -84,14 +84,6 @@ class ProcessGrid:
     @property
     def edp_rank(self) -> int:
         return self.dp_rank // self.ep
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
 
 def grid_rank_lists(pp: int, dp: int, ep: int) -> dict[str, list[list[int]]]:

@@ -2,40 +2,77 @@
 
 Stage s of S = pp × virtual_stages holds a contiguous run of layers, as many as the config's
 split gives it (even, explicit or balanced: megamoe.parallel.balance). Pipeline rank r holds the
-stages r, r + pp, r + 2·pp, … (the loop layout that torch's interleaved 1F1B expects). Each
-stage builds only its own layers. Stages pass ``(hidden, position_ids)`` along, because
-position ids may restart after each end-of-document token and every layer's RoPE needs them.
+stages r, r + pp, r + 2·pp, … (the loop layout of torch's interleaved schedules), or r and
+2·pp − 1 − r (the V layout of ZB-V and DualPipeV, which puts the first and the last stage on
+rank 0). Each stage builds only its own layers. Stages pass ``(hidden, position_ids)`` along,
+because position ids may restart after each end-of-document token and every layer's RoPE needs
+them.
 
-The engine is ``torch.distributed.pipelining`` (Schedule1F1B / ScheduleInterleaved1F1B).
-With pp = 1 there is no pipeline: the trainer runs micro-batches in a plain gradient-
-accumulation loop, which is the same math without any point-to-point traffic.
+The engine is ``torch.distributed.pipelining`` (:data:`SCHEDULES`). The zero-bubble ones split
+a stage's backward into an input pass, from the stage's outputs to its inputs, and a later
+weight pass that resumes from the gradients the input pass saved where the weights join that
+path (torch's stage_backward_input / stage_backward_weight). MoEAuxLossBackward sits on a MoE
+layer's output, so the input pass runs it: the aux losses' gradient flows into the input
+gradient and into the router's saved gradients, once. The first stage, whose inputs (token
+ids) take no gradient, runs its whole backward in the weight pass. With pp = 1 there is no
+pipeline: the trainer runs micro-batches in a plain gradient-accumulation loop, which is the
+same math without any point-to-point traffic.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
-from torch.distributed.pipelining.schedules import _PipelineSchedule
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
+from torch.distributed.pipelining.schedules import (
+    FORWARD,
+    OVERLAP_F_B,
+    RECV_F,
+    SEND_F,
+    PipelineScheduleMulti,
+    _Action,
+    _PipelineSchedule,
+    _PipelineScheduleRuntime,
+)
 
+from megamoe.config.validate import V_SCHEDULES
 from megamoe.models import build_stage
 from megamoe.nn.decoder import Decoder
 from megamoe.nn.loss import IGNORE_INDEX, chunked_lm_loss
 from megamoe.nn.moe.dispatcher import TokenExchange
+from megamoe.parallel.grads import GradSync
 from megamoe.parallel.balance import layer_ranges, stage_indices, stage_layers
 from megamoe.parallel.mesh import ProcessGrid
+
+
+# parallel.schedule → torch's schedule for several stages per rank (1f1b runs one: Schedule1F1B).
+SCHEDULES: dict[str, type[PipelineScheduleMulti]] = {
+    "interleaved_1f1b": ScheduleInterleaved1F1B,
+    "interleaved_zero_bubble": ScheduleInterleavedZeroBubble,
+    "zbv_zero_bubble": ScheduleZBVZeroBubble,
+    "dualpipev": ScheduleDualPipeV,
+}
 
 
 class StageModule(nn.Module):
     """One pipeline stage: a contiguous slice of the decoder, speaking the stage protocol."""
 
-    def __init__(self, model: Decoder, is_last: bool) -> None:
+    def __init__(self, model: Decoder, is_first: bool, is_last: bool) -> None:
         super().__init__()
         self.model = model
-        self.is_last = is_last
+        self.is_first, self.is_last = is_first, is_last
 
     def forward(self, x: Tensor, position_ids: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """Hidden states: passed on with the position ids, or — on the last stage — final-normed,
@@ -56,8 +93,37 @@ def build_stage_modules(cfg: DictConfig, pp_rank: int, exchange: Optional[TokenE
     modules = []
     for s in stage_indices(cfg, pp_rank):
         model = build_stage(cfg, ranges[s], pre_process=s == 0, post_process=s == last_stage, exchange=exchange)
-        modules.append(StageModule(model, is_last=s == last_stage))
+        modules.append(StageModule(model, is_first=s == 0, is_last=s == last_stage))
     return modules
+
+
+@dataclass(frozen=True)
+class TiedEmbedding:
+    """This rank's ends of a tied embedding that the stages split: stage 0's ``embed.weight`` and
+    the last stage's ``lm_head.weight`` copy (None where the rank holds no such end)."""
+
+    embedding: Optional[nn.Parameter] = None
+    head_copy: Optional[nn.Parameter] = None
+
+    @classmethod
+    def of(cls, models: Sequence[Decoder]) -> "TiedEmbedding":
+        ends = {model.pre_process: end for model in models if (end := model.tied_parameter()) is not None}
+        return cls(ends.get(True), ends.get(False))
+
+    def sum_grads(self, group: Optional[dist.ProcessGroup]) -> None:
+        """Give both copies the sum of their gradients, so they stay equal: an all-reduce over
+        ``group`` (the first and the last stage's ranks), or a local sum where this rank holds
+        both ends (rank 0 of a V schedule; pp = 1 with virtual stages)."""
+        if self.embedding is not None and self.head_copy is not None:
+            self.embedding.grad += self.head_copy.grad
+            self.head_copy.grad.copy_(self.embedding.grad)
+        elif self.embedding is not None or self.head_copy is not None:
+            end = self.embedding if self.embedding is not None else self.head_copy
+            dist.all_reduce(end.grad, group=group)
+
+    def copies(self) -> set[nn.Parameter]:
+        """What the gradient norm leaves out: the head copy, a duplicate of the embedding."""
+        return {self.head_copy} if self.head_copy is not None else set()
 
 
 def masked_labels(labels: Tensor, loss_mask: Tensor) -> Tensor:
@@ -84,21 +150,87 @@ def _example_io(cfg: DictConfig, module: StageModule, stage: int,
     return inputs, (hidden, positions)
 
 
-def build_schedule(cfg: DictConfig, grid: ProcessGrid, modules: list[StageModule],
-                   num_microbatches: int) -> _PipelineSchedule:
-    """Wrap the stage modules in torch PipelineStages and the configured schedule.
+class Schedules(NamedTuple):
+    """The schedule a training step runs, and the one whose ``eval()`` runs its forward passes."""
 
-    ``scale_grads=True``: gradients are divided by the number of micro-batches after the
-    backward passes, so each micro-batch loss is a plain mean (as in the pp = 1 loop). The loss
-    is the last stage's :meth:`StageModule.loss` (never called on the other ranks).
+    train: _PipelineSchedule
+    evaluate: _PipelineSchedule
+
+
+class GradReducingStage(PipelineStage):
+    """A PipelineStage that tells the gradient sync when its gradients become final: it arms
+    the stage's chunk for its last backward (a full backward, or the weight pass where the
+    first stage runs its whole backward), and flushes the chunk at the schedule's REDUCE_GRAD
+    action, which torch places right after a stage's last backward-like action."""
+
+    def __init__(self, module: StageModule, grad_sync: GradSync, **kwargs: object) -> None:
+        super().__init__(module, **kwargs)
+        self.grad_sync = grad_sync
+
+    def backward_one_chunk(self, bwd_chunk_id: int, loss: Optional[Tensor] = None, full_backward: bool = True,
+                           last_backward: bool = False) -> None:
+        if last_backward:
+            self.grad_sync.arm(self.submod.model)
+        super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward, last_backward=last_backward)
+
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False) -> None:
+        if last_backward:
+            self.grad_sync.arm(self.submod.model)
+        super().backward_weight_one_chunk(bwd_chunk_id, last_backward=last_backward)
+
+    def perform_reduce_grad(self, grad_scale_factor: int) -> None:
+        super().perform_reduce_grad(grad_scale_factor)
+        self.grad_sync.flush(self.submod.model)
+
+
+def build_schedules(cfg: DictConfig, grid: ProcessGrid, modules: list[StageModule], num_microbatches: int,
+                    grad_sync: GradSync) -> Schedules:
+    """Wrap the stage modules in PipelineStages (:class:`GradReducingStage`) and the configured schedule.
+
+    ``scale_grads=False``: the micro-batch gradients stay summed and ``grad_sync`` divides them
+    by the micro-batch count with the data-parallel average (torch would divide in place at the
+    end of the backward, under a reduction already in flight). The loss is the last stage's
+    :meth:`StageModule.loss` (never called on the other ranks). The V schedules set the stages'
+    V mapping themselves; :func:`stage_indices` built the same one.
     """
     num_stages = cfg.parallel.pp * cfg.parallel.virtual_stages
     stages = []
     for module, s in zip(modules, stage_indices(cfg, grid.pp_rank)):
         inputs, outputs = _example_io(cfg, module, s, num_stages)
-        stages.append(PipelineStage(module, stage_index=s, num_stages=num_stages, device=grid.device,
-                                    input_args=inputs, output_args=outputs, group=grid.pp_group))
+        stages.append(GradReducingStage(module, grad_sync, stage_index=s, num_stages=num_stages, device=grid.device,
+                                        input_args=inputs, output_args=outputs, group=grid.pp_group))
     loss_fn = modules[-1].loss
-    if cfg.parallel.schedule == "interleaved_1f1b":
-        return ScheduleInterleaved1F1B(stages, n_microbatches=num_microbatches, loss_fn=loss_fn)
-    return Schedule1F1B(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn)
+    if cfg.parallel.schedule == "1f1b":
+        schedule = Schedule1F1B(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False)
+        return Schedules(schedule, schedule)
+
+    def schedule() -> _PipelineScheduleRuntime:
+        return SCHEDULES[cfg.parallel.schedule](stages, n_microbatches=num_microbatches, loss_fn=loss_fn,
+                                                scale_grads=False)
+
+    train = schedule()
+    return Schedules(train, _forwards_only(schedule()) if cfg.parallel.schedule in V_SCHEDULES else train)
+
+
+def _forwards_only(schedule: _PipelineScheduleRuntime) -> _PipelineScheduleRuntime:
+    """``schedule`` reduced to its forwards and their sends and receives, in its order (free of
+    deadlocks, and so with fewer waits): what evaluating a V schedule runs.
+
+    torch's V schedules hand the input gradient from a rank's second stage to its first even in
+    ``eval()``, where there is none (an AssertionError). Both schedules drive the same stages:
+    a receive buffer's requires_grad is set at each use, so they take turns safely.
+    """
+    schedule.pipeline_order_with_comms = {rank: list(_forward_actions(actions))
+                                          for rank, actions in schedule.pipeline_order_with_comms.items()}
+    return schedule
+
+
+_FORWARD_ACTIONS = {FORWARD, SEND_F, RECV_F}
+
+
+def _forward_actions(actions: Sequence[_Action]) -> Iterator[_Action]:
+    """The forwards, forward sends and receives of a lowered action list (an overlapped forward
+    and backward pair gives its forward)."""
+    for action in actions:
+        parts = action.sub_actions if action.computation_type == OVERLAP_F_B else (action,)
+        yield from (part for part in parts if part.computation_type in _FORWARD_ACTIONS)

@@ -8,8 +8,9 @@ buffers and fragmentation). The step time adds, with no overlap between them:
 * **compute**: each pipeline rank's FLOPs per micro-batch (its stages' layers, head and loss,
   recompute included; megamoe.parallel.balance) ÷ the sustained throughput
   ``peak × efficiency``;
-* **the pipeline's bubble**: 1F1B runs ``m + pp − 1`` slots of the slowest rank's micro-batch
-  time, interleaved 1F1B ``m + (pp − 1) / v`` (Megatron's figures); ``m`` micro-batches per step;
+* **the pipeline's bubble**: a step runs ``m`` slots of the slowest rank's micro-batch time
+  plus :func:`bubble_slots` idle ones (1F1B: pp − 1; interleaved 1F1B: (pp − 1) / v, Megatron's
+  figures; the zero-bubble and V schedules' are smaller); ``m`` micro-batches per step;
 * **expert all-to-all**: top-k copies of each token's hidden state (bf16) go to other ep ranks
   and come back, in the forward and the backward (and once more in a full recompute), over the
   ep group's link;
@@ -191,6 +192,33 @@ def with_layout(cfg: DictConfig | MegaMoEConfig, layout: Layout) -> MegaMoEConfi
     return candidate
 
 
+def bubble_slots(schedule: str, pp: int, v: int, m: int) -> float:
+    """The idle time of a step, in slots of one micro-batch's forward and backward on a rank.
+
+    The makespan minus the busy time of torch's own action order for ``schedule`` (pp ranks, v
+    chunks each, m micro-batches), run with equal chunk times for the forward, the input
+    gradient and the weight gradient (the zero-bubble paper's T_F = T_B = T_W; a full backward
+    is both) and free communication; tests/parallel/test_pipeline.py replays torch's lists to
+    check every case. It is the papers' figure for 1F1B, (p − 1)(t_f + t_b), and interleaved
+    1F1B, (p − 1)(t_f + t_b) / v (Narayanan et al., 2021), and for ZB-H1, (p − 1)(T_F + T_B − T_W)
+    (Qi et al., 2024): one chunk forward per rank boundary. Torch's V orders (ZB-V, DualPipeV)
+    leave only the start-up skew, (p − 1) chunk forwards: the ZB paper's zero bubble assumes an
+    optimizer step that lets the next step start early, and ours synchronises (grad norm,
+    clipping). With fewer micro-batches the pipeline idles more: below pp for the
+    interleaved schedules (exact for zero bubble down to m = pp / 2, low below), below
+    2·pp − 1 for ZB-V (torch pads its list to that many).
+    """
+    if pp == 1:
+        return 0.0
+    return {
+        "1f1b": pp - 1,
+        "interleaved_1f1b": (pp - 1) / v + max(0, pp - m) * (v - 1) / v,
+        "interleaved_zero_bubble": (pp - 1) / (3 * v) + max(0, pp - m) / 3,
+        "zbv_zero_bubble": max((pp - 1) / 6, (2 * pp - 1 - m) / 3),
+        "dualpipev": (pp - 1) / 6,
+    }[schedule]
+
+
 def _ring_all_reduce_s(nbytes: float, ranks: int, bytes_per_s: float) -> float:
     return 2 * (ranks - 1) / ranks * nbytes / bytes_per_s if ranks > 1 else 0.0
 
@@ -213,7 +241,7 @@ def step_time(cfg: DictConfig, lay: memory.Layout, hw: Hardware, layers: list[in
     per_rank = [(f * tokens / hw.sustained_flops, n * a2a_s) for f, n in zip(rank_flops, rank_layers)]
     compute_s, all_to_all_s = max(per_rank, key=sum)  # the slowest rank paces the pipeline
     slot = compute_s + all_to_all_s + send_recv_s
-    fill = (lay.pp - 1) / p.virtual_stages if p.schedule == "interleaved_1f1b" else lay.pp - 1
+    fill = bubble_slots(p.schedule, lay.pp, p.virtual_stages, micro_batches)
 
     grad_s = 0.0
     for r in range(lay.pp):

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -26,9 +27,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from torch.distributed.pipelining.schedules import _PipelineSchedule
 
-from megamoe.checkpoint.state import TrainingState, resume, save_checkpoint
+from megamoe.checkpoint.saver import CheckpointSaver
+from megamoe.checkpoint.state import TrainingState, checkpoint_before, load_checkpoint, resume
 from megamoe.cli import SharedError
 from megamoe.data.blend import Dataset
 from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream
@@ -37,14 +38,18 @@ from megamoe.models.flops import attention_flops_per_token, fwd_flops_per_token
 from megamoe.nn.moe.experts import expert_parameters
 from megamoe.nn.moe.layer import MoEAuxLossBackward, MoELayer
 from megamoe.parallel.expert import AllToAllExchange
-from megamoe.parallel.grads import GradSync, clip_grads_, global_grad_norm
+from megamoe.nn.compile import compile_blocks
+from megamoe.parallel.grads import GradChunk, GradSync, clip_grads_, global_grad_norm
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.parallel.stall import CollectiveStall, Progress, announce, diagnose, is_communication_failure
-from megamoe.parallel.pipeline import StageModule, build_schedule, build_stage_modules, masked_labels
+from megamoe.parallel.pipeline import (Schedules, StageModule, TiedEmbedding, build_schedules, build_stage_modules,
+                                       masked_labels)
 from megamoe.train.metrics import MetricsLogger, detect_peak_flops, expert_load_summary, mfu
 from megamoe.train.optim import build_optimizer
 from megamoe.train.run_dir import claim_run_dir
 from megamoe.train.schedule import lr_at, set_lr
+from megamoe.train.downstream import DownstreamEval
+from megamoe.train.spikes import SpikeGuard
 
 
 class NonFiniteError(SharedError):
@@ -126,10 +131,10 @@ class Trainer:
     expert_params: list[nn.Parameter]  # replicated over edp, sharded over ep
     valid: dict
     expert_load: ExpertLoad
-    tied_copy: Optional[nn.Parameter]  # this rank's end of a tied embedding split over stages, if any
+    tied: TiedEmbedding  # this rank's ends of a tied embedding split over stages, if any
     eod_id: Optional[int]  # restarts position ids when data.reset_position_ids
     progress: Progress = field(default_factory=Progress)  # the operation in flight, for stall reports
-    schedule: Optional[_PipelineSchedule] = None  # built on first use (pp > 1)
+    schedules: Optional[Schedules] = None  # built on first use (pp > 1)
 
     cfg = property(lambda self: self.state.cfg)
     grid = property(lambda self: self.state.grid)
@@ -177,18 +182,27 @@ def build_trainer(cfg: DictConfig, grid: ProcessGrid) -> Trainer:
     for model in models:
         model.reset_parameters(cfg.seed)
         model.to(grid.device)
-    experts = [p for model in models for p in expert_parameters(model)]
-    expert_ids = {id(p) for p in experts}
-    dense = [p for model in models for p in model.parameters() if id(p) not in expert_ids]
-    grad_sync = GradSync(dense, experts, grid.dp_group, grid.edp_group, grid.dp)
+        if cfg.train.compile == "block":
+            compile_blocks(model)
+    chunks = [grad_chunk(model) for model in reversed(models)]  # the order their backward ends
+    experts = [p for chunk in reversed(chunks) for p in chunk.expert]
+    dense = [p for chunk in reversed(chunks) for p in chunk.dense]
+    grad_sync = GradSync(chunks, grid.dp_group, grid.edp_group, overlap=cfg.parallel.overlap_grad_reduce)
     embeddings = [p for model in models for p in model.embedding_parameters()]
     optimizer = build_optimizer(nn.ModuleList(models), cfg.train, embeddings)
     train, valid, _ = build_datasets(cfg, is_builder=grid.rank == 0)
     eod_id = data_eod_id(cfg)
     state = TrainingState(cfg, grid, models, optimizer, rank_loader(cfg, grid, train, eod_id), data_stream(cfg))
     moe_layers = {layer.layer_index: layer for model in models for layer in model.moe_layers()}
-    tied = next((p for model in models if (p := model.tied_parameter()) is not None), None)
-    return Trainer(state, modules, grad_sync, dense, experts, valid, ExpertLoad(moe_layers), tied, eod_id)
+    return Trainer(state, modules, grad_sync, dense, experts, valid, ExpertLoad(moe_layers), TiedEmbedding.of(models),
+                   eod_id)
+
+
+def grad_chunk(model: nn.Module) -> GradChunk:
+    """A stage module's parameters, split into the experts (averaged over edp) and the rest (dp)."""
+    experts = expert_parameters(model)
+    expert_ids = {id(p) for p in experts}
+    return GradChunk(model, [p for p in model.parameters() if id(p) not in expert_ids], experts)
 
 
 def rank_loader(cfg: DictConfig, grid: ProcessGrid, dataset: Dataset, eod_id: Optional[int]) -> GlobalBatchLoader:
@@ -222,54 +236,74 @@ def _run_microbatches(trainer: Trainer, microbatches: list[dict[str, Tensor]], t
         MoEAuxLossBackward.set_loss_scale(1.0 / n)
         losses = []
         with torch.set_grad_enabled(train):
-            for tokens, pos, target in zip(*(t.chunk(n) for t in (batch["tokens"], batch["position_ids"], labels))):
+            for i, (tokens, pos, target) in enumerate(zip(*(t.chunk(n) for t in (batch["tokens"], batch["position_ids"],
+                                                                                  labels)))):
                 with trainer.autocast():
                     loss = trainer.modules[-1].loss(_forward_local(trainer, tokens, pos), target)
                 if train:
+                    if i == n - 1:  # the last backward: buckets may start reducing as their gradients are final
+                        for module in trainer.modules:
+                            trainer.grad_sync.arm(module.model)
                     (loss / n).backward()
                 losses.append(loss.detach())
         return torch.stack(losses).mean()
-    MoEAuxLossBackward.set_loss_scale(1.0)  # the schedule divides gradients by n afterwards
-    if trainer.schedule is None:
-        trainer.schedule = build_schedule(trainer.cfg, trainer.grid, trainer.modules, n)
-    run = trainer.schedule.step if train else trainer.schedule.eval
+    MoEAuxLossBackward.set_loss_scale(1.0)  # the gradient sync divides the micro-batch sum by n
+    if trainer.schedules is None:
+        trainer.schedules = build_schedules(trainer.cfg, trainer.grid, trainer.modules, n, trainer.grad_sync)
+    run = trainer.schedules.train.step if train else trainer.schedules.evaluate.eval
     losses: list[Tensor] = []
-    args = (batch["tokens"], batch["position_ids"]) if trainer.grid.is_first_stage else ()
-    target = labels if trainer.grid.is_last_stage else None
-    with trainer.autocast():  # return_outputs=False: the last stage keeps no micro-batch's output past its backward
+    holds_first, holds_last = trainer.modules[0].is_first, trainer.modules[-1].is_last  # both on a V's rank 0
+    args = (batch["tokens"], batch["position_ids"]) if holds_first else ()
+    target = labels if holds_last else None
+    # return_outputs=False: the last stage keeps no micro-batch's output past its backward
+    with torch.set_grad_enabled(train), trainer.autocast():
         run(*args, target=target, losses=losses, return_outputs=False)
-    return torch.stack([l.detach().float() for l in losses]).mean() if trainer.grid.is_last_stage else None
+    return torch.stack([l.detach().float() for l in losses]).mean() if holds_last else None
 
 
 def _world_mean_of_last_stage(trainer: Trainer, loss: Optional[Tensor]) -> float:
     """Average the last stage's per-dp-rank losses and share the result with every rank."""
-    value = torch.zeros(1, dtype=torch.float64, device=trainer.grid.device)
-    if loss is not None:
-        value += loss.double() / trainer.grid.dp
-    if trainer.grid.world_size > 1:
-        dist.all_reduce(value)
-    return float(value.item())
+    return _gather_step(trainer, loss, 0.0)[0]
+
+
+def _gather_step(trainer: Trainer, loss: Optional[Tensor], busy_s: float) -> tuple[float, int, float]:
+    """(the mean of the last stage's per-dp-rank losses, the rank whose forward/backward took
+    longest, and how long), on every rank — one all-gather of two numbers per rank, where the
+    loss alone needs an all-reduce anyway: the straggler heartbeat costs no extra collective."""
+    grid = trainer.grid
+    row = torch.tensor([0.0 if loss is None else float(loss) / grid.dp, busy_s], dtype=torch.float64,
+                       device=grid.device)
+    rows = [row] if grid.world_size == 1 else [torch.empty_like(row) for _ in range(grid.world_size)]
+    if grid.world_size > 1:
+        dist.all_gather(rows, row)
+    table = torch.stack(rows).cpu()
+    slowest = int(table[:, 1].argmax())
+    return float(table[:, 0].sum()), slowest, float(table[slowest, 1])
 
 
 def train_step(trainer: Trainer, microbatches: list[dict[str, Tensor]], report_expert_load: bool = True) -> dict[str, float]:
-    """One optimizer step; returns loss, grad norm, lr, whether the update was skipped, and the
-    step's dp-summed expert counts — reduced only when reported or needed by the aux-free bias,
-    so ordinary steps pay no extra collective."""
+    """One optimizer step; returns loss, grad norm, lr, whether the update was skipped, the rank
+    whose forward/backward took longest (a straggler shows up here before it hangs) and its
+    seconds, and the step's dp-summed expert counts — reduced only when reported or needed by the
+    aux-free bias, so ordinary steps pay no extra collective."""
     cfg, grid = trainer.cfg, trainer.grid
     lr = lr_at(trainer.step + 1, cfg.train)
     set_lr(trainer.optimizer, lr)
     at = trainer.progress.at
     trainer.progress.step = trainer.step + 1
     at("forward/backward")
+    # pp = 1 scales each micro-batch loss by 1/n; the pipeline leaves the n micro-batches summed
+    trainer.grad_sync.start_step(grid.dp * (len(microbatches) if grid.pp > 1 else 1))
+    started = time.perf_counter()
     outputs = _run_microbatches(trainer, microbatches, train=True)
-    at("loss all-reduce")
-    loss = _world_mean_of_last_stage(trainer, outputs)
+    busy_s = time.perf_counter() - started
+    at("loss all-gather")
+    loss, slowest_rank, slowest_s = _gather_step(trainer, outputs, busy_s)
     at("gradient all-reduce")
-    trainer.grad_sync.all_reduce()
-    if trainer.tied_copy is not None:
-        dist.all_reduce(trainer.tied_copy.grad, group=grid.embed_group)
+    trainer.grad_sync.finish()
+    trainer.tied.sum_grads(grid.embed_group)
     params = list(trainer.parameters())
-    exclude = {trainer.tied_copy} if trainer.tied_copy is not None and not grid.is_first_stage else set()
+    exclude = trainer.tied.copies()
     at("gradient-norm all-reduce")
     norm = float(global_grad_norm(trainer.dense_params, trainer.expert_params,
                                   grid.dp, grid.edp, None if grid.world_size == 1 else dist.group.WORLD, exclude))
@@ -281,7 +315,6 @@ def train_step(trainer: Trainer, microbatches: list[dict[str, Tensor]], report_e
     if not skipped:
         clip_grads_(params, cfg.train.clip_grad, torch.tensor(norm))
         trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
     if report_expert_load or cfg.moe.aux_free_bias:
         at("expert-load all-reduce")
         counts = trainer.expert_load.reduce(grid.dp_group)
@@ -290,7 +323,8 @@ def train_step(trainer: Trainer, microbatches: list[dict[str, Tensor]], report_e
     if cfg.moe.aux_free_bias and not skipped:
         for index, layer_counts in counts.items():
             trainer.expert_load.layers[index].update_expert_bias(layer_counts)
-    return {"loss": loss, "grad_norm": norm, "lr": lr, "skipped": skipped, "expert_counts": counts}
+    return {"loss": loss, "grad_norm": norm, "lr": lr, "skipped": skipped, "expert_counts": counts,
+            "slowest_rank": slowest_rank, "slowest_rank_s": slowest_s}
 
 
 def evaluate(trainer: Trainer) -> dict[str, float]:
@@ -368,9 +402,15 @@ def _steps(trainer: Trainer, logger: MetricsLogger) -> None:
     flops_per_token = 3 * (fwd_flops_per_token(cfg) + attention_flops_per_token(cfg, cfg.train.seq_len))
     peak = detect_peak_flops(grid.device)
     skipped = SkippedSteps(cfg.train.max_skipped_steps)
+    spike = cfg.train.spike
+    spikes = SpikeGuard(spike.window, spike.sigmas, spike.patience) if spike.enabled else None
+    rollbacks = 0
+    saver = CheckpointSaver(trainer.state)
+    downstream = DownstreamEval(cfg)  # reads the task files now: a bad one stops the run before step 1
     first_step, started = trainer.step + 1, time.perf_counter()
     batches = iter(trainer.loader)
-    with Preemption() as preemption:
+    with Preemption() as preemption, contextlib.ExitStack() as finally_:
+        finally_.callback(saver.wait)  # a save in the background ends before the run does
         while trainer.step < cfg.train.steps:
             step = trainer.step + 1
             is_log_step = step % cfg.train.log_interval == 0 or step == cfg.train.steps
@@ -382,6 +422,7 @@ def _steps(trainer: Trainer, logger: MetricsLogger) -> None:
                 "step": step, "loss": result["loss"], "lr": result["lr"], "grad_norm": result["grad_norm"],
                 "skipped": result["skipped"], "tokens_per_s": tokens_per_step / elapsed,
                 "consumed_samples": trainer.loader.consumed_samples, "step_time_s": elapsed,
+                "slowest_rank": result["slowest_rank"], "slowest_rank_s": result["slowest_rank_s"],
             }
             if peak is not None:
                 record["mfu"] = mfu(record["tokens_per_s"] / grid.world_size, flops_per_token, peak)
@@ -390,15 +431,22 @@ def _steps(trainer: Trainer, logger: MetricsLogger) -> None:
             logger.log_step(step, record)
             if is_log_step or result["skipped"]:
                 logger.console(step, record)
+            if spikes is not None and spikes.observe(step, result["loss"]):
+                rollbacks += 1
+                saver.wait()
+                roll_back(trainer, spikes, logger, rollbacks)
+                batches = iter(trainer.loader)  # from the position past the skipped window
+                continue
             skipped.record(step, result["skipped"])
             if trainer.valid and (step % cfg.train.eval_interval == 0 or step == cfg.train.steps):
                 logger.log_eval(step, evaluate(trainer))
-            if _checkpoint_and_maybe_stop(trainer, preemption, skipped):
+            if downstream.due(step):
+                logger.log_downstream(step, downstream.run(trainer))
+            if _checkpoint_and_maybe_stop(trainer, preemption, saver, skipped, spikes):
                 break
     if grid.rank == 0 and trainer.step >= first_step:
-        minutes = (time.perf_counter() - started) / 60
-        print(f"trained steps {first_step}-{trainer.step} of {cfg.train.steps} in {minutes:.1f} min; "
-              f"{skipped.summary()}", flush=True)
+        took = datetime.timedelta(seconds=round(time.perf_counter() - started))
+        print(f"trained steps {first_step}-{trainer.step} of {cfg.train.steps} in {took}; {skipped.summary()}", flush=True)
 
 
 class Preemption:
@@ -429,29 +477,62 @@ class Preemption:
         return bool(flag.item())
 
 
-def _checkpoint_and_maybe_stop(trainer: Trainer, preemption: Preemption, skipped: SkippedSteps) -> bool:
-    """Save every checkpoint.interval steps, at the last step, and on preemption (then: stop).
+def _checkpoint_and_maybe_stop(trainer: Trainer, preemption: Preemption, saver: CheckpointSaver,
+                               skipped: SkippedSteps, spikes: Optional[SpikeGuard] = None) -> bool:
+    """Save every checkpoint.interval steps, at the last step, and on preemption (then: stop,
+    once the save is on disk, in the background or not).
 
-    Not while the latest steps were skipped for non-finite values: the state may be the one
-    that diverged, and saving it would rotate the good checkpoints out (``checkpoint.keep``).
+    Not while the latest steps were skipped for non-finite values or look like a loss spike: the
+    state may be the one that diverged, and saving it would rotate the good checkpoints out
+    (``checkpoint.keep``).
     """
     step, cfg = trainer.step, trainer.cfg
     trainer.progress.at("preemption check")
     stop = preemption.requested(trainer.grid)
     saved = None
     if stop or step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
-        if skipped.streak:
-            outcome = f"not saved: the last {skipped.streak} step(s) were skipped for non-finite values"
+        if skipped.streak or (spikes is not None and spikes.suspect):
+            why = "skipped for non-finite values" if skipped.streak else "above the loss-spike limit"
+            outcome = f"not saved: the last {skipped.streak or spikes.streak} step(s) were {why}"
             if trainer.grid.rank == 0:
                 print(f"checkpoint: step {step} {outcome}", flush=True)
         else:
             trainer.progress.at("checkpoint save")
-            saved = save_checkpoint(trainer.state)
-            outcome = "the checkpoint is saved" if saved else "no checkpoint: the state is not finite"
+            saved = saver.save()
+            if stop:
+                saved = saved or saver.wait()
+            outcome = "the checkpoint is saved" if saved else "no checkpoint was saved (see above)"
     if stop and trainer.grid.rank == 0:
         name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
         print(f"stopping after step {step} on {name}; {outcome}", flush=True)
     return stop
+
+
+def roll_back(trainer: Trainer, spikes: SpikeGuard, logger: MetricsLogger, rollbacks: int) -> None:
+    """Load the newest checkpoint from before the spike and move the data past every batch read
+    since it (plus train.spike.skip_batches more); the run then goes on from there (collective)."""
+    cfg, state = trainer.cfg, trainer.state
+    spike, detected_at, read_to = cfg.train.spike, trainer.step, trainer.loader.consumed_samples
+    if rollbacks > spike.max_rollbacks:
+        raise SharedError(f"train.spike.max_rollbacks: loss spike at step {detected_at} after {spike.max_rollbacks} "
+                          "rollbacks in this run: it is not one bad batch; lower train.lr or inspect the data")
+    target = checkpoint_before(state, spikes.spike_start)
+    if target is None:
+        raise SharedError(f"train.spike: loss spike at step {detected_at}, but no checkpoint before step "
+                          f"{spikes.spike_start} to roll back to; save more often (checkpoint.interval)")
+    load_checkpoint(state, target)
+    skip_to = read_to + spike.skip_batches * cfg.train.global_batch
+    skipped_from = trainer.loader.consumed_samples
+    trainer.loader.consumed_samples = skip_to
+    spike_start = spikes.spike_start
+    spikes.rolled_back()
+    if trainer.grid.rank == 0:
+        _forget_steps_after(Path(cfg.run.dir), trainer.step)
+    logger.log_event("spikes", {"detected_at": detected_at, "spike_start": spike_start, "rolled_back_to": trainer.step,
+                                "skipped_samples": [skipped_from, skip_to]},
+                     f"loss spike at step {detected_at}: rolled back to step {trainer.step} ({target.name}) and "
+                     f"skipped samples {skipped_from}-{skip_to} ({(skip_to - skipped_from) // cfg.train.global_batch} "
+                     "batches)")
 
 
 def _forget_steps_after(run_dir: Path, step: int) -> None:
@@ -463,7 +544,7 @@ def _forget_steps_after(run_dir: Path, step: int) -> None:
         except ValueError:  # a line torn by a kill in mid-write
             return False
 
-    for path in (run_dir / "metrics.jsonl", run_dir / "eval.jsonl"):
+    for path in (run_dir / "metrics.jsonl", run_dir / "eval.jsonl", run_dir / "downstream.jsonl"):
         if path.is_file():
             kept = [line for line in path.read_text().splitlines(keepends=True) if logged_until(line)]
             path.with_suffix(".tmp").write_text("".join(kept))

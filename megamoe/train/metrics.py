@@ -133,6 +133,8 @@ def _format_step_line(step: int, total_steps: int, record: dict[str, Any], eta_s
         fields.append(f"grad norm {record['grad_norm']:.3f}")
     if "tokens_per_s" in record:
         fields.append(f"{record['tokens_per_s']:,.0f} tok/s")
+    if "slowest_rank" in record:
+        fields.append(f"slowest rank {record['slowest_rank']} ({record['slowest_rank_s']:.2f} s)")
     if record.get("mfu") is not None:
         fields.append(f"MFU {100 * record['mfu']:.1f}%")
     if "expert_load_max" in record:
@@ -200,6 +202,25 @@ class MetricsLogger:
         tqdm.write(" | ".join([f"eval step {step}"] + [f"{src} {loss:.4f}" for src, loss in losses_by_source.items()]))
         if self._wandb is not None:
             self._wandb.log({f"eval/{src}": loss for src, loss in losses_by_source.items()}, step=step)
+
+    def log_downstream(self, step: int, scores: dict[str, dict[str, float]]) -> None:
+        """Downstream task metrics: downstream.jsonl, a console line, and wandb ``downstream/<task>/<metric>``."""
+        if not self.is_writer:
+            return
+        _append_json(self.run_dir / "downstream.jsonl", {"step": step, "tasks": scores})
+        tqdm.write(" | ".join([f"downstream step {step}"] + [
+            f"{task} " + " ".join(f"{metric} {value:.3f}" for metric, value in metrics.items())
+            for task, metrics in scores.items()]))
+        if self._wandb is not None:
+            self._wandb.log({f"downstream/{task}/{metric}": value for task, metrics in scores.items()
+                             for metric, value in metrics.items()}, step=step)
+
+    def log_event(self, kind: str, record: dict[str, Any], line: str) -> None:
+        """Something the run did by itself (a rollback): one line of ``{kind}.jsonl``, and the console."""
+        if not self.is_writer:
+            return
+        _append_json(self.run_dir / f"{kind}.jsonl", record)
+        tqdm.write(line)
 
     def finish(self) -> None:
         """Close the wandb run (its offline files are then complete)."""

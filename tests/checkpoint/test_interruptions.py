@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pytest
 
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
 
@@ -109,9 +110,11 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert_same_tensors(checkpoint_tensors(run_dir / final), checkpoint_tensors(reference / final))
 
 
-def test_kill9_during_a_save_with_two_processes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writes", ["in_place", "background"])
+def test_kill9_during_a_save_with_two_processes(tmp_path: Path, writes: str) -> None:
+    """In the background (checkpoint.async) the kill lands while training goes on: the same holds."""
     finished(tmp_path / "reference", 2, *TWO_PROCESSES)
-    run = Run(tmp_path / "run", 2, *TWO_PROCESSES, "checkpoint.interval=1")
+    run = Run(tmp_path / "run", 2, *TWO_PROCESSES, "checkpoint.interval=1", f"checkpoint.async={writes == 'background'}")
     checkpoints = tmp_path / "run/checkpoints"
     saving = lambda: [p for p in checkpoints.glob("step_*.tmp") if p.name != "step_1.tmp"]  # noqa: E731
     killed_in = None

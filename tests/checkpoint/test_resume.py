@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from megamoe.checkpoint import CheckpointError, iter_model_tensors, model_tensor_shapes, write_model_checkpoint
-from megamoe.checkpoint.state import load_checkpoint, resume, save_checkpoint
+from megamoe.checkpoint.saver import save_checkpoint
+from megamoe.checkpoint.state import load_checkpoint, resume
 from megamoe.cli import SharedError
 from megamoe.config import compose
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown

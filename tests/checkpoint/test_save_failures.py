@@ -5,6 +5,7 @@ checkpoint stays ``latest`` and loads, and no partial save is left to fill the d
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 import megamoe.checkpoint.store as store
-from megamoe.checkpoint.state import resume, save_checkpoint
+from megamoe.checkpoint.saver import save_checkpoint
+from megamoe.checkpoint.state import resume
 from megamoe.cli import SharedError
 from megamoe.config import compose
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
@@ -29,8 +31,8 @@ def grid() -> Iterator[ProcessGrid]:
     shutdown()
 
 
-def _trainer(grid: ProcessGrid, run_dir: Path) -> Trainer:
-    return build_trainer(compose([*BASE, f"run.dir={run_dir}"]), grid)
+def _trainer(grid: ProcessGrid, run_dir: Path, *overrides: str) -> Trainer:
+    return build_trainer(compose([*BASE, f"run.dir={run_dir}", *overrides]), grid)
 
 
 def _step(trainer: Trainer) -> None:
@@ -41,23 +43,24 @@ def _checkpoint_bytes(ckpt_dir: Path) -> int:
     return sum(p.stat().st_size for p in ckpt_dir.iterdir())
 
 
-def _assert_nothing_lost(grid: ProcessGrid, run_dir: Path, error: str) -> None:
-    """The failed save is gone, ``latest`` still names step 1, and step 1 resumes bit-identically."""
+FULL = r"the disk is full \(needs \d+\.\d MB, [\d.,]+ (k|M|G)?B(ytes)? free\); free space or choose another run.dir; "
+
+
+def _assert_nothing_lost(grid: ProcessGrid, run_dir: Path) -> None:
+    """The failed save is gone, ``latest`` still names step 1, and step 1 resumes."""
     root = run_dir / "checkpoints"
-    assert re.search(r"the disk is full \(needs \d+\.\d MB, [\d.,]+ (k|M|G)?B(ytes)? free\); free space or choose "
-                     r"another run.dir; the run stopped, earlier checkpoints are intact$", error), error
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_1"]
     assert (root / "latest").read_text() == "step_1\n"
     resumed = _trainer(grid, run_dir)
     assert resume(resumed.state) == root / "step_1" and resumed.step == 1
 
 
-def test_a_full_disk_stops_the_save_with_one_line(grid: ProcessGrid, tmp_path: Path) -> None:
+def test_a_full_disk_with_on_error_stop_stops_the_run_with_one_line(grid: ProcessGrid, tmp_path: Path) -> None:
     probe = _trainer(grid, tmp_path / "probe")
     _step(probe)  # with optimizer state, as every later save
     size = _checkpoint_bytes(save_checkpoint(probe.state))
     with small_filesystem(tmp_path / "disk", int(1.5 * size)) as disk:  # room for one checkpoint, not two
-        trainer = _trainer(grid, disk / "run")
+        trainer = _trainer(grid, disk / "run", "checkpoint.on_error=stop")
         _step(trainer)
         first = save_checkpoint(trainer.state)
         _step(trainer)
@@ -66,23 +69,32 @@ def test_a_full_disk_stops_the_save_with_one_line(grid: ProcessGrid, tmp_path: P
         error = str(failure.value)
         assert error.startswith(f"checkpoint: cannot save step 2: {disk}/run/checkpoints/step_2.tmp/")
         assert "cannot write (No space left on device)" in error
-        _assert_nothing_lost(grid, disk / "run", error)
+        assert re.search(FULL + "the run stopped \\(checkpoint.on_error=stop\\), earlier checkpoints are intact$", error)
+        _assert_nothing_lost(grid, disk / "run")
         assert_same_tensors(checkpoint_tensors(first), checkpoint_tensors(disk / "run/checkpoints/step_1"))
 
 
-def test_an_injected_full_disk_names_the_file_it_was_writing(grid: ProcessGrid, tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_full_disk_by_default_is_said_loudly_and_training_goes_on(grid: ProcessGrid, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """checkpoint.on_error=continue (the default), with ENOSPC injected where nothing can be mounted:
+    the save fails naming the file it was writing, the run goes on, and the next save succeeds."""
     trainer = _trainer(grid, tmp_path / "run")
     _step(trainer)
     size = _checkpoint_bytes(save_checkpoint(trainer.state))
     _step(trainer)
     full_disk_writes(monkeypatch, store, room_bytes=size // 2)
-    with pytest.raises(SharedError, match=rf"^checkpoint: cannot save step 2: {tmp_path}/run/checkpoints/step_2.tmp/"
-                                          r"\w+-r00000-00000.safetensors: cannot write \(No space left on device\)") \
-            as failure:
-        save_checkpoint(trainer.state)
+    capsys.readouterr()
+    assert save_checkpoint(trainer.state) is None
+    (line,) = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(rf"checkpoint: ERROR: cannot save step 2: {tmp_path}/run/checkpoints/step_2.tmp/\w+-r00000-00000"
+                        r"\.safetensors: cannot write \(No space left on device\): " + FULL + r"training goes on "
+                        r"\(checkpoint.on_error=continue\), the next interval tries again; earlier checkpoints are intact",
+                        line), line
     monkeypatch.undo()
-    _assert_nothing_lost(grid, tmp_path / "run", str(failure.value))
+    _assert_nothing_lost(grid, tmp_path / "run")
+    _step(trainer)
+    assert save_checkpoint(trainer.state) == tmp_path / "run/checkpoints/step_3"  # the retry works
 
 
 def test_a_state_with_nan_is_never_saved(grid: ProcessGrid, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -101,3 +113,34 @@ def test_a_state_with_nan_is_never_saved(grid: ProcessGrid, tmp_path: Path, caps
         trainer.modules[0].model.embed.weight[3, 1] = float("nan")
     assert save_checkpoint(trainer.state) is None
     assert "embed.weight holds NaN" in capsys.readouterr().out
+
+
+def test_a_background_save_returns_at_once_and_holds_the_state_of_its_step(grid: ProcessGrid, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """checkpoint.async: the step's state is copied, training changes the weights meanwhile, and the
+    checkpoint still equals an in-place save of that step; ``latest`` moves only when it is written."""
+    from megamoe.checkpoint import saver as saver_module
+    from megamoe.checkpoint.saver import CheckpointSaver
+
+    reference = _trainer(grid, tmp_path / "in_place")
+    _step(reference)
+    expected = checkpoint_tensors(save_checkpoint(reference.state))
+
+    trainer = _trainer(grid, tmp_path / "background", "checkpoint.async=true")
+    _step(trainer)
+    slow_write = saver_module.write_shards
+
+    def write_slowly(*args: object, **kwargs: object) -> object:
+        time.sleep(1.0)
+        return slow_write(*args, **kwargs)
+
+    monkeypatch.setattr(saver_module, "write_shards", write_slowly)
+    saver = CheckpointSaver(trainer.state)
+    started = time.perf_counter()
+    assert saver.save() is None and time.perf_counter() - started < 0.5  # training resumes at once
+    assert not (tmp_path / "background/checkpoints/latest").exists()  # not before the files are written
+    _step(trainer)  # the weights move on while the snapshot is written
+    path = saver.wait()
+    assert path == tmp_path / "background/checkpoints/step_1"
+    assert (tmp_path / "background/checkpoints/latest").read_text() == "step_1\n"
+    assert_same_tensors(checkpoint_tensors(path), expected)

@@ -1,4 +1,5 @@
-"""Upcycling: at step 0 the MoE computes what the dense model computes; the router is a seeded fresh one."""
+"""Upcycling: at step 0 the MoE computes what the dense model computes (with or without a gated
+shared expert); the router is a seeded fresh one."""
 
 from __future__ import annotations
 
@@ -12,19 +13,28 @@ from megamoe.models import build_stage
 from tests.models.helpers import load_model, model_tensors, random_model
 
 DENSE = ["+exp=tiny", "model.ffn_type=dense", "model.dense_ffn_hidden_size=96"]
+# Qwen1.5-MoE's way: the dense FFN (width 128) into fine-grained experts and a gated shared expert;
+# its routing (softmax_topk, norm_topk_prob false) is renormalised by upcycling.
+QWEN_DENSE = ["+exp=qwen_moe_tiny", "model.ffn_type=dense"]
 
 
-@pytest.mark.parametrize(("copies", "granularity", "top_k", "extra"), [
-    (4, 1, 2, []),
-    (3, 2, 2, []),
-    (2, 3, 1, ["moe.router_order=softmax_topk", "moe.aux_free_bias=true"]),
+@pytest.mark.parametrize(("dense_overrides", "copies", "granularity", "top_k", "shared"), [
+    (DENSE, 4, 1, 2, False),
+    (DENSE, 3, 2, 2, False),
+    (DENSE + ["moe.router_order=softmax_topk", "moe.aux_free_bias=true"], 2, 3, 1, False),
+    (QWEN_DENSE, 4, 1, 1, True),
+    (QWEN_DENSE, 2, 4, 1, True),
+    (DENSE + ["moe.router_order=softmax_topk", "moe.norm_topk_prob=false"], 3, 3, 1, True),
 ])
-def test_upcycled_model_computes_the_dense_model(copies: int, granularity: int, top_k: int, extra: list[str]) -> None:
-    dense_cfg = compose(DENSE + extra)
+def test_upcycled_model_computes_the_dense_model(dense_overrides: list[str], copies: int, granularity: int,
+                                                 top_k: int, shared: bool) -> None:
+    dense_cfg = compose(dense_overrides)
     dense = random_model(dense_cfg)
-    cfg = upcycled_config(dense_cfg, copies, granularity, top_k)
-    assert (cfg.moe.num_experts, cfg.moe.ffn_hidden_size, cfg.moe.top_k) == (copies * granularity, 96 // granularity,
+    width = dense_cfg.model.dense_ffn_hidden_size
+    cfg = upcycled_config(dense_cfg, copies, granularity, top_k, shared)
+    assert (cfg.moe.num_experts, cfg.moe.ffn_hidden_size, cfg.moe.top_k) == (copies * granularity, width // granularity,
                                                                                top_k * granularity)
+    assert (cfg.moe.num_shared_experts, cfg.moe.shared_expert_gate) == (int(shared), shared)
     tensors = list(upcycle(model_tensors(dense), cfg, granularity, seed=7))
     assert sorted(name for name, _ in tensors) == sorted(model_tensor_shapes(cfg))  # every tensor, each once
     moe = load_model(cfg, tensors)
@@ -71,7 +81,7 @@ def test_router_is_a_fresh_seeded_one_in_virtual_groups() -> None:
 
 @pytest.mark.parametrize(("overrides", "args", "key"), [
     (["+exp=tiny"], (4, 1, 2), "model.ffn_type"),
-    (DENSE + ["moe.num_shared_experts=1"], (4, 1, 2), "moe.num_shared_experts"),
+    (DENSE + ["moe.router_mode=expert_choice"], (4, 1, 2), "moe.router_mode"),
     (DENSE, (4, 5, 2), "--granularity"),
     (DENSE, (2, 1, 3), "--top-k"),
     (DENSE, (0, 1, 1), "--num-experts"),

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import Parameter
 
-from megamoe.parallel.grads import GradSync, global_grad_norm
+from megamoe.parallel.grads import GradChunk, GradSync, global_grad_norm
 
 from .launcher import run_distributed
 
@@ -47,12 +47,14 @@ def _sync(rank: int) -> list[list[torch.Tensor]]:
     for numel in BUCKET_NUMELS:
         dense = [Parameter(torch.zeros(s)) for s in DENSE_SHAPES]
         expert = [Parameter(torch.zeros(s)) for s in EXPERT_SHAPES]
+        sync = GradSync([GradChunk("stage", dense, expert)], dist.group.WORLD, edp_groups[rank % 2],
+                        bucket_mb=numel * 4 / 2**20)
+        sync.start_step(divisor=4)
         for i, p in enumerate(dense):
             p.grad = _rank_grad(DENSE, rank, i, p.shape) if _has_grad(rank, i) else None
         for i, p in enumerate(expert):
             p.grad = _rank_grad(EXPERT, rank, i, p.shape)
-        sync = GradSync(dense, expert, dist.group.WORLD, edp_groups[rank % 2], dp_size=4, bucket_mb=numel * 4 / 2**20)
-        sync.all_reduce()
+        sync.finish()
         synced.append([p.grad for p in dense + expert])
     return synced
 

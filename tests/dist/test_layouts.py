@@ -4,11 +4,16 @@ Same seed, same global batch: per-step losses and the updated weights (gathered 
 global names, expert slices put back at their global expert index) must equal the
 single-process run to relative 1e-5.
 
-Uneven pipeline splits (parallel.layers_per_stage) run with 1F1B and interleaved 1F1B; each
-run also reports the layers every stage built, checked against the config's split.
+Every pipeline schedule runs: 1F1B, interleaved 1F1B, and the zero-bubble ones, which split each
+backward into an input pass and a later weight pass (interleaved zero bubble; ZB-V and
+DualPipeV, whose V layout puts the first and the last stage, the two ends of the tied
+embedding, on rank 0). Uneven pipeline splits (parallel.layers_per_stage) run with 1F1B,
+interleaved 1F1B and ZB-V; each run also reports the layers every stage built, checked against
+the config's split. After training, every layout evaluates (forward only) to the same loss.
 
-Features that change the MoE step with the layout in play — capacity mode (token dropping) and
-the aux-free bias (updated from the dp-summed expert counts) — run in a few layouts against one
+Features that change the MoE step with the layout in play — capacity mode (token dropping), the
+aux-free bias (updated from the dp-summed expert counts) and expert-choice routing (each ep rank
+picks among its own micro-batch's tokens, then exchanges) — run in a few layouts against one
 process with the same overrides; the bias buffers are compared with the weights.
 
 The weight comparison runs with float64 parameters (the router and the loss stay fp32, as
@@ -30,7 +35,7 @@ from megamoe.config import compose, validate
 from megamoe.parallel import balance
 from megamoe.parallel.expert import expert_range
 from megamoe.parallel.mesh import init_grid
-from megamoe.train.loop import build_trainer, train_step
+from megamoe.train.loop import build_trainer, evaluate, train_step
 from tests.dist.launcher import run_distributed
 
 STEPS = 5
@@ -48,6 +53,7 @@ def train_layout(rank: int, world_size: int, args: tuple[list[str], torch.dtype]
     trainer = build_trainer(cfg, grid)
     batches = iter(trainer.loader)
     steps = [train_step(trainer, next(batches)) for _ in range(STEPS)]
+    eval_losses = list(evaluate(trainer).values())
     experts = expert_range(cfg.moe.num_experts, grid.ep, grid.ep_rank)
     weights = {}
     for module in trainer.modules:
@@ -56,6 +62,7 @@ def train_layout(rank: int, world_size: int, args: tuple[list[str], torch.dtype]
     dropped = sum(int(layer.last_stats.dropped) for layer in trainer.expert_load.layers.values())
     torch.distributed.destroy_process_group()
     return {"losses": [s["loss"] for s in steps], "grad_norms": [s["grad_norm"] for s in steps], "weights": weights,
+            "eval_losses": eval_losses,
             "dropped": dropped, "pp_rank": grid.pp_rank,
             "layers": [[int(i) for i in module.model.layers] for module in trainer.modules]}
 
@@ -102,6 +109,8 @@ def _assert_same(results: list[dict[str, Any]], reference: dict[str, Any], key: 
         torch.testing.assert_close(torch.tensor(result[key]), torch.tensor(reference[key]), rtol=1e-5, atol=0)
 
 
+ZBV = ["parallel.schedule=zbv_zero_bubble", "parallel.virtual_stages=2"]
+DUALPIPEV = ["parallel.schedule=dualpipev", "parallel.virtual_stages=2"]
 LAYOUTS = {
     "dp2": (2, []),
     "dp2_ep2": (2, ["parallel.ep=2"]),
@@ -110,20 +119,31 @@ LAYOUTS = {
     "dp4_ep4": (4, ["parallel.ep=4"]),
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"]),
     "pp2_uneven": (2, ["parallel.pp=2", "parallel.layers_per_stage=[3,1]"]),
+    "pp1_virtual": (1, ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"]),  # both tied ends here
+    "pp2_interleaved_zero_bubble": (2, ["parallel.pp=2", "parallel.schedule=interleaved_zero_bubble",
+                                        "parallel.virtual_stages=2"]),
+    "pp2_zbv": (2, ["parallel.pp=2", *ZBV]),
+    "pp2_dualpipev": (2, ["parallel.pp=2", *DUALPIPEV]),
+    "dp2_pp2_ep2_dualpipev": (4, ["parallel.pp=2", "parallel.ep=2", *DUALPIPEV]),
 }
 # Interleaved stages can be uneven only with more layers than stages: 6 layers on pp 2 × 2 chunks,
-# rank 0 holding 4 of them (stages 0 and 2), rank 1 two.
+# rank 0 holding 4 of them (stages 0 and 2; ZB-V's V: stages 0 and 3, 2 layers), rank 1 two (ZB-V: 4).
 SIX_LAYER_LAYOUTS = {
     "pp2_interleaved_uneven": (2, ["parallel.pp=2", "parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2",
                                    "parallel.layers_per_stage=[1,1,3,1]"]),
+    "pp2_zbv_uneven": (2, ["parallel.pp=2", *ZBV, "parallel.layers_per_stage=[1,1,3,1]"]),
 }
 
 
 # Overrides that change the MoE step or the model, and the layouts each is compared in ("" = none: every layout).
+EXPERT_CHOICE = ["moe.router_mode=expert_choice", "moe.aux_loss_coeff=0"]  # its Switch loss is constant
 FEATURES = {"": [], "capacity": ["moe.capacity_factor=1.0"], "aux_free_bias": ["moe.aux_free_bias=true"],
-            "6_layers": ["model.num_layers=6"]}
+            "expert_choice": EXPERT_CHOICE, "expert_choice_linear": [*EXPERT_CHOICE, "moe.router=linear"],
+            "6_layers": ["model.num_layers=6"], "full_recompute": ["train.activation_checkpointing=full"]}
 CASES = [(layout, "") for layout in sorted(LAYOUTS)] + [
-    ("dp2_ep2", "capacity"), ("dp2", "aux_free_bias"), ("dp2_ep2", "aux_free_bias")] + [
+    ("dp2_ep2", "capacity"), ("dp2", "aux_free_bias"), ("dp2_ep2", "aux_free_bias"),
+    ("dp2_ep2", "expert_choice"), ("dp2_ep2", "expert_choice_linear"),
+    ("pp2_zbv", "full_recompute")] + [  # recompute inside a split backward
     (layout, "6_layers") for layout in sorted(SIX_LAYER_LAYOUTS)]
 
 
@@ -140,6 +160,7 @@ def test_layout_matches_single_process(layout: str, feature: str, references: Ca
         assert result["layers"] == [list(ranges[s]) for s in balance.stage_indices(cfg, result["pp_rank"])]
     _assert_same(results, reference, "losses")
     _assert_same(results, reference, "grad_norms")  # Adam hides a wrong gradient scale; the norm does not
+    _assert_same(results, reference, "eval_losses")
     weights = merged_weights(results, 8)
     tied_copy = weights.pop("lm_head.weight", None)
     if tied_copy is not None:  # the last stage's copy of the tied embedding stays in sync
@@ -156,3 +177,20 @@ def test_layout_matches_single_process(layout: str, feature: str, references: Ca
 def test_fp32_losses_match_single_process() -> None:
     (single,) = _run(1, [], torch.float32)
     _assert_same(_run(4, LAYOUTS["dp2_pp2_ep2"][1], torch.float32), single, "losses")
+
+
+@pytest.mark.parametrize("layout", ["dp2_ep2", pytest.param("dp2_pp2_ep2", marks=pytest.mark.slow),
+                                    "dp2_pp2_ep2_dualpipev"])
+def test_overlapped_grad_reduce_is_bit_identical(layout: str) -> None:
+    """parallel.overlap_grad_reduce launches the same buckets with the same bytes, only earlier:
+    fp32 losses, grad norms and weights equal the non-overlapped run bit for bit (at dp = 2 a
+    two-term sum is the same in any order, so this holds whatever the collective's algorithm).
+    Covers pp = 1 (buckets go from hooks during the last micro-batch's backward), 1F1B (the same
+    hooks inside the schedule's last backward) and DualPipeV (the zero-bubble weight pass adds to
+    .grad itself: buckets go at the schedule's REDUCE_GRAD)."""
+    world_size, overrides = LAYOUTS[layout]
+    runs = [_run(world_size, [*overrides, f"parallel.overlap_grad_reduce={on}"], torch.float32) for on in (True, False)]
+    for overlapped, plain in zip(*runs):
+        assert overlapped["losses"] == plain["losses"] and overlapped["grad_norms"] == plain["grad_norms"]
+        for name, (tensor, _) in overlapped["weights"].items():
+            assert torch.equal(tensor, plain["weights"][name][0]), name

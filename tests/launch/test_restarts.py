@@ -75,7 +75,7 @@ def test_a_stopped_rank_is_named_killed_and_the_group_restarts(tmp_path: Path, r
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stopped, signal.SIGKILL)
-    assert f"error: rank 2 (host " in out and f"pid {stopped}) did not arrive" in out
+    assert "error: rank 2 (host " in out and f"pid {stopped}) did not arrive" in out
     assert records(tmp_path) == reference
 
 

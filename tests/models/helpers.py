@@ -1,9 +1,11 @@
 """Models as checkpoints see them, for the tests of every family: random weights, the global
-(name, tensor) stream of a single-process model, and the way back."""
+(name, tensor) stream of a single-process model, the way back, and a stream that records what
+its consumer holds."""
 
 from __future__ import annotations
 
 import re
+import weakref
 from typing import Iterable, Iterator
 
 import torch
@@ -50,3 +52,20 @@ def load_model(cfg: DictConfig, tensors: Iterable[tuple[str, torch.Tensor]]) -> 
     model = build_stage(cfg)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+class Tracker:
+    """Hands out fresh copies of a stream and records what the consumer still holds at each pull."""
+
+    def __init__(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.tensors, self.alive = tensors, weakref.WeakSet()
+        self.peak_count = self.peak_bytes = 0
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.tensors:
+            self.peak_count = max(self.peak_count, len(self.alive))
+            self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in self.alive))
+            copy = tensor.clone()
+            self.alive.add(copy)
+            yield name, copy
+            del copy

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamoe.checkpoint.state import resume, save_checkpoint
+from megamoe.checkpoint.saver import save_checkpoint
+from megamoe.checkpoint.state import resume
 from megamoe.config import ConfigError, compose
 from megamoe.config.schema import ModelConfig
 from megamoe.models import FAMILIES, build_stage

@@ -31,6 +31,7 @@ def row_of(name: str) -> str:
         return "head"
     for marker, row in ((".attn.lf.", "lfa"), (".attn.", "attention"), (".mlp.router.", "router"),
                         (".mlp.experts.", "experts"), (".mlp.shared_experts.", "shared_experts"),
+                        (".mlp.shared_expert_gate.", "shared_experts"),
                         (".mlp.", "dense_ffn")):
         if marker in name:
             return row
@@ -70,14 +71,17 @@ def test_tiny_hand_count() -> None:
 
 
 def touched_parameters(model: Decoder) -> int:
-    """Parameters with a nonzero gradient, each routed expert counted on its own."""
+    """Parameters the backward reached, each routed expert counted on its own (by a nonzero slice).
+
+    Dense parameters count when they have a gradient at all: with a single token, q and k get an
+    exactly-zero gradient on some seeds (softmax over one key is constant), yet one token uses them."""
     count = 0
     for name, param in model.named_parameters():
         if param.grad is None:
             continue
         if ".mlp.experts." in name:
             count += sum(g.numel() for g in param.grad if g.abs().sum() > 0)
-        elif param.grad.abs().sum() > 0:
+        else:
             count += param.numel()
     return count
 
@@ -85,6 +89,7 @@ def touched_parameters(model: Decoder) -> int:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_active_parameters_are_what_one_token_touches(variant: str) -> None:
     cfg = config("tiny", variant)
+    torch.manual_seed(33)  # a seed on which q and k get an exactly-zero gradient (see above)
     model = build_stage(cfg)
     model.reset_parameters(0)
     model(torch.tensor([[7]])).square().sum().backward()

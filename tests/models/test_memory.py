@@ -41,7 +41,7 @@ def saved_by_forward(cfg: DictConfig, seq_len: int, bf16: bool) -> int:
     torch.manual_seed(0)
     model = build_stage(cfg)
     model.reset_parameters(cfg.seed)
-    stage = StageModule(model, is_last=True)
+    stage = StageModule(model, is_first=True, is_last=True)
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     tokens, labels = torch.randint(0, cfg.model.vocab_size, (2, cfg.train.micro_batch, seq_len))
     positions = torch.arange(seq_len).expand(cfg.train.micro_batch, -1)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Iterator, Optional
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch.nn import Parameter
 
-from megamoe.parallel.grads import GradSync, clip_grads_, global_grad_norm, plan_buckets
+from megamoe.parallel.grads import GradChunk, GradSync, clip_grads_, global_grad_norm
 
 
 def _params(shapes: list[tuple[int, ...]], seed: int) -> list[Parameter]:
@@ -21,22 +21,16 @@ def _params(shapes: list[tuple[int, ...]], seed: int) -> list[Parameter]:
     return params
 
 
-@pytest.mark.parametrize("bucket_numel", [1, 3, 5, 7, 16, 1000])
-def test_bucket_plan_matches_chunking_the_concatenation(bucket_numel: int) -> None:
-    """Element k of the concatenated gradients belongs to bucket k // B at offset k % B."""
-    numels = [15, 0, 7, 16, 1, 4]
-    buckets = plan_buckets(numels, bucket_numel)
-    placed = []
-    for b, bucket in enumerate(buckets):
-        for pc in bucket:
-            placed += [(pc.param, pc.start + j, b, pc.offset + j) for j in range(pc.numel)]
-    reference, k = [], 0
-    for param, numel in enumerate(numels):
-        for j in range(numel):
-            reference.append((param, j, k // bucket_numel, k % bucket_numel))
-            k += 1
-    assert placed == reference
-    assert all(sum(pc.numel for pc in b) == bucket_numel for b in buckets[:-1])
+def _sync(dense: list[Parameter], expert: list[Parameter], group: Optional[dist.ProcessGroup], divisor: int,
+          bucket_numel: int = 10_000, overlap: bool = False) -> GradSync:
+    """A GradSync over one chunk whose step has started with the parameters' current gradients."""
+    grads = [p.grad for p in dense + expert]
+    sync = GradSync([GradChunk("chunk", dense, expert)], group, group, bucket_mb=bucket_numel * 4 / 2**20,
+                    overlap=overlap)
+    sync.start_step(divisor)
+    for p, g in zip(dense + expert, grads):
+        p.grad = g  # assigned over the views: finish adopts them
+    return sync
 
 
 def test_without_groups_grads_are_only_divided() -> None:
@@ -45,7 +39,7 @@ def test_without_groups_grads_are_only_divided() -> None:
     expected = [p.grad / 2 for p in dense + expert]
     dense[1].grad = None
     expected[1] = torch.zeros(5)
-    GradSync(dense, expert, None, None, dp_size=2).all_reduce()
+    _sync(dense, expert, None, divisor=2).finish()
     for p, e in zip(dense + expert, expected):
         assert torch.equal(p.grad, e)
 
@@ -61,12 +55,80 @@ def world_of_one() -> Iterator[dist.ProcessGroup]:
 
 @pytest.mark.parametrize("bucket_numel", [1, 4, 7, 10_000])
 def test_bucketed_path_moves_every_element_back(world_of_one: dist.ProcessGroup, bucket_numel: int) -> None:
-    """With one process the all-reduce is the identity, so any mis-packed element shows."""
+    """With one process the all-reduce is the identity, so any misplaced element shows."""
     dense, expert = _params([(3, 4), (5,), (2, 2, 2)], seed=3), _params([(2, 3, 3), (1,)], seed=4)
     expected = [p.grad / 4 for p in dense + expert]
-    GradSync(dense, expert, world_of_one, world_of_one, dp_size=4, bucket_mb=bucket_numel * 4 / 2**20).all_reduce()
+    _sync(dense, expert, world_of_one, divisor=4, bucket_numel=bucket_numel).finish()
     for p, e in zip(dense + expert, expected):
         assert torch.equal(p.grad, e)
+
+
+def test_gradients_live_in_the_buffers_and_accumulate_in_place(world_of_one: dist.ProcessGroup) -> None:
+    """Autograd adds into the buffer views (no copy to reduce), and a new step starts from zero."""
+    layer = torch.nn.Linear(3, 2)
+    sync = GradSync([GradChunk("layer", list(layer.parameters()), [])], world_of_one, None)
+    views = []
+    for _ in range(2):
+        sync.start_step(divisor=1)
+        views = [p.grad for p in layer.parameters()]
+        for _ in range(2):
+            layer(torch.ones(1, 3)).sum().backward()
+        sync.finish()
+        assert all(p.grad is v for p, v in zip(layer.parameters(), views))
+        assert torch.equal(layer.bias.grad, torch.full((2,), 2.0))
+
+
+class _Recorder:
+    """Stands in for dist.all_reduce: records which bucket went when (the identity as the sum)."""
+
+    def __init__(self) -> None:
+        self.launched: list[tuple[int, str]] = []
+        self.phase = "backward"
+
+    def __call__(self, tensor: torch.Tensor, group: object = None, async_op: bool = False) -> None:
+        self.launched.append((tensor.numel(), self.phase))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_overlap_launches_buckets_in_order_during_the_last_backward(overlap: bool, monkeypatch: pytest.MonkeyPatch,
+                                                                   world_of_one: dist.ProcessGroup) -> None:
+    """Two linear layers, one bucket per parameter: with overlap every bucket goes during the
+    armed backward, the second layer's first (its gradients are final first); without, all
+    go in finish(). Only the last backward is armed: the first micro-batch launches nothing."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(3, 2, bias=False))
+    recorder = _Recorder()
+    monkeypatch.setattr(dist, "all_reduce", recorder)
+    sync = GradSync([GradChunk(model, list(model.parameters()), [])], world_of_one, None, bucket_mb=6 * 4 / 2**20,
+                    overlap=overlap)
+    sync.start_step(divisor=1)
+    model(torch.ones(1, 4)).sum().backward()
+    assert recorder.launched == []
+    sync.arm(model)
+    model(torch.ones(1, 4)).sum().backward()
+    recorder.phase = "finish"
+    sync.finish()
+    when = "backward" if overlap else "finish"
+    assert recorder.launched == [(6, when), (6, when), (6, when)]  # 2·3 = one bucket, then 4·3 = two
+
+
+def test_a_parameter_without_gradient_holds_back_later_buckets(monkeypatch: pytest.MonkeyPatch,
+                                                               world_of_one: dist.ProcessGroup) -> None:
+    """Buckets go in one fixed order on every rank: one that waits for an unused parameter keeps
+    every bucket after it waiting until flush, even when those are ready."""
+    used, unused, first = (Parameter(torch.zeros(2)) for _ in range(3))
+    recorder = _Recorder()
+    monkeypatch.setattr(dist, "all_reduce", recorder)
+    # laid out in reverse: first's bucket is the last, unused's the middle one
+    sync = GradSync([GradChunk("c", [first, unused, used], [])], world_of_one, None, bucket_mb=2 * 4 / 2**20,
+                    overlap=True)
+    sync.start_step(divisor=1)
+    sync.arm("c")
+    (used.sum() + first.sum()).backward()
+    assert len(recorder.launched) == 1  # used's bucket; first's waits behind unused's
+    sync.flush("c")
+    assert len(recorder.launched) == 3
+    sync.finish()
+    assert len(recorder.launched) == 3
 
 
 def test_norm_counts_replicas_once_and_skips_excluded() -> None:

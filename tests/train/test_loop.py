@@ -130,3 +130,23 @@ def test_skips_are_summarised_and_stop_mode_is_one_line(tmp_path) -> None:
     (line,) = stopped.stderr.splitlines()
     assert re.fullmatch(rf"error: step {skipped[0]}: non-finite loss \S+ or grad norm nan \(train.on_nonfinite=stop; "
                         r"train.on_nonfinite=skip drops such updates instead\)", line), line
+
+
+def straggling(rank: int, world_size: int, _: None) -> list[tuple[int, float]]:
+    """Worker: rank 1's forward is made 0.3 s slower; every rank reports who was slowest."""
+    import time
+
+    trainer = build_trainer(compose(BASE), init_grid(1, 1, timeout_s=60))
+    if rank == 1:
+        model = trainer.modules[0].model
+        forward = model.hidden_states
+        model.hidden_states = lambda *args, **kwargs: (time.sleep(0.3), forward(*args, **kwargs))[1]
+    batches = iter(trainer.loader)
+    results = [train_step(trainer, next(batches)) for _ in range(2)]
+    torch.distributed.destroy_process_group()
+    return [(r["slowest_rank"], r["slowest_rank_s"]) for r in results]
+
+
+def test_the_heartbeat_names_the_straggling_rank() -> None:
+    for reports in run_distributed(straggling, 2, None, timeout_s=120, init_process_group=False):
+        assert [rank for rank, _ in reports] == [1, 1] and all(seconds >= 0.3 for _, seconds in reports)

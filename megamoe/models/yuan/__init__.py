@@ -10,12 +10,15 @@ from megamoe.models.yuan.attention import YuanAttention
 
 
 def validate(cfg: DictConfig) -> None:
-    """Yuan's attention has one K/V head per query head and no projection biases."""
+    """Yuan's attention has one K/V head per query head, no projection biases, and LFA's first
+    convolution halves the hidden size."""
     m = cfg.model
     for key, ok in (("model.num_kv_heads", m.num_kv_heads in (None, m.num_heads)), ("model.qkv_bias", not m.qkv_bias)):
         if not ok:
             raise ConfigError(f"{key}: {getattr(m, key.split('.')[1])} is not a Yuan setting (model.family=yuan has plain "
                               "multi-head attention without biases); use model.family=qwen_moe")
+    if m.use_lfa and m.hidden_size % 2:
+        raise ConfigError(f"model.hidden_size: {m.hidden_size} must be even for LFA (its first conv maps H → H/2)")
 
 
 FAMILY = ModelFamily(

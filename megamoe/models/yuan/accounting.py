@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from megamoe.config.schema import ModelConfig
 from megamoe.models.family import Part
-from megamoe.models.memory import FP32, matmul_input_bytes, rms_norm_bytes
+from megamoe.models.memory import matmul_input_bytes, rms_norm_bytes, sdpa_bytes
 
 
 def _conv_kernels(m: ModelConfig) -> int:
@@ -28,11 +28,10 @@ def cast_per_forward(m: ModelConfig) -> int:
 
 def attention_bytes(m: ModelConfig, act: int) -> int:
     """Saved per token by the attention block (input norm, LFA, q/k/v/o, SDPA), act = activation bytes."""
-    h, proj = m.hidden_size, m.num_heads * m.head_dim
-    sdpa = 4 * act * proj + FP32 * m.num_heads  # q, k, v, output; logsumexp per head
-    o_proj = act * proj  # the heads, re-laid out as [tokens, heads·head_dim]
+    h = m.hidden_size
+    sdpa = sdpa_bytes(m.num_heads, m.num_heads, m.head_dim, act)
     if not m.use_lfa:
-        return rms_norm_bytes(h) + matmul_input_bytes(h, 3, act) + sdpa + o_proj
+        return rms_norm_bytes(h) + matmul_input_bytes(h, 3, act) + sdpa
     lfa = (
         matmul_input_bytes(h, 2, act)  # the normed input feeds conv1 and v_proj
         + act * h  # conv1's shifted copy of its input
@@ -40,4 +39,4 @@ def attention_bytes(m: ModelConfig, act: int) -> int:
         + rms_norm_bytes(h)  # the filter's norm of conv2(conv1(x)) + x
         + matmul_input_bytes(h, 2, act)  # the filtered input feeds q_proj and k_proj
     )
-    return rms_norm_bytes(h) + lfa + sdpa + o_proj
+    return rms_norm_bytes(h) + lfa + sdpa

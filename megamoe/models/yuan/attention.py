@@ -3,19 +3,23 @@
 LFA (Yuan 2.0, §3.1) makes Q and K see a little local order before attention: two causal
 kernel-2 convolutions along the sequence (H → H/2 → H, with bias, no activation), a residual
 and an RMSNorm. V is projected from the unfiltered input. Output t depends on tokens t-2..t
-only, so causal attention stays causal.
+only, so causal attention stays causal. In incremental decoding the layer cache supplies each
+convolution's input at the position before the new ones (megamoe.nn.kv_cache).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
+from megamoe.nn.attention import causal_attention, split_heads
 from megamoe.nn.init import seeded_normal_
+from megamoe.nn.kv_cache import LayerCache
 from megamoe.nn.norms import RMSNorm
-from megamoe.nn.rope import apply_rotary
 
 
 class CausalConv(nn.Module):
@@ -35,8 +39,11 @@ class CausalConv(nn.Module):
         seeded_normal_(self.weight, std, *key, "weight")
         nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        previous = F.pad(x, (0, 0, 1, 0))[:, :-1]  # shift right by one token, zero at t = 0
+    def forward(self, x: torch.Tensor, previous: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``previous`` [b, s, in]: x[t-1] for each t, when x continues earlier positions; by
+        default x shifted right by one token, zero at t = 0."""
+        if previous is None:
+            previous = F.pad(x, (0, 0, 1, 0))[:, :-1]
         return F.linear(previous, self.weight[:, :, 0]) + F.linear(x, self.weight[:, :, 1], self.bias)
 
 
@@ -54,8 +61,11 @@ class LocalizedFiltering(nn.Module):
         self.conv2.reset_parameters(std, *key, "conv2")
         self.norm.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv2(self.conv1(x)) + x)
+    def forward(self, x: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
+        if cache is None:
+            return self.norm(self.conv2(self.conv1(x)) + x)
+        h = self.conv1(x, cache.previous_inputs("conv1", x))
+        return self.norm(self.conv2(h, cache.previous_inputs("conv2", h)) + x)
 
 
 class YuanAttention(nn.Module):
@@ -82,15 +92,11 @@ class YuanAttention(nn.Module):
         if self.lf is not None:
             self.lf.reset_parameters(std, *key, "lf")
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        """[b, s, heads·head_dim] → [b, heads, s, head_dim]."""
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """x: the normalised hidden states [b, s, H]; rope: (cos, sin) from RotaryEmbedding."""
-        filtered = self.lf(x) if self.lf is not None else x
-        q = apply_rotary(self._heads(self.q_proj(filtered)), *rope)
-        k = apply_rotary(self._heads(self.k_proj(filtered)), *rope)
-        v = self._heads(self.v_proj(x))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: Optional[LayerCache] = None) -> torch.Tensor:
+        """x: the normalised hidden states [b, s, H]; rope: (cos, sin) from RotaryEmbedding;
+        cache: this layer's decoding state when x continues cached positions."""
+        filtered = self.lf(x, cache) if self.lf is not None else x
+        q, k = split_heads(self.q_proj(filtered), self.head_dim), split_heads(self.k_proj(filtered), self.head_dim)
+        v = split_heads(self.v_proj(x), self.head_dim)
+        return self.o_proj(causal_attention(q, k, v, rope, cache))

@@ -24,78 +24,34 @@ import torch
 from omegaconf import DictConfig
 
 from megamoe.checkpoint.names import split_layer_name
-from megamoe.cli import UserError
-from megamoe.config import ConfigError
+from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, refuse_unexportable
 from megamoe.nn.rope import rotary_dim
 
 Tensors = Iterable[tuple[str, torch.Tensor]]
 
-# Tensors outside the decoder layers.
-GLOBAL_NAMES = {"embed.weight": "model.embed_tokens.weight", "final_norm.weight": "model.norm.weight",
-                "lm_head.weight": "lm_head.weight"}
-# Per layer: our name after ``layers.{i}.`` → the HF name after ``model.layers.{i}.``.
-LAYER_NAMES = {
-    "input_norm.weight": "input_layernorm.weight",
-    "post_attn_norm.weight": "post_attention_layernorm.weight",
-    "attn.q_proj.weight": "self_attn.q_proj.weight",
-    "attn.k_proj.weight": "self_attn.k_proj.weight",
-    "attn.v_proj.weight": "self_attn.v_proj.weight",
-    "attn.o_proj.weight": "self_attn.o_proj.weight",
-    "attn.lf.conv1.weight": "self_attn.lf_gate.conv1.weight",
-    "attn.lf.conv1.bias": "self_attn.lf_gate.conv1.bias",
-    "attn.lf.conv2.weight": "self_attn.lf_gate.conv2.weight",
-    "attn.lf.conv2.bias": "self_attn.lf_gate.conv2.bias",
-    "attn.lf.norm.weight": "self_attn.lf_gate.output_layernorm.weight",
-    "mlp.router.query.weight": "mlp.gate.query.weight",
-    "mlp.router.key.weight": "mlp.gate.key.weight",
-    "mlp.router.value.weight": "mlp.gate.value.weight",
-}
+NAMES = NameTable("Yuan2-M32", {
+    **LLAMA_NAMES,
+    "layers.{i}.attn.lf.conv1.weight": "model.layers.{i}.self_attn.lf_gate.conv1.weight",
+    "layers.{i}.attn.lf.conv1.bias": "model.layers.{i}.self_attn.lf_gate.conv1.bias",
+    "layers.{i}.attn.lf.conv2.weight": "model.layers.{i}.self_attn.lf_gate.conv2.weight",
+    "layers.{i}.attn.lf.conv2.bias": "model.layers.{i}.self_attn.lf_gate.conv2.bias",
+    "layers.{i}.attn.lf.norm.weight": "model.layers.{i}.self_attn.lf_gate.output_layernorm.weight",
+    "layers.{i}.mlp.router.query.weight": "model.layers.{i}.mlp.gate.query.weight",
+    "layers.{i}.mlp.router.key.weight": "model.layers.{i}.mlp.gate.key.weight",
+    "layers.{i}.mlp.router.value.weight": "model.layers.{i}.mlp.gate.value.weight",
+    "layers.{i}.mlp.experts.{e}.w1": "model.layers.{i}.mlp.experts.{e}.w1.weight",
+    "layers.{i}.mlp.experts.{e}.w2": "model.layers.{i}.mlp.experts.{e}.w2.weight",
+})
 CONV_WEIGHTS = ("attn.lf.conv1.weight", "attn.lf.conv2.weight")  # HF adds a trailing kernel dim of 1
-QK = ("attn.q_proj.weight", "attn.k_proj.weight")
+QK = ("attn.q_proj.weight", "attn.k_proj.weight")  # after ``layers.{i}.``
+HF_QK = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")  # after ``model.layers.{i}.``
 
-_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_OURS_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(w1|w2)")
-_HF_EXPERT = re.compile(r"mlp\.experts\.(\d+)\.(w1|w2)\.weight")
 _HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some Yuan HF files persist
 
 # Ids of Yuan's sentencepiece tokenizer (docs/yuan2-m32.md §7), written only for its padded vocabulary.
 YUAN_VOCAB_SIZE = 135040
 YUAN_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 77185, "pad_token_id": 77185,
                   "eod_token": 77185, "sep_token": 77187}
-
-
-# --------------------------------------------------------------------------------------------
-# names
-
-
-def hf_name(name: str) -> str:
-    """Our layout-independent name → the official Hugging Face name."""
-    if name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[name]
-    if layer := split_layer_name(name):
-        i, rest = layer
-        if rest in LAYER_NAMES:
-            return f"model.layers.{i}.{LAYER_NAMES[rest]}"
-        if expert := _OURS_EXPERT.fullmatch(rest):
-            return f"model.layers.{i}.mlp.experts.{expert[1]}.{expert[2]}.weight"
-    raise UserError(f"{name}: this tensor has no counterpart in the Yuan2-M32 Hugging Face layout")
-
-
-_OURS_GLOBAL = {hf: ours for ours, hf in GLOBAL_NAMES.items()}
-_OURS_LAYER_NAMES = {hf: ours for ours, hf in LAYER_NAMES.items()}
-
-
-def our_name(name: str) -> str:
-    """The official Hugging Face name → our layout-independent name."""
-    if name in _OURS_GLOBAL:
-        return _OURS_GLOBAL[name]
-    if layer := _HF_LAYER.fullmatch(name):
-        i, rest = layer[1], layer[2]
-        if rest in _OURS_LAYER_NAMES:
-            return f"layers.{i}.{_OURS_LAYER_NAMES[rest]}"
-        if expert := _HF_EXPERT.fullmatch(rest):
-            return f"layers.{i}.mlp.experts.{expert[1]}.{expert[2]}"
-    raise UserError(f"{name}: not a Yuan2-M32 Hugging Face tensor name")
 
 
 def is_ignored_hf_tensor(name: str, tied: bool) -> bool:
@@ -124,26 +80,6 @@ def deinterleave_qk(q_proj: torch.Tensor, k_proj: torch.Tensor, num_heads: int) 
     return fused[:, 0].flatten(0, 1), fused[:, 1].flatten(0, 1)
 
 
-class _PairBuffer:
-    """Holds a layer's q (or k) until its partner arrives: the only tensors a conversion keeps."""
-
-    def __init__(self) -> None:
-        self.pending: dict[int, dict[int, torch.Tensor]] = {}
-
-    def add(self, layer: int, slot: int, tensor: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        pair = self.pending.setdefault(layer, {})
-        pair[slot] = tensor
-        if len(pair) < 2:
-            return None
-        del self.pending[layer]
-        return pair[0], pair[1]
-
-    def check_empty(self, names: tuple[str, str]) -> None:
-        for layer, pair in self.pending.items():
-            have, missing = (names[0], names[1]) if 0 in pair else (names[1], names[0])
-            raise UserError(f"layer {layer}: found {have} but not {missing}; the checkpoint is incomplete")
-
-
 def _hf_qk(layer: int, pair: Optional[tuple[torch.Tensor, torch.Tensor]], num_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
     if pair:
         q_proj, k_proj = interleave_qk(*pair, num_heads)
@@ -161,32 +97,32 @@ def _our_qk(layer: int, pair: Optional[tuple[torch.Tensor, torch.Tensor]], num_h
 def to_hf(tensors: Tensors, cfg: DictConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Our layout-independent (name, tensor) stream → the official HF (name, tensor) stream."""
     num_heads, tied = cfg.model.num_heads, cfg.model.tie_embeddings
-    pairs = _PairBuffer()
+    pairs = PairBuffer(QK)
     for name, tensor in tensors:
         layer = split_layer_name(name)
         if layer and layer[1] in QK:
-            yield from _hf_qk(layer[0], pairs.add(layer[0], QK.index(layer[1]), tensor), num_heads)
+            yield from _hf_qk(layer[0], pairs.add(f"layer {layer[0]}", QK.index(layer[1]), tensor), num_heads)
             continue
-        yield hf_name(name), tensor.unsqueeze(-1) if layer and layer[1] in CONV_WEIGHTS else tensor
+        yield NAMES.hf(name), tensor.unsqueeze(-1) if layer and layer[1] in CONV_WEIGHTS else tensor
         if tied and name == "embed.weight":
             yield "lm_head.weight", tensor.clone()
-    pairs.check_empty(QK)
+    pairs.check_empty()
 
 
 def from_hf(tensors: Tensors, cfg: DictConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """The official HF (name, tensor) stream → our layout-independent stream (exact inverse of :func:`to_hf`)."""
     num_heads, tied = cfg.model.num_heads, cfg.model.tie_embeddings
-    pairs = _PairBuffer()
+    pairs = PairBuffer(HF_QK)
     for name, tensor in tensors:
         if is_ignored_hf_tensor(name, tied):
             continue
-        ours = our_name(name)
+        ours = NAMES.ours(name)
         layer = split_layer_name(ours)
         if layer and layer[1] in QK:
-            yield from _our_qk(layer[0], pairs.add(layer[0], QK.index(layer[1]), tensor), num_heads)
+            yield from _our_qk(layer[0], pairs.add(f"layer {layer[0]}", QK.index(layer[1]), tensor), num_heads)
             continue
         yield ours, tensor.squeeze(-1) if layer and layer[1] in CONV_WEIGHTS else tensor
-    pairs.check_empty((LAYER_NAMES[QK[0]], LAYER_NAMES[QK[1]]))
+    pairs.check_empty()
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,10 +142,10 @@ def check_exportable(cfg: DictConfig) -> None:
         (moe.router != "attention", "moe.router", f"'{moe.router}'", "it has only the attention router"),
         (moe.num_shared_experts > 0, "moe.num_shared_experts", str(moe.num_shared_experts), "it has no shared experts"),
         (moe.aux_free_bias, "moe.aux_free_bias", "true", "it has no expert-selection bias"),
+        (moe.router_mode != "token_choice", "moe.router_mode", f"'{moe.router_mode}'", "its experts are chosen per token"),
+        (moe.capacity_factor is not None, "moe.capacity_factor", str(moe.capacity_factor), "it drops no token"),
     ]
-    for bad, key, value, why in problems:
-        if bad:
-            raise ConfigError(f"{key}: {value} cannot be exported to the Yuan2-M32 Hugging Face format: {why}")
+    refuse_unexportable("Yuan2-M32", problems)
 
 
 def hf_config(cfg: DictConfig) -> dict[str, Any]:
@@ -257,9 +193,6 @@ def hf_config(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-_MISSING = object()
-
-
 def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[str, dict[str, Any]]:
     """The ``model`` and ``moe`` config values that rebuild the architecture of an HF ``config.json``.
 
@@ -267,25 +200,13 @@ def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[
     config.json key when it is missing or describes something our model cannot build (shared
     Q/K, a non-gated FFN, YaRN, a rotary dim that is not an even part of the head).
     """
-
-    def get(key: str, default: Any = _MISSING) -> Any:
-        node: Any = config
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                if default is _MISSING:
-                    raise UserError(f"{source}: '{key}' is missing; a Yuan2-M32 config.json needs it")
-                return default
-            node = node[part]
-        return node
-
-    def refuse(key: str, message: str) -> None:
-        raise UserError(f"{source}: '{key}' {message}; megamoe cannot build this model")
-
+    read = HFConfigReader(config, source, "Yuan2-M32")
+    get, refuse = read.get, read.refuse
     if get("model_type", None) != "yuan":
         refuse("model_type", f"is {get('model_type', None)!r}, not 'yuan'")
-    for key, wanted in (("use_shareqk", False), ("moe_config.gated_linear_unit", True), ("use_yarn", False)):
-        if get(key, wanted) != wanted:
-            refuse(key, f"is {get(key)!r}")
+    read.expect("use_shareqk", False, "megamoe's attention has separate q and k projections")
+    read.expect("moe_config.gated_linear_unit", True, "megamoe's experts are SwiGLU")
+    read.expect("use_yarn", False, "megamoe has no YaRN rotary scaling")
     hidden, heads = get("hidden_size"), get("num_attention_heads")
     projection = get("attention_projection_size", hidden)
     if hidden % heads or projection % heads:

@@ -1,10 +1,12 @@
 """Token dispatch: sort (token, expert) assignments by expert, exchange, and put them back.
 
 The MoE layer runs: permute → ``TokenExchange.dispatch`` → experts → ``TokenExchange.combine``
-→ unpermute. Permute sorts the T·k assignments by expert once (one argsort, one gather), so
-each expert sees one contiguous slice; unpermute weights each expert output and sums it back
-into its token with one ``index_add``. The exchange in between is the only step that differs
-between a single process (:class:`LocalExchange`) and expert parallelism (an all-to-all).
+→ unpermute. Permute sorts the routing's (token, expert, weight) assignments by expert once (one
+argsort, one gather), so each expert sees one contiguous slice; unpermute weights each expert
+output and sums it back into its token with one ``index_add``. Nothing here assumes k experts
+per token: token choice makes T·k assignments, expert choice N·c. The exchange in between is
+the only step that differs between a single process (:class:`LocalExchange`) and expert
+parallelism (an all-to-all).
 """
 
 from __future__ import annotations
@@ -76,9 +78,10 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 def permute(x: torch.Tensor, routing: Routing, capacity: Optional[int] = None) -> tuple[torch.Tensor, Permutation]:
     """Gather the rows of ``x`` [T, H] once per assignment, sorted by expert.
 
-    Dropless when ``capacity`` is None. Otherwise each expert keeps its ``capacity``
-    highest-weighted assignments (ties: lower token first) and the rest are dropped and counted;
-    a token whose every assignment is dropped gets zero from the MoE (the residual carries it).
+    Dropless when ``capacity`` is None (also expert choice, whose selection is the capacity).
+    Otherwise each expert keeps its ``capacity`` highest-weighted assignments (ties: the earlier
+    assignment, i.e. the lower token under token choice) and the rest are dropped and counted; a
+    token whose every assignment is dropped gets zero from the MoE (the residual carries it).
     """
     flat_experts = routing.experts.flatten()
     flat_weights = routing.weights.flatten()
@@ -93,7 +96,7 @@ def permute(x: torch.Tensor, routing: Routing, capacity: Optional[int] = None) -
         rank_in_expert = torch.arange(order.numel(), device=order.device) - group_start[flat_experts[order]]
         keep = rank_in_expert < capacity
         order, dropped, counts = order[keep], (~keep).sum(), counts.clamp(max=capacity)
-    source_token = order // routing.experts.shape[-1]
+    source_token = routing.tokens.flatten()[order]
     return x.index_select(0, source_token), Permutation(source_token, flat_weights[order], counts, dropped)
 
 

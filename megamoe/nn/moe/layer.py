@@ -14,7 +14,7 @@ from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.init import seeded_normal_
 from megamoe.nn.moe.dispatcher import LocalExchange, TokenExchange, expert_capacity, permute, unpermute
 from megamoe.nn.moe.experts import ExpertBank
-from megamoe.nn.moe.router import build_router, router_z_loss, select_experts, switch_aux_loss
+from megamoe.nn.moe.router import Routing, build_router, router_z_loss, select_experts, select_tokens, switch_aux_loss
 
 
 class MoEAuxLossBackward(torch.autograd.Function):
@@ -55,7 +55,10 @@ class MoEStats:
 
 
 class MoELayer(nn.Module):
-    """Yuan 2.0-M32's MoE FFN: out = Σ_k w_k · Expert_k(x) (+ shared experts).
+    """Yuan 2.0-M32's MoE FFN: out = Σ_e w_e · Expert_e(x) over the experts x is routed to (+ shared experts).
+
+    ``moe.router_mode`` picks who chooses (:meth:`route`): each token its top-k experts (the
+    paper's token choice) or each expert its top-c tokens (expert choice).
 
     ``exchange`` decides which experts this process holds (default: all of them). Balancing
     losses with a positive coefficient are attached to the output's backward through
@@ -75,6 +78,9 @@ class MoELayer(nn.Module):
                                   moe.ffn_hidden_size, moe.grouped_gemm)
         shared_ffn = moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size)
         self.shared_experts = SwiGLU(hidden_size, shared_ffn) if moe.num_shared_experts > 0 else None
+        # Qwen1.5-MoE scales the shared experts per token by sigmoid(w · x)
+        gated = moe.shared_expert_gate and self.shared_experts is not None
+        self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False) if gated else None
         # persistent: the bias is training state and goes into checkpoints
         self.register_buffer("expert_bias", torch.zeros(moe.num_experts) if moe.aux_free_bias else None)
         self.last_stats: Optional[MoEStats] = None
@@ -85,6 +91,8 @@ class MoELayer(nn.Module):
         self.experts.reset_parameters(std, seed, self.layer_index)
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters(std, seed, self.layer_index, "shared_experts")
+        if self.shared_expert_gate is not None:
+            seeded_normal_(self.shared_expert_gate.weight, std, seed, self.layer_index, "shared_expert_gate.weight")
         if self.expert_bias is not None:
             self.expert_bias.zero_()
 
@@ -98,19 +106,37 @@ class MoELayer(nn.Module):
         load = tokens_per_expert.to(self.expert_bias.device, torch.float32)
         self.expert_bias += self.moe.aux_free_bias_update_rate * torch.sign(load.mean() - load)
 
+    def route(self, tokens: torch.Tensor) -> tuple[Routing, Optional[int]]:
+        """The routing of ``tokens`` [T, H] (this rank's micro-batch) and the capacity permute must enforce.
+
+        Both modes size an expert by ``expert_capacity``: factor · T · k / N. Token choice drops
+        assignments above it only when ``moe.capacity_factor`` is set. Expert choice takes exactly
+        that many tokens per expert (a null factor counts as 1: on average k experts per token,
+        token choice's compute; Zhou et al.'s capacity factor is k · factor), so permute has
+        nothing left to drop.
+        """
+        moe, num_tokens = self.moe, tokens.shape[0]
+        logits = self.router(tokens)
+        if moe.router_mode == "expert_choice":
+            factor = 1.0 if moe.capacity_factor is None else moe.capacity_factor
+            return select_tokens(logits, expert_capacity(num_tokens, moe.top_k, moe.num_experts, factor)), None
+        routing = select_experts(logits, moe.top_k, moe.router_order, moe.norm_topk_prob, self.expert_bias)
+        if moe.capacity_factor is None:
+            return routing, None
+        return routing, expert_capacity(num_tokens, moe.top_k, moe.num_experts, moe.capacity_factor)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
-        routing = select_experts(self.router(tokens), self.moe.top_k, self.moe.router_order,
-                                 self.moe.norm_topk_prob, self.expert_bias)
-        capacity = None
-        if self.moe.capacity_factor is not None:
-            capacity = expert_capacity(tokens.shape[0], self.moe.top_k, self.moe.num_experts, self.moe.capacity_factor)
+        routing, capacity = self.route(tokens)
         sorted_tokens, permutation = permute(tokens, routing, capacity)
         local_tokens, local_counts = self.exchange.dispatch(sorted_tokens, permutation.tokens_per_expert)
         expert_output = self.exchange.combine(self.experts(local_tokens, local_counts))
         out = unpermute(expert_output, permutation, tokens.shape[0])
         if self.shared_experts is not None:
-            out = out + self.shared_experts(tokens)
+            shared = self.shared_experts(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            out = out + shared
 
         aux_loss, z_loss = switch_aux_loss(routing), router_z_loss(routing.logits)
         if torch.is_grad_enabled():

@@ -1,9 +1,12 @@
-"""Routers: per-token expert logits, top-k selection and the load-balancing losses.
+"""Routers: per-token expert logits, the routing decision and the load-balancing losses.
 
-A router maps each token to logits over the N experts. Selection (which k experts, with what
-combine weights) and the balancing losses are shared by both routers. Everything here runs in
-(at least) fp32 with autocast off, as in Yuan's training (``--use-fp32-router``): top-k
-decisions on bf16 logits would flip on rounding noise.
+A router maps each token to logits over the N experts. Selection and the balancing losses are
+shared by both routers. Selection comes in two modes (``moe.router_mode``): token choice, where
+each token picks its top-k experts (:func:`select_experts`, the paper's), and expert choice,
+where each expert picks its top-c tokens (:func:`select_tokens`, Zhou et al., 2022). Both give
+a :class:`Routing`: a set of (token, expert, weight) assignments. Everything here runs in (at
+least) fp32 with autocast off, as in Yuan's training (``--use-fp32-router``): top-k decisions on
+bf16 logits would flip on rounding noise.
 """
 
 from __future__ import annotations
@@ -89,13 +92,25 @@ def build_router(moe: MoEConfig, hidden_size: int) -> nn.Module:
 
 @dataclass
 class Routing:
-    """One batch's routing decision; tensors are fp32 except the integer ones."""
+    """One batch's routing decision: a set of (token, expert, weight) assignments.
 
-    experts: torch.Tensor  # int64 [T, k]: chosen (global) expert ids
-    weights: torch.Tensor  # [T, k]: combine weights
+    ``experts``, ``weights`` and ``tokens`` have one shape and list the assignments element by
+    element. The dispatcher only flattens them, so a token may get any number of experts. Token
+    choice lays them out [T, k] (row t: token t's choices, so ``tokens`` can be left out), expert
+    choice [N, c] (row e: the tokens expert e took). Tensors are fp32 except the integer ones.
+    """
+
+    experts: torch.Tensor  # int64: each assignment's (global) expert id
+    weights: torch.Tensor  # each assignment's combine weight
     probs: torch.Tensor  # [T, N]: softmax over all experts (what the aux loss balances)
     logits: torch.Tensor  # [T, N]
     tokens_per_expert: torch.Tensor  # int64 [N]: assignments per expert, before any drops
+    tokens: Optional[torch.Tensor] = None  # int64: each assignment's token; None: the row ([T, k] layout)
+
+    def __post_init__(self) -> None:
+        if self.tokens is None:
+            rows = torch.arange(self.experts.shape[0], device=self.experts.device)
+            self.tokens = rows.unsqueeze(-1).expand_as(self.experts)
 
 
 def select_experts(
@@ -126,15 +141,41 @@ def select_experts(
     return Routing(experts, weights, probs, logits, tokens_per_expert)
 
 
+def select_tokens(logits: torch.Tensor, capacity: int) -> Routing:
+    """Expert choice (Zhou et al., 2022): each expert takes the ``capacity`` tokens that score it highest.
+
+    Scores S = softmax over experts of the logits [T, N]. Expert e takes the c = min(capacity, T)
+    largest entries of column e (ties: the lower token index first) and weights each token by
+    its score. Every expert gets exactly c tokens, so the load is balanced by construction; a
+    token gets anywhere from 0 experts (the residual alone carries it) to N.
+
+    Not causal: the choice ranks all T tokens of the batch, so a token's experts depend on later
+    tokens of its own sequence and on the other sequences. Training and evaluation on whole
+    micro-batches see exactly this; token-by-token generation cannot reproduce it.
+    """
+    probs = logits.softmax(dim=-1)
+    num_tokens, num_experts = probs.shape
+    chosen = min(capacity, num_tokens)
+    # A stable descending sort keeps tied tokens in index order (topk promises no order). Sorting
+    # the detached scores and gathering the weights saves [N, c] indices for backward, not [N, T].
+    ranked = probs.detach().t().argsort(dim=-1, descending=True, stable=True)
+    tokens = ranked[:, :chosen].contiguous()
+    weights = probs.t().gather(-1, tokens)
+    experts = torch.arange(num_experts, device=logits.device).unsqueeze(-1).expand_as(tokens)
+    tokens_per_expert = torch.full((num_experts,), chosen, dtype=torch.int64, device=logits.device)
+    return Routing(experts, weights, probs, logits, tokens_per_expert, tokens)
+
+
 def switch_aux_loss(routing: Routing) -> torch.Tensor:
-    """Switch / GShard load-balancing loss N · Σ_e mean_t(prob_e) · count_e / (T·k).
+    """Switch / GShard load-balancing loss N · Σ_e mean_t(prob_e) · count_e / (number of assignments).
 
     It is 1 when load and probability are uniform; gradients flow through the probabilities
-    only (the counts are a non-differentiable selection).
+    only (the counts are a non-differentiable selection). Token choice makes T·k assignments.
+    Under expert choice every count is the same, so the loss is Σ_e mean_t(prob_e) = 1 with zero
+    gradient: there is nothing left to balance.
     """
-    num_tokens, num_experts = routing.probs.shape
-    top_k = routing.experts.shape[-1]
-    load = routing.tokens_per_expert.to(routing.probs.dtype) / (num_tokens * top_k)
+    num_experts = routing.probs.shape[-1]
+    load = routing.tokens_per_expert.to(routing.probs.dtype) / routing.experts.numel()
     return num_experts * (routing.probs.mean(dim=0) * load).sum()
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-import weakref
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pytest
 import torch
@@ -25,7 +23,7 @@ from megamoe.checkpoint.names import model_tensor_shapes
 from megamoe.cli import UserError
 from megamoe.config import ConfigError, compose
 from megamoe.models.yuan import hf
-from tests.models.helpers import model_tensors, random_model
+from tests.models.helpers import Tracker, model_tensors, random_model
 
 # hidden 64, 4 heads of 32 (projection 128 = 2 × hidden, as M32's 4096 = 2 × 2048), rotary
 # 0.5 × 32 = 16 = hidden / heads; 8 experts of ffn 128: the tiny example of docs/yuan2-m32.md §10.
@@ -210,23 +208,6 @@ def test_config_from_hf_names_the_key_it_cannot_use(change, key: str) -> None:
     assert f"'{key}'" in str(info.value) and str(info.value).startswith("x/config.json: ")
 
 
-class Tracker:
-    """Hands out fresh copies of a stream and records what the consumer still holds at each pull."""
-
-    def __init__(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        self.tensors, self.alive = tensors, weakref.WeakSet()
-        self.peak_count = self.peak_bytes = 0
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in self.tensors:
-            self.peak_count = max(self.peak_count, len(self.alive))
-            self.peak_bytes = max(self.peak_bytes, sum(t.numel() * t.element_size() for t in self.alive))
-            copy = tensor.clone()
-            self.alive.add(copy)
-            yield name, copy
-            del copy
-
-
 @pytest.mark.parametrize("direction", ["to_hf", "from_hf"])
 def test_mapping_streams_holding_at_most_one_qk_pair(direction: str) -> None:
     cfg = compose(TINY_HF)
@@ -266,4 +247,4 @@ def test_writer_streams_bounded_shards(tmp_path: Path) -> None:
 def test_model_tensor_names_all_map() -> None:
     cfg = compose(TINY_HF + ["model.tie_embeddings=false"])
     for name in model_tensor_shapes(cfg):
-        assert hf.our_name(hf.hf_name(name)) == name
+        assert hf.NAMES.ours(hf.NAMES.hf(name)) == name

@@ -1,10 +1,14 @@
-"""Sort-based dispatch and combine against a per-token loop; capacity-factor dropping."""
+"""Sort-based dispatch and combine against a per-token loop; capacity-factor dropping; token choice
+unchanged bit for bit by routings becoming assignment lists."""
+
+import dataclasses
+from typing import Optional
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from megamoe.nn.moe.dispatcher import LocalExchange, expert_capacity, permute, unpermute
+from megamoe.nn.moe.dispatcher import LocalExchange, Permutation, expert_capacity, permute, unpermute
 from megamoe.nn.moe.router import Routing, select_experts
 
 
@@ -100,3 +104,38 @@ def test_local_exchange_moves_nothing():
     assert local is tokens and counts == [1, 0, 3, 2]
     assert exchange.combine(local) is local
     assert (exchange.first_expert, exchange.num_local_experts) == (0, 4)
+
+
+def permute_token_major(x: torch.Tensor, routing: Routing, capacity: Optional[int] = None) -> tuple[torch.Tensor, Permutation]:
+    """``permute`` as it was when a routing could only be [T, k] (commit 14a4eff), kept verbatim
+    as the reference that token choice still permutes bit for bit the same."""
+    flat_experts = routing.experts.flatten()
+    flat_weights = routing.weights.flatten()
+    counts = routing.tokens_per_expert
+    if capacity is None:
+        order = torch.argsort(flat_experts, stable=True)
+        dropped = counts.new_zeros(())
+    else:
+        by_weight = torch.argsort(flat_weights, descending=True, stable=True)
+        order = by_weight[torch.argsort(flat_experts[by_weight], stable=True)]
+        group_start = torch.cumsum(counts, dim=0) - counts
+        rank_in_expert = torch.arange(order.numel(), device=order.device) - group_start[flat_experts[order]]
+        keep = rank_in_expert < capacity
+        order, dropped, counts = order[keep], (~keep).sum(), counts.clamp(max=capacity)
+    source_token = order // routing.experts.shape[-1]
+    return x.index_select(0, source_token), Permutation(source_token, flat_weights[order], counts, dropped)
+
+
+@pytest.mark.parametrize("capacity", [None, 23])
+def test_token_choice_permutes_bit_for_bit_as_before_assignment_lists(capacity):
+    """The [T, k] routing and the same assignments as a flat list with explicit tokens."""
+    x, routing = random_routing(60, 4, 2, seed=3)
+    flat = Routing(routing.experts.flatten(), routing.weights.flatten(), routing.probs, routing.logits,
+                   routing.tokens_per_expert, tokens=torch.arange(60).repeat_interleave(2))
+    want_rows, want = permute_token_major(x, routing, capacity)
+    assert capacity is None or want.dropped > 0
+    for layout in (routing, flat):
+        rows, got = permute(x, layout, capacity)
+        assert torch.equal(rows, want_rows)
+        for field in dataclasses.fields(Permutation):
+            assert torch.equal(getattr(got, field.name), getattr(want, field.name)), field.name

@@ -1,0 +1,231 @@
+"""The Qwen2-MoE Hugging Face layout (transformers' ``Qwen2MoeForCausalLM``, which also runs
+Qwen1.5-MoE) ↔ megamoe's layout-independent tensors: the Qwen-MoE family's adapter. The mapping
+is pure, one stream of ``(name, tensor)`` pairs into another; megamoe.checkpoint.hf_files reads
+and writes the files.
+
+What the HF layout does differently from ours:
+
+- A SwiGLU's input weights are two tensors, ``gate_proj`` and ``up_proj``; ours are one, ``w1``
+  = [gate rows; up rows] (megamoe.nn.ffn), and ``down_proj`` is our ``w2``. Export cuts each
+  routed expert's and the shared expert's ``w1`` in two; import joins the halves, holding the
+  first until its partner arrives — one expert's pair at most, in the files' order.
+- The router is ``mlp.gate``, the shared expert ``mlp.shared_expert`` and its sigmoid gate
+  ``mlp.shared_expert_gate``. Our ``moe.num_shared_experts`` experts of width F run as one
+  SwiGLU of width N·F (megamoe.nn.moe.layer), which is HF's one shared expert of
+  ``shared_expert_intermediate_size`` N·F.
+- A tied model has no ``lm_head.weight`` in the files (transformers' save_pretrained writes
+  none); reading one ignores it if present.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, refuse_unexportable
+from megamoe.nn.attention import kv_heads
+
+Tensors = Iterable[tuple[str, torch.Tensor]]
+
+ARCHITECTURE = "Qwen2-MoE"
+NAMES = NameTable(ARCHITECTURE, {
+    **LLAMA_NAMES,
+    **{f"layers.{{i}}.attn.{p}.bias": f"model.layers.{{i}}.self_attn.{p}.bias" for p in ("q_proj", "k_proj", "v_proj")},
+    "layers.{i}.mlp.router.weight": "model.layers.{i}.mlp.gate.weight",
+    "layers.{i}.mlp.experts.{e}.w2": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
+    "layers.{i}.mlp.shared_experts.w2.weight": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+    "layers.{i}.mlp.shared_expert_gate.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
+})
+# Our fused SwiGLU input weight → the HF module that holds its two halves as HALVES.
+GATE_UP = NameTable(ARCHITECTURE, {
+    "layers.{i}.mlp.experts.{e}.w1": "model.layers.{i}.mlp.experts.{e}",
+    "layers.{i}.mlp.shared_experts.w1.weight": "model.layers.{i}.mlp.shared_expert",
+})
+HALVES = ("gate_proj.weight", "up_proj.weight")
+
+# Qwen's tokenizer (Qwen1.5 / Qwen2: vocabulary padded to 151936), written only for that vocabulary.
+QWEN_VOCAB_SIZE = 151936
+QWEN_TOKEN_IDS = {"bos_token_id": 151643, "eos_token_id": 151643}
+
+
+def is_ignored_hf_tensor(name: str, tied: bool) -> bool:
+    """A tied model's head, if a file carries one, is the embedding again."""
+    return tied and name == "lm_head.weight"
+
+
+# --------------------------------------------------------------------------------------------
+# tensors
+
+
+def _swiglu_half(name: str) -> Optional[tuple[str, int]]:
+    """``…experts.5.up_proj.weight`` → (``…experts.5``, 1): the HF module and which half of our
+    w1 the tensor is; None for any other tensor."""
+    for slot, half in enumerate(HALVES):
+        module = name.removesuffix("." + half)
+        if module != name and GATE_UP.get_ours(module) is not None:
+            return module, slot
+    return None
+
+
+def to_hf(tensors: Tensors, cfg: DictConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our layout-independent (name, tensor) stream → the HF (name, tensor) stream."""
+    for name, tensor in tensors:
+        module = GATE_UP.get_hf(name)
+        if module is None:
+            yield NAMES.hf(name), tensor
+            continue
+        for half, rows in zip(HALVES, tensor.chunk(2)):
+            yield f"{module}.{half}", rows.clone()  # its own tensor: safetensors refuses shared memory
+
+
+def _joined(module: str, pair: Optional[tuple[torch.Tensor, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our w1 once both halves are in (the pair dies with this frame)."""
+    if pair:
+        yield GATE_UP.ours(module), torch.cat(pair)
+
+
+def from_hf(tensors: Tensors, cfg: DictConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """The HF (name, tensor) stream → our layout-independent stream (exact inverse of :func:`to_hf`)."""
+    tied = cfg.model.tie_embeddings
+    pairs = PairBuffer(HALVES)
+    for name, tensor in tensors:
+        if is_ignored_hf_tensor(name, tied):
+            continue
+        half = _swiglu_half(name)
+        if half is None:
+            yield NAMES.ours(name), tensor
+        else:
+            yield from _joined(half[0], pairs.add(*half, tensor))
+    pairs.check_empty()
+
+
+# --------------------------------------------------------------------------------------------
+# config.json
+
+
+def check_exportable(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first setting the Qwen2-MoE HF format cannot express."""
+    m, moe = cfg.model, cfg.moe
+    hf_head_dim = m.hidden_size // m.num_heads
+    refuse_unexportable(ARCHITECTURE, [
+        (m.ffn_type != "moe", "model.ffn_type", f"'{m.ffn_type}'",
+         "every layer there is MoE (upcycle a dense checkpoint first)"),
+        (m.head_dim != hf_head_dim, "model.head_dim", str(m.head_dim),
+         f"its heads are hidden_size / num_heads = {hf_head_dim} wide"),
+        (m.rotary_percent != 1.0, "model.rotary_percent", str(m.rotary_percent), "it rotates whole heads"),
+        (not m.qkv_bias, "model.qkv_bias", "false", "its q/k/v projections always have biases"),
+        (moe.router != "linear", "moe.router", f"'{moe.router}'", "its router is one linear map"),
+        (moe.noisy_gating, "moe.noisy_gating", "true", "its router has no noise map"),
+        (moe.router_mode != "token_choice", "moe.router_mode", f"'{moe.router_mode}'",
+         "each token chooses its experts there"),
+        (moe.aux_free_bias, "moe.aux_free_bias", "true", "it has no expert-selection bias"),
+        (moe.capacity_factor is not None, "moe.capacity_factor", str(moe.capacity_factor), "it never drops tokens"),
+        (moe.num_shared_experts == 0, "moe.num_shared_experts", "0", "every layer there has a shared expert"),
+        (not moe.shared_expert_gate, "moe.shared_expert_gate", "false", "its shared expert is always gated"),
+    ])
+
+
+def hf_config(cfg: DictConfig) -> dict[str, Any]:
+    """config.json for ``cfg`` in the keys transformers' Qwen2MoeConfig reads.
+
+    Routing there is softmax over all experts → top-k → divided by their sum when
+    ``norm_topk_prob``; our "topk_softmax" order equals it with ``norm_topk_prob`` true.
+    ``intermediate_size`` (the width of dense layers, of which there are none) records
+    ``model.dense_ffn_hidden_size``. Token ids are Qwen's when the vocabulary is its 151936.
+    """
+    check_exportable(cfg)
+    m, moe = cfg.model, cfg.moe
+    return {
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.hidden_size,
+        "intermediate_size": m.dense_ffn_hidden_size,
+        "num_hidden_layers": m.num_layers,
+        "num_attention_heads": m.num_heads,
+        "num_key_value_heads": kv_heads(m),
+        "qkv_bias": True,
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_position_embeddings,
+        "initializer_range": m.init_std,
+        "rms_norm_eps": m.rms_norm_eps,
+        "rope_theta": m.rotary_base,
+        "tie_word_embeddings": m.tie_embeddings,
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.ffn_hidden_size,
+        "shared_expert_intermediate_size": moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size
+                                                                     or moe.ffn_hidden_size),
+        "norm_topk_prob": moe.router_order == "topk_softmax" or moe.norm_topk_prob,
+        "router_aux_loss_coef": moe.aux_loss_coeff,
+        "output_router_logits": False,
+        "use_cache": True,
+        **(QWEN_TOKEN_IDS if m.vocab_size == QWEN_VOCAB_SIZE else {}),
+    }
+
+
+def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[str, dict[str, Any]]:
+    """The ``model`` and ``moe`` config values that rebuild the architecture of a Qwen2-MoE ``config.json``.
+
+    Returned as nested sections, ready for ``OmegaConf.merge``. Raises UserError naming the
+    config.json key when it is missing or describes something megamoe does not build: dense
+    layers between the MoE ones, sliding-window attention, scaled RoPE, heads of another width.
+    """
+    read = HFConfigReader(config, source, ARCHITECTURE)
+    get = read.get
+    if get("model_type", None) != "qwen2_moe":
+        read.refuse("model_type", f"is {get('model_type', None)!r}, not 'qwen2_moe'")
+    read.expect("hidden_act", "silu", "megamoe's experts are SwiGLU")
+    read.expect("decoder_sparse_step", 1, "megamoe builds an MoE FFN in every layer, no dense ones between")
+    if get("mlp_only_layers", None):
+        read.refuse("mlp_only_layers", f"is {get('mlp_only_layers')!r}: megamoe builds an MoE FFN in every layer")
+    read.expect("use_sliding_window", False, "megamoe's attention is full causal attention")
+    if any(kind != "full_attention" for kind in get("layer_types", None) or []):
+        read.refuse("layer_types", f"is {get('layer_types')!r}: megamoe's attention is full causal attention")
+    read.expect("rope_scaling", None, "megamoe's RoPE is unscaled")
+    read.expect("rope_parameters.rope_type", "default", "megamoe's RoPE is unscaled")
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    if hidden % heads:
+        read.refuse("num_attention_heads", f"= {heads} does not divide hidden_size {hidden}")
+    if get("head_dim", None) not in (None, hidden // heads):
+        read.refuse("head_dim", f"is {get('head_dim')}: megamoe reads heads of hidden_size / num_attention_heads "
+                                f"= {hidden // heads} dims")
+    model = {
+        "vocab_size": get("vocab_size"),
+        "hidden_size": hidden,
+        "num_layers": get("num_hidden_layers"),
+        "num_heads": heads,
+        "num_kv_heads": get("num_key_value_heads", None) or heads,
+        "head_dim": hidden // heads,
+        "qkv_bias": get("qkv_bias", True),
+        "rotary_percent": 1.0,
+        "rotary_base": get("rope_parameters.rope_theta", get("rope_theta", 10000.0)),
+        "rms_norm_eps": get("rms_norm_eps", 1e-6),
+        "max_position_embeddings": get("max_position_embeddings"),
+        "tie_embeddings": get("tie_word_embeddings", False),
+        "use_lfa": False,
+        "ffn_type": "moe",
+        "dense_ffn_hidden_size": get("intermediate_size"),
+    }
+    moe = {
+        "num_experts": get("num_experts"),
+        "top_k": get("num_experts_per_tok"),
+        "ffn_hidden_size": get("moe_intermediate_size"),
+        "router": "linear",
+        "noisy_gating": False,
+        "router_mode": "token_choice",
+        "router_order": "softmax_topk",
+        "norm_topk_prob": get("norm_topk_prob", False),
+        "aux_free_bias": False,
+        "capacity_factor": None,
+        "num_shared_experts": 1,
+        "shared_expert_ffn_hidden_size": get("shared_expert_intermediate_size"),
+        "shared_expert_gate": True,
+    }
+    return {"model": model, "moe": moe}

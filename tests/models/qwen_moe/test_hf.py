@@ -1,0 +1,201 @@
+"""The Qwen2-MoE adapter against transformers' own ``Qwen2MoeForCausalLM``: the logits of an
+imported model, exact round trips through the files, our exports running in transformers, the
+release's layout and config.json, streaming, and one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2MoeForCausalLM
+
+from megamoe.checkpoint import hf_files, iter_model_tensors, read_config, write_model_checkpoint
+from megamoe.cli import UserError
+from megamoe.config import ConfigError, compose
+from megamoe.models.qwen_moe import hf
+from tests.launch.test_convert_checkpoint import convert
+from tests.models.helpers import Tracker, load_model, model_tensors, random_model
+from tests.models.qwen_moe.conftest import Release, token_ids
+
+TINY = ["+exp=qwen_moe_tiny"]
+
+# Qwen/Qwen1.5-MoE-A2.7B's config.json on the Hugging Face hub (transformers 4.40's Qwen2MoeConfig keys).
+RELEASE_CONFIG = {
+    "architectures": ["Qwen2MoeForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 5632, "max_position_embeddings": 8192, "max_window_layers": 21, "model_type": "qwen2_moe",
+    "num_attention_heads": 16, "num_hidden_layers": 24, "num_key_value_heads": 16, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "use_sliding_window": False, "vocab_size": 151936, "decoder_sparse_step": 1,
+    "moe_intermediate_size": 1408, "shared_expert_intermediate_size": 5632, "num_experts_per_tok": 4,
+    "num_experts": 60, "norm_topk_prob": False, "output_router_logits": False, "router_aux_loss_coef": 0.001,
+}
+
+
+def hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
+    return dict(hf_files.iter_hf_tensors(hf_dir))
+
+
+def imported_model(checkpoint: Path) -> torch.nn.Module:
+    return load_model(read_config(checkpoint), iter_model_tensors(checkpoint))
+
+
+# ---- against transformers
+
+
+def test_imported_model_computes_transformers_logits(release: Release) -> None:
+    ids = token_ids()
+    with torch.no_grad():
+        reference, ours = release.model(ids).logits, imported_model(release.checkpoint)(ids)
+    assert reference.abs().max() > 1.0  # not a comparison of near-zero logits
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+
+
+def test_imported_config_is_the_architecture(release: Release) -> None:
+    cfg = read_config(release.checkpoint)
+    m, moe = cfg.model, cfg.moe
+    assert (m.family, m.num_kv_heads, m.head_dim, m.rotary_base) == ("qwen_moe", 2, 16, 1e6)
+    assert (moe.router_order, moe.norm_topk_prob, moe.shared_expert_ffn_hidden_size) == ("softmax_topk", False, 64)
+    assert {name: tuple(shape) for name, shape in hf_files.hf_tensor_shapes(cfg).items()} == \
+        {name: tuple(t.shape) for name, t in hf_tensors(release.hf_dir).items()}
+
+
+def test_export_reproduces_the_files_and_import_reproduces_the_checkpoint(release: Release, tmp_path: Path) -> None:
+    convert.main(["to-hf", "--checkpoint", str(release.checkpoint), "--output", str(tmp_path / "hf"),
+                  "--max-shard-size", "200KB"])
+    original, exported = hf_tensors(release.hf_dir), hf_tensors(tmp_path / "hf")
+    assert sorted(exported) == sorted(original) and len(list((tmp_path / "hf").glob("*.safetensors"))) > 2
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    with torch.no_grad():  # transformers reads our config.json as the architecture it wrote
+        reloaded = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        assert torch.equal(reloaded(token_ids()).logits, release.model(token_ids()).logits)
+
+    convert.main(["from-hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "back"), *TINY])
+    imported, back = dict(iter_model_tensors(release.checkpoint)), dict(iter_model_tensors(tmp_path / "back"))
+    assert sorted(back) == sorted(imported)
+    for name, tensor in imported.items():
+        assert torch.equal(back[name], tensor), name
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.tie_embeddings=true", "moe.router_order=topk_softmax"],
+    ["model.num_kv_heads=1", "moe.norm_topk_prob=true", "moe.num_shared_experts=2",
+     "moe.shared_expert_ffn_hidden_size=16", "model.rotary_base=10000"],
+])
+def test_our_export_runs_in_transformers(overrides: list[str], tmp_path: Path) -> None:
+    cfg = compose(TINY + overrides)
+    model = random_model(cfg)
+    write_model_checkpoint(tmp_path / "ours", model_tensors(model), cfg)
+    convert.main(["to-hf", "--checkpoint", str(tmp_path / "ours"), "--output", str(tmp_path / "hf")])
+    ids = token_ids()
+    with torch.no_grad():
+        reference = Qwen2MoeForCausalLM.from_pretrained(tmp_path / "hf").eval()(ids).logits
+        ours = model(ids)
+    assert reference.abs().max() > 0.1
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+
+
+# ---- the release
+
+
+def test_release_config_is_the_exp_config() -> None:
+    """configs/exp/qwen15_moe_a27b.yaml builds the architecture the release's config.json
+    describes, and writes it back."""
+    cfg = compose(["+exp=qwen15_moe_a27b"])
+    for section, values in hf.config_from_hf(RELEASE_CONFIG).items():
+        for key, value in values.items():
+            assert cfg[section][key] == value, f"{section}.{key}"
+    written = hf.hf_config(cfg)
+    assert {key: written[key] for key in RELEASE_CONFIG if key in written} == \
+        {key: value for key, value in RELEASE_CONFIG.items() if key in written}
+
+
+def test_release_tensors_on_the_meta_device() -> None:
+    cfg = compose(["+exp=qwen15_moe_a27b"])
+    shapes = {name: tuple(shape) for name, shape in hf_files.hf_tensor_shapes(cfg).items()}
+    per_layer = 2 + 7 + 1 + 3 * 60 + 3 + 1  # norms, q/k/v (+ biases) / o, router, experts, shared expert, its gate
+    assert len(shapes) == 3 + 24 * per_layer
+    assert shapes["lm_head.weight"] == shapes["model.embed_tokens.weight"] == (151936, 2048)
+    assert shapes["model.layers.23.self_attn.k_proj.bias"] == (2048,)
+    assert shapes["model.layers.0.mlp.gate.weight"] == (60, 2048)
+    assert shapes["model.layers.0.mlp.experts.59.gate_proj.weight"] == (1408, 2048)
+    assert shapes["model.layers.0.mlp.experts.59.down_proj.weight"] == (2048, 1408)
+    assert shapes["model.layers.0.mlp.shared_expert.up_proj.weight"] == (5632, 2048)
+    assert shapes["model.layers.0.mlp.shared_expert_gate.weight"] == (1, 2048)
+
+
+# ---- the mapping
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["model.tie_embeddings=true", "model.num_kv_heads=4", "moe.norm_topk_prob=true"],
+])
+def test_config_round_trip(overrides: list[str]) -> None:
+    cfg = compose(TINY + overrides)
+    for section, values in hf.config_from_hf(json.loads(json.dumps(hf.hf_config(cfg)))).items():
+        for key, value in values.items():
+            assert cfg[section][key] == value, f"{section}.{key}"
+
+
+@pytest.mark.parametrize("direction", ["to_hf", "from_hf"])
+def test_mapping_streams_holding_at_most_one_pair(direction: str) -> None:
+    cfg = compose(TINY)
+    source = list(model_tensors(random_model(cfg)))
+    if direction == "from_hf":
+        source = sorted(hf.to_hf(source, cfg))  # transformers' files list their tensors by name
+    tracker = Tracker(source)
+    count = sum(1 for _ in getattr(hf, direction)(tracker, cfg))
+    pairs = 4 * (8 + 1)  # per layer, each expert's and the shared expert's w1 ↔ gate_proj, up_proj
+    assert count == len(source) + (pairs if direction == "to_hf" else -pairs)
+    assert tracker.peak_count <= 2  # the tensor just passed on, and a gate_proj waiting for its up_proj
+
+
+def test_an_incomplete_pair_names_the_expert() -> None:
+    cfg = compose(TINY)
+    tensors = [(n, t) for n, t in hf.to_hf(model_tensors(random_model(cfg)), cfg)
+               if n != "model.layers.2.mlp.experts.5.up_proj.weight"]
+    with pytest.raises(UserError, match=r"^model\.layers\.2\.mlp\.experts\.5: found gate_proj\.weight but not up_proj"):
+        list(hf.from_hf(tensors, cfg))
+
+
+# ---- refusals
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("model.ffn_type=dense", "model.ffn_type"),
+    ("model.head_dim=32", "model.head_dim"),
+    ("model.rotary_percent=0.5", "model.rotary_percent"),
+    ("model.qkv_bias=false", "model.qkv_bias"),
+    ("moe.router=attention", "moe.router"),
+    ("moe.noisy_gating=true", "moe.noisy_gating"),
+    ("moe.router_mode=expert_choice", "moe.router_mode"),
+    ("moe.aux_free_bias=true", "moe.aux_free_bias"),
+    ("moe.capacity_factor=1.25", "moe.capacity_factor"),
+    ("moe.num_shared_experts=0", "moe.num_shared_experts"),
+    ("moe.shared_expert_gate=false", "moe.shared_expert_gate"),
+])
+def test_refuses_what_the_format_cannot_express(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        hf.hf_config(compose(TINY + [override]))
+    assert str(info.value).startswith(f"{key}: ") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("change", "key"), [
+    (lambda c: c.pop("num_experts"), "num_experts"),
+    (lambda c: c.update(model_type="qwen2"), "model_type"),
+    (lambda c: c.update(decoder_sparse_step=2), "decoder_sparse_step"),
+    (lambda c: c.update(mlp_only_layers=[0]), "mlp_only_layers"),
+    (lambda c: c.update(use_sliding_window=True), "use_sliding_window"),
+    (lambda c: c.update(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling"),
+    (lambda c: c.update(hidden_act="gelu"), "hidden_act"),
+    (lambda c: c.update(head_dim=32), "head_dim"),
+])
+def test_config_from_hf_names_the_key_it_cannot_use(change, key: str) -> None:
+    config = dict(RELEASE_CONFIG)
+    change(config)
+    with pytest.raises(UserError) as info:
+        hf.config_from_hf(config, "x/config.json")
+    assert str(info.value).startswith(f"x/config.json: '{key}' ") and "\n" not in str(info.value)
