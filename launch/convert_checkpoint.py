@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from megamoe.checkpoint import hf_files
 from megamoe.checkpoint.store import (
-    MANIFEST, Manifest, checked_tensors, iter_model_tensors, model_tensor_shapes, read_config, resume_candidates,
+    Manifest, checked_tensors, checkpoint_dir, iter_model_tensors, model_tensor_shapes, read_config,
     write_model_checkpoint,
 )
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
@@ -38,14 +38,6 @@ from megamoe.config import ConfigError, compose, validate
 from megamoe.models import FAMILIES, ModelFamily, family_for_hf, family_of
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def checkpoint_dir(path: Path) -> Path:
-    """A ``step_N`` directory as given, or the newest complete one under a checkpoints directory."""
-    if (path / MANIFEST).is_file():
-        return path
-    candidates = resume_candidates(path)
-    return candidates[0] if candidates else path  # read_manifest then names what is missing
 
 
 def fresh_output(path: Path) -> Path:

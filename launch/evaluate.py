@@ -24,7 +24,7 @@ from megamoe.evaluation.model import ModelBackend
 from megamoe.evaluation.scoring import evaluate_task
 from megamoe.evaluation.tasks import MULTIPLE_CHOICE, Task, load_tasks, prepare
 from megamoe.inference import load_checkpoint
-from megamoe.inference.load import checkpoint_dir
+from megamoe.checkpoint.store import checkpoint_dir
 
 
 def chance(task: Task) -> str:

@@ -347,6 +347,20 @@ def prune(root: Path, current: Path, keep: int) -> list[Path]:
 # The model-tensor API (Hugging Face conversion, exports, analysis)
 
 
+def checkpoint_dir(path: Path) -> Path:
+    """A ``step_N`` directory as given, or the newest complete one under a checkpoints directory."""
+    if (path / MANIFEST).is_file():
+        return path
+    if not path.is_dir():
+        raise UserError(f"{path}: no such checkpoint directory; pass a step_N/ directory "
+                        "or a run's checkpoints/ directory")
+    candidates = resume_candidates(path)
+    if not candidates:
+        raise UserError(f"{path}: holds no complete checkpoint (no step_N/ with a {MANIFEST}); pass "
+                        "a step_N/ directory or a run's checkpoints/ directory")
+    return candidates[0]
+
+
 def read_config(ckpt_dir: Path | str) -> DictConfig:
     """The resolved run config saved with a checkpoint, checked against the schema (read-only)."""
     manifest = read_manifest(ckpt_dir)

@@ -81,6 +81,7 @@ class ParallelConfig:
     # Reduce each gradient bucket as soon as its gradients are final, during the last backward
     # (megamoe.parallel.grads.GradSync); false waits for the whole backward. Same result either way.
     overlap_grad_reduce: bool = True
+    grad_bucket_mb: float = 25.0  # gradient bucket size: one all-reduce each (Megatron's --ddp-bucket-size)
     collective_timeout_s: int = 600
     backend: str = "auto"  # "auto" (nccl with CUDA, else gloo) | "nccl" | "gloo"
 

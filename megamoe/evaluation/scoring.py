@@ -36,13 +36,14 @@ class Request:
 
 
 class Backend(Protocol):
-    """Runs the model: log-likelihoods of continuations, and greedy continuations of prompts."""
+    """Runs the model: log-likelihoods of continuations, and greedy continuations of prompts
+    (``desc`` names the task, for a progress bar)."""
 
     def loglikelihoods(self, requests: Sequence[Request], desc: str) -> list[float]:
         """Per request, the sum of its continuation tokens' log-probabilities."""
 
     def greedy(self, prompts: Sequence[list[int]], max_new_tokens: int, desc: str) -> list[list[int]]:
-        """Per prompt, up to ``max_new_tokens`` greedily chosen ids, stopped before the eod id."""
+        """Per prompt, up to ``max_new_tokens`` greedily chosen ids (what follows an eod id is ignored)."""
 
 
 def choice_requests(task: Task, tokenizer: Tokenizer, window: int) -> list[Request]:
@@ -111,16 +112,23 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)  # the first of equal values
 
 
+def new_tokens(task: Task, max_new_tokens: int, window: int) -> list[int]:
+    """Each generation item's budget: its own ``max_new_tokens``, else the default; all must leave
+    a ``window``-token sequence room for a prompt."""
+    budgets = [item.max_new_tokens or max_new_tokens for item in task.items]
+    if max(budgets) >= window:
+        raise TaskError(f"{task.name}: {max(budgets)} new tokens leave no room for a prompt in a {window}-token "
+                        "sequence; lower max_new_tokens")
+    return budgets
+
+
 def evaluate_task(task: Task, tokenizer: Tokenizer, backend: Backend, window: int,
                   max_new_tokens: int) -> dict[str, float]:
     """The task's metrics: {"acc", "acc_norm"} or {"exact_match"}. Generation items without
     their own ``max_new_tokens`` get ``max_new_tokens``; the batch decodes to the largest."""
     if task.kind == MULTIPLE_CHOICE:
         return choice_metrics(task.items, backend.loglikelihoods(choice_requests(task, tokenizer, window), task.name))
-    budgets = [item.max_new_tokens or max_new_tokens for item in task.items]
-    if max(budgets) >= window:
-        raise TaskError(f"{task.name}: {max(budgets)} new tokens leave no room for a prompt in a {window}-token "
-                        "sequence; lower max_new_tokens")
+    budgets = new_tokens(task, max_new_tokens, window)
     outputs = backend.greedy(generation_prompts(task, tokenizer, window, max(budgets)), max(budgets), task.name)
     correct = sum(item.is_correct(completion(ids, tokenizer, item, budget))
                   for item, ids, budget in zip(task.items, outputs, budgets))

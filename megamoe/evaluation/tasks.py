@@ -111,8 +111,8 @@ def _is_str_list(value: Any) -> bool:
 
 def _choice_item(record: dict[str, Any], where: str) -> ChoiceItem:
     context = _field(record, "context", lambda v: isinstance(v, str), "a string", where, MC_FORMAT)
-    choices = _field(record, "choices", lambda v: _is_str_list(v) and len(v) >= 2, "a list of two or more strings",
-                     where, MC_FORMAT)
+    choices = _field(record, "choices", lambda v: _is_str_list(v) and len(v) >= 2 and all(v),
+                     "a list of two or more non-empty strings", where, MC_FORMAT)
     answer = _field(record, "answer", lambda v: type(v) is int and 0 <= v < len(choices),
                     f"the 0-based index of the right choice (0 to {len(choices) - 1})", where, MC_FORMAT)
     return ChoiceItem(context, tuple(choices), answer)

@@ -18,25 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megamoe.checkpoint.names import expert_bank_names, expert_tensor_name, model_tensor_shapes
-from megamoe.checkpoint.store import CONFIG, MANIFEST, checked_tensors, iter_model_tensors, read_config, resume_candidates
+from megamoe.checkpoint.store import CONFIG, checked_tensors, checkpoint_dir, iter_model_tensors, read_config
 from megamoe.cli import UserError
 from megamoe.data.tokenizer import Tokenizer, tokenizer_from_config
 from megamoe.models import build_stage
 from megamoe.nn.decoder import Decoder
-
-
-def checkpoint_dir(path: Path) -> Path:
-    """A ``step_N`` directory as given, or the newest complete one under a checkpoints directory."""
-    if (path / MANIFEST).is_file():
-        return path
-    if not path.is_dir():
-        raise UserError(f"{path}: no such checkpoint directory; pass --checkpoint a step_N/ directory "
-                        "or a run's checkpoints/ directory")
-    candidates = resume_candidates(path)
-    if not candidates:
-        raise UserError(f"{path}: holds no complete checkpoint (no step_N/ with a {MANIFEST}); pass --checkpoint "
-                        "a step_N/ directory or a run's checkpoints/ directory")
-    return candidates[0]
 
 
 def saved_config(source: Path) -> DictConfig:

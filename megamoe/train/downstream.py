@@ -17,6 +17,7 @@ every layout; its cost is ``max_new_tokens`` forwards per batch.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
@@ -26,8 +27,8 @@ from torch import Tensor
 
 from megamoe.cli import SharedError
 from megamoe.data.tokenizer import Tokenizer, tokenizer_from_config
-from megamoe.evaluation.scoring import Request, evaluate_task, pack, sequence_logprobs
-from megamoe.evaluation.tasks import Task, load_tasks, prepare
+from megamoe.evaluation.scoring import Request, evaluate_task, new_tokens, pack, sequence_logprobs
+from megamoe.evaluation.tasks import GENERATION, Task, load_tasks, prepare
 from megamoe.nn.casts import compute_dtype, shared_casts
 from megamoe.nn.loss import IGNORE_INDEX
 
@@ -53,7 +54,7 @@ class PipelineBackend:
         replica gets as many batches, the last ones possibly empty."""
         grid = self.trainer.grid
         mine = list(range(grid.dp_rank, count, grid.dp))
-        batches = -(-(-(-count // grid.dp)) // self.rows)
+        batches = math.ceil(math.ceil(count / grid.dp) / self.rows)
         return [mine[b * self.rows:(b + 1) * self.rows] for b in range(batches)]
 
     def _hidden(self, tokens: Tensor, labels: Tensor) -> Optional[Tensor]:
@@ -123,8 +124,9 @@ class PipelineBackend:
 
 
 class DownstreamEval:
-    """The configured tasks, read once at startup (a bad task file stops the run before its first
-    step), scored every ``eval.downstream_interval`` steps and at the last step."""
+    """The configured tasks, read once at startup (a bad task file, or generation items that leave
+    no room for their prompt in ``train.seq_len``, stop the run before its first step), scored
+    every ``eval.downstream_interval`` steps and at the last step."""
 
     def __init__(self, cfg: DictConfig) -> None:
         e = cfg.eval
@@ -137,6 +139,9 @@ class DownstreamEval:
                                   f"model.vocab_size={cfg.model.vocab_size}")
             self.tasks = [prepare(task, e.downstream_limit, e.downstream_fewshot, cfg.seed)
                           for task in load_tasks(e.downstream_tasks)]
+            for task in self.tasks:
+                if task.kind == GENERATION:
+                    new_tokens(task, e.downstream_max_new_tokens, cfg.train.seq_len)
 
     def due(self, step: int) -> bool:
         interval = self.cfg.eval.downstream_interval

@@ -187,7 +187,8 @@ def build_trainer(cfg: DictConfig, grid: ProcessGrid) -> Trainer:
     chunks = [grad_chunk(model) for model in reversed(models)]  # the order their backward ends
     experts = [p for chunk in reversed(chunks) for p in chunk.expert]
     dense = [p for chunk in reversed(chunks) for p in chunk.dense]
-    grad_sync = GradSync(chunks, grid.dp_group, grid.edp_group, overlap=cfg.parallel.overlap_grad_reduce)
+    grad_sync = GradSync(chunks, grid.dp_group, grid.edp_group, cfg.parallel.grad_bucket_mb,
+                         cfg.parallel.overlap_grad_reduce)
     embeddings = [p for model in models for p in model.embedding_parameters()]
     optimizer = build_optimizer(nn.ModuleList(models), cfg.train, embeddings)
     train, valid, _ = build_datasets(cfg, is_builder=grid.rank == 0)

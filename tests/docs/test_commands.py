@@ -7,7 +7,7 @@ launch/deepspeed/README.md:
   launcher implies (torchrun --nproc_per_node, deepspeed --num_gpus or hostfile slots, sbatch
   --nodes × 8 GPUs); the tiny ones also train in other tests;
 - `launch/model_stats.py` commands run;
-- data_tools, convert_checkpoint, generate and report commands are parsed by the tool's own parser
+- data_tools, convert_checkpoint, generate, evaluate and report commands are parsed by the tool's own parser
   (their behaviour is tested in tests/data_tools and tests/launch);
 - `make demo` / `make test` are what the demo and CI run; `docker build` lines name the
   Dockerfile that tests/docker lints.
@@ -111,6 +111,7 @@ HANDLERS: list[tuple[Callable[[list[str]], bool], Callable[[list[str]], None]]] 
     (lambda a: any(x.endswith(("launch/pretrain.py", "pretrain.sbatch")) for x in a), check_pretrain),
     (lambda a: any(x.endswith("launch/model_stats.py") for x in a), check_model_stats),
     (lambda a: "launch/convert_checkpoint.py" in a, check_parsed_by("launch.convert_checkpoint", "parser")),
+    (lambda a: "launch/evaluate.py" in a, check_parsed_by("launch.evaluate", "parser")),
     (lambda a: "launch/generate.py" in a, check_parsed_by("launch.generate", "parser")),
     (lambda a: "launch/plan.py" in a, check_parsed_by("launch.plan", "parse_args")),
     (lambda a: "launch/report.py" in a, check_parsed_by("launch.report", "main")),

@@ -12,7 +12,7 @@ from launch import report
 from launch.evaluate import main
 from tests.pretrain import logged, run_pretrain
 
-TASKS = ["eval.downstream_tasks=[demo-en,demo-math]", "eval.downstream_limit=6", "eval.downstream_max_new_tokens=4"]
+TASKS = ["eval.downstream_tasks=[demo-en,demo-math]", "eval.downstream_limit=16", "eval.downstream_max_new_tokens=4"]
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +36,10 @@ def test_scores_what_training_logged_for_the_checkpoint(run_dir: Path, capsys: p
     (row,) = logged(run_dir, "downstream.jsonl")
     assert row["step"] == 2 and set(row["tasks"]) == {"demo-en", "demo-math"}
     scores, text = evaluate(capsys, "--checkpoint", str(run_dir / "checkpoints"), "--tasks", "demo-en,demo-math",
-                            "--limit", "6", "--max-new-tokens", "4")
-    assert scores == row["tasks"]
+                            "--limit", "16", "--max-new-tokens", "4")
+    assert scores == row["tasks"] and scores["demo-en"]["acc_norm"] > 0  # (a random model still hits some)
     assert "step_2 (step 2): 2 task(s), 0-shot, seed 1234, sequences of 32 tokens" in text
-    assert "demo-en                       6 items  acc " in text and "(chance 0.125)" in text
+    assert "demo-en                      16 items  acc " in text and "(chance 0.125)" in text
 
 
 def test_fewshot_scores_are_deterministic(run_dir: Path, capsys: pytest.CaptureFixture) -> None:

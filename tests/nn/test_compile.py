@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
+import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from megamoe.config import compose, validate
 from megamoe.models import build_stage
@@ -20,20 +21,32 @@ BASE = ["+exp=tiny", "train.global_batch=4", "train.micro_batch=2", "train.seq_l
         "train.warmup_steps=2", "moe.aux_loss_coeff=0.01", "moe.num_shared_experts=1"]
 
 
-def _train(rank: int, world_size: int, compile_mode: str) -> dict[str, Any]:
-    cfg = compose([*BASE, f"train.compile={compile_mode}"])
+def _train(rank: int, world_size: int, args: tuple[str, list[str], torch.dtype]) -> dict[str, Any]:
+    compile_mode, overrides, dtype = args
+    torch.set_default_dtype(dtype)
+    cfg = compose([*BASE, *overrides, f"train.compile={compile_mode}"])
     validate(cfg, world_size)
     trainer = build_trainer(cfg, init_grid(1, 1, timeout_s=60))
     batches = iter(trainer.loader)
-    started = time.perf_counter()
     losses = [train_step(trainer, next(batches), report_expert_load=False)["loss"] for _ in range(STEPS)]
-    return {"losses": losses, "seconds": time.perf_counter() - started}
+    return {"losses": losses, "graphs": counters["stats"]["unique_graphs"]}
 
 
-def test_compiled_blocks_train_like_eager_for_20_steps() -> None:
-    (eager,), (compiled,) = (run_distributed(_train, 1, mode, timeout_s=500, init_process_group=False)
+# The MoE model runs in float64: in fp32 the compiled kernels' rounding (~1e-7) flips near-ties in
+# the top-2 routing of this tiny random model within a few steps, and a flipped token changes the
+# loss by ~1e-4 (chaos, not a compile bug; tests/dist/test_layouts.py says the same of layouts).
+# The dense model shows the fp32 agreement directly.
+CASES = {"moe_float64": ([], torch.float64, 1e-9),
+         "dense_fp32": (["model.ffn_type=dense", "moe.num_shared_experts=0"], torch.float32, 1e-6)}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_compiled_blocks_train_like_eager_for_20_steps(case: str) -> None:
+    overrides, dtype, rtol = CASES[case]
+    (eager,), (compiled,) = (run_distributed(_train, 1, (mode, overrides, dtype), timeout_s=500, init_process_group=False)
                              for mode in ("none", "block"))
-    torch.testing.assert_close(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=1e-5, atol=0)
+    assert eager["graphs"] == 0 and compiled["graphs"] > 0  # the blocks did compile
+    torch.testing.assert_close(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=rtol, atol=0)
 
 
 def test_the_moe_dispatch_and_the_experts_stay_eager() -> None:

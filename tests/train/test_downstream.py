@@ -112,12 +112,16 @@ def test_a_bad_task_file_stops_the_run_at_startup(tmp_path: Path) -> None:
     bad.write_text('{"context": "q", "choices": [" a", " b"], "answer": 0}\n{"context": "q", "choices": [" a"]}\n')
     with pytest.raises(SharedError, match=f"{bad}:2: \"choices\" is"):
         DownstreamEval(compose([*BASE, f"eval.downstream_tasks=[{bad}]"]))
+    long = tmp_path / "gsm.jsonl"
+    long.write_text('{"prompt": "q", "answer": "1"}\n')  # decodes eval.downstream_max_new_tokens
+    with pytest.raises(SharedError, match=f"gsm: {SEQ_LEN} new tokens leave no room for a prompt"):
+        DownstreamEval(compose([*BASE, f"eval.downstream_tasks=[demo-math,{long}]",
+                                f"eval.downstream_max_new_tokens={SEQ_LEN}"]))
 
 
 @pytest.mark.parametrize(("override", "message"), [
     ("eval.downstream_tasks=[]", "eval.downstream_tasks: is empty"),
     ("eval.downstream_limit=0", "eval.downstream_limit: 0 must be > 0, or null"),
-    (f"eval.downstream_max_new_tokens={SEQ_LEN}", f"leaves no room for a prompt in train.seq_len={SEQ_LEN}"),
     ("eval.downstream_fewshot=-1", "eval.downstream_fewshot: -1 must be >= 0"),
 ])
 def test_config_mistakes(override: str, message: str) -> None:
