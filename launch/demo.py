@@ -2,9 +2,11 @@
 
 demo corpus (zh / en, generated, no download) → Megatron .bin/.idx (byte-level tokens) →
 train a tiny Yuan MoE with 4 processes: pipeline (pp=2) × data (dp=2) × expert (ep=2)
-parallelism, stopping at step 150 and resuming from its checkpoint to step 300 → show the loss falling below the corpus' unigram entropy, per language → write
-the run report (plots and summary) into runs/demo/report/ → print a zh and an en completion
-of the trained model (launch/generate.py, greedy).
+parallelism, stopping at step 150 and resuming from its checkpoint to step 300 → show the loss
+falling below the corpus' unigram entropy, per language, and the demo-zh / demo-en
+multiple-choice scores (scored through the pipeline at steps 150 and 300) → write the run
+report (plots and summary) into runs/demo/report/ → print a zh and an en completion of the
+trained model (launch/generate.py, greedy).
 """
 
 from __future__ import annotations
@@ -59,6 +61,10 @@ def summarise() -> None:
     for lang, loss in evals[-1]["loss"].items():
         print(f"validation loss [{lang}]: {loss:.3f} nats/token  (unigram entropy {entropy[lang]:.3f})")
     print(f"mean throughput: {tokens_per_s:,.0f} tokens/s;  metrics: {RUN_DIR}/metrics.jsonl")
+    downstream = [json.loads(line) for line in (ROOT / RUN_DIR / "downstream.jsonl").read_text().splitlines()]
+    for task, metrics in downstream[-1]["tasks"].items():
+        scores = ", ".join(f"{metric} {value:.2f}" for metric, value in metrics.items())
+        print(f"{task} at step {downstream[-1]['step']}: {scores}  (chance 0.125)")
     if not last["loss"] < first["loss"] - 1.0:
         sys.exit("demo: the loss did not fall by at least 1 nat — something is wrong")
 

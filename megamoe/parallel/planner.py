@@ -22,7 +22,8 @@ buffers and fragmentation). The step time adds, with no overlap between them:
 A group stays inside a node when its ranks do (ranks are laid out pp-major, then edp, then ep:
 ep groups are consecutive ranks, a dp group is dp consecutive ranks); otherwise it runs at the
 inter-node bandwidth per GPU. Ignored: the optimizer step and other memory-bound kernels,
-kernel launch and Python overheads, overlap of communication with compute, routing imbalance
+kernel launch and Python overheads, overlap of communication with compute (the gradient
+all-reduce that parallel.overlap_grad_reduce hides behind the last backward counts in full), routing imbalance
 (balanced dropless routing assumed), link contention between groups, and NCCL's hierarchical
 algorithms. docs/benchmarks.md records how its predictions compare with measured steps.
 """
@@ -38,7 +39,7 @@ from omegaconf import DictConfig
 
 from megamoe.config.compose import ConfigError
 from megamoe.config.schema import MegaMoEConfig, as_object
-from megamoe.config.validate import validate
+from megamoe.config.validate import V_SCHEDULES, validate
 from megamoe.models import flops, memory
 from megamoe.parallel import balance
 
@@ -173,8 +174,16 @@ def layouts(cfg: DictConfig | MegaMoEConfig, gpus: int) -> Iterator[Layout]:
                 continue
             chunks = range(1, min(MAX_VIRTUAL_STAGES, m.num_layers // pp) + 1) if pp > 1 else [1]  # ≥ 1 layer each
             for v, mb, recompute in itertools.product(chunks, MICRO_BATCHES, RECOMPUTE):
-                for split in ("even", "auto") if pp > 1 else ("even",):
-                    yield Layout(pp, ep, v, "interleaved_1f1b" if v > 1 else "1f1b", mb, recompute, split)
+                for schedule, split in itertools.product(schedules(v), ("even", "auto") if pp > 1 else ("even",)):
+                    yield Layout(pp, ep, v, schedule, mb, recompute, split)
+
+
+def schedules(virtual_stages: int) -> tuple[str, ...]:
+    """The schedules that run ``virtual_stages`` chunks per rank: 1F1B for one; the looped
+    interleaved ones for more; the V ones (ZB-V, DualPipeV) for exactly two."""
+    if virtual_stages == 1:
+        return ("1f1b",)
+    return ("interleaved_1f1b", "interleaved_zero_bubble") + (V_SCHEDULES if virtual_stages == 2 else ())
 
 
 def with_layout(cfg: DictConfig | MegaMoEConfig, layout: Layout) -> MegaMoEConfig:

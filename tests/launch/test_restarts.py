@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -75,7 +76,11 @@ def test_a_stopped_rank_is_named_killed_and_the_group_restarts(tmp_path: Path, r
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(stopped, signal.SIGKILL)
-    assert "error: rank 2 (host " in out and f"pid {stopped}) did not arrive" in out
+    named = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert named and all(re.fullmatch(
+        rf"error: rank 2 \(host \S+, pid {stopped}\) did not arrive within parallel.collective_timeout_s=10 s "
+        r"\((ranks? [\d, ]+ in [\w/ -]+ of step \d+(; )?)+\); it does not respond: check that process and its host "
+        r"\(stopped, hung or too slow\)", line) for line in named), named  # each rank that waited names rank 2
     assert records(tmp_path) == reference
 
 

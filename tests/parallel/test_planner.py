@@ -9,7 +9,8 @@ import pytest
 from megamoe.config import compose
 from megamoe.models import memory
 from megamoe.parallel import balance
-from megamoe.parallel.planner import GPUS, Hardware, Layout, evaluate, layouts, plan, step_time, with_layout
+from megamoe.parallel.planner import (GPUS, Hardware, Layout, evaluate, layouts, plan, schedules, step_time,
+                                      with_layout)
 
 # One "GPU" of 1 TFLOP/s and 8 Gb/s (1 GB/s) links, two per node, so the figures are easy to follow.
 TOY = Hardware("toy", memory_gib=64, peak_tflops=1.0, gpus_per_node=2, intra_node_gbps=8, inter_node_gbps=8,
@@ -66,6 +67,9 @@ def test_layouts_cover_every_shape_once() -> None:
     shapes = {(lay.pp, lay.ep, lay.virtual_stages) for lay in layouts(tiny(), 8)}
     assert {(pp, ep) for pp, ep, _ in shapes} == {(pp, ep) for pp in (1, 2, 4) for ep in (1, 2, 4, 8) if ep * pp <= 8}
     assert all(v == 1 for pp, _, v in shapes if pp == 1)
+    by_chunks = {v: {lay.schedule for lay in layouts(tiny(), 8) if lay.virtual_stages == v} for v in (1, 2)}
+    assert by_chunks == {1: {"1f1b"}, 2: {"interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev"}}
+    assert schedules(4) == ("interleaved_1f1b", "interleaved_zero_bubble")  # a V holds exactly two
 
 
 def test_memory_is_the_estimator_s_and_too_much_is_rejected() -> None:
