@@ -39,10 +39,12 @@ from typing import Any, Iterable, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from megamoe.checkpoint.names import model_tensor_shapes
 from megamoe.cli import UserError, naming
+from megamoe.config.compose import RETIRED_KEYS
 from megamoe.config.schema import MegaMoEConfig
 
 FORMAT_VERSION = 1
@@ -362,11 +364,23 @@ def checkpoint_dir(path: Path) -> Path:
 
 
 def read_config(ckpt_dir: Path | str) -> DictConfig:
-    """The resolved run config saved with a checkpoint, checked against the schema (read-only)."""
+    """The resolved run config saved with a checkpoint, checked against the schema (read-only).
+
+    Keys the schema has retired (megamoe.config.compose.RETIRED_KEYS) are dropped, so checkpoints
+    of older versions stay readable; anything else the schema cannot read is a CheckpointError."""
     manifest = read_manifest(ckpt_dir)
     path = Path(ckpt_dir) / CONFIG
-    raw = read_verified(path, manifest.files[CONFIG]).numpy().tobytes().decode()
-    cfg = OmegaConf.merge(OmegaConf.structured(MegaMoEConfig), OmegaConf.create(raw))
+    saved = OmegaConf.create(read_verified(path, manifest.files[CONFIG]).numpy().tobytes().decode())
+    for key in RETIRED_KEYS:
+        parent, _, leaf = key.rpartition(".")
+        section = OmegaConf.select(saved, parent)
+        if isinstance(section, DictConfig) and leaf in section:
+            section.pop(leaf)
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(MegaMoEConfig), saved)
+    except OmegaConfBaseException as exc:
+        raise CheckpointError(f"{path}: {exc.full_key}: {str(exc).splitlines()[0]}; the checkpoint was written by "
+                              "a megamoe version with another config schema: read it with that version") from None
     OmegaConf.set_readonly(cfg, True)
     return cfg  # type: ignore[return-value]
 

@@ -43,6 +43,10 @@ def _one_line(exc: BaseException) -> str:
 # Keys users type that cannot be schema fields (Python keywords) → the field that holds them.
 ALIASES = {"checkpoint.async": "checkpoint.asynchronous"}
 
+# Keys the schema no longer has → why. Configs saved with older checkpoints may still carry them;
+# reading such a checkpoint drops them (megamoe.checkpoint.store.read_config).
+RETIRED_KEYS = {"data.num_workers": "the loader reads in the training process; the key did nothing"}
+
 
 def _unalias(override: str) -> str:
     key, sep, value = override.partition("=")

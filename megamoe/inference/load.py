@@ -15,23 +15,13 @@ from typing import Iterable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from megamoe.checkpoint.names import expert_bank_names, expert_tensor_name, model_tensor_shapes
-from megamoe.checkpoint.store import CONFIG, checked_tensors, checkpoint_dir, iter_model_tensors, read_config
+from megamoe.checkpoint.store import checked_tensors, checkpoint_dir, iter_model_tensors, read_config
 from megamoe.cli import UserError
 from megamoe.data.tokenizer import Tokenizer, tokenizer_from_config
 from megamoe.models import build_stage
 from megamoe.nn.decoder import Decoder
-
-
-def saved_config(source: Path) -> DictConfig:
-    """The run config saved with the checkpoint; one that today's schema cannot read is a UserError."""
-    try:
-        return read_config(source)
-    except OmegaConfBaseException as exc:
-        raise UserError(f"{source / CONFIG}: {exc.full_key}: {str(exc).splitlines()[0]}; the checkpoint was "
-                        "written by a megamoe version with another config schema: generate with that version") from None
 
 
 def decoding_config(cfg: DictConfig) -> DictConfig:
@@ -71,7 +61,7 @@ def load_checkpoint(path: Path | str, device: Optional[torch.device | str] = Non
     """The model (eval mode, on ``device``: default one GPU if there is one), tokenizer and config
     of a checkpoint: a ``step_N/`` directory or a checkpoints directory (its latest)."""
     source = checkpoint_dir(Path(path))
-    cfg = decoding_config(saved_config(source))
+    cfg = decoding_config(read_config(source))
     tokenizer = tokenizer_from_config(cfg.data.tokenizer)
     with torch.device(device or default_device()):
         model = build_stage(cfg)

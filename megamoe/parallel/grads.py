@@ -60,10 +60,10 @@ class _Queue:
 class GradSync:
     """Average gradients over data parallelism: dense over ``dp_group``, experts over ``edp_group``.
 
-    Each chunk's dense (and expert) gradients live in one flat buffer (fp32, the parameters' dtype) — ``param.grad`` is a
-    view into it, so autograd accumulates in place and a bucket is a contiguous slice reduced
-    with no copy (Megatron's grad buffer). Parameters are laid out in reverse order, the order
-    backward finishes them, and cut into buckets of ``bucket_mb``.
+    Each chunk's dense (and expert) gradients live in one flat buffer (the parameters' dtype):
+    ``param.grad`` is a view into it, so autograd accumulates in place and a bucket is a
+    contiguous slice reduced with no copy (Megatron's grad buffer). Parameters are laid out in
+    reverse order, the order backward finishes them, and cut into buckets of ``bucket_mb``.
 
     Without overlap, :meth:`finish` reduces every bucket after the backward. With
     ``overlap=True`` (``parallel.overlap_grad_reduce``) a chunk is :meth:`arm`-ed for its last
@@ -77,8 +77,11 @@ class GradSync:
     where the pipeline leaves its micro-batch gradients summed. Experts are divided by dp too,
     not edp: an expert's local gradient already sums the tokens of every rank of its ep group
     (they reached it through the all-to-all), so after the edp sum it holds the sum over all dp
-    ranks' micro-batches, exactly like a dense gradient. A group of ``None`` means that size is
-    1: no communication, only the division.
+    ranks' micro-batches, exactly like a dense gradient.
+
+    A group of ``None`` means that size is 1: nothing to reduce, so those gradients stay where
+    autograd puts them (no buffer to zero, no accumulation into one: at dp = 1 a step costs what
+    it would without GradSync) and are only divided.
     """
 
     def __init__(self, chunks: Sequence[GradChunk], dp_group: Optional[dist.ProcessGroup],
@@ -88,12 +91,16 @@ class GradSync:
         self._queues = [_Queue(dp_group), _Queue(edp_group)]
         self._views: dict[Parameter, Tensor] = {}
         self._buffers: list[Tensor] = []
+        self._local: list[Parameter] = []  # gradients with no group to reduce over
         self._chunk_buckets: dict[object, list[_Bucket]] = {}
         self._armed: set[object] = set()
         self._open = False
         for chunk in chunks:
             self._chunk_buckets[chunk.key] = []
             for params, queue in ((chunk.dense, self._queues[0]), (chunk.expert, self._queues[1])):
+                if queue.group is None:
+                    self._local += params
+                    continue
                 buckets = self._lay_out(list(reversed(params)), bucket_numel)
                 queue.buckets += buckets
                 self._chunk_buckets[chunk.key] += buckets
@@ -141,11 +148,13 @@ class GradSync:
             queue.launch_ready(self._adopt)
 
     def start_step(self, divisor: int) -> None:
-        """Zero the gradients (as views of the buffers) before a step's first backward."""
+        """Zero the gradients (views of the buffers; local ones are dropped) before a step's first backward."""
         for buffer in self._buffers:
             buffer.zero_()
         for p, view in self._views.items():
             p.grad = view
+        for p in self._local:
+            p.grad = None
         for queue in self._queues:
             queue.launched = 0
             for bucket in queue.buckets:
@@ -177,6 +186,11 @@ class GradSync:
                     bucket.work.wait()
                 if self.divisor != 1:
                     bucket.flat.div_(self.divisor)
+        for p in self._local:  # a parameter backward did not reach still takes its (zero) update
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            elif self.divisor != 1:
+                p.grad.div_(self.divisor)
         self._armed, self._open = set(), False
 
 

@@ -8,15 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from megamoe.checkpoint import CheckpointError, iter_model_tensors, model_tensor_shapes, read_config, write_model_checkpoint
 from megamoe.checkpoint.store import (
+    CONFIG,
     complete_checkpoints,
     prune,
+    read_manifest,
     read_shard,
     resume_candidates,
     set_latest,
+    write_bytes,
     write_shard,
     write_shards,
 )
@@ -151,3 +155,25 @@ def test_resuming_from_an_older_checkpoint_abandons_the_newer_ones(tmp_path: Pat
     assert [p.name for p in resume_candidates(tmp_path)] == ["step_12", "step_10"]
     assert prune(tmp_path, current, keep=1) == [tmp_path / "step_10"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_12", "step_20", "step_30"]
+
+
+def _saved_with(tmp_path: Path, key: str, value: object) -> Path:
+    """A tiny model checkpoint whose saved config carries one more key, as another version wrote it."""
+    cfg, ckpt = compose(["+exp=tiny"]), tmp_path / "ckpt"
+    write_model_checkpoint(ckpt, iter(_model_tensors(cfg).items()), cfg)
+    saved = OmegaConf.create(OmegaConf.to_container(cfg))
+    OmegaConf.update(saved, key, value, force_add=True)
+    manifest = read_manifest(ckpt)
+    manifest.files[CONFIG] = write_bytes(ckpt / CONFIG, OmegaConf.to_yaml(saved).encode(), "config")
+    manifest.write(ckpt)
+    return ckpt
+
+
+def test_a_retired_key_in_a_saved_config_is_dropped(tmp_path: Path) -> None:
+    """Checkpoints written before data.num_workers was removed stay readable."""
+    assert read_config(_saved_with(tmp_path, "data.num_workers", 4)) == compose(["+exp=tiny"])
+
+
+def test_an_unknown_key_in_a_saved_config_is_one_line_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"ckpt/config.yaml: data.shiny: .*another config schema"):
+        read_config(_saved_with(tmp_path, "data.shiny", 1))
