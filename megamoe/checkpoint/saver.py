@@ -6,7 +6,9 @@ A save has three parts:
    tensors it writes — the replicas of a stage share its dense tensors out, the replicas of an
    expert its banks (megamoe.checkpoint.state.written_names), so the bytes a rank writes fall
    with dp — and the step's counters and RNG states. With ``checkpoint.async`` the tensors are
-   copied to host memory (pinned on CUDA) so training can change the originals at once.
+   copied to host memory (pinned on CUDA) so training can change the originals at once; the
+   host buffers are kept for the next save (allocating and faulting in a few GB of fresh pages
+   each time would cost as much as the copy).
 2. **Write** (each rank, on a background thread when async): its shards into ``step_N.tmp/``.
 3. **Commit** (rank 0): once every rank has reported its files, config and manifest, the
    rename, ``latest``, pruning. ``latest`` moves only after every file is written and fsynced.
@@ -73,14 +75,18 @@ class Snapshot:
     config_yaml: str
 
 
-def _host_copy(tensor: Tensor) -> Tensor:
-    """A copy in host memory (pinned on CUDA, so the copy runs without stalling the stream)."""
-    copy = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
-    return copy.copy_(tensor, non_blocking=tensor.is_cuda)
+def _host_copy(key: str, tensor: Tensor, buffers: dict[str, Tensor]) -> Tensor:
+    """A copy in host memory (pinned on CUDA, so the copy runs without stalling the stream), into
+    the buffer ``buffers`` holds for ``key`` from an earlier save when its shape still fits."""
+    buffer = buffers.get(key)
+    if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+        buffer = buffers[key] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+    return buffer.copy_(tensor, non_blocking=tensor.is_cuda)
 
 
-def take_snapshot(state: TrainingState, save_id: int, copy: bool) -> Optional[Snapshot]:
-    """Collective. None when some rank's state holds NaN or Inf (a diverged state is not saved)."""
+def take_snapshot(state: TrainingState, save_id: int, host_buffers: Optional[dict[str, Tensor]]) -> Optional[Snapshot]:
+    """Collective. None when some rank's state holds NaN or Inf (a diverged state is not saved).
+    With ``host_buffers`` the tensors are copied there (a background save), else referenced."""
     grid, step = state.grid, state.step
     places = placements(state)
     bad = first_error(grid, first_nonfinite(places, state.optimizer))
@@ -92,8 +98,9 @@ def take_snapshot(state: TrainingState, save_id: int, copy: bool) -> Optional[Sn
     needed = torch.tensor([float(sum(t.numel() * t.element_size() for _, t in model + optim))], dtype=torch.float64)
     if grid.world_size > 1:
         dist.all_reduce(needed)
-    if copy:
-        model, optim = ([(name, _host_copy(t)) for name, t in pieces] for pieces in (model, optim))
+    if host_buffers is not None:
+        model, optim = ([(name, _host_copy(f"{kind}/{name}", t, host_buffers)) for name, t in pieces]
+                        for kind, pieces in (("model", model), ("optim", optim)))
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     counters = {
@@ -177,13 +184,14 @@ class CheckpointSaver:
         self.state = state
         self.background: bool = state.cfg.checkpoint.asynchronous
         self._pending: Optional[tuple[Snapshot, threading.Thread]] = None
+        self._host_buffers: dict[str, Tensor] = {}  # reused by every background save (one at a time)
 
     def save(self) -> Optional[Path]:
         """Save the state's current step. In place: returns the checkpoint when it is there (None
         if nothing was saved). In the background: returns None at once; :meth:`wait` tells."""
         self.wait()
         state = self.state
-        snap = take_snapshot(state, next(_SAVE_IDS), copy=self.background)
+        snap = take_snapshot(state, next(_SAVE_IDS), self._host_buffers if self.background else None)
         if snap is None:
             return None
         args = (snap, checkpoint_root(state), state.grid.rank, state.grid.world_size, state.cfg.checkpoint.keep)
