@@ -61,13 +61,13 @@ def hardware(args: argparse.Namespace) -> Hardware:
 
 
 def table(plans: list[Plan]) -> list[str]:
-    head = (f"{'pp':>3} {'v':>2} {'dp':>4} {'ep':>3} {'mb':>3} {'recompute':>9} {'stage layers':<24} "
-            f"{'GiB':>6} {'step s':>8} {'tokens/s':>11} {'MFU':>6} {'days':>7} {'GPU-hours':>10}")
+    head = (f"{'pp':>3} {'v':>2} {'schedule':<23} {'dp':>4} {'ep':>3} {'mb':>3} {'recompute':>9} "
+            f"{'stage layers':<24} {'GiB':>6} {'step s':>8} {'tokens/s':>11} {'MFU':>6} {'days':>7} {'GPU-hours':>10}")
     rows = [head, "-" * len(head)]
     for p in plans:
         lay = p.layout
-        rows.append(f"{lay.pp:>3} {lay.virtual_stages:>2} {p.dp:>4} {lay.ep:>3} {lay.micro_batch:>3} "
-                    f"{lay.recompute:>9} {','.join(map(str, p.stage_layers)):<24} {p.memory_gib:>6.1f} "
+        rows.append(f"{lay.pp:>3} {lay.virtual_stages:>2} {lay.schedule:<23} {p.dp:>4} {lay.ep:>3} "
+                    f"{lay.micro_batch:>3} {lay.recompute:>9} {','.join(map(str, p.stage_layers)):<24} {p.memory_gib:>6.1f} "
                     f"{p.step.total:>8.3f} {p.tokens_per_s:>11,.0f} {100 * p.mfu:>5.1f}% {p.days:>7.1f} "
                     f"{p.gpu_hours:>10,.0f}")
     return rows
