@@ -144,3 +144,20 @@ def test_a_background_save_returns_at_once_and_holds_the_state_of_its_step(grid:
     assert path == tmp_path / "background/checkpoints/step_1"
     assert (tmp_path / "background/checkpoints/latest").read_text() == "step_1\n"
     assert_same_tensors(checkpoint_tensors(path), expected)
+
+
+def test_a_background_save_of_a_state_with_nan_is_not_made(grid: ProcessGrid, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """checkpoint.async checks for NaN / Inf like an in-place save: nothing is written, one line says why."""
+    from megamoe.checkpoint.saver import CheckpointSaver
+
+    trainer = _trainer(grid, tmp_path / "run", "checkpoint.async=true")
+    _step(trainer)
+    bank = trainer.modules[0].model.layers["2"].mlp.experts.w2
+    trainer.optimizer.state[bank]["exp_avg_sq"][5, 0, 0] = float("inf")
+    saver = CheckpointSaver(trainer.state)
+    capsys.readouterr()
+    assert saver.save() is None and saver.wait() is None
+    assert capsys.readouterr().out == ("checkpoint: not saving step 1: exp_avg_sq/layers.2.mlp.experts.5.w2 holds NaN "
+                                       "or Inf values (a diverged state cannot be resumed)\n")
+    assert not (tmp_path / "run/checkpoints").exists() or not any((tmp_path / "run/checkpoints").iterdir())
