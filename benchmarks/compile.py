@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.train_step import overrides, time_steps
+from benchmarks.train_step import add_model_arguments, overrides, time_steps
 from megamoe.config import compose, validate
 from megamoe.parallel.mesh import init_grid, shutdown
 from megamoe.train.loop import build_trainer
@@ -27,16 +27,7 @@ from megamoe.train.loop import build_trainer
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=16)
-    p.add_argument("--ffn", type=int, default=512, help="expert ffn hidden size")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--router", choices=("attention", "linear"), default="attention")
+    add_model_arguments(p)
     p.add_argument("--dense", action="store_true", help="a dense FFN instead of the MoE layer (all of it compiles)")
     return p.parse_args()
 

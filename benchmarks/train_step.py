@@ -27,6 +27,12 @@ from megamoe.train.loop import Trainer, build_trainer, train_step
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(p)
+    return p.parse_args()
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, batch and timing flags this benchmark and benchmarks/compile.py share."""
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=16)
@@ -37,7 +43,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--router", choices=("attention", "linear"), default="attention")
-    return p.parse_args()
 
 
 def overrides(args: argparse.Namespace, dense: bool) -> list[str]:

@@ -104,7 +104,7 @@ class GradSync:
                 buckets = self._lay_out(list(reversed(params)), bucket_numel)
                 queue.buckets += buckets
                 self._chunk_buckets[chunk.key] += buckets
-                for p in params:
+                for p in params if overlap else ():  # without overlap nothing listens: no hook per gradient
                     holding = [b for b in buckets if any(q is p for q in b.params)]
                     p.register_post_accumulate_grad_hook(self._hook(chunk.key, holding))
 

@@ -21,6 +21,7 @@ from typing import Callable
 import pytest
 
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
+from tests.pretrain import logged
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -72,14 +73,7 @@ class Run:
 
     def logged(self) -> list[dict]:
         """The complete lines of metrics.jsonl so far (the last one may be half-written)."""
-        path = self.run_dir / "metrics.jsonl"
-        records = []
-        for line in path.read_text().splitlines() if path.exists() else []:
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                pass
-        return records
+        return logged(self.run_dir)
 
     def last_logged_step(self) -> int:
         records = self.logged()
