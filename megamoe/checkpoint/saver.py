@@ -2,14 +2,17 @@
 
 A save has three parts:
 
-1. **Snapshot** (collective, at the step): every rank checks its state is finite, takes the
-   tensors it writes — the replicas of a stage share its dense tensors out, the replicas of an
-   expert its banks (megamoe.checkpoint.state.written_names), so the bytes a rank writes fall
-   with dp — and the step's counters and RNG states. With ``checkpoint.async`` the tensors are
-   copied to host memory (pinned on CUDA) so training can change the originals at once; the
-   host buffers are kept for the next save (allocating and faulting in a few GB of fresh pages
-   each time would cost as much as the copy).
-2. **Write** (each rank, on a background thread when async): its shards into ``step_N.tmp/``.
+1. **Snapshot** (collective, at the step): every rank takes the tensors it writes — the
+   replicas of a stage share its dense tensors out, the replicas of an expert its banks
+   (megamoe.checkpoint.state.written_names), so the bytes a rank writes fall with dp — and the
+   step's counters and RNG states. In place, the ranks first agree that every share is finite
+   (a diverged state is not saved). With ``checkpoint.async`` the tensors are copied to host
+   memory (pinned on CUDA) so training can change the originals at once — that copy is all a
+   background save holds training up for; the host buffers are kept for the next save
+   (allocating and faulting in a few GB of fresh pages each time would cost as much as the copy).
+2. **Write** (each rank, on a background thread when async): its shards into ``step_N.tmp/``;
+   a background writer first checks its copy is finite, and runs at a lower CPU priority so
+   that on a busy host it takes the cycles training leaves.
 3. **Commit** (rank 0): once every rank has reported its files, config and manifest, the
    rename, ``latest``, pruning. ``latest`` moves only after every file is written and fsynced.
 
@@ -27,7 +30,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import shutil
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
@@ -56,6 +61,7 @@ from megamoe.checkpoint.store import CONFIG, FileEntry, Manifest, commit, prune,
 from megamoe.cli import SharedError, write_error
 from megamoe.parallel.mesh import first_error
 
+WRITER_NICENESS = 10  # added to a background writer's: below training, not starved by data-loader workers
 WRITE_TIMEOUT = timedelta(hours=2)  # how long rank 0 waits for the other ranks' files
 _SAVE_IDS = itertools.count()  # saves are collective, so every rank numbers them alike
 
@@ -69,6 +75,7 @@ class Snapshot:
     model: list[tuple[str, Tensor]]
     optim: list[tuple[str, Tensor]]
     rng: bytes
+    checked: bool  # found finite before the snapshot (in place); else the writer checks its copy
     needed_bytes: int  # the whole checkpoint's, for a full disk's message
     manifest_state: dict[str, Any]  # step, data position, counters (rank 0 writes them)
     layout: dict[str, int]
@@ -85,16 +92,18 @@ def _host_copy(key: str, tensor: Tensor, buffers: dict[str, Tensor]) -> Tensor:
 
 
 def take_snapshot(state: TrainingState, save_id: int, host_buffers: Optional[dict[str, Tensor]]) -> Optional[Snapshot]:
-    """Collective. None when some rank's state holds NaN or Inf (a diverged state is not saved).
-    With ``host_buffers`` the tensors are copied there (a background save), else referenced."""
+    """Collective. With ``host_buffers`` the tensors are copied there (a background save), else
+    referenced after checking them: None when some rank's share holds NaN or Inf."""
     grid, step = state.grid, state.step
     places = placements(state)
-    bad = first_error(grid, first_nonfinite(places, state.optimizer))
-    if bad is not None:
-        log(state, f"not saving step {step}: {bad} holds NaN or Inf values (a diverged state cannot be resumed)")
-        return None
     mine = written_names(places, grid)
     model, optim = model_pieces(places, mine), optimizer_pieces(state.optimizer, places, mine)
+    checked = host_buffers is None
+    if checked:
+        bad = first_error(grid, first_nonfinite(model + optim))
+        if bad is not None:
+            _refuse_diverged(state, step, bad)
+            return None
     needed = torch.tensor([float(sum(t.numel() * t.element_size() for _, t in model + optim))], dtype=torch.float64)
     if grid.world_size > 1:
         dist.all_reduce(needed)
@@ -110,8 +119,12 @@ def take_snapshot(state: TrainingState, save_id: int, host_buffers: Optional[dic
         "data_stream": state.data_stream,  # a resume that changes it would read other samples
         "optimizer_group_steps": [group.get("step") for group in state.optimizer.param_groups],  # apex keeps it here
     }
-    return Snapshot(save_id, step, model, optim, rng_bytes(), int(needed.item()), counters, layout_of(state),
+    return Snapshot(save_id, step, model, optim, rng_bytes(), checked, int(needed.item()), counters, layout_of(state),
                     OmegaConf.to_yaml(state.cfg))
+
+
+def _refuse_diverged(state: TrainingState, step: int, tensor: str) -> None:
+    log(state, f"not saving step {step}: {tensor} holds NaN or Inf values (a diverged state cannot be resumed)")
 
 
 class _Board:
@@ -149,6 +162,9 @@ def write_snapshot(snap: Snapshot, root: Path, rank: int, world_size: int, keep:
             board.post("ready", _error_of(exc))
     files: dict[str, FileEntry] = {}
     error = board.read("ready")
+    bad = None if error is not None or snap.checked else first_nonfinite(snap.model + snap.optim)
+    if bad is not None:
+        error = {"nonfinite": bad}
     if error is None:
         try:
             files.update(write_shards(tmp, f"model-{stem}", iter(snap.model), "model"))
@@ -176,6 +192,15 @@ def write_snapshot(snap: Snapshot, root: Path, rank: int, world_size: int, keep:
     board.post("outcome", {"error": error, "path": str(final)})
 
 
+def _write_in_background(*args: Any) -> None:
+    """:func:`write_snapshot` at a lower CPU priority, so that it takes the cycles training
+    leaves free (on Linux niceness belongs to the thread, and the CRC thread it starts inherits it;
+    elsewhere it would slow the whole process, so there it is left alone)."""
+    if sys.platform == "linux":
+        os.nice(WRITER_NICENESS)
+    write_snapshot(*args)
+
+
 class CheckpointSaver:
     """Saves ``TrainingState``s — in the background with ``checkpoint.async`` — and reports how
     each save ended (``checkpoint.on_error``). Collective: every rank makes the same calls."""
@@ -198,10 +223,15 @@ class CheckpointSaver:
         if not self.background:
             write_snapshot(*args)
             return self._settle(snap)
-        thread = threading.Thread(target=write_snapshot, args=args, name=f"checkpoint-{snap.step}", daemon=True)
+        thread = threading.Thread(target=_write_in_background, args=args, name=f"checkpoint-{snap.step}", daemon=True)
         thread.start()
         self._pending = (snap, thread)
         return None
+
+    @property
+    def writing(self) -> bool:
+        """A background save is still being written."""
+        return self._pending is not None and self._pending[1].is_alive()
 
     def wait(self) -> Optional[Path]:
         """Finish the save in progress, if any: the checkpoint it made, or None."""
@@ -221,6 +251,9 @@ class CheckpointSaver:
             log(state, f"saved step {snap.step} to {outcome['path']}")
             return Path(outcome["path"])
         error = outcome["error"]
+        if "nonfinite" in error:
+            _refuse_diverged(state, snap.step, error["nonfinite"])
+            return None
         if "text" in error:
             reason = error["text"]
         else:

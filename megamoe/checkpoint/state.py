@@ -201,19 +201,16 @@ def layout_of(state: TrainingState) -> dict[str, int]:
             "virtual_stages": state.cfg.parallel.virtual_stages}
 
 
-def first_nonfinite(places: list[Placement], optimizer: torch.optim.Optimizer) -> Optional[str]:
-    """Name of this rank's first tensor (weight, buffer or optimizer state) holding a NaN or Inf.
+def first_nonfinite(pieces: list[tuple[str, Tensor]]) -> Optional[str]:
+    """Name of the first of ``pieces`` (a rank's written share, see :func:`model_pieces` and
+    :func:`optimizer_pieces`) holding a NaN or Inf. The ranks' shares cover every tensor.
 
     A tensor's sum screens it (NaN and Inf propagate into it) at a tenth of the cost of
     ``isfinite`` over every element, which then confirms: only a sum that overflowed could pass
     the screen wrongly, and that is caught by the confirmation."""
-    for place in places:
-        state = optimizer.state.get(place.tensor, {})
-        for key, value in (("", place.tensor), *((f"{k}/", v) for k, v in state.items() if torch.is_tensor(v))):
-            if (value.is_floating_point() and not bool(value.sum().isfinite())
-                    and not bool(torch.isfinite(value).all())):
-                return next(f"{key}{name}" for name, piece in place.pieces(value) if not bool(torch.isfinite(piece).all()))
-    return None
+    return next((name for name, value in pieces
+                 if value.is_floating_point() and not bool(value.sum().isfinite())
+                 and not bool(torch.isfinite(value).all())), None)
 
 
 # ---------------------------------------------------------------------------------------------

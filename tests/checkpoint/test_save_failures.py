@@ -4,7 +4,12 @@ checkpoint stays ``latest`` and loads, and no partial save is left to fill the d
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import re
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -128,9 +133,10 @@ def test_a_background_save_returns_at_once_and_holds_the_state_of_its_step(grid:
 
     trainer = _trainer(grid, tmp_path / "background", "checkpoint.async=true")
     _step(trainer)
-    slow_write = saver_module.write_shards
+    slow_write, writer_niceness = saver_module.write_shards, []
 
     def write_slowly(*args: object, **kwargs: object) -> object:
+        writer_niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         time.sleep(1.0)
         return slow_write(*args, **kwargs)
 
@@ -138,9 +144,13 @@ def test_a_background_save_returns_at_once_and_holds_the_state_of_its_step(grid:
     saver = CheckpointSaver(trainer.state)
     started = time.perf_counter()
     assert saver.save() is None and time.perf_counter() - started < 0.5  # training resumes at once
-    assert not (tmp_path / "background/checkpoints/latest").exists()  # not before the files are written
+    assert saver.writing and not (tmp_path / "background/checkpoints/latest").exists()  # not before it is written
     _step(trainer)  # the weights move on while the snapshot is written
     path = saver.wait()
+    assert not saver.writing
+    if sys.platform == "linux":  # the writer yields the CPU to training; training's priority is untouched
+        training = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert writer_niceness[0] == min(19, training + saver_module.WRITER_NICENESS)
     assert path == tmp_path / "background/checkpoints/step_1"
     assert (tmp_path / "background/checkpoints/latest").read_text() == "step_1\n"
     assert_same_tensors(checkpoint_tensors(path), expected)
@@ -161,3 +171,34 @@ def test_a_background_save_of_a_state_with_nan_is_not_made(grid: ProcessGrid, tm
     assert capsys.readouterr().out == ("checkpoint: not saving step 1: exp_avg_sq/layers.2.mlp.experts.5.w2 holds NaN "
                                        "or Inf values (a diverged state cannot be resumed)\n")
     assert not (tmp_path / "run/checkpoints").exists() or not any((tmp_path / "run/checkpoints").iterdir())
+
+
+def _save_with_nan_in_rank1_share(rank: int, world_size: int, run_dir: Path) -> tuple[bool, bool, str]:
+    """Worker (dp 2): rank 1 puts an Inf into AdamW state that only it writes, then both save."""
+    from megamoe.checkpoint.saver import CheckpointSaver
+    from megamoe.checkpoint.state import placements, written_names
+
+    trainer = _trainer(init_grid(1, 1, timeout_s=60), run_dir, "checkpoint.async=true")
+    _step(trainer)
+    if rank == 1:
+        places = placements(trainer.state)
+        bank = trainer.modules[0].model.layers["2"].mlp.experts.w2
+        place = next(place for place in places if place.tensor is bank)
+        expert = next(i for i, name in enumerate(place.names) if name in written_names(places, trainer.state.grid))
+        trainer.optimizer.state[bank]["exp_avg_sq"][expert, 0, 0] = float("inf")
+    saver, out = CheckpointSaver(trainer.state), io.StringIO()
+    with contextlib.redirect_stdout(out):
+        nothing_now, nothing_later = saver.save() is None, saver.wait() is None
+    return nothing_now, nothing_later, out.getvalue()
+
+
+def test_a_background_save_is_refused_on_every_rank_when_one_share_holds_nan(tmp_path: Path) -> None:
+    """Each background writer checks the copy it writes; one rank's finding cancels the save for all."""
+    from tests.dist.launcher import run_distributed
+
+    results = run_distributed(_save_with_nan_in_rank1_share, 2, tmp_path / "run")
+    assert [r[:2] for r in results] == [(True, True), (True, True)]
+    assert re.fullmatch(r"checkpoint: not saving step 1: exp_avg_sq/layers\.2\.mlp\.experts\.\d\.w2 holds NaN or Inf "
+                        r"values \(a diverged state cannot be resumed\)\n", results[0][2]), results[0][2]
+    assert results[1][2] == ""  # said once, by rank 0
+    assert not any((tmp_path / "run/checkpoints").iterdir())
