@@ -27,7 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -47,6 +49,15 @@ def state_mb(trainer: object) -> float:
     return 16 * params / 1e6  # fp32 weights, gradients, AdamW m and v
 
 
+@dataclass
+class Save:
+    """One save as the run saw it."""
+
+    before: int  # steps done when it began
+    call_s: float  # seconds its call held training up
+    disturbed: Optional[int] = None  # steps that ran alongside its write, and the step after; None while writing
+
+
 def stalls(run_dir: Path, steps: int, interval: int, background: bool) -> list[tuple[float, float]]:
     """Each save's (stall, interference) — module docstring — in a run of ``steps`` steps saving
     every ``interval``."""
@@ -57,25 +68,26 @@ def stalls(run_dir: Path, steps: int, interval: int, background: bool) -> list[t
         trainer = build_trainer(cfg, grid)
         saver, batches = CheckpointSaver(trainer.state), iter(trainer.loader)
         step_s: list[float] = []
-        saves: list[list] = []  # [steps before it, seconds held up in the call, steps it disturbed or None]
+        saves: list[Save] = []
         for _ in range(steps):
-            if saves and saves[-1][2] is None and not saver.writing:  # the steps since ran alongside its write;
-                saves[-1][2] = len(step_s) - saves[-1][0] + 1  # this one is the step after
+            if saves and saves[-1].disturbed is None and not saver.writing:  # its write ended: the steps
+                saves[-1].disturbed = len(step_s) - saves[-1].before + 1  # since ran alongside it; this one is after
             start = time.perf_counter()
             train_step(trainer, next(batches), report_expert_load=False)
             step_s.append(time.perf_counter() - start)
             if trainer.step % interval == 0 and trainer.step + BASELINE_STEPS < steps:
                 start = time.perf_counter()
                 saver.save()
-                saves.append([len(step_s), time.perf_counter() - start, None])
+                saves.append(Save(len(step_s), time.perf_counter() - start))
         start = time.perf_counter()
         saver.wait()
-        if saves[-1][2] is None:  # its write outlasted the run: every step after it, and the wait
-            saves[-1][1:] = [saves[-1][1] + time.perf_counter() - start, len(step_s) - saves[-1][0]]
+        if saves[-1].disturbed is None:  # its write outlasted the run: every step after it, and the wait
+            saves[-1].call_s += time.perf_counter() - start
+            saves[-1].disturbed = len(step_s) - saves[-1].before
         result = []
-        for before, call_s, disturbed in saves:
-            usual = statistics.median(step_s[before - BASELINE_STEPS:before])
-            result.append((call_s, sum(t - usual for t in step_s[before:before + disturbed])))
+        for save in saves:
+            usual = statistics.median(step_s[save.before - BASELINE_STEPS:save.before])
+            result.append((save.call_s, sum(t - usual for t in step_s[save.before:save.before + save.disturbed])))
         return result
     finally:
         shutdown()

@@ -18,13 +18,14 @@ import pytest
 import torch
 
 import megamoe.checkpoint.store as store
-from megamoe.checkpoint.saver import save_checkpoint
-from megamoe.checkpoint.state import resume
+from megamoe.checkpoint.saver import CheckpointSaver, save_checkpoint
+from megamoe.checkpoint.state import placements, resume, written_names
 from megamoe.cli import SharedError
 from megamoe.config import compose
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.train.loop import Trainer, build_trainer, train_step
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
+from tests.dist.launcher import run_distributed
 from tests.faults import full_disk_writes, small_filesystem
 
 BASE = ["+exp=tiny", "train.global_batch=4", "train.micro_batch=2", "train.seq_len=32", "train.warmup_steps=1"]
@@ -125,8 +126,6 @@ def test_a_background_save_returns_at_once_and_holds_the_state_of_its_step(grid:
     """checkpoint.async: the step's state is copied, training changes the weights meanwhile, and the
     checkpoint still equals an in-place save of that step; ``latest`` moves only when it is written."""
     from megamoe.checkpoint import saver as saver_module
-    from megamoe.checkpoint.saver import CheckpointSaver
-
     reference = _trainer(grid, tmp_path / "in_place")
     _step(reference)
     expected = checkpoint_tensors(save_checkpoint(reference.state))
@@ -159,8 +158,6 @@ def test_a_background_save_returns_at_once_and_holds_the_state_of_its_step(grid:
 def test_a_background_save_of_a_state_with_nan_is_not_made(grid: ProcessGrid, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture) -> None:
     """checkpoint.async checks for NaN / Inf like an in-place save: nothing is written, one line says why."""
-    from megamoe.checkpoint.saver import CheckpointSaver
-
     trainer = _trainer(grid, tmp_path / "run", "checkpoint.async=true")
     _step(trainer)
     bank = trainer.modules[0].model.layers["2"].mlp.experts.w2
@@ -175,9 +172,6 @@ def test_a_background_save_of_a_state_with_nan_is_not_made(grid: ProcessGrid, tm
 
 def _save_with_nan_in_rank1_share(rank: int, world_size: int, run_dir: Path) -> tuple[bool, bool, str]:
     """Worker (dp 2): rank 1 puts an Inf into AdamW state that only it writes, then both save."""
-    from megamoe.checkpoint.saver import CheckpointSaver
-    from megamoe.checkpoint.state import placements, written_names
-
     trainer = _trainer(init_grid(1, 1, timeout_s=60), run_dir, "checkpoint.async=true")
     _step(trainer)
     if rank == 1:
@@ -194,8 +188,6 @@ def _save_with_nan_in_rank1_share(rank: int, world_size: int, run_dir: Path) -> 
 
 def test_a_background_save_is_refused_on_every_rank_when_one_share_holds_nan(tmp_path: Path) -> None:
     """Each background writer checks the copy it writes; one rank's finding cancels the save for all."""
-    from tests.dist.launcher import run_distributed
-
     results = run_distributed(_save_with_nan_in_rank1_share, 2, tmp_path / "run")
     assert [r[:2] for r in results] == [(True, True), (True, True)]
     assert re.fullmatch(r"checkpoint: not saving step 1: exp_avg_sq/layers\.2\.mlp\.experts\.\d\.w2 holds NaN or Inf "
