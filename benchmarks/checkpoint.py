@@ -31,8 +31,9 @@ from tqdm import tqdm
 from megamoe.checkpoint.saver import save_checkpoint
 from megamoe.checkpoint.state import load_checkpoint
 from megamoe.checkpoint.store import read_manifest
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
+from megamoe.errors import UserError
 from megamoe.parallel.mesh import init_grid, shutdown
 from megamoe.train.loop import Trainer, build_trainer
 

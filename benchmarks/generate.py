@@ -25,8 +25,9 @@ import time
 
 import torch
 
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
+from megamoe.errors import UserError
 from megamoe.inference import Sampling, stream
 from megamoe.models import build_stage
 from megamoe.nn.decoder import Decoder

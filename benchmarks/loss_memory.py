@@ -25,7 +25,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
+from megamoe.errors import UserError
 from megamoe.nn.loss import IGNORE_INDEX, chunk_tokens, chunked_lm_loss, lm_loss
 from megamoe.train.peak_memory import cpu_peak_bytes
 

@@ -32,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
 from megamoe.config.schema import MoEConfig
+from megamoe.errors import UserError
 from megamoe.nn.ffn import SwiGLU, swiglu
 from megamoe.nn.moe import MoELayer
 from megamoe.nn.moe.router import select_experts

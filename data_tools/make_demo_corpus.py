@@ -25,7 +25,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
+from megamoe.errors import UserError
 
 # Share of the corpus bytes written to each file.
 SHARES = {"zh": 0.4, "en": 0.4, "code": 0.2}

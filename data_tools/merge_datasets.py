@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
 from megamoe.data.indexed import IndexedDataset, IndexedDatasetBuilder
+from megamoe.errors import UserError
 
 
 def expand_prefixes(specs: Sequence[str], output_prefix: str) -> list[str]:

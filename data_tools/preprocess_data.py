@@ -43,9 +43,10 @@ from typing import IO, Any, Callable, Iterable, Iterator, Optional, Sequence, Ty
 import numpy as np
 from tqdm import tqdm
 
-from megamoe.cli import UserError, exit_on_user_error, naming, write_error
+from megamoe.cli import exit_on_user_error
 from megamoe.data.indexed import IndexedDatasetBuilder, best_dtype
 from megamoe.data.tokenizer import TOKENIZER_TYPES, Tokenizer, build_tokenizer
+from megamoe.errors import UserError, naming, write_error
 
 # Input formats by file name ending.
 FORMATS = {".jsonl": "json", ".jsonl.gz": "json", ".txt": "txt", ".txt.gz": "txt", ".parquet": "parquet"}

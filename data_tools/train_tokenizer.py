@@ -19,8 +19,9 @@ from collections import Counter
 from typing import Iterator, Optional, Sequence
 
 from data_tools.preprocess_data import expand_inputs, parse_chunk, read_chunks
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
 from megamoe.data.tokenizer import ByteTokenizer, pad_vocab_size
+from megamoe.errors import UserError
 
 SPECIAL_TOKENS = list(ByteTokenizer.SPECIALS)  # the same roles as the byte tokenizer: <eod> <pad> <fim_*>
 

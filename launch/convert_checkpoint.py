@@ -29,12 +29,18 @@ from tqdm import tqdm
 
 from megamoe.checkpoint import hf_files
 from megamoe.checkpoint.store import (
-    Manifest, checked_tensors, checkpoint_dir, iter_model_tensors, model_tensor_shapes, read_config,
+    Manifest,
+    checked_tensors,
+    checkpoint_dir,
+    iter_model_tensors,
+    model_tensor_shapes,
+    read_config,
     write_model_checkpoint,
 )
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
-from megamoe.cli import UserError, exit_on_user_error
-from megamoe.config import ConfigError, compose, validate
+from megamoe.cli import exit_on_user_error
+from megamoe.config import compose, validate
+from megamoe.errors import ConfigError, UserError
 from megamoe.models import FAMILIES, ModelFamily, family_for_hf, family_of
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

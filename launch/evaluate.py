@@ -18,13 +18,13 @@ import sys
 import time
 from pathlib import Path
 
-from megamoe.checkpoint.store import step_of
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.checkpoint.store import checkpoint_dir, step_of
+from megamoe.cli import exit_on_user_error
+from megamoe.errors import UserError
 from megamoe.evaluation.model import ModelBackend
 from megamoe.evaluation.scoring import evaluate_task
 from megamoe.evaluation.tasks import MULTIPLE_CHOICE, Task, load_tasks, prepare
 from megamoe.inference import load_checkpoint
-from megamoe.checkpoint.store import checkpoint_dir
 
 
 def chance(task: Task) -> str:

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
 from megamoe.data.tokenizer import Tokenizer
+from megamoe.errors import UserError
 from megamoe.inference import Sampling, generate, load_checkpoint, stream
 from megamoe.inference.load import default_device
 

@@ -17,10 +17,10 @@ import sys
 import torch
 from omegaconf import DictConfig
 
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
 from megamoe.config import compose, validate
-from megamoe.models import flops, memory
-from megamoe.models import build_stage
+from megamoe.errors import UserError
+from megamoe.models import build_stage, flops, memory
 from megamoe.parallel import balance
 
 LABELS = {

@@ -23,8 +23,9 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
 from megamoe.config import compose, validate
+from megamoe.errors import UserError
 from megamoe.parallel.planner import GPUS, Hardware, Plan, PlanResult, Rejection, plan
 
 

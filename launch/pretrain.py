@@ -16,8 +16,9 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from megamoe.cli import SharedError, exit_on_user_error
-from megamoe.config import ConfigError, compose, validate
+from megamoe.cli import exit_on_user_error
+from megamoe.config import compose, validate
+from megamoe.errors import ConfigError, SharedError
 from megamoe.parallel.mesh import read_launch_env
 from megamoe.parallel.stall import CollectiveStall, reported
 

@@ -30,7 +30,8 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from megamoe.cli import UserError, exit_on_user_error
+from megamoe.cli import exit_on_user_error
+from megamoe.errors import UserError
 from megamoe.train.metrics import expert_load_figure
 
 Record = dict[str, Any]

@@ -3,7 +3,8 @@
 from megamoe.checkpoint.names import expert_tensor_name, model_tensor_shapes
 from megamoe.checkpoint.saver import CheckpointSaver, save_checkpoint
 from megamoe.checkpoint.state import TrainingState, load_checkpoint, resume
-from megamoe.checkpoint.store import CheckpointError, iter_model_tensors, read_config, write_model_checkpoint
+from megamoe.checkpoint.store import iter_model_tensors, read_config, write_model_checkpoint
+from megamoe.errors import CheckpointError
 
 __all__ = [
     "CheckpointError", "CheckpointSaver", "TrainingState", "expert_tensor_name", "iter_model_tensors", "load_checkpoint",

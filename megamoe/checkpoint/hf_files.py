@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from safetensors import safe_open
 
 from megamoe.checkpoint.store import model_tensor_shapes, write_shards
-from megamoe.cli import UserError
+from megamoe.errors import UserError
 from megamoe.models import family_of
 
 Tensors = Iterable[tuple[str, torch.Tensor]]

@@ -58,7 +58,7 @@ from megamoe.checkpoint.state import (
     written_names,
 )
 from megamoe.checkpoint.store import CONFIG, FileEntry, Manifest, commit, prune, set_latest, write_bytes, write_shards
-from megamoe.cli import SharedError, write_error
+from megamoe.errors import SharedError, write_error
 from megamoe.parallel.mesh import first_error
 
 WRITER_NICENESS = 10  # added to a background writer's: below training, not starved by data-loader workers

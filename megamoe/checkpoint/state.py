@@ -24,8 +24,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from megamoe.checkpoint.names import expert_bank_names, expert_tensor_name, model_tensor_shapes
 from megamoe.checkpoint.store import (
-    CheckpointError,
     Manifest,
     complete_checkpoints,
     read_manifest,
@@ -34,13 +34,11 @@ from megamoe.checkpoint.store import (
     resume_candidates,
     step_of,
 )
-from megamoe.checkpoint.names import expert_bank_names, expert_tensor_name, model_tensor_shapes
-from megamoe.cli import SharedError
 from megamoe.data.loader import stream_change
+from megamoe.errors import CheckpointError, SharedError
 from megamoe.nn.init import init_key_seed
 from megamoe.parallel.expert import expert_range
 from megamoe.parallel.mesh import ProcessGrid, first_error
-
 
 
 class Stateful(Protocol):

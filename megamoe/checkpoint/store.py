@@ -43,9 +43,9 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor
 
 from megamoe.checkpoint.names import model_tensor_shapes
-from megamoe.cli import UserError, naming
 from megamoe.config.compose import RETIRED_KEYS
 from megamoe.config.schema import MegaMoEConfig
+from megamoe.errors import CheckpointError, UserError, naming
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -61,10 +61,6 @@ DTYPES: dict[torch.dtype, str] = {  # safetensors dtype names
 }
 DTYPE_OF_NAME = {name: dtype for dtype, name in DTYPES.items()}
 STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-class CheckpointError(UserError):
-    """A missing, truncated, corrupt or mismatched checkpoint file; the message names the file."""
 
 
 # ---------------------------------------------------------------------------------------------

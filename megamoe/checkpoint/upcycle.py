@@ -37,7 +37,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megamoe.checkpoint.names import expert_tensor_name, split_layer_name
-from megamoe.config import ConfigError
+from megamoe.errors import ConfigError
 from megamoe.nn.moe.dispatcher import LocalExchange
 from megamoe.nn.moe.layer import MoELayer
 

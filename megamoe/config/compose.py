@@ -18,12 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from megamoe.config.schema import register_configs
+from megamoe.errors import ConfigError
 
 CONFIG_DIR = Path(os.environ.get("MEGAMOE_CONFIG_DIR", Path(__file__).resolve().parents[2] / "configs"))
-
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration; its message is one line that names the key."""
 
 
 def _one_line(exc: BaseException) -> str:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
-from megamoe.config.compose import ConfigError
+from megamoe.errors import ConfigError
 from megamoe.nn.rope import rotary_dim
 
 CHOICES: dict[str, tuple[str, ...]] = {

@@ -25,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from megamoe.cli import UserError, naming
+from megamoe.errors import DatasetFormatError, UserError, naming
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -36,10 +36,6 @@ DTYPE_CODES: dict[int, type] = {
     5: np.int64, 6: np.float64, 7: np.float32, 8: np.uint16,
 }
 _CODE_OF = {np.dtype(t): code for code, t in DTYPE_CODES.items()}
-
-
-class DatasetFormatError(UserError):
-    """A ``.bin``/``.idx`` pair that is missing, truncated or not in the expected format."""
 
 
 def best_dtype(vocab_size: int) -> np.dtype:

@@ -19,13 +19,13 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from megamoe.cli import SharedError, UserError
 from megamoe.data.blend import BlendedDataset, Dataset, blend_counts, normalize_weights, split_ranges
 from megamoe.data.fim import FIMDataset, FIMSentinels
 from megamoe.data.indexed import IndexedDataset
 from megamoe.data.mock import MockDataset
 from megamoe.data.samples import DEFAULT_WAIT_TIMEOUT_S, SampleDataset, build_workers
 from megamoe.data.tokenizer import Tokenizer, tokenizer_from_config
+from megamoe.errors import SharedError, UserError
 
 Batch = dict[str, torch.Tensor]
 

@@ -38,8 +38,8 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from megamoe.cli import UserError
 from megamoe.data.indexed import IndexedDataset
+from megamoe.errors import IndexWaitTimeout, UserError
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ SHUFFLE_BLOCK = 1 << 16  # samples shuffled together
 _BAND = 1 << 25  # keys sorted at once (256 MB): bounds memory at any corpus size
 _DOC_STREAM, _SAMPLE_STREAM = 0, 1  # independent random orders for documents and samples
 _GOLDEN, _MIX1, _MIX2 = (np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
-
-
-class IndexWaitTimeout(UserError):
-    """A rank waited too long for rank 0's index files (rank 0 failed, or the cache is not shared)."""
 
 
 def index_dtype(n: int) -> np.dtype:

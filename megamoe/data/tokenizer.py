@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Optional
 
-from megamoe.cli import UserError
+from megamoe.errors import UserError
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "ByteTokenizer")
 VOCAB_PAD_MULTIPLE = 128  # embedding rows are padded so GEMMs tile well (Megatron's --make-vocab-size-divisible-by)

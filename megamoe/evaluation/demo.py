@@ -17,7 +17,14 @@ import random
 from typing import Callable, Sequence
 
 from data_tools.make_demo_corpus import (
-    EN_CITIES, EN_FOODS, EN_JOBS, ZH_CITIES, ZH_FOODS, ZH_JOBS, Person, demo_people,
+    EN_CITIES,
+    EN_FOODS,
+    EN_JOBS,
+    ZH_CITIES,
+    ZH_FOODS,
+    ZH_JOBS,
+    Person,
+    demo_people,
 )
 from megamoe.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, ChoiceItem, GenerationItem, Task
 

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor
 
 from megamoe.data.tokenizer import Tokenizer
-from megamoe.evaluation.tasks import MULTIPLE_CHOICE, ChoiceItem, GenerationItem, Task, TaskError
+from megamoe.errors import TaskError
+from megamoe.evaluation.tasks import MULTIPLE_CHOICE, ChoiceItem, GenerationItem, Task
 from megamoe.nn.casts import compute_dtype
 from megamoe.nn.loss import IGNORE_INDEX, ChunkedCrossEntropy, chunk_tokens
 

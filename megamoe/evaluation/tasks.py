@@ -25,17 +25,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-from megamoe.cli import SharedError
+from megamoe.errors import TaskError
 
 MULTIPLE_CHOICE, GENERATION = "multiple_choice", "generation"
 FEWSHOT_SEPARATOR = "\n\n"  # between solved examples and before the item (lm-evaluation-harness's default)
 DEFAULT_UNTIL = ("\n\n",)
 MATCHES = ("number", "exact")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-class TaskError(SharedError):
-    """A task that cannot be read; shared: every rank of a training run reads the same files."""
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from megamoe.cli import UserError
+from megamoe.errors import UserError
 from megamoe.nn.decoder import Decoder
 from megamoe.nn.kv_cache import KVCache
 

@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from megamoe.checkpoint.names import expert_bank_names, expert_tensor_name, model_tensor_shapes
 from megamoe.checkpoint.store import checked_tensors, checkpoint_dir, iter_model_tensors, read_config
-from megamoe.cli import UserError
 from megamoe.data.tokenizer import Tokenizer, tokenizer_from_config
+from megamoe.errors import UserError
 from megamoe.models import build_stage
 from megamoe.nn.decoder import Decoder
 

@@ -15,8 +15,7 @@ from typing import Any, NoReturn, Optional
 
 import torch
 
-from megamoe.cli import UserError
-from megamoe.config import ConfigError
+from megamoe.errors import ConfigError, UserError
 
 # Our name → the Llama-style HF name, for the parts every family's decoder has.
 LLAMA_NAMES = {

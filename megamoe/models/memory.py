@@ -42,10 +42,10 @@ from typing import ClassVar, Optional
 from omegaconf import DictConfig
 
 from megamoe.config.validate import validate_layout
-from megamoe.nn.rope import rotary_dim
 from megamoe.models import family_of
 from megamoe.models.flops import parameter_breakdown
 from megamoe.nn.loss import chunk_tokens
+from megamoe.nn.rope import rotary_dim
 
 GIB = 2**30
 FP32, BF16, INT64 = 4, 2, 8

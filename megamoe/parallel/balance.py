@@ -41,7 +41,6 @@ from omegaconf import DictConfig
 
 from megamoe.config.schema import as_object
 from megamoe.config.validate import V_SCHEDULES
-
 from megamoe.models import family_of, flops, memory
 
 

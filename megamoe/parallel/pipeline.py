@@ -52,10 +52,9 @@ from megamoe.models import build_stage
 from megamoe.nn.decoder import Decoder
 from megamoe.nn.loss import IGNORE_INDEX, chunked_lm_loss
 from megamoe.nn.moe.dispatcher import TokenExchange
-from megamoe.parallel.grads import GradSync
 from megamoe.parallel.balance import layer_ranges, stage_indices, stage_layers
+from megamoe.parallel.grads import GradSync
 from megamoe.parallel.mesh import ProcessGrid
-
 
 # parallel.schedule → torch's schedule for several stages per rank (1f1b runs one: Schedule1F1B).
 SCHEDULES: dict[str, type[PipelineScheduleMulti]] = {

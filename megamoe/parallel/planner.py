@@ -37,9 +37,9 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig
 
-from megamoe.config.compose import ConfigError
 from megamoe.config.schema import MegaMoEConfig, as_object
 from megamoe.config.validate import V_SCHEDULES, validate
+from megamoe.errors import ConfigError
 from megamoe.models import flops, memory
 from megamoe.parallel import balance
 

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor
 
-from megamoe.cli import SharedError
 from megamoe.data.tokenizer import Tokenizer, tokenizer_from_config
+from megamoe.errors import SharedError
 from megamoe.evaluation.scoring import Request, evaluate_task, new_tokens, pack, sequence_logprobs
 from megamoe.evaluation.tasks import GENERATION, Task, load_tasks, prepare
 from megamoe.nn.casts import compute_dtype, shared_casts

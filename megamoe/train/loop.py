@@ -30,30 +30,32 @@ from torch import Tensor, nn
 
 from megamoe.checkpoint.saver import CheckpointSaver
 from megamoe.checkpoint.state import TrainingState, checkpoint_before, load_checkpoint, resume
-from megamoe.cli import SharedError
 from megamoe.data.blend import Dataset
 from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream
-from megamoe.nn.casts import shared_casts
+from megamoe.errors import NonFiniteError, SharedError
 from megamoe.models.flops import attention_flops_per_token, fwd_flops_per_token
+from megamoe.nn.casts import shared_casts
+from megamoe.nn.compile import compile_blocks
 from megamoe.nn.moe.experts import expert_parameters
 from megamoe.nn.moe.layer import MoEAuxLossBackward, MoELayer
 from megamoe.parallel.expert import AllToAllExchange
-from megamoe.nn.compile import compile_blocks
 from megamoe.parallel.grads import GradChunk, GradSync, clip_grads_, global_grad_norm
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.pipeline import (
+    Schedules,
+    StageModule,
+    TiedEmbedding,
+    build_schedules,
+    build_stage_modules,
+    masked_labels,
+)
 from megamoe.parallel.stall import CollectiveStall, Progress, announce, diagnose, is_communication_failure
-from megamoe.parallel.pipeline import (Schedules, StageModule, TiedEmbedding, build_schedules, build_stage_modules,
-                                       masked_labels)
+from megamoe.train.downstream import DownstreamEval
 from megamoe.train.metrics import MetricsLogger, detect_peak_flops, expert_load_summary, mfu
 from megamoe.train.optim import build_optimizer
 from megamoe.train.run_dir import claim_run_dir
 from megamoe.train.schedule import lr_at, set_lr
-from megamoe.train.downstream import DownstreamEval
 from megamoe.train.spikes import SpikeGuard
-
-
-class NonFiniteError(SharedError):
-    """A NaN/Inf loss or gradient norm with train.on_nonfinite=stop, or too many skipped in a row."""
 
 
 @dataclass

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from megamoe.cli import UserError, naming, write_error
+from megamoe.errors import UserError, naming, write_error
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's datasheets (SXM
 # parts unless the name says otherwise). Matched as a substring of torch.cuda.get_device_name,

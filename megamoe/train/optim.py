@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool,
                  embeddings: Collection[nn.Parameter] = ()) -> list[dict]:
     """Two AdamW groups, always in this order: ``decay`` and ``no_decay`` (either may be empty).

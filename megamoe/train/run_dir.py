@@ -23,7 +23,7 @@ from typing import IO, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from megamoe.checkpoint.store import remove_unfinished
-from megamoe.cli import SharedError, UserError, write_error
+from megamoe.errors import SharedError, UserError, write_error
 from megamoe.parallel.mesh import ProcessGrid, first_error
 
 LOCK_FILE = "run.lock"

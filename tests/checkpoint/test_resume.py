@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from megamoe.checkpoint import CheckpointError, iter_model_tensors, model_tensor_shapes, write_model_checkpoint
+from megamoe.checkpoint import iter_model_tensors, model_tensor_shapes, write_model_checkpoint
 from megamoe.checkpoint.saver import save_checkpoint
 from megamoe.checkpoint.state import load_checkpoint, resume
-from megamoe.cli import SharedError
 from megamoe.config import compose
+from megamoe.errors import CheckpointError, SharedError
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.train.loop import Trainer, build_trainer, train_step
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors

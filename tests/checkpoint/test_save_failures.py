@@ -20,8 +20,8 @@ import torch
 import megamoe.checkpoint.store as store
 from megamoe.checkpoint.saver import CheckpointSaver, save_checkpoint
 from megamoe.checkpoint.state import placements, resume, written_names
-from megamoe.cli import SharedError
 from megamoe.config import compose
+from megamoe.errors import SharedError
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.train.loop import Trainer, build_trainer, train_step
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors

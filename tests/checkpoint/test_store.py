@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from megamoe.checkpoint import CheckpointError, iter_model_tensors, model_tensor_shapes, read_config, write_model_checkpoint
+from megamoe.checkpoint import iter_model_tensors, model_tensor_shapes, read_config, write_model_checkpoint
 from megamoe.checkpoint.store import (
     CONFIG,
     complete_checkpoints,
@@ -25,6 +25,7 @@ from megamoe.checkpoint.store import (
     write_shards,
 )
 from megamoe.config import compose
+from megamoe.errors import CheckpointError
 
 TINY = ["+exp=tiny"]
 

@@ -8,7 +8,8 @@ import torch
 
 from megamoe.checkpoint.store import model_tensor_shapes
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
-from megamoe.config import ConfigError, compose
+from megamoe.config import compose
+from megamoe.errors import ConfigError
 from megamoe.models import build_stage
 from tests.models.helpers import load_model, model_tensors, random_model
 

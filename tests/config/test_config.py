@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from megamoe.config import ConfigError, compose, validate
+from megamoe.config import compose, validate
 from megamoe.config.validate import validate_layout
+from megamoe.errors import ConfigError
 
 
 def _error(overrides: list[str], world_size: int | None = None) -> str:

@@ -9,8 +9,8 @@ import struct
 import numpy as np
 import pytest
 
-from megamoe.cli import UserError
-from megamoe.data.indexed import DatasetFormatError, IndexedDataset, IndexedDatasetBuilder, best_dtype
+from megamoe.data.indexed import IndexedDataset, IndexedDatasetBuilder, best_dtype
+from megamoe.errors import DatasetFormatError, UserError
 
 DOCS = [[5, 6, 7], [], [8], [9, 10, 11, 12, 300]]
 SPEC_CODES = {np.uint16: 8, np.int32: 4, np.uint8: 1, np.int64: 5}  # from the format description

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from megamoe.cli import SharedError, UserError
 from megamoe.config import compose
 from megamoe.data.indexed import IndexedDatasetBuilder
 from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream, position_ids, stream_change
 from megamoe.data.mock import MockDataset
 from megamoe.data.tokenizer import ByteTokenizer
+from megamoe.errors import SharedError, UserError
 from tests.data.helpers import blend_cfg
 
 SEQ, GLOBAL = 8, 8
@@ -121,8 +121,6 @@ def test_build_mock_datasets() -> None:
 def _chinese(samples: np.ndarray) -> np.ndarray:
     """Per sample: does it hold UTF-8 bytes of Chinese text (ids 128..255)?"""
     return ((samples >= 128) & (samples < 256)).any(axis=1)
-
-
 
 
 def test_build_indexed_datasets(tmp_path) -> None:

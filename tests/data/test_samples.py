@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 import megamoe.data.samples as samples
-from megamoe.cli import UserError
 from megamoe.data.indexed import IndexedDataset, IndexedDatasetBuilder
-from megamoe.data.samples import IndexWaitTimeout, NpyWriter, SampleDataset, shuffled
+from megamoe.data.samples import NpyWriter, SampleDataset, shuffled
+from megamoe.errors import IndexWaitTimeout, UserError
 
 M64 = 2**64
 

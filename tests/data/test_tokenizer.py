@@ -10,10 +10,16 @@ import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from megamoe.cli import UserError
 from megamoe.config import compose
-from megamoe.data.tokenizer import (ByteTokenizer, HuggingFaceTokenizer, SentencePieceTokenizer, build_tokenizer,
-                                    pad_vocab_size, tokenizer_from_config)
+from megamoe.data.tokenizer import (
+    ByteTokenizer,
+    HuggingFaceTokenizer,
+    SentencePieceTokenizer,
+    build_tokenizer,
+    pad_vocab_size,
+    tokenizer_from_config,
+)
+from megamoe.errors import UserError
 
 MIXED = "小明住在上海。Alice has 12 apples.\n\tdef f(x):\n        return x + 1  # 返回 😀"
 CORPUS = ["小明住在上海。小红每天早上吃饺子。三加四等于七。", "Alice lives in Paris. Bob eats bread on Monday.",

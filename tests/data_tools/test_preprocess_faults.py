@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from data_tools import preprocess_data
-from megamoe.cli import UserError, format_bytes
 from megamoe.data import indexed
+from megamoe.errors import UserError, format_bytes
 from tests.data_tools.test_preprocess_data import GOOD, REPO, user_error
 from tests.faults import full_disk_writes, read_only_dir, small_filesystem
 

@@ -9,10 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from megamoe.data.tokenizer import ByteTokenizer
+from megamoe.errors import TaskError
 from megamoe.evaluation.scoring import (
-    Request, choice_metrics, choice_requests, completion, evaluate_task, generation_prompts, pack, sequence_logprobs,
+    Request,
+    choice_metrics,
+    choice_requests,
+    completion,
+    evaluate_task,
+    generation_prompts,
+    pack,
+    sequence_logprobs,
 )
-from megamoe.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, ChoiceItem, GenerationItem, Task, TaskError
+from megamoe.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, ChoiceItem, GenerationItem, Task
 from megamoe.nn.loss import IGNORE_INDEX
 
 TOKENIZER = ByteTokenizer()

@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from megamoe.errors import TaskError
 from megamoe.evaluation.tasks import (
-    GENERATION, MULTIPLE_CHOICE, ChoiceItem, GenerationItem, Task, TaskError, last_number, load_tasks, prepare,
+    GENERATION,
+    MULTIPLE_CHOICE,
+    ChoiceItem,
+    GenerationItem,
+    Task,
+    last_number,
+    load_tasks,
+    prepare,
     read_task_file,
 )
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megamoe.cli import UserError
 from megamoe.config import compose
+from megamoe.errors import UserError
 from megamoe.inference import Sampling, generate, stream
 from megamoe.inference.generate import sample
 from megamoe.nn.decoder import Decoder

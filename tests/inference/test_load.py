@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from megamoe.checkpoint import write_model_checkpoint
-from megamoe.cli import UserError
 from megamoe.config import compose
 from megamoe.data.tokenizer import ByteTokenizer
+from megamoe.errors import UserError
 from megamoe.inference import load_checkpoint
 from megamoe.nn.decoder import Decoder
 from tests.models.helpers import model_tensors, random_model

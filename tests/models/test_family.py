@@ -16,8 +16,9 @@ from torch import nn
 
 from megamoe.checkpoint.saver import save_checkpoint
 from megamoe.checkpoint.state import resume
-from megamoe.config import ConfigError, compose
+from megamoe.config import compose
 from megamoe.config.schema import ModelConfig
+from megamoe.errors import ConfigError
 from megamoe.models import FAMILIES, build_stage
 from megamoe.models.family import HFAdapter, ModelFamily, Part
 from megamoe.models.flops import parameter_breakdown, total_params

@@ -6,8 +6,7 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from megamoe.config import compose
-from megamoe.models import flops
-from megamoe.models import build_stage
+from megamoe.models import build_stage, flops
 from megamoe.nn.decoder import Decoder
 
 VARIANTS = {

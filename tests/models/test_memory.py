@@ -8,12 +8,12 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from megamoe.config import ConfigError, compose
-from megamoe.models import memory
-from megamoe.nn.casts import shared_casts
+from megamoe.config import compose
+from megamoe.errors import ConfigError
+from megamoe.models import build_stage, memory
 from megamoe.models.flops import total_params
+from megamoe.nn.casts import shared_casts
 from megamoe.nn.moe.layer import MoEAuxLossBackward
-from megamoe.models import build_stage
 from megamoe.parallel.pipeline import StageModule, build_stage_modules
 from megamoe.train.optim import build_optimizer
 from megamoe.train.peak_memory import cpu_peak_bytes

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from megamoe.config import compose
-from megamoe.nn import loss as loss_module
 from megamoe.models import memory
+from megamoe.nn import loss as loss_module
 from megamoe.nn.loss import CHUNK_LOGITS_BYTES, IGNORE_INDEX, chunk_tokens, chunked_lm_loss, lm_loss
 from megamoe.nn.moe.layer import MoEAuxLossBackward
 from megamoe.parallel.pipeline import build_stage_modules

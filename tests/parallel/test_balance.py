@@ -10,7 +10,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from megamoe.config import ConfigError, compose, validate
+from megamoe.config import compose, validate
+from megamoe.errors import ConfigError
 from megamoe.models import memory
 from megamoe.parallel import balance
 from megamoe.parallel.pipeline import build_stage_modules

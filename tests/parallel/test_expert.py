@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megamoe.checkpoint.names import expert_bank_names
 from megamoe.config import compose
 from megamoe.models import build_stage
 from megamoe.nn.moe import ExpertBank
-from megamoe.checkpoint.names import expert_bank_names
 from megamoe.nn.moe.experts import expert_parameters
 from megamoe.parallel.expert import expert_range, source_major_to_expert_major
 

@@ -29,8 +29,8 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from megamoe.config import compose, validate
-from megamoe.config.compose import ConfigError
 from megamoe.config.validate import validate_layout
+from megamoe.errors import ConfigError
 from megamoe.models.memory import microbatches_in_flight, stage_params
 from megamoe.parallel.balance import rank_ends, rank_layers, stage_indices
 from megamoe.parallel.pipeline import SCHEDULES

@@ -9,8 +9,7 @@ import pytest
 from megamoe.config import compose
 from megamoe.models import memory
 from megamoe.parallel import balance
-from megamoe.parallel.planner import (GPUS, Hardware, Layout, evaluate, layouts, plan, schedules, step_time,
-                                      with_layout)
+from megamoe.parallel.planner import GPUS, Hardware, Layout, evaluate, layouts, plan, schedules, step_time, with_layout
 
 # One "GPU" of 1 TFLOP/s and 8 Gb/s (1 GB/s) links, two per node, so the figures are easy to follow.
 TOY = Hardware("toy", memory_gib=64, peak_tflops=1.0, gpus_per_node=2, intra_node_gbps=8, inter_node_gbps=8,

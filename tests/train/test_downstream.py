@@ -10,9 +10,9 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from megamoe.cli import SharedError
-from megamoe.config import ConfigError, compose, validate
+from megamoe.config import compose, validate
 from megamoe.data.tokenizer import Tokenizer
+from megamoe.errors import ConfigError, SharedError
 from megamoe.evaluation.demo import demo_en, demo_math
 from megamoe.evaluation.model import ModelBackend
 from megamoe.evaluation.scoring import choice_requests, evaluate_task, generation_prompts

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from megamoe.config import compose
+from megamoe.errors import NonFiniteError
 from megamoe.parallel.mesh import init_grid
-from megamoe.train.loop import NonFiniteError, build_trainer, evaluate, train_step
+from megamoe.train.loop import build_trainer, evaluate, train_step
 from tests.dist.launcher import run_distributed
 from tests.pretrain import run_pretrain
 

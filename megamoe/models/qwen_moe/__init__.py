@@ -5,7 +5,7 @@ The MoE parts are the shared megamoe.nn.moe; this folder holds the attention and
 
 from omegaconf import DictConfig
 
-from megamoe.config.compose import ConfigError
+from megamoe.errors import ConfigError
 from megamoe.models.family import HFAdapter, ModelFamily
 from megamoe.models.qwen_moe import accounting, hf
 from megamoe.models.qwen_moe.attention import GroupedQueryAttention

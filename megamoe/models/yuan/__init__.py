@@ -3,7 +3,7 @@ Attention Router, tied embeddings; the Yuan2-M32 Hugging Face layout (docs/yuan2
 
 from omegaconf import DictConfig
 
-from megamoe.config.compose import ConfigError
+from megamoe.errors import ConfigError
 from megamoe.models.family import HFAdapter, ModelFamily
 from megamoe.models.yuan import accounting, hf
 from megamoe.models.yuan.attention import YuanAttention

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megamoe.config import ConfigError
+from megamoe.errors import ConfigError
 from megamoe.nn.casts import CastCache, compute_dtype
 from megamoe.nn.ffn import swiglu
 from megamoe.nn.init import seeded_normal_

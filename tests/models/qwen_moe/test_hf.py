@@ -12,8 +12,8 @@ import torch
 from transformers import Qwen2MoeForCausalLM
 
 from megamoe.checkpoint import hf_files, iter_model_tensors, read_config, write_model_checkpoint
-from megamoe.cli import UserError
-from megamoe.config import ConfigError, compose
+from megamoe.config import compose
+from megamoe.errors import ConfigError, UserError
 from megamoe.models.qwen_moe import hf
 from tests.launch.test_convert_checkpoint import convert
 from tests.models.helpers import Tracker, load_model, model_tensors, random_model

@@ -7,7 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from megamoe.config import ConfigError, compose, validate
+from megamoe.config import compose, validate
+from megamoe.errors import ConfigError
 from megamoe.models import build_stage
 from megamoe.nn.moe.layer import MoELayer
 

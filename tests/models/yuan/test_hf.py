@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from megamoe.checkpoint import hf_files
 from megamoe.checkpoint.names import model_tensor_shapes
-from megamoe.cli import UserError
-from megamoe.config import ConfigError, compose
+from megamoe.config import compose
+from megamoe.errors import ConfigError, UserError
 from megamoe.models.yuan import hf
 from tests.models.helpers import Tracker, model_tensors, random_model
 

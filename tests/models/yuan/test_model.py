@@ -8,11 +8,11 @@ import torch
 from omegaconf import DictConfig
 
 from megamoe.config import compose
+from megamoe.models import build_stage
+from megamoe.nn.decoder import Decoder
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.loss import lm_loss
 from megamoe.nn.moe.layer import MoELayer
-from megamoe.models import build_stage
-from megamoe.nn.decoder import Decoder
 
 SEED = 1234
 

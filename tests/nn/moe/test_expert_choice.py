@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.testing import assert_close
 
-from megamoe.config import ConfigError, compose, validate
+from megamoe.config import compose, validate
 from megamoe.config.schema import MoEConfig
+from megamoe.errors import ConfigError
 from megamoe.nn.moe import MoELayer
 from megamoe.nn.moe.router import router_z_loss, select_tokens, switch_aux_loss
 

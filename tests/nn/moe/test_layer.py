@@ -7,11 +7,12 @@ from omegaconf import OmegaConf
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from megamoe.config import ConfigError, compose
+from megamoe.config import compose
 from megamoe.config.schema import MoEConfig
+from megamoe.errors import ConfigError
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.moe import ExpertBank, MoEAuxLossBackward, MoELayer
-from megamoe.nn.moe.router import select_experts, switch_aux_loss, router_z_loss
+from megamoe.nn.moe.router import router_z_loss, select_experts, switch_aux_loss
 
 HIDDEN, EXPERTS, FFN = 8, 4, 6
 

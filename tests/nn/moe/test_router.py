@@ -7,8 +7,7 @@ import torch
 from torch.func import functional_call
 from torch.testing import assert_close
 
-from megamoe.nn.moe.router import (AttentionRouter, LinearRouter, Routing, router_z_loss, select_experts,
-                                      switch_aux_loss)
+from megamoe.nn.moe.router import AttentionRouter, LinearRouter, Routing, router_z_loss, select_experts, switch_aux_loss
 
 
 def reference_attention_logits(router: AttentionRouter, x: torch.Tensor) -> torch.Tensor:
