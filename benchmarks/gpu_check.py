@@ -12,7 +12,7 @@ then the last line is one JSON object with every figure:
    with LFA on: the layer's forward succeeds with only those backends allowed.
 4. ``fused_adamw`` — the optimizer the trainer builds (apex FusedAdam when importable, else
    torch's fused AdamW) makes the same update as torch's reference AdamW.
-5. ``memory_vs_estimate`` — the peak memory of 2 proxy steps against megamoe.models.memory's
+5. ``memory_vs_estimate`` — the peak memory of 2 proxy steps against megamoe.estimators.memory's
    estimate: within 15%.
 6. ``mfu`` — MFU of an M32-shaped slice (hidden 2048, 16 heads × 256, 32 experts top-2, expert
    FFN 8192, seq 4096, bf16) with as many layers as fit the GPU and the recompute mode the
@@ -37,10 +37,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megamoe.config import compose
 from megamoe.config.schema import as_object
-from megamoe.models import build_stage, memory
+from megamoe.estimators import balance
+from megamoe.estimators.planner import Hardware, Layout, evaluate
+from megamoe.models import build_stage
 from megamoe.nn.moe import ExpertBank
 from megamoe.parallel.mesh import init_grid, shutdown
-from megamoe.parallel.planner import Hardware, Layout, evaluate
 from megamoe.train.loop import build_trainer, train_step
 from megamoe.train.metrics import detect_peak_flops
 from megamoe.train.optim import build_optimizer, param_groups
@@ -207,7 +208,7 @@ def check_fused_adamw(sizes: Sizes, device: torch.device) -> Check:
 
 def check_memory(sizes: Sizes, device: torch.device) -> Check:
     cfg = compose([*sizes.proxy, "data=mock", "train.steps=2", "train.precision=bf16"])
-    estimate = memory.memory_per_gpu(cfg, 1)[1].total
+    estimate = balance.memory_per_gpu(cfg, 1)[1].total
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -261,7 +262,7 @@ def advised_slice(sizes: Sizes, hw: Hardware) -> tuple[Any, str, int]:
 def check_mfu(sizes: Sizes, device: torch.device) -> Check:
     from omegaconf import OmegaConf
 
-    from megamoe.parallel.planner import model_flops_per_token
+    from megamoe.estimators.planner import model_flops_per_token
 
     hw = _gpu(device)
     plain, recompute, layers = advised_slice(sizes, hw)

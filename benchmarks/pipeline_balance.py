@@ -26,7 +26,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from megamoe.config import compose, validate
-from megamoe.parallel import balance
+from megamoe.estimators import balance
+from megamoe.parallel import stages
 from megamoe.parallel.mesh import init_grid, read_launch_env, shutdown
 from megamoe.train.loop import build_trainer, train_step
 
@@ -50,15 +51,15 @@ def m32_case(pp: int, v: int) -> dict:
     case: dict = {"pp": pp, "virtual_stages": v}
     for split in ("even", "auto"):
         cfg = compose([*M32, *split_overrides(pp, v), f"parallel.stage_balance={split}"])
-        if split == "even" and cfg.model.num_layers % balance.num_stages(cfg):
+        if split == "even" and cfg.model.num_layers % stages.num_stages(cfg):
             case[split] = None  # no even split of 24 layers
             continue
         layers = balance.stage_layers(cfg)
         costs = balance.stage_costs(cfg, layers)
         case[split] = {"layers": layers, "stage_max_over_mean": balance.imbalance(costs),
-                       "rank_max_over_mean": balance.imbalance(balance.rank_totals(cfg, costs))}
+                       "rank_max_over_mean": balance.imbalance(stages.rank_totals(cfg, costs))}
     mean = sum(balance.stage_costs(cfg, layers)) / len(layers)
-    case["whole_layer_bound"] = whole_layer_bound(cfg, balance.num_stages(cfg)) / mean
+    case["whole_layer_bound"] = whole_layer_bound(cfg, stages.num_stages(cfg)) / mean
     return case
 
 

@@ -1,4 +1,4 @@
-"""Measured pipeline bubble per rank, for each schedule, vs its theory (megamoe.parallel.planner.bubble_slots).
+"""Measured pipeline bubble per rank, for each schedule, vs its theory (megamoe.estimators.planner.bubble_slots).
 
 Run with one process per pipeline rank:
 
@@ -25,8 +25,8 @@ import torch.distributed as dist
 
 from megamoe.config import compose, validate
 from megamoe.config.validate import CHOICES
+from megamoe.estimators.planner import bubble_slots
 from megamoe.parallel.mesh import init_grid, read_launch_env, shutdown
-from megamoe.parallel.planner import bubble_slots
 from megamoe.train.loop import build_trainer, train_step
 
 SCHEDULES = CHOICES["parallel.schedule"]

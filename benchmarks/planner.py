@@ -30,9 +30,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megamoe.config import compose
-from megamoe.models import memory
-from megamoe.parallel import balance
-from megamoe.parallel.planner import GPUS, Hardware, Layout, plan, step_time, with_layout
+from megamoe.estimators import balance, memory
+from megamoe.estimators.planner import GPUS, Hardware, Layout, plan, step_time, with_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ["+exp=tiny", "model.hidden_size=256", "model.num_heads=4", "model.head_dim=64", "model.num_layers=4",
@@ -138,7 +137,7 @@ def main() -> None:
     rows = []
     for nproc, layout in LAYOUTS:
         candidate = with_layout(cfg, layout)
-        lay = memory.layout(candidate, nproc)
+        lay = memory.grid_shape(candidate, nproc)
         predicted = step_time(candidate, lay, cpu, balance.stage_layers(candidate)).total
         measured = measured_step_s(nproc, layout, args.steps)
         rows.append({"layout": layout.short(), "processes": nproc, "predicted_s": round(predicted, 4),

@@ -2,8 +2,8 @@
 `python launch/model_stats.py +exp=NAME [--world-size N] [key=value ...]`.
 
 The model is built on the meta device (no memory, so the 40B M32 is instant) and its parameter
-count is checked against the analytic breakdown of megamoe.models.flops, whose conventions are
-stated there. Memory per GPU (megamoe.models.memory) is for the config's layout on N GPUs
+count is checked against the analytic breakdown of megamoe.estimators.flops, whose conventions are
+stated there. Memory per GPU (megamoe.estimators.memory) is for the config's layout on N GPUs
 (default: the fewest it allows, pp × ep) and the pipeline rank that needs the most, under the
 config's stage split, whose layers per stage and compute balance the table also shows. Prints
 a table, then, as the last line, one JSON object with the figures.
@@ -20,8 +20,9 @@ from omegaconf import DictConfig
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose, validate
 from megamoe.errors import UserError
-from megamoe.models import build_stage, flops, memory
-from megamoe.parallel import balance
+from megamoe.estimators import balance, flops, memory
+from megamoe.models import build_stage
+from megamoe.parallel import stages
 
 LABELS = {
     "embedding": "embedding", "attention": "attention q/k/v/o", "lfa": "LFA convs + norm", "router": "router",
@@ -65,7 +66,7 @@ def built_params(cfg: DictConfig) -> int:
 
 def pipeline_stats(cfg: DictConfig) -> dict:
     """The layers of each pipeline stage and how evenly they spread the training compute
-    (megamoe.parallel.balance's cost model: the last stage also runs the head and the loss)."""
+    (megamoe.estimators.balance's cost model: the last stage also runs the head and the loss)."""
     layers = balance.stage_layers(cfg)
     costs = balance.stage_costs(cfg, layers)
     parts = balance.part_costs(cfg)
@@ -74,14 +75,14 @@ def pipeline_stats(cfg: DictConfig) -> dict:
         "layers_per_stage": layers,
         "split": "explicit" if p.layers_per_stage is not None else p.stage_balance,
         "slowest_stage_vs_mean": balance.imbalance(costs),
-        "slowest_rank_vs_mean": balance.imbalance(balance.rank_totals(cfg, costs)),
+        "slowest_rank_vs_mean": balance.imbalance(stages.rank_totals(cfg, costs)),
         "head_in_layers": parts.head / parts.layer,
     }
 
 
 def memory_stats(cfg: DictConfig, world_size: int | None) -> dict:
     """The memory estimate of the fullest GPU, in GiB by part, and the layout it assumes."""
-    lay, rank = memory.memory_per_gpu(cfg, world_size)
+    lay, rank = balance.memory_per_gpu(cfg, world_size)
     return {
         "memory_per_gpu_gib": rank.gib(),
         "memory_layout": {

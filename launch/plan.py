@@ -3,7 +3,7 @@
 
 Enumerates every valid (pp, dp, ep, virtual stages, schedule, micro-batch, recompute, stage
 split) of the config on ``--gpus`` GPUs, estimates each one's memory per GPU (the fullest
-pipeline rank) and predicts its step time (megamoe.parallel.planner states the model and what
+pipeline rank) and predicts its step time (megamoe.estimators.planner states the model and what
 it ignores). Prints the best layouts that fit — memory, step time, tokens/s, MFU, and days and
 GPU-hours to the config's train.steps — then one line per parallel shape that never fits or is
 not valid, and last one JSON object for scripts. No layout fits: exit 2, naming the smallest
@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose, validate
 from megamoe.errors import UserError
-from megamoe.parallel.planner import GPUS, Hardware, Plan, PlanResult, Rejection, plan
+from megamoe.estimators.planner import GPUS, Hardware, Plan, PlanResult, Rejection, plan
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:

@@ -74,7 +74,7 @@ class ParallelConfig:
     # "1f1b" | "interleaved_1f1b" | "interleaved_zero_bubble" | "zbv_zero_bubble" | "dualpipev" (docs/parallelism.md)
     schedule: str = "1f1b"
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved: any; zbv / dualpipev: 2, in a V)
-    # Layers per stage (megamoe.parallel.balance): "even" (L / stages each) | "auto" (the split that
+    # Layers per stage (megamoe.estimators.balance): "even" (L / stages each) | "auto" (the split that
     # balances the cost model: the last stage also runs the output head and the loss).
     stage_balance: str = "even"
     layers_per_stage: Optional[list[int]] = None  # or an explicit split, one entry per stage (pp × virtual_stages)

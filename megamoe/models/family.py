@@ -7,7 +7,7 @@ from the registry in :mod:`megamoe.models`. A family is one folder, ``megamoe/mo
 - its attention block (the decoder skeleton, the MoE layer and the loss are shared:
   megamoe.nn), built from the typed ``model`` section of the config;
 - its accounting: the attention block's parameters and what it saves for backward, which the
-  shared estimators (megamoe.models.flops, megamoe.models.memory) add to the common parts;
+  shared estimators (megamoe.estimators.flops, megamoe.estimators.memory) add to the common parts;
 - its config rules (what its attention can and cannot be configured to);
 - its Hugging Face adapter: tensor names and shapes to and from the architecture's own layout,
   and config.json both ways.
@@ -33,7 +33,7 @@ Tensors = Iterable[tuple[str, torch.Tensor]]
 @dataclass(frozen=True)
 class Part:
     """One row of a parameter breakdown: parameters stored, passed through per token, and used
-    as matmul weights per token (2 FLOPs each forward); megamoe.models.flops states the rules."""
+    as matmul weights per token (2 FLOPs each forward); megamoe.estimators.flops states the rules."""
 
     total: int
     active: int

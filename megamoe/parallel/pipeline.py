@@ -1,12 +1,10 @@
 """Pipeline parallelism: which layers a rank builds, and the schedule that runs them.
 
 Stage s of S = pp × virtual_stages holds a contiguous run of layers, as many as the config's
-split gives it (even, explicit or balanced: megamoe.parallel.balance). Pipeline rank r holds the
-stages r, r + pp, r + 2·pp, … (the loop layout of torch's interleaved schedules), or r and
-2·pp − 1 − r (the V layout of ZB-V and DualPipeV, which puts the first and the last stage on
-rank 0). Each stage builds only its own layers. Stages pass ``(hidden, position_ids)`` along,
-because position ids may restart after each end-of-document token and every layer's RoPE needs
-them.
+split gives it (even, explicit or balanced: megamoe.estimators.balance); which stages a rank
+holds, in a loop or a V, is megamoe.parallel.stages. Each stage builds only its own layers.
+Stages pass ``(hidden, position_ids)`` along, because position ids may restart after each
+end-of-document token and every layer's RoPE needs them.
 
 The engine is ``torch.distributed.pipelining`` (:data:`SCHEDULES`). The zero-bubble ones split
 a stage's backward into an input pass, from the stage's outputs to its inputs, and a later
@@ -48,13 +46,14 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from megamoe.config.validate import V_SCHEDULES
+from megamoe.estimators.balance import stage_layers
 from megamoe.models import build_stage
 from megamoe.nn.decoder import Decoder
 from megamoe.nn.loss import IGNORE_INDEX, chunked_lm_loss
 from megamoe.nn.moe.dispatcher import TokenExchange
-from megamoe.parallel.balance import layer_ranges, stage_indices, stage_layers
 from megamoe.parallel.grads import GradSync
 from megamoe.parallel.mesh import ProcessGrid
+from megamoe.parallel.stages import layer_ranges, stage_indices
 
 # parallel.schedule → torch's schedule for several stages per rank (1f1b runs one: Schedule1F1B).
 SCHEDULES: dict[str, type[PipelineScheduleMulti]] = {

@@ -33,7 +33,7 @@ from megamoe.checkpoint.state import TrainingState, checkpoint_before, load_chec
 from megamoe.data.blend import Dataset
 from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream
 from megamoe.errors import NonFiniteError, SharedError
-from megamoe.models.flops import attention_flops_per_token, fwd_flops_per_token
+from megamoe.estimators.flops import attention_flops_per_token, fwd_flops_per_token
 from megamoe.nn.casts import shared_casts
 from megamoe.nn.compile import compile_blocks
 from megamoe.nn.moe.experts import expert_parameters

@@ -32,7 +32,8 @@ import pytest
 import torch
 
 from megamoe.config import compose, validate
-from megamoe.parallel import balance
+from megamoe.estimators import balance
+from megamoe.parallel import stages
 from megamoe.parallel.expert import expert_range
 from megamoe.parallel.mesh import init_grid
 from megamoe.train.loop import build_trainer, evaluate, train_step
@@ -163,9 +164,9 @@ def test_layout_matches_single_process(layout: str, feature: str, references: Ca
         assert reference["dropped"] > 0
     results = _run(world_size, [*overrides, *FEATURES[feature]], torch.float64)
     cfg = compose([*BASE, *overrides, *FEATURES[feature]])
-    ranges = balance.layer_ranges(balance.stage_layers(cfg))
+    ranges = stages.layer_ranges(balance.stage_layers(cfg))
     for result in results:  # each stage built the layers the config's split gives it
-        assert result["layers"] == [list(ranges[s]) for s in balance.stage_indices(cfg, result["pp_rank"])]
+        assert result["layers"] == [list(ranges[s]) for s in stages.stage_indices(cfg, result["pp_rank"])]
     _assert_same(results, reference, "losses")
     _assert_same(results, reference, "grad_norms")  # Adam hides a wrong gradient scale; the norm does not
     _assert_same(results, reference, "eval_losses")

@@ -25,7 +25,7 @@ from megamoe.checkpoint.saver import save_checkpoint
 from megamoe.checkpoint.state import load_checkpoint
 from megamoe.checkpoint.store import read_manifest
 from megamoe.config import compose, validate
-from megamoe.parallel import balance
+from megamoe.estimators import balance
 from megamoe.parallel.mesh import init_grid
 from megamoe.train.loop import build_trainer, train_step
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors

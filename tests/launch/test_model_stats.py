@@ -80,7 +80,7 @@ def test_a_bad_override_exits_2_with_one_line(args: list[str], named: str, capsy
 
 
 def test_tiny_memory_per_gpu(capsys: pytest.CaptureFixture) -> None:
-    """The JSON line carries tests/models/test_memory.py's hand count of tiny on one GPU."""
+    """The JSON line carries tests/estimators/test_memory.py's hand count of tiny on one GPU."""
     model_stats.main(["+exp=tiny"])
     out = capsys.readouterr().out
     stats = last_json(out)
@@ -133,7 +133,7 @@ def test_uneven_split_shows_its_layers_and_memory_follows_it(capsys: pytest.Capt
     out = capsys.readouterr().out
     stats = last_json(out)
     assert "layers per stage 3, 1 (explicit split)" in out
-    # training FLOPs per token at seq 64 (tests/parallel/test_balance.py): a layer 476,544, the head 262,144
+    # training FLOPs per token at seq 64 (tests/estimators/test_balance.py): a layer 476,544, the head 262,144
     stages = [3 * 476_544, 476_544 + 262_144]
     assert stats["pipeline"]["layers_per_stage"] == [3, 1]
     assert stats["pipeline"]["slowest_stage_vs_mean"] == pytest.approx(max(stages) / (sum(stages) / 2))

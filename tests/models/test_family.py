@@ -19,10 +19,11 @@ from megamoe.checkpoint.state import resume
 from megamoe.config import compose
 from megamoe.config.schema import ModelConfig
 from megamoe.errors import ConfigError
+from megamoe.estimators.balance import memory_per_gpu
+from megamoe.estimators.flops import parameter_breakdown, total_params
+from megamoe.estimators.memory import FP32
 from megamoe.models import FAMILIES, build_stage
 from megamoe.models.family import HFAdapter, ModelFamily, Part
-from megamoe.models.flops import parameter_breakdown, total_params
-from megamoe.models.memory import FP32, memory_per_gpu
 from megamoe.nn.init import seeded_normal_
 from megamoe.nn.rope import apply_rotary
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown

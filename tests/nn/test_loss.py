@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from megamoe.config import compose
-from megamoe.models import memory
+from megamoe.estimators import memory
 from megamoe.nn import loss as loss_module
 from megamoe.nn.loss import CHUNK_LOGITS_BYTES, IGNORE_INDEX, chunk_tokens, chunked_lm_loss, lm_loss
 from megamoe.nn.moe.layer import MoEAuxLossBackward

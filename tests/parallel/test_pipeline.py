@@ -31,10 +31,11 @@ from torch.distributed.pipelining.schedules import (
 from megamoe.config import compose, validate
 from megamoe.config.validate import validate_layout
 from megamoe.errors import ConfigError
-from megamoe.models.memory import microbatches_in_flight, stage_params
-from megamoe.parallel.balance import rank_ends, rank_layers, stage_indices
+from megamoe.estimators.balance import rank_layers
+from megamoe.estimators.memory import microbatches_in_flight, stage_params
+from megamoe.estimators.planner import bubble_slots
 from megamoe.parallel.pipeline import SCHEDULES
-from megamoe.parallel.planner import bubble_slots
+from megamoe.parallel.stages import rank_ends, stage_indices
 
 DURATION = {FORWARD: 1, BACKWARD_INPUT: 1, BACKWARD_WEIGHT: 1, FULL_BACKWARD: 2}
 RESULTS = {FORWARD: "F", BACKWARD_INPUT: "I", BACKWARD_WEIGHT: "W", FULL_BACKWARD: "IW"}  # F, input and weight grads
@@ -171,7 +172,7 @@ def test_the_head_weighs_on_the_rank_holding_the_last_stage(schedule: str, head_
     validate(cfg)
     layers = [rank_layers(cfg, r) for r in range(2)]
     assert layers[head_rank] < layers[1 - head_rank]
-    assert [stage_params(cfg, r, ep=1).holds_head for r in range(2)] == [r == head_rank for r in range(2)]
+    assert [stage_params(cfg, r, 1, rank_layers(cfg, r)).holds_head for r in range(2)] == [r == head_rank for r in range(2)]
 
 
 @pytest.mark.parametrize(("overrides", "world", "key"), [

@@ -1,11 +1,11 @@
-"""What the Qwen-MoE attention block costs: its parameters per layer (megamoe.models.flops's row
-``attention``) and the bytes it saves for backward per token (megamoe.models.memory)."""
+"""What the Qwen-MoE attention block costs: its parameters per layer (megamoe.estimators.flops's row
+``attention``) and the bytes it saves for backward per token (megamoe.estimators.memory)."""
 
 from __future__ import annotations
 
 from megamoe.config.schema import ModelConfig
+from megamoe.estimators.memory import matmul_input_bytes, rms_norm_bytes, sdpa_bytes
 from megamoe.models.family import Part
-from megamoe.models.memory import matmul_input_bytes, rms_norm_bytes, sdpa_bytes
 from megamoe.nn.attention import kv_heads
 
 

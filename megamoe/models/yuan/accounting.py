@@ -1,11 +1,11 @@
-"""What the Yuan attention block costs: its parameters per layer (megamoe.models.flops's rows
-``attention`` and ``lfa``) and the bytes it saves for backward per token (megamoe.models.memory)."""
+"""What the Yuan attention block costs: its parameters per layer (megamoe.estimators.flops's rows
+``attention`` and ``lfa``) and the bytes it saves for backward per token (megamoe.estimators.memory)."""
 
 from __future__ import annotations
 
 from megamoe.config.schema import ModelConfig
+from megamoe.estimators.memory import matmul_input_bytes, rms_norm_bytes, sdpa_bytes
 from megamoe.models.family import Part
-from megamoe.models.memory import matmul_input_bytes, rms_norm_bytes, sdpa_bytes
 
 
 def _conv_kernels(m: ModelConfig) -> int:

@@ -9,10 +9,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from megamoe.config import compose
-from megamoe.models import build_stage, flops, memory
+from megamoe.estimators import flops, memory
+from megamoe.models import build_stage
+from tests.estimators.test_flops import row_of, touched_parameters
+from tests.estimators.test_memory import forward_estimate, saved_by_forward
 from tests.launch.test_model_stats import model_stats
-from tests.models.test_flops import row_of, touched_parameters
-from tests.models.test_memory import forward_estimate, saved_by_forward
 
 VARIANTS = {
     "tiny": [],

@@ -6,7 +6,8 @@ from omegaconf import DictConfig
 from torch.utils.flop_counter import FlopCounterMode
 
 from megamoe.config import compose
-from megamoe.models import build_stage, flops
+from megamoe.estimators import flops
+from megamoe.models import build_stage
 from megamoe.nn.decoder import Decoder
 
 VARIANTS = {

@@ -15,7 +15,7 @@ Accounting, per GPU, for the pipeline rank that needs the most:
   copy per micro-batch in flight. A recomputed block makes its copies again in the backward
   pass, one layer at a time, unless a longer-lived cache still holds them.
 * **Activations**: the bytes each layer saves for backward per token (the terms below follow
-  megamoe.nn's code paths, and tests/models/test_memory.py checks them against the tensors
+  megamoe.nn's code paths, and tests/estimators/test_memory.py checks them against the tensors
   autograd actually saves on CPU), times the tokens of a micro-batch, times the micro-batches
   in flight on the rank (1F1B: rank r holds pp − r; :func:`microbatches_in_flight`); on
   the last stage also the head's input and the loss's per-token scalars
@@ -26,7 +26,7 @@ Accounting, per GPU, for the pipeline rank that needs the most:
   logits, the head weight's bf16 copy and fp32 gradient: :func:`loss_working_bytes`; no
   micro-batch's logits are ever whole), which runs before the layers' backward passes.
 
-tests/models/test_memory.py also runs stages of a tiny model the way 1F1B runs them and checks
+tests/estimators/test_memory.py also runs stages of a tiny model the way 1F1B runs them and checks
 the estimate against the peak of the bytes the CPU allocator really handed out.
 
 Dropless routing with balanced load is assumed (every expert-parallel rank receives its
@@ -42,10 +42,11 @@ from typing import ClassVar, Optional
 from omegaconf import DictConfig
 
 from megamoe.config.validate import validate_layout
+from megamoe.estimators.flops import parameter_breakdown
 from megamoe.models import family_of
-from megamoe.models.flops import parameter_breakdown
 from megamoe.nn.loss import chunk_tokens
 from megamoe.nn.rope import rotary_dim
+from megamoe.parallel.stages import rank_ends
 
 GIB = 2**30
 FP32, BF16, INT64 = 4, 2, 8
@@ -54,7 +55,7 @@ FFN_ROWS = ("router", "shared_experts", "dense_ffn")  # a layer's parameters bes
 
 
 @dataclass(frozen=True)
-class Layout:
+class GridShape:
     """How many processes run the config and how they are arranged (world = pp × dp, ep | dp)."""
 
     world_size: int
@@ -63,11 +64,11 @@ class Layout:
     ep: int
 
 
-def layout(cfg: DictConfig, world_size: Optional[int] = None) -> Layout:
-    """The layout for ``world_size`` GPUs; by default the smallest the config allows (dp = ep)."""
+def grid_shape(cfg: DictConfig, world_size: Optional[int] = None) -> GridShape:
+    """The grid of ``world_size`` GPUs; by default the smallest the config allows (dp = ep)."""
     p = cfg.parallel
     world = p.pp * p.ep if world_size is None else world_size
-    return Layout(world, p.pp, validate_layout(cfg, world), p.ep)
+    return GridShape(world, p.pp, validate_layout(cfg, world), p.ep)
 
 
 def is_bf16(cfg: DictConfig) -> bool:
@@ -138,20 +139,20 @@ def recomputed_blocks(cfg: DictConfig) -> tuple[str, ...]:
     return {"none": (), "selective": ("attention",), "full": ("attention", "ffn")}[cfg.train.activation_checkpointing]
 
 
-def weight_copy_bytes(cfg: DictConfig, lay: Layout, layers: int, in_flight: float) -> float:
+def weight_copy_bytes(cfg: DictConfig, grid: GridShape, layers: int, in_flight: float) -> float:
     """Bytes of the weight copies of a rank with ``layers`` layers at its peak (module docstring).
 
     A block's autocast-cached copies outlive its recompute in a pipeline, whose schedule runs in
     one autocast region; with pp = 1 the backward pass (and so the recompute) runs outside it.
     """
-    copies = weight_copies(layer_params(cfg, lay.ep), BF16 if is_bf16(cfg) else FP32)
+    copies = weight_copies(layer_params(cfg, grid.ep), BF16 if is_bf16(cfg) else FP32)
     held, working = layers * copies.experts, 0.0
     blocks = {"attention": (copies.attention_cached, copies.attention_per_forward),
               "ffn": (copies.ffn_cached, copies.ffn_per_forward)}
     for block, (cached, per_forward) in blocks.items():
         if block not in recomputed_blocks(cfg):
             held += layers * (cached + in_flight * per_forward)
-        elif lay.pp > 1:
+        elif grid.pp > 1:
             held, working = held + layers * cached, working + per_forward
         else:
             working += cached + per_forward
@@ -168,13 +169,10 @@ class StageParams:
     holds_head: bool  # final norm, head and loss (the last stage)
 
 
-def stage_params(cfg: DictConfig, pp_rank: int, ep: int) -> StageParams:
-    """Parameters of pipeline rank ``pp_rank``: the layers of all its stages under the config's split."""
-    from megamoe.parallel.balance import rank_ends, rank_layers  # at call time: balance's tie-break uses this module
-
+def stage_params(cfg: DictConfig, pp_rank: int, ep: int, layers: int) -> StageParams:
+    """Parameters of pipeline rank ``pp_rank`` holding ``layers`` decoder layers over all its stages."""
     m, p = cfg.model, cfg.parallel
     layer = layer_params(cfg, ep)
-    layers = rank_layers(cfg, pp_rank)
     first, last = rank_ends(cfg, pp_rank)  # both on rank 0 of a V schedule
     vocab_matrix = m.vocab_size * m.hidden_size
     single_stage = p.pp * p.virtual_stages == 1
@@ -300,8 +298,6 @@ def pipeline_buffer_bytes(cfg: DictConfig, pp_rank: int, in_flight: float, num_m
     in one of those buffers, which the held activations count already (its first layer saves
     it): taken off here. Its output (fp32 hidden states) is held until its backward: added.
     """
-    from megamoe.parallel.balance import rank_ends  # at call time: balance's tie-break uses this module
-
     pp, v, h = cfg.parallel.pp, cfg.parallel.virtual_stages, cfg.model.hidden_size
     if pp == 1:
         return 0.0
@@ -369,13 +365,14 @@ class RankMemory:
         return {**parts, "total": self.total / GIB}
 
 
-def rank_memory(cfg: DictConfig, lay: Layout, pp_rank: int) -> RankMemory:
-    """The estimate for one pipeline rank (see the module docstring for the accounting)."""
+def rank_memory(cfg: DictConfig, grid: GridShape, pp_rank: int, layers: int) -> RankMemory:
+    """The estimate for pipeline rank ``pp_rank`` holding ``layers`` decoder layers (the config's
+    split: megamoe.estimators.balance.rank_memory); the module docstring gives the accounting."""
     act = BF16 if is_bf16(cfg) else FP32
     t = cfg.train
     tokens = t.micro_batch * t.seq_len
-    stage = stage_params(cfg, pp_rank, lay.ep)
-    num_microbatches = t.global_batch // (t.micro_batch * lay.dp)
+    stage = stage_params(cfg, pp_rank, grid.ep, layers)
+    num_microbatches = t.global_batch // (t.micro_batch * grid.dp)
     in_flight = microbatches_in_flight(cfg, pp_rank, num_microbatches)
     held = (in_flight * (stage.layers * held_layer_bytes(cfg, act) + stage_input_bytes(cfg, stage.holds_embedding))
             + pipeline_buffer_bytes(cfg, pp_rank, in_flight, num_microbatches)
@@ -385,13 +382,6 @@ def rank_memory(cfg: DictConfig, lay: Layout, pp_rank: int) -> RankMemory:
     return RankMemory(
         pp_rank, in_flight,
         **{part: per_param * stage.total for part, per_param in MODEL_STATE_BYTES.items()},
-        weight_copies=weight_copy_bytes(cfg, lay, stage.layers, in_flight),
+        weight_copies=weight_copy_bytes(cfg, grid, stage.layers, in_flight),
         activations=tokens * held + working,
     )
-
-
-def memory_per_gpu(cfg: DictConfig, world_size: Optional[int] = None) -> tuple[Layout, RankMemory]:
-    """The layout and the estimate of its fullest GPU (the pipeline rank with the largest total)."""
-    lay = layout(cfg, world_size)
-    ranks = [rank_memory(cfg, lay, r) for r in range(lay.pp)]
-    return lay, max(ranks, key=lambda r: r.total)

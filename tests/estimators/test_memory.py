@@ -10,8 +10,9 @@ from omegaconf import DictConfig
 
 from megamoe.config import compose
 from megamoe.errors import ConfigError
-from megamoe.models import build_stage, memory
-from megamoe.models.flops import total_params
+from megamoe.estimators import balance, memory
+from megamoe.estimators.flops import total_params
+from megamoe.models import build_stage
 from megamoe.nn.casts import shared_casts
 from megamoe.nn.moe.layer import MoEAuxLossBackward
 from megamoe.parallel.pipeline import StageModule, build_stage_modules
@@ -106,7 +107,7 @@ def test_saved_tensors_match_the_accounting(variant: str, recompute: str, precis
 
 def test_tiny_by_hand() -> None:
     """tiny (bf16 on a GPU, no recompute, one GPU): every part counted by hand."""
-    lay, rank = memory.memory_per_gpu(tiny())
+    lay, rank = balance.memory_per_gpu(tiny())
     assert (lay.world_size, lay.pp, lay.dp, lay.ep, rank.pp_rank, rank.in_flight) == (1, 1, 1, 1, 0, 1.0)
     params = 924_864  # tests/launch/test_model_stats.py counts it
     assert (rank.weights, rank.gradients, rank.optimizer) == (4 * params, 4 * params, 8 * params)
@@ -162,31 +163,31 @@ def test_stage_parameters_match_built_stages(pp: int, ep: int, overrides: list[s
         with torch.device("meta"):
             modules = build_stage_modules(cfg, rank, ExpertSlice(cfg.moe.num_experts, ep, 0))
         built = sum(p.numel() for m in modules for p in m.parameters())
-        assert memory.stage_params(cfg, rank, ep).total == built, f"pp rank {rank}"
+        assert memory.stage_params(cfg, rank, ep, balance.rank_layers(cfg, rank)).total == built, f"pp rank {rank}"
 
 
 def test_pipeline_and_expert_parallelism_divide_parameter_memory() -> None:
     cfg = compose(["+exp=m32_2000b_paper_pp8", "parallel.pp=1"])
     vocab_matrix = cfg.model.vocab_size * cfg.model.hidden_size
     layer = memory.layer_params(cfg, ep=1)
-    whole = memory.stage_params(cfg, 0, 1).total
+    whole = memory.stage_params(cfg, 0, 1, balance.rank_layers(cfg, 0)).total
     assert whole == total_params(cfg)
     # pp = 8: the stages add up to the model plus the last stage's copy of the tied embedding
     cfg8 = compose(["+exp=m32_2000b_paper_pp8"])
-    stages = [memory.stage_params(cfg8, r, 1).total for r in range(8)]
+    stages = [memory.stage_params(cfg8, r, 1, balance.rank_layers(cfg8, r)).total for r in range(8)]
     assert sum(stages) == whole + vocab_matrix
     assert stages[3] == 3 * (layer.dense + layer.experts)
     # ep = 4 keeps a quarter of each layer's experts
     cfg_ep = compose(["+exp=m32_2000b_paper_pp8", "parallel.ep=4"])
-    assert memory.stage_params(cfg8, 3, 1).total - memory.stage_params(cfg_ep, 3, 4).total == 3 * layer.experts * 3 // 4
+    assert memory.stage_params(cfg8, 3, 1, 3).total - memory.stage_params(cfg_ep, 3, 4, 3).total == 3 * layer.experts * 3 // 4
 
 
 def test_1f1b_first_stage_holds_pp_microbatches() -> None:
     cfg = tiny("parallel.pp=4", "train.global_batch=64")  # 32 micro-batches
     assert [memory.microbatches_in_flight(cfg, r, 32) for r in range(4)] == [4, 3, 2, 1]
     assert memory.microbatches_in_flight(cfg, 0, 2) == 2  # never more than the step has
-    lay = memory.layout(cfg, world_size=4)
-    first, middle = memory.rank_memory(cfg, lay, 0), memory.rank_memory(cfg, lay, 1)
+    lay = memory.grid_shape(cfg, world_size=4)
+    first, middle = balance.rank_memory(cfg, lay, 0), balance.rank_memory(cfg, lay, 1)
     tokens, held = 2 * 64, memory.held_layer_bytes(cfg, memory.BF16)  # one layer per stage
     # torch's receive buffers for each of the 32 micro-batches: the first stage's output gradient 4·64;
     # the middle's, its input 4·64 and position ids 8; the first stage also holds its 4 outputs 4·64
@@ -201,10 +202,10 @@ def test_1f1b_first_stage_holds_pp_microbatches() -> None:
 
 def test_world_size_sets_data_parallelism_and_must_fit_the_layout() -> None:
     cfg = tiny("parallel.pp=2", "parallel.ep=2")
-    assert memory.layout(cfg) == memory.Layout(world_size=4, pp=2, dp=2, ep=2)
-    assert memory.layout(cfg, 8).dp == 4
+    assert memory.grid_shape(cfg) == memory.GridShape(world_size=4, pp=2, dp=2, ep=2)
+    assert memory.grid_shape(cfg, 8).dp == 4
     with pytest.raises(ConfigError, match="parallel.pp"):
-        memory.layout(cfg, 3)
+        memory.grid_shape(cfg, 3)
 
 
 # ---- the estimate against measured peaks --------------------------------------------------------
@@ -274,6 +275,6 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(name: str) -> None:
     with cpu_peak_bytes() as peak:
         train_as_scheduled(cfg, pp_rank)
     measured = peak.bytes
-    estimate = memory.rank_memory(cfg, memory.layout(cfg), pp_rank).total
+    estimate = balance.rank_memory(cfg, memory.grid_shape(cfg), pp_rank).total
     assert abs(estimate - measured) <= 0.15 * measured, \
         f"estimate {estimate / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB"

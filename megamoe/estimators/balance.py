@@ -1,13 +1,13 @@
 """How many decoder layers each pipeline stage holds, and the cost model that balances them.
 
-Stage s of S = pp × virtual_stages holds a contiguous run of layers; pipeline rank r holds the
-stages r, r + pp, r + 2·pp, … (the loop layout of torch's interleaved schedules), or under a V
-schedule (zbv_zero_bubble, dualpipev: two stages per rank) r and 2·pp − 1 − r. The split is
-``parallel.stage_balance=even`` (L / S layers each), an explicit ``parallel.layers_per_stage``,
-or ``stage_balance=auto`` (:func:`balanced_split`). Layers keep their global names whatever the
-split, so checkpoints load across splits.
+Stage s of S = pp × virtual_stages holds a contiguous run of layers (which pipeline rank holds
+which stages: megamoe.parallel.stages). The split is ``parallel.stage_balance=even`` (L / S
+layers each), an explicit ``parallel.layers_per_stage``, or ``stage_balance=auto``
+(:func:`balanced_split`). The estimators below the split (megamoe.estimators.memory) take a
+rank's layer count as an argument; :func:`rank_memory` and :func:`memory_per_gpu` give them
+the config's split.
 
-**Compute**, in training FLOPs per token (megamoe.models.flops's conventions, attention scores
+**Compute**, in training FLOPs per token (megamoe.estimators.flops's conventions, attention scores
 at train.seq_len included):
 
 * a decoder layer: forward, backward (2 × forward), and what train.activation_checkpointing
@@ -21,7 +21,7 @@ at train.seq_len included):
 All decoder layers are alike, so a stage costs n × layer (+ the head on the last stage) and a
 pipeline rank the sum of its stages (it runs every one of its chunks for each micro-batch).
 
-**Memory**, for the tie-break only: megamoe.models.memory's estimate of each pipeline rank
+**Memory**, for the tie-break only: megamoe.estimators.memory's estimate of each pipeline rank
 (model states, weight copies, activations at the schedule's peak with recompute, the head's
 and the pipeline's buffers) on the fewest GPUs the config allows.
 
@@ -33,43 +33,14 @@ than others (a vocabulary-wide head matmul is usually more efficient than small 
 from __future__ import annotations
 
 import bisect
-import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from megamoe.config.schema import as_object
-from megamoe.config.validate import V_SCHEDULES
-from megamoe.models import family_of, flops, memory
-
-
-def num_stages(cfg: DictConfig) -> int:
-    """S = pp × virtual_stages."""
-    return cfg.parallel.pp * cfg.parallel.virtual_stages
-
-
-def stage_indices(cfg: DictConfig, pp_rank: int) -> list[int]:
-    """The global stage indices this pipeline rank holds, in order: a loop (r, r + pp, …), or a V
-    (r, 2·pp − 1 − r), where the first and the last stage share rank 0."""
-    pp = cfg.parallel.pp
-    if cfg.parallel.schedule in V_SCHEDULES:
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [chunk * pp + pp_rank for chunk in range(cfg.parallel.virtual_stages)]
-
-
-def rank_ends(cfg: DictConfig, pp_rank: int) -> tuple[bool, bool]:
-    """Does pipeline rank ``pp_rank`` hold the first stage (the embedding), the last (the head)?"""
-    stages = stage_indices(cfg, pp_rank)
-    return 0 in stages, num_stages(cfg) - 1 in stages
-
-
-Number = TypeVar("Number", int, float)
-
-
-def rank_totals(cfg: DictConfig, per_stage: Sequence[Number]) -> list[Number]:
-    """Sum a per-stage quantity (layers, FLOPs) over the stages of each pipeline rank."""
-    return [sum(per_stage[s] for s in stage_indices(cfg, r)) for r in range(cfg.parallel.pp)]
+from megamoe.estimators import flops, memory
+from megamoe.models import family_of
+from megamoe.parallel.stages import num_stages, rank_ends, rank_totals, stage_indices
 
 
 def stage_layers(cfg: DictConfig) -> list[int]:
@@ -82,15 +53,22 @@ def stage_layers(cfg: DictConfig) -> list[int]:
     return [cfg.model.num_layers // num_stages(cfg)] * num_stages(cfg)
 
 
-def layer_ranges(layers: Sequence[int]) -> list[range]:
-    """The global layer indices of each stage: [3, 5] → [range(0, 3), range(3, 8)]."""
-    ends = [sum(layers[:s + 1]) for s in range(len(layers))]
-    return [range(end - n, end) for n, end in zip(layers, ends)]
-
-
 def rank_layers(cfg: DictConfig, pp_rank: int) -> int:
     """Decoder layers pipeline rank ``pp_rank`` holds, over all its stages."""
     return rank_totals(cfg, stage_layers(cfg))[pp_rank]
+
+
+def rank_memory(cfg: DictConfig, grid: memory.GridShape, pp_rank: int) -> memory.RankMemory:
+    """memory.rank_memory's estimate of pipeline rank ``pp_rank`` under the config's split."""
+    return memory.rank_memory(cfg, grid, pp_rank, rank_layers(cfg, pp_rank))
+
+
+def memory_per_gpu(cfg: DictConfig, world_size: Optional[int] = None) -> tuple[memory.GridShape, memory.RankMemory]:
+    """The grid and the estimate of its fullest GPU (the pipeline rank with the largest total)
+    under the config's split, on ``world_size`` GPUs (by default the fewest the config allows)."""
+    grid = memory.grid_shape(cfg, world_size)
+    ranks = [rank_memory(cfg, grid, r) for r in range(grid.pp)]
+    return grid, max(ranks, key=lambda r: r.total)
 
 
 # ---- the cost model -------------------------------------------------------------------------
@@ -133,16 +111,10 @@ def imbalance(costs: Sequence[float]) -> float:
 
 def _memory_lines(cfg: DictConfig) -> list[tuple[float, float]]:
     """(bytes per layer, fixed bytes) of each pipeline rank in memory.rank_memory's estimate, on
-    the fewest GPUs the config allows (memory.layout). The estimate grows linearly with the
-    rank's layers, so it is evaluated on two explicit splits (1 and 2 layers per stage), with a
-    plain-object copy of the config (whose attributes read ~7× faster than a DictConfig's)."""
-    lay, v, plain = memory.layout(cfg), cfg.parallel.virtual_stages, as_object(cfg)
-    estimates = []
-    for per_stage in (1, 2):
-        split = dataclasses.replace(plain.parallel, layers_per_stage=[per_stage] * num_stages(cfg))
-        estimates.append([memory.rank_memory(dataclasses.replace(plain, parallel=split), lay, r).total
-                          for r in range(lay.pp)])
-    one, two = estimates
+    the fewest GPUs the config allows (memory.grid_shape). The estimate grows linearly with the
+    rank's layers, so it is evaluated at 1 and 2 layers per stage."""
+    grid, v = memory.grid_shape(cfg), cfg.parallel.virtual_stages
+    one, two = ([memory.rank_memory(cfg, grid, r, per_stage * v).total for r in range(grid.pp)] for per_stage in (1, 2))
     return [((b - a) / v, 2 * a - b) for a, b in zip(one, two)]
 
 
@@ -194,7 +166,7 @@ def balanced_split(cfg: DictConfig) -> list[int]:
     Exact and fast (no enumeration of splits): each criterion's best value is found by bisecting
     the values it can take. A limit caps the layers of each stage or rank (costs grow with the
     layers), and caps are feasible when every stage can get ≥ 1 layer and the ranges add up to L.
-    Memoised on the config's content (memory.stage_params asks once per pipeline rank).
+    Memoised on the config's content (:func:`rank_memory` asks once per pipeline rank).
     """
     key = repr(cfg)  # the content of a DictConfig or of a plain schema object (neither hashes cheaply)
     if key not in _SPLITS:

@@ -12,10 +12,10 @@ from omegaconf import DictConfig
 
 from megamoe.config import compose, validate
 from megamoe.errors import ConfigError
-from megamoe.models import memory
-from megamoe.parallel import balance
+from megamoe.estimators import balance, memory
+from megamoe.parallel import stages
 from megamoe.parallel.pipeline import build_stage_modules
-from tests.models.test_memory import ExpertSlice
+from tests.estimators.test_memory import ExpertSlice
 
 INTERLEAVED = ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"]
 
@@ -55,7 +55,7 @@ def test_stage_layers_follow_the_config() -> None:
     assert balance.stage_layers(tiny("parallel.pp=2", "parallel.layers_per_stage=[3,1]")) == [3, 1]
     auto = tiny("parallel.pp=2", "parallel.stage_balance=auto", "model.vocab_size=4096")  # head ≈ 4.5 layers
     assert balance.stage_layers(auto) == balance.balanced_split(auto) == [3, 1]
-    assert balance.layer_ranges([3, 1]) == [range(0, 3), range(3, 4)]
+    assert stages.layer_ranges([3, 1]) == [range(0, 3), range(3, 4)]
 
 
 def _splits(num_layers: int, stages: int) -> list[list[int]]:
@@ -69,9 +69,9 @@ def _best_by_enumeration(cfg: DictConfig) -> list[int]:
 
     def rank(layers: list[int]) -> tuple:
         costs = balance.stage_costs(cfg, layers)
-        return (max(balance.rank_totals(cfg, costs)), max(costs), max(balance.rank_bytes(cfg, layers)), layers)
+        return (max(stages.rank_totals(cfg, costs)), max(costs), max(balance.rank_bytes(cfg, layers)), layers)
 
-    return min(_splits(cfg.model.num_layers, balance.num_stages(cfg)), key=rank)
+    return min(_splits(cfg.model.num_layers, stages.num_stages(cfg)), key=rank)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -109,8 +109,8 @@ def test_tie_break_memory_is_the_estimate(overrides: list[str], layers: list[int
     """rank_bytes extends memory.rank_memory's estimate to any split: the estimate of that split, set explicitly."""
     cfg = tiny(*overrides, "parallel.stage_balance=auto")
     explicit = tiny(*overrides, f"parallel.layers_per_stage=[{','.join(map(str, layers))}]")
-    lay = memory.layout(explicit)
-    estimate = [memory.rank_memory(explicit, lay, r).total for r in range(lay.pp)]
+    lay = memory.grid_shape(explicit)
+    estimate = [balance.rank_memory(explicit, lay, r).total for r in range(lay.pp)]
     assert balance.rank_bytes(cfg, layers) == pytest.approx(estimate, rel=1e-12)
 
 
@@ -161,13 +161,13 @@ def test_uneven_layer_counts_are_valid_with_auto_or_a_list() -> None:
 ], ids=["pp2", "pp2_v2", "pp3_auto_untied"])
 def test_built_stages_and_the_memory_estimate_follow_the_split(overrides: list[str]) -> None:
     cfg = tiny(*overrides, "parallel.ep=2")
-    ranges = balance.layer_ranges(balance.stage_layers(cfg))
+    ranges = stages.layer_ranges(balance.stage_layers(cfg))
     assert len({len(r) for r in ranges}) > 1  # uneven
     for rank in range(cfg.parallel.pp):
         with torch.device("meta"):
             modules = build_stage_modules(cfg, rank, ExpertSlice(cfg.moe.num_experts, 2, 0))
         built = [[int(i) for i in module.model.layers] for module in modules]
-        assert built == [list(ranges[s]) for s in balance.stage_indices(cfg, rank)]
-        params = memory.stage_params(cfg, rank, ep=2)
+        assert built == [list(ranges[s]) for s in stages.stage_indices(cfg, rank)]
+        params = memory.stage_params(cfg, rank, 2, balance.rank_layers(cfg, rank))
         assert params.layers == sum(map(len, built))
         assert params.total == sum(p.numel() for module in modules for p in module.parameters())

@@ -7,9 +7,18 @@ import dataclasses
 import pytest
 
 from megamoe.config import compose
-from megamoe.models import memory
-from megamoe.parallel import balance
-from megamoe.parallel.planner import GPUS, Hardware, Layout, evaluate, layouts, plan, schedules, step_time, with_layout
+from megamoe.estimators import balance, memory
+from megamoe.estimators.planner import (
+    GPUS,
+    Hardware,
+    Layout,
+    evaluate,
+    layouts,
+    plan,
+    schedules,
+    step_time,
+    with_layout,
+)
 
 # One "GPU" of 1 TFLOP/s and 8 Gb/s (1 GB/s) links, two per node, so the figures are easy to follow.
 TOY = Hardware("toy", memory_gib=64, peak_tflops=1.0, gpus_per_node=2, intra_node_gbps=8, inter_node_gbps=8,
@@ -22,7 +31,7 @@ def tiny(*overrides: str):
 
 def _step(cfg, gpus: int, layout: Layout, hw: Hardware = TOY):
     candidate = with_layout(cfg, layout)
-    return candidate, step_time(candidate, memory.layout(candidate, gpus), hw, balance.stage_layers(candidate))
+    return candidate, step_time(candidate, memory.grid_shape(candidate, gpus), hw, balance.stage_layers(candidate))
 
 
 def test_one_gpu_is_all_compute() -> None:
@@ -75,7 +84,7 @@ def test_memory_is_the_estimator_s_and_too_much_is_rejected() -> None:
     cfg = tiny()
     layout = Layout(2, 1, 1, "1f1b", 2, "none", "auto")
     fitted = evaluate(cfg, layout, 2, TOY)
-    expected = memory.memory_per_gpu(with_layout(cfg, layout), 2)[1].total / memory.GIB
+    expected = balance.memory_per_gpu(with_layout(cfg, layout), 2)[1].total / memory.GIB
     assert fitted.memory_gib == pytest.approx(expected)
     small = dataclasses.replace(TOY, memory_gib=expected / 0.9 * 0.99)
     rejected = evaluate(cfg, layout, 2, small)

@@ -1,12 +1,12 @@
 """Which layout to rent: every valid (pp, dp, ep, virtual stages, schedule, micro-batch,
 recompute, stage split) of a config on N GPUs, its memory per GPU and its predicted step time.
 
-Memory is megamoe.models.memory's estimate for the fullest pipeline rank; a layout fits when it
+Memory is megamoe.estimators.memory's estimate for the fullest pipeline rank; a layout fits when it
 stays under ``(1 - reserve)`` of the GPU (the estimate leaves out the CUDA context, NCCL
 buffers and fragmentation). The step time adds, with no overlap between them:
 
 * **compute**: each pipeline rank's FLOPs per micro-batch (its stages' layers, head and loss,
-  recompute included; megamoe.parallel.balance) ÷ the sustained throughput
+  recompute included; megamoe.estimators.balance) ÷ the sustained throughput
   ``peak × efficiency``;
 * **the pipeline's bubble**: a step runs ``m`` slots of the slowest rank's micro-batch time
   plus :func:`bubble_slots` idle ones (1F1B: pp − 1; interleaved 1F1B: (pp − 1) / v, Megatron's
@@ -40,8 +40,8 @@ from omegaconf import DictConfig
 from megamoe.config.schema import MegaMoEConfig, as_object
 from megamoe.config.validate import V_SCHEDULES, validate
 from megamoe.errors import ConfigError
-from megamoe.models import flops, memory
-from megamoe.parallel import balance
+from megamoe.estimators import balance, flops, memory
+from megamoe.parallel import stages
 
 BF16 = 2
 FP32 = 4
@@ -232,14 +232,14 @@ def _ring_all_reduce_s(nbytes: float, ranks: int, bytes_per_s: float) -> float:
     return 2 * (ranks - 1) / ranks * nbytes / bytes_per_s if ranks > 1 else 0.0
 
 
-def step_time(cfg: DictConfig, lay: memory.Layout, hw: Hardware, layers: list[int]) -> StepTime:
+def step_time(cfg: DictConfig, lay: memory.GridShape, hw: Hardware, layers: list[int]) -> StepTime:
     """The predicted step of ``cfg`` on layout ``lay`` with stage split ``layers`` (see the module docstring)."""
     t, m, p = cfg.train, cfg.model, cfg.parallel
     tokens = t.micro_batch * t.seq_len
     micro_batches = t.global_batch // (t.micro_batch * lay.dp)
     gpn = hw.gpus_per_node
-    rank_flops = balance.rank_totals(cfg, balance.stage_costs(cfg, layers))  # training FLOPs per token
-    rank_layers = balance.rank_totals(cfg, layers)
+    rank_flops = stages.rank_totals(cfg, balance.stage_costs(cfg, layers))  # training FLOPs per token
+    rank_layers = stages.rank_totals(cfg, layers)
 
     passes = 6 if t.activation_checkpointing == "full" else 4  # dispatch + combine, forward / backward (/ again)
     a2a_bytes = tokens * cfg.moe.top_k * m.hidden_size * BF16 * (lay.ep - 1) / lay.ep
@@ -254,7 +254,7 @@ def step_time(cfg: DictConfig, lay: memory.Layout, hw: Hardware, layers: list[in
 
     grad_s = 0.0
     for r in range(lay.pp):
-        params = memory.stage_params(cfg, r, lay.ep)
+        params = memory.stage_params(cfg, r, lay.ep, rank_layers[r])
         experts = params.layers * memory.layer_params(cfg, lay.ep).experts
         dense_s = _ring_all_reduce_s(FP32 * (params.total - experts), lay.dp, hw.bytes_per_s(lay.dp <= gpn))
         expert_s = _ring_all_reduce_s(FP32 * experts, lay.dp // lay.ep, hw.bytes_per_s(lay.dp <= gpn))
@@ -272,7 +272,7 @@ def evaluate(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware) -> Plan |
     """One candidate: a Plan if it is valid and fits, else why not."""
     try:
         candidate = with_layout(cfg, layout)
-        lay, rank = memory.memory_per_gpu(candidate, gpus)
+        lay, rank = balance.memory_per_gpu(candidate, gpus)
     except ConfigError as exc:
         return Rejection(layout, f"not valid: {exc}")
     gib = rank.total / memory.GIB
