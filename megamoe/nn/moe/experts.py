@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.compat import grouped_mm, has_grouped_mm
 from megamoe.errors import ConfigError
 from megamoe.nn.casts import CastCache, compute_dtype
 from megamoe.nn.ffn import swiglu
@@ -16,11 +17,6 @@ from megamoe.nn.init import seeded_normal_
 # A CUDA grouped GEMM reads every group through 16-byte aligned tiles, also in the backward
 # weight gradient where the token dim is contracted: group sizes must be multiples of 8 bf16 rows.
 GROUPED_GEMM_ROW_ALIGN = 8
-
-
-def grouped_gemm_available() -> bool:
-    """``torch._grouped_mm`` exists from torch 2.8; older builds run the per-expert loop."""
-    return hasattr(torch, "_grouped_mm")
 
 
 class ExpertBank(nn.Module):
@@ -41,7 +37,7 @@ class ExpertBank(nn.Module):
     def __init__(self, num_local_experts: int, first_expert: int, hidden_size: int, ffn_hidden_size: int,
                  grouped_gemm: str = "auto") -> None:
         super().__init__()
-        if grouped_gemm == "on" and not grouped_gemm_available():
+        if grouped_gemm == "on" and not has_grouped_mm():
             raise ConfigError(f"moe.grouped_gemm: 'on' needs torch._grouped_mm, which torch {torch.__version__} "
                               "lacks; use moe.grouped_gemm=auto or off")
         self.num_local_experts = num_local_experts
@@ -70,7 +66,7 @@ class ExpertBank(nn.Module):
             return self.grouped_gemm == "on"
         dtype = compute_dtype(tokens)
         aligned = all(size * dtype.itemsize % 16 == 0 for size in (self.hidden_size, self.ffn_hidden_size))
-        return grouped_gemm_available() and tokens.is_cuda and dtype == torch.bfloat16 and aligned
+        return has_grouped_mm() and tokens.is_cuda and dtype == torch.bfloat16 and aligned
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """w1 and w2 in ``dtype``: the parameters, or their cached cast copies."""
@@ -101,8 +97,8 @@ class ExpertBank(nn.Module):
         x = tokens.new_zeros(group_ends[-1], tokens.shape[1], dtype=dtype).index_copy(0, rows, tokens.to(dtype))
         offs = torch.tensor(group_ends, dtype=torch.int32, device=device)
         w1, w2 = self._weights(dtype)
-        h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)
-        y = torch._grouped_mm(swiglu(h), w2.transpose(-2, -1), offs=offs)
+        h = grouped_mm(x, w1.transpose(-2, -1), offs)
+        y = grouped_mm(swiglu(h), w2.transpose(-2, -1), offs)
         return y.index_select(0, rows)
 
 
