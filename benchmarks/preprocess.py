@@ -23,25 +23,27 @@ import time
 from pathlib import Path
 
 from data_tools import make_demo_corpus, preprocess_data, train_tokenizer
+from data_tools.preprocess import encoder, pipeline, pool
+from data_tools.preprocess.parsers import parse_chunk
+from data_tools.preprocess.readers import read_chunks
 from megamoe.data.tokenizer import build_tokenizer
 
 
 def read_chunks_of_texts(path: Path) -> list[list[str]]:
     """The documents of a jsonl file as the preprocessor chunks them, already parsed."""
-    return [preprocess_data.parse_chunk(chunk, ["text"]).columns[0]
-            for chunk in preprocess_data.read_chunks([path], ["text"])]
+    return [parse_chunk(chunk, ["text"]).columns[0] for chunk in read_chunks([path], ["text"])]
 
 
 def _count_tokens(texts: list[str]) -> int:
     # The worker's tokenizer, set up by the preprocessor's own initializer: same process and thread layout.
-    return sum(map(len, preprocess_data._ENCODER.tokenizer.encode_batch(texts)))
+    return sum(map(len, encoder.worker_encoder().tokenizer.encode_batch(texts)))
 
 
 def time_bare(chunks: list[list[str]], tokenizer_args: tuple, workers: int) -> tuple[float, int]:
     """Seconds and tokens for encode_batch alone, in the same process layout the preprocessor uses."""
     start = time.perf_counter()
-    tokens = sum(preprocess_data.ordered_map(_count_tokens, chunks, workers, preprocess_data._init_encoder,
-                                             (["text"], tokenizer_args, False)))
+    tokens = sum(pool.ordered_map(_count_tokens, chunks, workers, encoder.init_worker_encoder,
+                                  (["text"], tokenizer_args, False)))
     return time.perf_counter() - start, tokens
 
 
@@ -53,7 +55,7 @@ def time_preprocess(path: Path, out_prefix: str, tokenizer_args: tuple, workers:
     argv += ["--tokenizer-model", model] if model else []
     argv += ["--eod-token", eod] if eod else []
     start = time.perf_counter()
-    summary = preprocess_data.preprocess(preprocess_data.parse_args(argv))
+    summary = pipeline.preprocess(preprocess_data.parse_args(argv))
     return time.perf_counter() - start, summary.tokens - summary.documents
 
 
