@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -12,8 +13,9 @@ from typing import Sequence
 from tqdm import tqdm
 
 from data_tools.preprocess.encoder import encode_chunk, init_worker_encoder
+from data_tools.preprocess.parsers import Reject
 from data_tools.preprocess.pool import ordered_map
-from data_tools.preprocess.readers import expand_inputs, input_format, read_chunks
+from data_tools.preprocess.readers import Piece, expand_inputs, input_format, lines_before, read_chunks
 from data_tools.preprocess.summary import Summary
 from data_tools.preprocess.writer import Outputs, WriteFailed, output_prefix, rejects_file_path
 from megamoe.data.indexed import best_dtype
@@ -25,7 +27,7 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM stopped a run; raised once its temporary files are gone, with the line to show."""
 
 
-def _input_paths(args: argparse.Namespace) -> list[Path]:
+def input_paths(args: argparse.Namespace) -> list[Path]:
     """The input files, checked against the --json-keys they must hold."""
     paths = expand_inputs(args.input)
     if len(args.json_keys) > 1 and any(input_format(p) == "txt" for p in paths):
@@ -33,20 +35,26 @@ def _input_paths(args: argparse.Namespace) -> list[Path]:
     return paths
 
 
-def _no_documents(paths: Sequence[Path]) -> str:
-    if len(paths) == 1:
-        return f"{paths[0]} holds no documents; nothing was written"
-    names = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
-    return f"none of the {len(paths)} inputs ({names}) holds a document; nothing was written"
+def no_documents(pieces: Sequence[Piece]) -> str:
+    if len(pieces) == 1:
+        return f"{pieces[0]} holds no documents; nothing was written"
+    names = ", ".join(map(str, pieces[:3])) + (", ..." if len(pieces) > 3 else "")
+    return f"none of the {len(pieces)} inputs ({names}) holds a document; nothing was written"
 
 
 def preprocess(args: argparse.Namespace) -> Summary:
     """Run the whole pipeline. Raises UserError (one line) for a user mistake, and for a bad
     document unless --skip-bad-docs; Interrupted for Ctrl-C, once nothing is left behind."""
-    summary = Summary([output_prefix(args.output_prefix, key) for key in args.json_keys],
-                      rejects_file_path(args.output_prefix))
+    return tokenize_pieces(args, [Piece(path) for path in input_paths(args)], args.output_prefix)
+
+
+def tokenize_pieces(args: argparse.Namespace, pieces: Sequence[Piece], prefix: str,
+                    require_documents: bool = True) -> Summary:
+    """:func:`preprocess` of ``pieces`` into datasets named after ``prefix`` (one shard's, say).
+    Without ``require_documents``, pieces with no document at all give empty datasets."""
+    summary = Summary([output_prefix(prefix, key) for key in args.json_keys], rejects_file_path(prefix))
     try:
-        _tokenize(args, summary)
+        _tokenize(args, summary, pieces, require_documents)
     except KeyboardInterrupt:
         raise Interrupted(summary.unfinished()) from None
     except WriteFailed as failed:
@@ -54,25 +62,27 @@ def preprocess(args: argparse.Namespace) -> Summary:
     return summary
 
 
-def _tokenize(args: argparse.Namespace, summary: Summary) -> None:
-    """Tokenize the inputs into the outputs, filling in ``summary``."""
+def _tokenize(args: argparse.Namespace, summary: Summary, pieces: Sequence[Piece], require_documents: bool) -> None:
+    """Tokenize the pieces into the outputs, filling in ``summary``."""
     tokenizer_args = (args.tokenizer_type, args.tokenizer_model, args.eod_token)
     tokenizer = build_tokenizer(*tokenizer_args)  # fail fast here, not in a worker
-    paths = _input_paths(args)
-    summary.inputs = [str(p) for p in paths]
-    summary.input_size = sum(p.stat().st_size for p in paths)
+    summary.inputs = list(pieces)
+    summary.input_size = sum(piece.size() for piece in pieces)
+    line_numbers = FileLineNumbers(pieces)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:  # on any error: workers stopped, temporaries removed
         outputs = stack.enter_context(Outputs(summary, best_dtype(tokenizer.vocab_size)))
         bar = stack.enter_context(tqdm(total=summary.input_size, unit="B", unit_scale=True,
                                        desc="tokenizing", dynamic_ncols=True))
         encoded = stack.enter_context(contextlib.closing(ordered_map(
-            encode_chunk, read_chunks(paths, args.json_keys), args.workers,
+            encode_chunk, read_chunks(pieces, args.json_keys), args.workers,
             init_worker_encoder, (args.json_keys, tokenizer_args, args.append_eod))))
         shown_docs, shown_bytes = 0, 0
         for enc in encoded:
-            if enc.rejects and not args.skip_bad_docs:
-                raise UserError(f"{enc.rejects[0]} (pass --skip-bad-docs to skip and count such documents)")
+            if enc.rejects:
+                enc.rejects = line_numbers.of(enc.rejects)
+                if not args.skip_bad_docs:
+                    raise UserError(f"{enc.rejects[0]} (pass --skip-bad-docs to skip and count such documents)")
             outputs.write(enc)
             summary.add(enc)
             if summary.documents - shown_docs >= args.log_interval:
@@ -81,7 +91,25 @@ def _tokenize(args: argparse.Namespace, summary: Summary) -> None:
                 bar.update(summary.input_bytes - shown_bytes)
                 shown_docs, shown_bytes = summary.documents, summary.input_bytes
         bar.update(summary.input_bytes - shown_bytes)
-        if len(summary.empty_inputs()) == len(paths):
-            raise UserError(_no_documents(paths))
+        if require_documents and len(summary.empty_inputs()) == len(pieces):
+            raise UserError(no_documents(pieces))
     summary.elapsed = time.perf_counter() - start
     summary.bytes_written = sum(os.path.getsize(f"{p}{ext}") for p in summary.outputs for ext in (".bin", ".idx"))
+
+
+class FileLineNumbers:
+    """Renumbers the rejects of text ranges (counted from the range's first line) by the file's
+    lines. The lines before a range are counted at its first reject only: it means reading the
+    file up to there."""
+
+    def __init__(self, pieces: Sequence[Piece]) -> None:
+        self._starts = {str(p.path): p.start for p in pieces if p.start and input_format(p.path) != "parquet"}
+        self._before: dict[str, int] = {}
+
+    def of(self, rejects: list[Reject]) -> list[Reject]:
+        path = rejects[0].path  # a chunk's rejects come from one file
+        if path not in self._starts:
+            return rejects
+        if path not in self._before:
+            self._before[path] = lines_before(Path(path), self._starts[path])
+        return [dataclasses.replace(r, line=r.line + self._before[path]) for r in rejects]

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from data_tools.preprocess.encoder import Encoded
+from data_tools.preprocess.readers import Piece
 from megamoe.data.indexed import IndexedDatasetBuilder
 
 
@@ -16,7 +17,7 @@ class Summary:
 
     outputs: list[str]
     rejects_path: str  # where skipped bad documents went (--skip-bad-docs)
-    inputs: list[str] = field(default_factory=list)
+    inputs: list[Piece] = field(default_factory=list)
     input_size: int = 0  # bytes of all inputs on disk
     documents: int = 0
     tokens: int = 0
@@ -36,8 +37,8 @@ class Summary:
         self.input_bytes += enc.input_bytes
 
     def empty_inputs(self) -> list[str]:
-        """Input files with no documents (nothing, or only blank lines and empty texts)."""
-        return [path for path in self.inputs if not self.found[path]]
+        """Input files (or ranges) with no documents (nothing, or only blank lines and empty texts)."""
+        return [str(piece) for piece in self.inputs if not self.found[str(piece.path)]]
 
     def rates(self) -> str:
         el = max(self.elapsed, 1e-9)
