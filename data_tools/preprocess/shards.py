@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ from data_tools.preprocess.pipeline import Interrupted, input_paths, no_document
 from data_tools.preprocess.plan import plan_shares
 from data_tools.preprocess.readers import Piece
 from data_tools.preprocess.summary import Summary
-from data_tools.preprocess.writer import output_prefix, rejects_file_path
+from data_tools.preprocess.writer import WriteFailed, output_prefix, rejects_file_path, remove_if_present
 from megamoe.errors import UserError, naming
 
 MARKER_FORMAT = "megamoe preprocess shard, version 1"
@@ -86,10 +87,13 @@ def inputs_digest(paths: Sequence[Path]) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
-def sha256_of(path: str) -> str:
+def sha256_of(path: str, stop: Optional[threading.Event] = None) -> str:
+    """The file's sha256, as ``sha256sum`` prints it ("" if ``stop`` is set before the end)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(16 << 20):
+            if stop is not None and stop.is_set():
+                return ""
             digest.update(block)
     return digest.hexdigest()
 
@@ -114,11 +118,25 @@ def _read_marker(shard: Shard) -> Optional[dict[str, Any]]:
 def _write_marker(shard: Shard, marker: dict[str, Any]) -> None:
     """Write the marker under a temporary name, flush it to disk, then rename it into place."""
     tmp = shard.marker + ".tmp"
-    with naming(tmp), open(tmp, "w", encoding="utf-8") as f:
-        json.dump(marker, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, shard.marker)
+    try:
+        with naming(tmp), open(tmp, "w", encoding="utf-8") as f:
+            json.dump(marker, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, shard.marker)
+    except BaseException:
+        remove_if_present(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _writing() -> Iterator[None]:
+    """A failed write outside the tokenizing (the shard directory, its lock, marker, the merge)
+    is one line, as one inside it is."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(WriteFailed(exc, None).message()) from exc
 
 
 def _difference(marker: Optional[dict[str, Any]], expected: dict[str, Any]) -> Optional[str]:
@@ -140,13 +158,15 @@ def _difference(marker: Optional[dict[str, Any]], expected: dict[str, Any]) -> O
     return None
 
 
-def _damage(shard: Shard, marker: dict[str, Any], checksums: bool) -> Optional[str]:
-    """The first file of a complete shard that no longer matches its marker, or None."""
+def _damage(shard: Shard, marker: dict[str, Any], checksums: bool,
+            stop: Optional[threading.Event] = None) -> Optional[str]:
+    """The first file of a complete shard that no longer matches its marker (size, and sha256
+    with ``checksums``), or None."""
     for name, record in marker["files"].items():
         path = os.path.join(shard.directory, name)
         if not os.path.isfile(path) or os.path.getsize(path) != record["bytes"]:
             return name
-        if checksums and sha256_of(path) != record["sha256"]:
+        if checksums and sha256_of(path, stop) != record["sha256"]:
             return name
     return None
 
@@ -176,7 +196,7 @@ def run_shard(args: argparse.Namespace) -> ShardRun:
     expected = {"format": MARKER_FORMAT, "shard": shard.index, "num_shards": shard.count, "recipe": recipe(args),
                 "inputs_sha256": inputs_digest(paths), "share": [_piece_record(p) for p in share]}
     _refuse_other_splits(shard)
-    with naming(shard.directory):
+    with _writing(), naming(shard.directory):
         os.makedirs(shard.directory, exist_ok=True)
     with _exclusive(shard):
         marker = _read_marker(shard)
@@ -186,12 +206,13 @@ def run_shard(args: argparse.Namespace) -> ShardRun:
             if damaged is None:
                 return ShardRun(shard, marker, None)
             reason = f"done, but {damaged} no longer matches its marker"
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(shard.marker)  # before any of its files is replaced
+        with _writing():
+            remove_if_present(shard.marker)  # before any of its files is replaced
         summary = tokenize_pieces(args, share, shard.prefix, require_documents=False)
         marker = {**expected, "documents": summary.documents, "tokens": summary.tokens, "empty": summary.empty,
                   "rejected": dict(summary.rejected), "files": _files_of(shard, summary)}
-        _write_marker(shard, marker)
+        with _writing():
+            _write_marker(shard, marker)
     return ShardRun(shard, marker, summary, reason)
 
 
@@ -216,7 +237,7 @@ def _refuse_other_splits(shard: Shard) -> None:
 def _exclusive(shard: Shard) -> Iterator[None]:
     """Hold the shard's lock: two tasks writing one shard (a resubmission while the first still
     runs) would interleave their bytes. The lock ends with the process, however it ends."""
-    with naming(shard.prefix + ".lock"), open(shard.prefix + ".lock", "a") as lock:
+    with _writing(), naming(shard.prefix + ".lock"), open(shard.prefix + ".lock", "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -261,9 +282,10 @@ def merge_shards(args: argparse.Namespace) -> Merged:
         raise UserError(no_documents([Piece(p) for p in paths]))
     outputs = [output_prefix(args.output_prefix, key) for key in args.json_keys]
     try:
-        for key, out in zip(args.json_keys, outputs):
-            merge([shard.dataset(key) for shard in shards], out)
-        rejects = _merge_rejects(shards, rejects_file_path(args.output_prefix))
+        with _writing():
+            for key, out in zip(args.json_keys, outputs):
+                merge([shard.dataset(key) for shard in shards], out)
+            rejects = _merge_rejects(shards, rejects_file_path(args.output_prefix))
     except KeyboardInterrupt:
         files = ", ".join(p + ".bin/.idx" for p in outputs)
         raise Interrupted(f"interrupted: the merge into {files} stopped; what it had not finished was removed, "
@@ -298,14 +320,18 @@ def _checked_markers(args: argparse.Namespace, paths: Sequence[Path], shards: Se
 def _verify_checksums(complete: list[tuple[Shard, dict]], workers: int) -> list[Optional[str]]:
     """For each shard, the first file whose sha256 differs from its marker's (None: all match)."""
     total = sum(record["bytes"] for _, marker in complete for record in marker["files"].values())
+    stop = threading.Event()  # set on Ctrl-C / SIGTERM, so that the threads end at their next block
     with tqdm(total=total, unit="B", unit_scale=True, desc="checking shards", dynamic_ncols=True) as bar:
         def check(item: tuple[Shard, dict]) -> Optional[str]:
-            damaged = _damage(*item, checksums=True)
+            damaged = _damage(*item, checksums=True, stop=stop)
             bar.update(sum(record["bytes"] for record in item[1]["files"].values()))
             return damaged
 
         with ThreadPoolExecutor(max_workers=workers) as pool:  # hashlib lets go of the GIL while it hashes
-            return list(pool.map(check, complete))
+            try:
+                return list(pool.map(check, complete))
+            finally:
+                stop.set()
 
 
 def _refusal(shard: Shard, problems: dict[str, list[int]]) -> str:
@@ -332,8 +358,7 @@ def _merge_rejects(shards: Sequence[Shard], path: str) -> Optional[str]:
     """Concatenate the shards' rejects files, as one run writes them; None (and no file) if there are none."""
     parts = [rejects_file_path(shard.prefix) for shard in shards if os.path.exists(rejects_file_path(shard.prefix))]
     if not parts:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)  # an earlier run's would pass for this one's
+        remove_if_present(path)  # an earlier run's would pass for this one's
         return None
     tmp = path + ".tmp"
     try:
@@ -343,7 +368,6 @@ def _merge_rejects(shards: Sequence[Shard], path: str) -> Optional[str]:
                     shutil.copyfileobj(src, out, length=16 << 20)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+        remove_if_present(tmp)
         raise
     return path

@@ -30,7 +30,7 @@ def _write(builders: list[IndexedDatasetBuilder], enc: Encoded) -> None:
         builder.add_documents(tokens, lengths)
 
 
-def _remove(path: str) -> None:
+def remove_if_present(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
 
@@ -90,7 +90,7 @@ class Outputs:
             for builder in self._builders:
                 builder.finalize()
             if self._rejects is None:
-                _remove(self._summary.rejects_path)
+                remove_if_present(self._summary.rejects_path)
             else:
                 os.replace(self._rejects_tmp, self._summary.rejects_path)
 
@@ -101,7 +101,7 @@ class Outputs:
         if self._rejects is not None:
             with contextlib.suppress(OSError):  # flushing onto a full disk fails; the file goes all the same
                 self._rejects.close()
-            _remove(self._rejects_tmp)
+            remove_if_present(self._rejects_tmp)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:

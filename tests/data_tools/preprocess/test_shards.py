@@ -7,6 +7,7 @@ import fcntl
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from data_tools.preprocess.readers import expand_inputs
 from data_tools.preprocess.shards import Shard, index_ranges
 from tests.data_tools.helpers import dataset_bytes, jsonl_texts, tokenizer_argv
 from tests.data_tools.test_preprocess_data import REPO, user_error
+from tests.faults import read_only_dir
 
 FLAGS = ["--append-eod", "--skip-bad-docs", "--tokenizer-type", "ByteTokenizer"]
 BAD = [b'{"text": oops}\n', b'{"body": "no text key"}\n', b"\n", b'{"text": 7}\n']
@@ -210,6 +212,13 @@ def test_a_shard_being_written_is_not_written_twice(raw: Path, tmp_path: Path, c
         error = user_error(capsys, [raw], tmp_path / "out", *FLAGS[:2], "--shard-index", "1", "--num-shards", "2")
     assert error == (f"shard 1 of 2 is being written by another process right now ({lock_path} is locked); "
                      f"wait for it, or stop it first")
+
+
+def test_an_unwritable_shard_directory_is_one_line(raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with read_only_dir(tmp_path / "ro") as ro:
+        error = user_error(capsys, [raw], ro / "out", *FLAGS[:2], "--shard-index", "0", "--num-shards", "2")
+    assert re.fullmatch(rf"{re.escape(str(ro))}/out\.shards: cannot write \((Read-only file system|Permission "
+                        rf"denied)\); choose a writable --output-prefix", error), error
 
 
 def test_shards_with_nothing_to_read_merge_too(tmp_path: Path, corpus_dir: Path) -> None:
