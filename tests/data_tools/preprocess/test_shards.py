@@ -85,6 +85,19 @@ def test_merged_shards_are_byte_identical_to_one_run(raw: Path, single: Path, tm
                                                                        and p.whole]
 
 
+def test_several_keys_merge_to_aligned_datasets(tmp_path: Path, corpus_dir: Path) -> None:
+    (tmp_path / "raw").mkdir()
+    rows = [{"title": t[:20], "text": t} for t in jsonl_texts(corpus_dir / "en.jsonl")]
+    (tmp_path / "raw" / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    keys = ["--json-keys", "title", "text", *FLAGS]
+    for i in range(3):
+        shard(tmp_path / "raw", tmp_path / "out", i, 3, *keys)
+    merge(tmp_path / "raw", tmp_path / "out", 3, *keys)
+    preprocess_data.main(["--input", str(tmp_path / "raw"), "--output-prefix", str(tmp_path / "one"), *keys])
+    for key in ("title", "text"):
+        assert dataset_bytes(f"{tmp_path}/out_{key}_document") == dataset_bytes(f"{tmp_path}/one_{key}_document")
+
+
 def test_a_complete_shard_is_not_redone(raw: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     first = shard(raw, tmp_path / "out", 1, 3)
     files = sorted((tmp_path / "out.shards").iterdir())
