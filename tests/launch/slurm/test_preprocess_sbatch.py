@@ -31,13 +31,17 @@ TIMEOUT_S = 300
 def _slurm_reason_to_skip() -> str | None:
     if shutil.which("sbatch") is None:
         return "sbatch is not on PATH: no SLURM here (CI has none)"
-    info = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    try:
+        info = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"sbatch is on PATH but sinfo does not answer ({exc})"
     if info.returncode or not re.search(r"idle|mixed|allocated", info.stdout):
         return f"sbatch is on PATH but no SLURM controller with a usable node answers ({info.stderr.strip()})"
     return None
 
 
-pytestmark = pytest.mark.skipif(_slurm_reason_to_skip() is not None, reason=str(_slurm_reason_to_skip()))
+SKIP = _slurm_reason_to_skip()
+pytestmark = pytest.mark.skipif(SKIP is not None, reason=str(SKIP))
 
 
 def _run(*argv: str, cwd: Path) -> str:
