@@ -21,69 +21,87 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from data_tools import make_demo_corpus, preprocess_data, train_tokenizer
+from data_tools.preprocess import encoder, pipeline, pool
+from data_tools.preprocess.parsers import parse_chunk
+from data_tools.preprocess.readers import read_chunks
 from megamoe.data.tokenizer import build_tokenizer
 
 
 def read_chunks_of_texts(path: Path) -> list[list[str]]:
     """The documents of a jsonl file as the preprocessor chunks them, already parsed."""
-    return [preprocess_data.parse_chunk(chunk, ["text"]).columns[0]
-            for chunk in preprocess_data.read_chunks([path], ["text"])]
+    return [parse_chunk(chunk, ["text"]).columns[0] for chunk in read_chunks([path], ["text"])]
 
 
 def _count_tokens(texts: list[str]) -> int:
     # The worker's tokenizer, set up by the preprocessor's own initializer: same process and thread layout.
-    return sum(map(len, preprocess_data._ENCODER.tokenizer.encode_batch(texts)))
+    return sum(map(len, encoder.worker_encoder().tokenizer.encode_batch(texts)))
 
 
 def time_bare(chunks: list[list[str]], tokenizer_args: tuple, workers: int) -> tuple[float, int]:
     """Seconds and tokens for encode_batch alone, in the same process layout the preprocessor uses."""
     start = time.perf_counter()
-    tokens = sum(preprocess_data.ordered_map(_count_tokens, chunks, workers, preprocess_data._init_encoder,
-                                             (["text"], tokenizer_args, False)))
+    tokens = sum(pool.ordered_map(_count_tokens, chunks, workers, encoder.init_worker_encoder,
+                                  (["text"], tokenizer_args, False)))
     return time.perf_counter() - start, tokens
+
+
+def tokenizer_flags(tokenizer_args: tuple[str, Optional[str], Optional[str]]) -> list[str]:
+    """preprocess_data.py's flags for (type, model, eod token)."""
+    kind, model, eod = tokenizer_args
+    return ["--tokenizer-type", kind, *(["--tokenizer-model", model] if model else []),
+            *(["--eod-token", eod] if eod else [])]
 
 
 def time_preprocess(path: Path, out_prefix: str, tokenizer_args: tuple, workers: int) -> tuple[float, int]:
     """Seconds and text tokens (eod excluded) for the full preprocessing run."""
-    kind, model, eod = tokenizer_args
-    argv = ["--input", str(path), "--output-prefix", out_prefix, "--tokenizer-type", kind,
+    argv = ["--input", str(path), "--output-prefix", out_prefix, *tokenizer_flags(tokenizer_args),
             "--append-eod", "--workers", str(workers), "--log-interval", "10000"]
-    argv += ["--tokenizer-model", model] if model else []
-    argv += ["--eod-token", eod] if eod else []
     start = time.perf_counter()
-    summary = preprocess_data.preprocess(preprocess_data.parse_args(argv))
+    summary = pipeline.preprocess(preprocess_data.parse_args(argv))
     return time.perf_counter() - start, summary.tokens - summary.documents
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size-mb", type=float, default=64.0, help="corpus size (default 64)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+def corpus_arguments(p: argparse.ArgumentParser, default_mb: float) -> None:
+    """The flags that choose the corpus and tokenizer (shared with benchmarks/preprocess_shards.py)."""
+    p.add_argument("--size-mb", type=float, default=default_mb, help=f"corpus size (default {default_mb:g})")
     p.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
     p.add_argument("--tokenizer-model", default=None, help="default: train a BPE on a 4 MB sample (seed 1)")
     p.add_argument("--vocab-size", type=int, default=16000, help="of the trained tokenizer (default 16000)")
     p.add_argument("--repeats", type=int, default=3, help="best of N runs of each (default 3)")
     p.add_argument("--quick", action="store_true", help="one repeat, small tokenizer: a smoke run")
+
+
+def prepare_corpus(args: argparse.Namespace, tmp: str) -> tuple[Path, tuple[str, Optional[str], None]]:
+    """The demo corpus as one jsonl file, and (type, model, eod) of the tokenizer, under ``tmp``."""
+    corpus = Path(tmp, "corpus")
+    make_demo_corpus.make_corpus(str(corpus), args.size_mb, seed=0)
+    text = corpus / "all.jsonl"
+    with open(text, "wb") as out:
+        for name in make_demo_corpus.SHARES:
+            out.write((corpus / f"{name}.jsonl").read_bytes())
+    model = args.tokenizer_model
+    if model is None and args.tokenizer_type == "HuggingFaceTokenizer":
+        sample = Path(tmp, "sample")
+        make_demo_corpus.make_corpus(str(sample), 0.2 if args.quick else 4.0, seed=1)
+        model = str(Path(tmp, "tokenizer.json"))
+        train_tokenizer.train([str(sample)], 1000 if args.quick else args.vocab_size, model, show_progress=False)
+    tokenizer_args = (args.tokenizer_type, model, None)
+    build_tokenizer(*tokenizer_args)  # fail on a bad tokenizer before timing anything
+    return text, tokenizer_args
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    corpus_arguments(p, default_mb=64.0)
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
     args = p.parse_args()
     repeats = 1 if args.quick else args.repeats
 
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp, "corpus")
-        make_demo_corpus.make_corpus(str(corpus), args.size_mb, seed=0)
-        text = corpus / "all.jsonl"
-        with open(text, "wb") as out:
-            for name in make_demo_corpus.SHARES:
-                out.write((corpus / f"{name}.jsonl").read_bytes())
-        model = args.tokenizer_model
-        if model is None and args.tokenizer_type == "HuggingFaceTokenizer":
-            sample = Path(tmp, "sample")
-            make_demo_corpus.make_corpus(str(sample), 0.2 if args.quick else 4.0, seed=1)
-            model = str(Path(tmp, "tokenizer.json"))
-            train_tokenizer.train([str(sample)], 1000 if args.quick else args.vocab_size, model, show_progress=False)
-        tokenizer_args = (args.tokenizer_type, model, None)
-        build_tokenizer(*tokenizer_args)  # fail on a bad tokenizer before timing anything
+        text, tokenizer_args = prepare_corpus(args, tmp)
         chunks = read_chunks_of_texts(text)
 
         bare, pre = [], []

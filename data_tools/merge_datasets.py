@@ -6,6 +6,8 @@
 ``--input`` takes dataset prefixes, or a directory whose ``*.idx``/``*.bin`` pairs are merged in
 name order (as Megatron-LM's tools/merge_datasets.py does). All inputs must hold the same token
 type (the same tokenizer). The output appears under its final name only when complete.
+Shards of ``preprocess_data.py --shard-index`` are merged by ``preprocess_data.py --merge-shards``,
+which checks them against their done markers first and then calls :func:`merge`.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from tqdm import tqdm
+
 from megamoe.cli import exit_on_user_error
-from megamoe.data.indexed import IndexedDataset, IndexedDatasetBuilder
+from megamoe.data.indexed import IndexedDataset, IndexedDatasetBuilder, data_file_path
 from megamoe.errors import UserError
 
 
@@ -28,7 +32,8 @@ def expand_prefixes(specs: Sequence[str], output_prefix: str) -> list[str]:
     prefixes: list[str] = []
     for spec in specs:
         if os.path.isdir(spec):
-            found = [str(p.with_suffix("")) for p in sorted(Path(spec).glob("*.idx")) if p.with_suffix(".bin").is_file()]
+            found = [str(p.with_suffix("")) for p in sorted(Path(spec).glob("*.idx"))
+                     if p.with_suffix(".bin").is_file()]
             found = [p for p in found if os.path.abspath(p) != out]  # a previous merge output in the same folder
             if not found:
                 raise UserError(f"{spec}: directory holds no .bin/.idx dataset pairs")
@@ -46,9 +51,12 @@ def merge(prefixes: Sequence[str], output_prefix: str) -> tuple[int, int]:
         if ds.dtype != first.dtype:
             raise UserError(f"{ds.prefix} holds {ds.dtype} tokens but {first.prefix} holds {first.dtype}; "
                             f"merged datasets must come from the same tokenizer")
-    with IndexedDatasetBuilder(output_prefix, first.dtype) as builder:
+    total = sum(os.path.getsize(data_file_path(ds.prefix)) for ds in datasets)
+    with IndexedDatasetBuilder(output_prefix, first.dtype) as builder, tqdm(
+            total=total, unit="B", unit_scale=True, desc="merging", dynamic_ncols=True) as bar:
         for ds in datasets:
             builder.add_index(ds.prefix)
+            bar.update(os.path.getsize(data_file_path(ds.prefix)))
     return sum(len(ds) for ds in datasets), sum(ds.num_tokens for ds in datasets)
 
 

@@ -18,7 +18,8 @@ import time
 from collections import Counter
 from typing import Iterator, Optional, Sequence
 
-from data_tools.preprocess_data import expand_inputs, parse_chunk, read_chunks
+from data_tools.preprocess.parsers import parse_chunk
+from data_tools.preprocess.readers import expand_inputs, read_chunks
 from megamoe.cli import exit_on_user_error
 from megamoe.data.tokenizer import ByteTokenizer, pad_vocab_size
 from megamoe.errors import UserError
@@ -26,7 +27,8 @@ from megamoe.errors import UserError
 SPECIAL_TOKENS = list(ByteTokenizer.SPECIALS)  # the same roles as the byte tokenizer: <eod> <pad> <fim_*>
 
 
-def corpus_batches(paths: Sequence[str], keys: Sequence[str], skip_bad_docs: bool, rejected: Counter) -> Iterator[list[str]]:
+def corpus_batches(paths: Sequence[str], keys: Sequence[str], skip_bad_docs: bool,
+                   rejected: Counter) -> Iterator[list[str]]:
     """Texts of every usable document, a chunk at a time; bad documents stop the run or are counted."""
     for chunk in read_chunks(expand_inputs(paths), keys):
         parsed = parse_chunk(chunk, keys)
@@ -81,7 +83,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     start = time.perf_counter()
-    vocab, rejected = train(args.input, args.vocab_size, args.output, args.json_keys, args.min_frequency, args.skip_bad_docs)
+    vocab, rejected = train(args.input, args.vocab_size, args.output, args.json_keys, args.min_frequency,
+                            args.skip_bad_docs)
     skipped = f", skipped {sum(rejected.values()):,} bad documents" if rejected else ""
     print(f"trained byte-level BPE, vocab {vocab:,} (model.vocab_size ≥ {pad_vocab_size(vocab):,}) → {args.output} "
           f"in {time.perf_counter() - start:.1f} s{skipped}")

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from data_tools import preprocess_data
+from data_tools.preprocess import readers, writer
 from tests.data_tools.helpers import dataset_bytes, jsonl_texts, read_docs, reference_encoder, tokenizer_argv
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,7 +65,7 @@ def test_all_input_formats_give_identical_bytes(tmp_path: Path, corpus_dir: Path
         f.write(lines)
     (tmp_path / "a.txt").write_text("".join(t + "\n" for t in texts), encoding="utf-8")
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), tmp_path / "a.parquet", row_group_size=50)
-    monkeypatch.setattr(preprocess_data, "PARQUET_BATCH_ROWS", 16)  # many record batches
+    monkeypatch.setattr(readers, "PARQUET_BATCH_ROWS", 16)  # many record batches
     outputs = {}
     for name in ("a.jsonl", "a.jsonl.gz", "a.txt", "a.parquet"):
         run([tmp_path / name], tmp_path / name.replace(".", "_"), "--append-eod")
@@ -74,9 +75,9 @@ def test_all_input_formats_give_identical_bytes(tmp_path: Path, corpus_dir: Path
 
 
 def test_workers_give_identical_bytes(tmp_path: Path, corpus_dir: Path, hf_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(preprocess_data, "CHUNK_BYTES", 2048)  # dozens of chunks, so all workers get several
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 2048)  # dozens of chunks, so all workers get several
     inputs = [corpus_dir / "zh.jsonl", corpus_dir / "code.jsonl"]
-    assert len(list(preprocess_data.read_chunks(inputs, ["text"]))) > 12
+    assert len(list(readers.read_chunks(inputs, ["text"]))) > 12
     tok = ("HuggingFaceTokenizer", hf_model)
     run(inputs, tmp_path / "one", "--append-eod", "--workers", "1", tokenizer=tok)
     run(inputs, tmp_path / "four", "--append-eod", "--workers", "4", tokenizer=tok)
@@ -173,8 +174,8 @@ def test_user_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture)
 def test_interrupted_run_leaves_nothing_and_says_what_is_missing(tmp_path: Path, corpus_dir: Path,
                                                                capsys: pytest.CaptureFixture,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(preprocess_data, "CHUNK_BYTES", 2048)
-    real_write, calls = preprocess_data._write, []
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 2048)
+    real_write, calls = writer._write, []
 
     def write_then_interrupt(builders, enc) -> None:
         calls.append(1)
@@ -182,7 +183,7 @@ def test_interrupted_run_leaves_nothing_and_says_what_is_missing(tmp_path: Path,
             raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run (test_preprocess_faults sends real signals)
         real_write(builders, enc)
 
-    monkeypatch.setattr(preprocess_data, "_write", write_then_interrupt)
+    monkeypatch.setattr(writer, "_write", write_then_interrupt)
     with pytest.raises(SystemExit) as exit_info:
         run([corpus_dir / "en.jsonl"], tmp_path / "out", "--skip-bad-docs", "--workers", "2")
     assert exit_info.value.code == 130
@@ -226,10 +227,10 @@ def _gzip_lines(count: int) -> bytes:
                                   for i in range(count)))
 
 
-@pytest.mark.parametrize("chunk_bytes", [preprocess_data.CHUNK_BYTES, 4096], ids=["one-chunk", "many-chunks"])
+@pytest.mark.parametrize("chunk_bytes", [readers.CHUNK_BYTES, 4096], ids=["one-chunk", "many-chunks"])
 def test_truncated_gzip_names_the_line_where_its_data_ends(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                            monkeypatch: pytest.MonkeyPatch, chunk_bytes: int) -> None:
-    monkeypatch.setattr(preprocess_data, "CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(readers, "CHUNK_BYTES", chunk_bytes)
     whole = _gzip_lines(5000)
     cut = whole[:len(whole) * 2 // 3]
     path = tmp_path / "in.jsonl.gz"

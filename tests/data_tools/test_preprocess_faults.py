@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from data_tools import preprocess_data
+from data_tools.preprocess import pool, readers, writer
 from megamoe.data import indexed
 from megamoe.errors import UserError, format_bytes
 from tests.data_tools.test_preprocess_data import GOOD, REPO, user_error
@@ -121,7 +121,7 @@ DISKS = [  # (filesystem size, documents, workers, the file being written when i
 @pytest.mark.parametrize("size, documents, workers, filling", DISKS, ids=["tokens", "index"])
 def test_full_disk_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
                                size: int, documents: int, workers: int, filling: str) -> None:
-    monkeypatch.setattr(preprocess_data, "CHUNK_BYTES", 16 << 10)  # some chunks fit before the disk is full
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 16 << 10)  # some chunks fit before the disk is full
     path = tmp_path / "in.jsonl"
     path.write_bytes(GOOD * documents)
     with small_filesystem(tmp_path / "disk", size) as disk:
@@ -132,7 +132,7 @@ def test_full_disk_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, mo
         assert os.listdir(disk) == []
 
 
-FILLING = [(indexed, 8192, "out_text_document.bin.tmp"), (preprocess_data, 0, "out.rejects.jsonl.tmp")]
+FILLING = [(indexed, 8192, "out_text_document.bin.tmp"), (writer, 0, "out.rejects.jsonl.tmp")]
 
 
 @pytest.mark.parametrize("module, room, filling", FILLING, ids=["dataset", "rejects"])
@@ -140,7 +140,7 @@ def test_full_disk_in_process_names_the_file(tmp_path: Path, capsys: pytest.Capt
                                              monkeypatch: pytest.MonkeyPatch, module: object, room: int,
                                              filling: str) -> None:
     """The same through an injected ENOSPC, for machines where no filesystem can be mounted."""
-    monkeypatch.setattr(preprocess_data, "CHUNK_BYTES", 2048)
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 2048)
     path = tmp_path / "in.jsonl"
     path.write_bytes(GOOD * 500 + b"{oops\n" + GOOD * 500)
     full_disk_writes(monkeypatch, module, room_bytes=room)
@@ -170,10 +170,10 @@ def _fails_at_three(item: int) -> int:
 def test_a_worker_that_dies_is_one_line_not_a_hang() -> None:
     with pytest.raises(UserError, match=r"^worker process \d+ stopped unexpectedly \(killed by signal 9: Killed\); "
                                         r"if the machine ran out of memory, use fewer --workers$"):
-        list(preprocess_data.ordered_map(_killed_at_three, range(20), 2, _no_setup, ()))
+        list(pool.ordered_map(_killed_at_three, range(20), 2, _no_setup, ()))
 
 
 def test_a_worker_exception_is_raised_here_with_where_it_happened() -> None:
     with pytest.raises(ValueError, match="three") as info:
-        list(preprocess_data.ordered_map(_fails_at_three, range(20), 2, _no_setup, ()))
+        list(pool.ordered_map(_fails_at_three, range(20), 2, _no_setup, ()))
     assert "in worker process" in info.value.__notes__[0] and "_fails_at_three" in info.value.__notes__[0]

@@ -7,6 +7,8 @@ launch/deepspeed/README.md:
   launcher implies (torchrun --nproc_per_node, deepspeed --num_gpus or hostfile slots, sbatch
   --nodes × 8 GPUs); the tiny ones also train in other tests;
 - `launch/model_stats.py` commands run;
+- `launch/slurm/preprocess.sbatch` arrays: each task's and the merge's preprocess_data arguments
+  are parsed as the script builds them;
 - data_tools, convert_checkpoint, generate, evaluate and report commands are parsed by the tool's own parser
   (their behaviour is tested in tests/data_tools and tests/launch);
 - `make demo` / `make test` are what the demo and CI run; `docker build` lines name the
@@ -35,12 +37,13 @@ GPUS_PER_NODE = 8  # launch/slurm/pretrain.sbatch
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
-    """(where, argv) for each command in a bash block; shell variables and for-loops expanded."""
+    """(where, argv) for each command in a bash block; shell variables (set earlier on the page) and
+    for-loops expanded."""
     commands = []
     for doc in DOCS:
+        variables: dict[str, str] = {}  # a page's blocks are one shell session: a variable set above holds below
         for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
-            variables: dict[str, str] = {}
-            for number, line in enumerate(re.sub(r"\\\n\s*", " ", block).splitlines(), 1):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
                 line = line.strip().removeprefix("$ ")
                 loop = re.match(r"for (\w+) in (\S+)", line)
                 assignment = re.match(r"(\w+)='(.*)'$", line)
@@ -102,6 +105,31 @@ def check_parsed_by(module: str, function: str) -> Callable[[list[str]], None]:
     return check
 
 
+def array_indices(spec: str) -> list[int]:
+    """SLURM's --array syntax ("0-63", "2,5", "0-7%2") as task indices."""
+    indices: list[int] = []
+    for part in spec.split("%")[0].split(","):
+        first, _, last = part.partition("-")
+        indices += range(int(first), int(last or first) + 1)
+    return indices
+
+
+def check_preprocess_sbatch(argv: list[str]) -> None:
+    """As launch/slurm/preprocess.sbatch runs it: an array 0..N-1 implies --num-shards N; each task
+    adds --shard-index, and the merge job --merge-shards."""
+    from data_tools.preprocess_data import parse_args
+
+    script = next(i for i, a in enumerate(argv) if a.endswith("preprocess.sbatch"))
+    assert (ROOT / argv[script]).is_file(), argv[script]
+    spec = _flag(argv[:script], "--array")
+    assert spec, "preprocess.sbatch runs as an array: sbatch --array=..."
+    indices = array_indices(spec)
+    implied = ["--num-shards", str(len(indices))] if indices == list(range(len(indices))) else []
+    for index in indices[0], indices[-1]:
+        parse_args([*implied, *argv[script + 1:], "--shard-index", str(index)])
+    parse_args([*implied, *argv[script + 1:], "--merge-shards"])
+
+
 def check_known(argv: list[str]) -> None:
     assert argv[:2] in (["make", "demo"], ["make", "test"]) or (argv[:2] == ["docker", "build"]
                                                                    and (ROOT / _flag(argv, "-f")).exists())
@@ -110,6 +138,7 @@ def check_known(argv: list[str]) -> None:
 HANDLERS: list[tuple[Callable[[list[str]], bool], Callable[[list[str]], None]]] = [
     (lambda a: any(x.endswith(("launch/pretrain.py", "pretrain.sbatch")) for x in a), check_pretrain),
     (lambda a: any(x.endswith("launch/model_stats.py") for x in a), check_model_stats),
+    (lambda a: any(x.endswith("launch/slurm/preprocess.sbatch") for x in a), check_preprocess_sbatch),
     (lambda a: "launch/convert_checkpoint.py" in a, check_parsed_by("launch.convert_checkpoint", "parser")),
     (lambda a: "launch/evaluate.py" in a, check_parsed_by("launch.evaluate", "parser")),
     (lambda a: "launch/generate.py" in a, check_parsed_by("launch.generate", "parser")),
