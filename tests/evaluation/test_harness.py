@@ -244,6 +244,13 @@ def lm(checkpoint: Path) -> MegamoeLM:
                                                                                        "device": "cpu"})
 
 
+def test_registered_for_the_harness_by_name(lm: MegamoeLM) -> None:
+    from lm_eval.api.registry import get_model
+
+    assert get_model("megamoe") is MegamoeLM
+    assert (lm.window, lm.max_gen_toks, lm.backend.batch_size) == (WINDOW, 5, 2)
+
+
 def instance(kind: str, args: tuple, doc_id: int = 0) -> Instance:
     return Instance(request_type=kind, doc={}, arguments=args, idx=0, metadata=("t", doc_id, 1))
 
