@@ -168,11 +168,18 @@ def task_files(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Ta
 
 @pytest.fixture(scope="module")
 def offline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """No network for the Hugging Face libraries, and a datasets cache of the tests' own."""
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("HF_DATASETS_OFFLINE", "1")
-        env.setenv("HF_HUB_OFFLINE", "1")
-        env.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_cache")))
+    """No network for the Hugging Face libraries (HF_DATASETS_OFFLINE=1, HF_HUB_OFFLINE=1), and a
+    datasets cache of the tests' own; datasets read its environment when the harness imported
+    it, so its settings are set as well."""
+    import datasets
+
+    cache = tmp_path_factory.mktemp("hf_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (("HF_DATASETS_OFFLINE", "1"), ("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_CACHE", str(cache))):
+            patch.setenv(name, value)
+        patch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
+        patch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
         yield
 
 
