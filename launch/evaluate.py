@@ -24,15 +24,20 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Optional
+from typing import Any, Optional
+
+from omegaconf import DictConfig
 
 from megamoe.checkpoint.store import checkpoint_dir, step_of
 from megamoe.cli import exit_on_user_error
+from megamoe.data.tokenizer import Tokenizer
 from megamoe.errors import UserError
 from megamoe.evaluation.model import ModelBackend
 from megamoe.evaluation.scoring import evaluate_task
 from megamoe.evaluation.tasks import MULTIPLE_CHOICE, Task, load_tasks, prepare
 from megamoe.inference import load_checkpoint
+
+Scores = dict[str, dict[str, float]]  # task → metric → value
 
 
 def chance(task: Task) -> str:
@@ -98,6 +103,35 @@ def _stderr_key(metric: str) -> str:
     return f"{name}_stderr{comma}{filter_name}"
 
 
+def builtin_scores(tasks: list[Task], args: argparse.Namespace, where: str, cfg: DictConfig, tokenizer: Tokenizer,
+                   backend: ModelBackend) -> tuple[Scores, int]:
+    """Our own tasks' metrics, a line each as it finishes, and the number of items scored."""
+    fewshot, seed = args.num_fewshot or 0, cfg.seed if args.seed is None else args.seed
+    tasks = [prepare(task, args.limit, fewshot, seed) for task in tasks]
+    print(f"{where}: {len(tasks)} task(s), {fewshot}-shot, seed {seed}, sequences of {cfg.train.seq_len} tokens",
+          flush=True)
+    results = {}
+    for task in tasks:
+        start = time.perf_counter()
+        results[task.name] = evaluate_task(task, tokenizer, backend, cfg.train.seq_len, args.max_new_tokens)
+        report(task.name, len(task.items), results[task.name], time.perf_counter() - start, chance(task))
+    return results, sum(len(task.items) for task in tasks)
+
+
+def harness_scores(harness: ModuleType, manager: Any, names: list[str], args: argparse.Namespace, where: str,
+                   cfg: DictConfig, tokenizer: Tokenizer, backend: ModelBackend) -> tuple[Scores, int]:
+    """lm-evaluation-harness's metrics of its tasks, a line each (groups too), and the items scored."""
+    fewshot = "each task's own few-shot" if args.num_fewshot is None else f"{args.num_fewshot}-shot"
+    print(f"{where}: lm-evaluation-harness {', '.join(names)}, {fewshot}, sequences of {cfg.train.seq_len} tokens",
+          flush=True)
+    lm = harness.MegamoeLM(backend, tokenizer, cfg.train.seq_len, args.max_new_tokens)
+    results, items = harness.evaluate(lm, manager, names, args.harness_limit, args.num_fewshot, args.seed,
+                                      args.confirm_run_unsafe_code)
+    for name, metrics in results.items():
+        report(name, items.get(name), metrics)
+    return results, sum(items.values())
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -111,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     if not specs and not harness_names:
         raise UserError("no task: name --tasks (built-in tasks, task files) and/or --harness-tasks "
                         "(lm-evaluation-harness tasks)")
-    tasks = load_tasks(specs)  # before the model loads, as the harness's task check
+    tasks = load_tasks(specs)  # before the model loads, as are the harness's names
     twice = next((name for name in harness_names if name in {task.name for task in tasks}), None)
     if twice is not None:
         raise UserError(f"task {twice!r} is named by --tasks and --harness-tasks; rename the task file")
@@ -122,28 +156,11 @@ def main(argv: list[str] | None = None) -> None:
     source = checkpoint_dir(args.checkpoint)
     model, tokenizer, cfg = load_checkpoint(source, args.device)
     backend = ModelBackend(model, tokenizer.eod_id, tokenizer.vocab_size, args.batch_size)
-    results, counted, started = {}, 0, time.perf_counter()
-    if tasks:
-        fewshot, seed = args.num_fewshot or 0, cfg.seed if args.seed is None else args.seed
-        tasks = [prepare(task, args.limit, fewshot, seed) for task in tasks]
-        print(f"{source} (step {step_of(source)}): {len(tasks)} task(s), {fewshot}-shot, seed {seed}, "
-              f"sequences of {cfg.train.seq_len} tokens", flush=True)
-        for task in tasks:
-            start = time.perf_counter()
-            results[task.name] = evaluate_task(task, tokenizer, backend, cfg.train.seq_len, args.max_new_tokens)
-            report(task.name, len(task.items), results[task.name], time.perf_counter() - start, chance(task))
-            counted += len(task.items)
+    where, started = f"{source} (step {step_of(source)})", time.perf_counter()
+    results, counted = builtin_scores(tasks, args, where, cfg, tokenizer, backend) if tasks else ({}, 0)
     if harness:
-        fewshot = "each task's own few-shot" if args.num_fewshot is None else f"{args.num_fewshot}-shot"
-        print(f"{source} (step {step_of(source)}): lm-evaluation-harness {', '.join(harness_names)}, {fewshot}, "
-              f"sequences of {cfg.train.seq_len} tokens", flush=True)
-        lm = harness.MegamoeLM(backend, tokenizer, cfg.train.seq_len, args.max_new_tokens)
-        scores, items = harness.evaluate(lm, manager, harness_names, args.harness_limit, args.num_fewshot, args.seed,
-                                         args.confirm_run_unsafe_code)
-        for name, metrics in scores.items():
-            report(name, items.get(name), metrics)
-        results.update(scores)
-        counted += sum(items.values())
+        scores, items = harness_scores(harness, manager, harness_names, args, where, cfg, tokenizer, backend)
+        results, counted = {**results, **scores}, counted + items
     print(f"{len(results)} task(s), {counted} items in {time.perf_counter() - started:.1f} s")
     print(json.dumps(results))
 
