@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)" numpy
-	$(PY) -m pip install -q -e ".[dev,deepspeed]"
+	$(PY) -m pip install -q -e ".[dev,deepspeed,eval,tensorboard]"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -1,17 +1,21 @@
-"""Convert checkpoints: megamoe ↔ Hugging Face (each model family's own layout: Yuan2-M32,
-Qwen2-MoE), and dense → MoE upcycling.
+"""Convert checkpoints: megamoe <-> Hugging Face (each model family's own layout: Yuan2-M32,
+Qwen2-MoE), and dense -> MoE upcycling.
 
   python launch/convert_checkpoint.py to-hf --checkpoint DIR --output HF_DIR [--max-shard-size 5GB] [--dtype bf16]
+      [--tokenizer-model PATH]
   python launch/convert_checkpoint.py from-hf --hf HF_DIR --output DIR [+exp=NAME key=value ...]
   python launch/convert_checkpoint.py upcycle --dense DIR --output DIR --num-experts N [--granularity G] [--top-k K]
       [--shared-expert]
 
---checkpoint / --dense take a checkpoint (``step_N/``) or a checkpoints directory (its latest).
-from-hf picks the family from config.json's ``model_type`` and takes the architecture from it,
-and everything else (training, data,
-parallel layout) from the usual overrides; the result is a model-only checkpoint that a run
-starts from with ``checkpoint.resume=DIR``. Every conversion streams tensor by tensor, so memory
-stays around one shard whatever the model size. Mistakes end with one ``error:`` line, exit 2.
+--checkpoint / --dense take a checkpoint (step_N/) or a checkpoints directory (its latest).
+to-hf writes the weights, config.json, the run's tokenizer (tokenizer.json or tokenizer.model,
+tokenizer_config.json, special_tokens_map.json) and generation_config.json, so the directory
+loads with AutoModelForCausalLM and AutoTokenizer. from-hf picks the family from config.json's
+model_type and takes the architecture from it (and the training settings it records), and
+everything else (training, data, parallel layout) from the usual overrides; the result is a
+model-only checkpoint that a run starts from with checkpoint.resume=DIR. Every conversion
+streams tensor by tensor, so memory stays around one shard whatever the model size. Mistakes
+end with one error: line, exit 2.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from megamoe.checkpoint import hf_files
+from megamoe.checkpoint import hf_files, hf_tokenizer
 from megamoe.checkpoint.store import (
     Manifest,
     checked_tensors,
@@ -40,8 +44,10 @@ from megamoe.checkpoint.store import (
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose, validate
+from megamoe.data.tokenizer import Tokenizer, build_tokenizer
 from megamoe.errors import ConfigError, UserError
 from megamoe.models import FAMILIES, ModelFamily, family_for_hf, family_of
+from megamoe.models.hf_mapping import TRAINING_KEYS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -76,19 +82,34 @@ def model_bytes(manifest: Manifest) -> int:
 # --------------------------------------------------------------------------------------------
 
 
+def run_tokenizer(cfg: DictConfig, model_file: Path | None) -> Tokenizer:
+    """The tokenizer the run trained with (``model_file`` where its file has moved since)."""
+    t = cfg.data.tokenizer
+    try:
+        return build_tokenizer(t.type, str(model_file) if model_file else t.model, t.eod_token)
+    except UserError as exc:
+        raise UserError(f"{exc}; to-hf exports the run's tokenizer (data.tokenizer): pass --tokenizer-model PATH "
+                        "where its file is now") from None
+
+
 def to_hf_command(args: argparse.Namespace) -> None:
     source, out = checkpoint_dir(args.checkpoint), fresh_output(args.output)
     cfg = read_config(source)
     adapter = family_of(cfg).hf
-    config = adapter.hf_config(cfg)  # refuses what the HF format cannot express, before any work
+    adapter.check_exportable(cfg)  # what the format cannot express, before any work
+    tokenizer = run_tokenizer(cfg, args.tokenizer_model)
+    config = adapter.hf_config(cfg, hf_tokenizer.token_ids(tokenizer))
+    files = {**hf_tokenizer.tokenizer_files(tokenizer, cfg.model.max_position_embeddings),
+             hf_tokenizer.GENERATION_CONFIG: hf_tokenizer.generation_config(tokenizer, cfg.model.vocab_size)}
     shapes = model_tensor_shapes(cfg)
     start = time.perf_counter()
     with progress(len(shapes), "to-hf") as bar:
         tensors = adapter.to_hf(ticking(checked_tensors(iter_model_tensors(source), shapes, source), bar), cfg)
         if args.dtype:
             tensors = ((name, tensor.to(DTYPES[args.dtype])) for name, tensor in tensors)
-        summary = hf_files.write_hf_checkpoint(out, tensors, config, args.max_shard_size)
+        summary = hf_files.write_hf_checkpoint(out, tensors, config, args.max_shard_size, files)
     report("to-hf", summary.tensors, summary.bytes, summary.shards, out, start)
+    print(f"tokenizer: {cfg.data.tokenizer.type} as {', '.join(files)}")
 
 
 def hf_family(config: dict, source: Path) -> ModelFamily:
@@ -105,7 +126,9 @@ def hf_training_config(hf_dir: Path, overrides: list[str]) -> DictConfig:
     in ``hf_dir``.
 
     An explicit override of an architecture key that disagrees with config.json is an error
-    rather than silently lost.
+    rather than silently lost; one of the training settings config.json records
+    (hf_mapping.TRAINING_KEYS) wins over it. Without a ``train.seq_len`` override, a model of
+    fewer positions than the default sequence length trains at its own ``max_position_embeddings``.
     """
     source = hf_dir / hf_files.CONFIG_FILE
     cfg = compose(overrides)
@@ -115,11 +138,18 @@ def hf_training_config(hf_dir: Path, overrides: list[str]) -> DictConfig:
     architecture["model"]["family"] = family.name
     explicit = {override.split("=", 1)[0].lstrip("+~") for override in overrides}
     for section, values in architecture.items():
-        for key, value in values.items():
+        for key, value in list(values.items()):
             dotted = f"{section}.{key}"
-            if dotted in explicit and OmegaConf.select(cfg, dotted) != value:
+            if dotted in explicit and dotted in TRAINING_KEYS:
+                del values[key]  # the run's own setting
+            elif dotted in explicit and OmegaConf.select(cfg, dotted) != value:
                 raise UserError(f"{dotted}={OmegaConf.select(cfg, dotted)} contradicts {source} ({value}); "
                                 "the architecture comes from the checkpoint: drop the override")
+    positions = architecture["model"]["max_position_embeddings"]
+    if isinstance(positions, int) and cfg.train.seq_len > positions and "train.seq_len" not in explicit:
+        print(f"note: train.seq_len={positions}, the model's max_position_embeddings (the default "
+              f"{cfg.train.seq_len} does not fit); set train.seq_len to choose another", file=sys.stderr)
+        architecture["train"] = {"seq_len": positions}
     try:
         merged = OmegaConf.merge(cfg, architecture)
     except OmegaConfBaseException as exc:
@@ -128,7 +158,7 @@ def hf_training_config(hf_dir: Path, overrides: list[str]) -> DictConfig:
         validate(merged)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (with the architecture of {source}; set the run's other keys as overrides)") from None
-    family.hf.hf_config(merged)  # what came in must map back (e.g. the rotary split survived the float division)
+    family.hf.check_exportable(merged)  # what came in must map back (e.g. the rotary split survived the float division)
     return merged  # type: ignore[return-value]
 
 
@@ -142,7 +172,8 @@ def from_hf_command(args: argparse.Namespace) -> None:
     with progress(len(shapes), "from-hf") as bar:
         tensors = adapter.from_hf(ticking(checked_tensors(source, shapes, args.hf), bar), cfg)
         manifest = write_model_checkpoint(out, tensors, cfg)
-    report("from-hf", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out, start)
+    report("from-hf", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out,
+           start)
     print(f"start training from it with checkpoint.resume={out}")
 
 
@@ -156,7 +187,8 @@ def upcycle_command(args: argparse.Namespace) -> None:
     with progress(len(shapes), "upcycle") as bar:
         dense = ticking(checked_tensors(iter_model_tensors(source), shapes, source), bar)
         manifest = write_model_checkpoint(out, upcycle(dense, cfg, args.granularity, seed), cfg)
-    report("upcycle", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out, start)
+    report("upcycle", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out,
+           start)
     shared = f" + a gated shared expert of width {cfg.moe.shared_expert_ffn_hidden_size}" if args.shared_expert else ""
     print(f"{cfg.moe.num_experts} experts of width {cfg.moe.ffn_hidden_size}, top-{cfg.moe.top_k} "
           f"({args.num_experts} copies x granularity {args.granularity}){shared}, router seed {seed}")
@@ -166,14 +198,18 @@ def upcycle_command(args: argparse.Namespace) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     to = sub.add_parser("to-hf", help="megamoe checkpoint -> Hugging Face directory (its family's layout)")
     to.add_argument("--checkpoint", type=Path, required=True, help="step_N/ or a checkpoints directory")
     to.add_argument("--output", type=Path, required=True, help="new Hugging Face model directory")
-    to.add_argument("--max-shard-size", type=hf_files.parse_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    to.add_argument("--max-shard-size", type=hf_files.parse_size, default="5GB",
+                    help="largest safetensors shard (default 5GB)")
     to.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: as stored)")
+    to.add_argument("--tokenizer-model", type=Path,
+                    help="the run's tokenizer file, if it has moved since training (default: data.tokenizer.model)")
     to.set_defaults(run=to_hf_command)
 
     back = sub.add_parser("from-hf", help="Hugging Face directory (Yuan2-M32, Qwen2-MoE) -> megamoe checkpoint")

@@ -1,7 +1,8 @@
 """Hugging Face checkpoint files, for any family: safetensors shards of bounded size plus
-``model.safetensors.index.json`` and ``config.json``, read and written one tensor at a time — so
-converting the 40B M32 needs about one shard of memory, never the model. What the tensors are
-called and how they are shaped is each family's adapter (megamoe.models.<family>.hf).
+``model.safetensors.index.json`` and ``config.json`` (and, on export, the tokenizer's files:
+megamoe.checkpoint.hf_tokenizer), read and written one tensor at a time — so converting the
+40B M32 needs about one shard of memory, never the model. What the tensors are called and how
+they are shaped is each family's adapter (megamoe.models.<family>.hf).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from omegaconf import DictConfig
@@ -72,8 +73,10 @@ class WriteSummary:
     shards: int = 0
 
 
-def write_hf_checkpoint(out_dir: Path, tensors: Tensors, config: dict[str, Any], max_shard_bytes: int) -> WriteSummary:
-    """Write ``tensors`` as ``model-XXXXX-of-YYYYY.safetensors`` shards + index + config.json.
+def write_hf_checkpoint(out_dir: Path, tensors: Tensors, config: dict[str, Any], max_shard_bytes: int,
+                        files: Mapping[str, bytes] = {}) -> WriteSummary:
+    """Write ``tensors`` as ``model-XXXXX-of-YYYYY.safetensors`` shards + index + config.json, and
+    ``files`` (name → bytes: the tokenizer's, generation_config.json) beside them.
 
     Shards stream through the checkpoint store's writer: each is written as soon as the next
     tensor would take it past ``max_shard_bytes`` (a larger tensor gets a shard of its own), so
@@ -110,6 +113,8 @@ def write_hf_checkpoint(out_dir: Path, tensors: Tensors, config: dict[str, Any],
     if len(dtypes) == 1:
         config = {**config, "torch_dtype": str(dtypes.pop()).removeprefix("torch.")}
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    for name, content in files.items():
+        (tmp / name).write_bytes(content)
     os.replace(tmp, out_dir)
     return summary
 

@@ -192,8 +192,14 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    enabled: bool = False  # the scalars of metrics.jsonl / eval.jsonl / downstream.jsonl into run.dir/tensorboard
+
+
+@dataclass
 class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     expert_load: bool = True
 
 

@@ -3,11 +3,14 @@
 Three backends: a Hugging Face ``tokenizers`` JSON file (real runs), a sentencepiece ``.model``
 (Yuan 2.0's own tokenizer is one), and a byte tokenizer that needs no file (tests, the demo).
 Special tokens are found by *role* ("eod", "pad", "fim_prefix", ...) among each tokenizer's
-own spellings, so data tools and FIM augmentation never hard-code ids.
+own spellings, so data tools and FIM augmentation never hard-code ids. Each backend can also
+give its vocabulary in the Hugging Face layout (:meth:`Tokenizer.hf_vocabulary`), which
+``to-hf`` exports with the model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -17,11 +20,13 @@ from megamoe.errors import UserError
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "ByteTokenizer")
 VOCAB_PAD_MULTIPLE = 128  # embedding rows are padded so GEMMs tile well (Megatron's --make-vocab-size-divisible-by)
+FAST_TOKENIZER = "PreTrainedTokenizerFast"  # transformers' class for a tokenizer.json
 
 # Each role's spellings across common tokenizers, in the order they are tried.
 SPECIAL_SPELLINGS: dict[str, tuple[str, ...]] = {
     "eod": ("<eod>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|im_end|>"),
     "pad": ("<pad>", "<|pad|>", "[PAD]"),
+    "sep": ("<sep>", "[SEP]"),
     "fim_prefix": ("<fim_prefix>", "<FIM_PREFIX>", "<|fim_prefix|>"),
     "fim_middle": ("<fim_middle>", "<FIM_MIDDLE>", "<|fim_middle|>"),
     "fim_suffix": ("<fim_suffix>", "<FIM_SUFFIX>", "<|fim_suffix|>"),
@@ -53,6 +58,16 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``; special tokens are spelled out so document boundaries stay visible."""
+
+    @abstractmethod
+    def spelling(self, token_id: int) -> str:
+        """How the vocabulary writes ``token_id`` (a special token's name, e.g. ``<eod>``)."""
+
+    @abstractmethod
+    def hf_vocabulary(self) -> tuple[str, dict[str, bytes]]:
+        """The vocabulary as Hugging Face files: the transformers tokenizer class that reads them,
+        and the files by name. Encoding with that class gives this tokenizer's ids (text that
+        spells a special token out is the exception: transformers matches it as that token)."""
 
     @abstractmethod
     def _special_token_id(self, spelling: str) -> Optional[int]:
@@ -128,10 +143,34 @@ class ByteTokenizer(Tokenizer):
         out.append(run.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def spelling(self, token_id: int) -> str:
+        return self._spellings.get(token_id) or bytes([token_id]).decode("latin-1")
+
+    def hf_vocabulary(self) -> tuple[str, dict[str, bytes]]:
+        """A byte-level BPE without merges: each UTF-8 byte is one token whose id is the byte (the
+        vocabulary spells byte b as GPT-2's printable stand-in character for it), then the
+        special tokens."""
+        from tokenizers import AddedToken, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as HFTokenizer
+
+        tok = HFTokenizer(models.BPE(vocab={char: byte for byte, char in _byte_chars().items()}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in self.SPECIALS])
+        return FAST_TOKENIZER, {"tokenizer.json": tok.to_str(pretty=True).encode()}
+
     def _special_token_id(self, spelling: str) -> Optional[int]:
         return self._special_ids.get(spelling)
 
     _vocab_id = _special_token_id
+
+
+def _byte_chars() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: each byte as a printable character — itself when printable
+    Latin-1, else the next code point from 256 on, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    stand_ins = iter(range(256, 512))
+    return {byte: chr(byte if byte in printable else next(stand_ins)) for byte in range(256)}
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -161,6 +200,18 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def spelling(self, token_id: int) -> str:
+        return self._tok.id_to_token(token_id)
+
+    def hf_vocabulary(self) -> tuple[str, dict[str, bytes]]:
+        """The tokenizer.json, without a post-processor that adds tokens (a BOS, say): training
+        never saw those, and transformers would add them to every ``encode``."""
+        config = json.loads(self._tok.to_str())
+        probe = "a b"
+        if self._tok.encode(probe, add_special_tokens=True).ids != self.encode(probe):
+            config["post_processor"] = None
+        return FAST_TOKENIZER, {"tokenizer.json": json.dumps(config, ensure_ascii=False, indent=2).encode()}
 
     def _special_token_id(self, spelling: str) -> Optional[int]:
         return self._specials.get(spelling)
@@ -201,6 +252,14 @@ class SentencePieceTokenizer(Tokenizer):
                 run.append(i)
         out.append(self._sp.decode(run))
         return "".join(out)
+
+    def spelling(self, token_id: int) -> str:
+        return self._sp.id_to_piece(token_id)
+
+    def hf_vocabulary(self) -> tuple[str, dict[str, bytes]]:
+        """The model file as ``tokenizer.model``, read by transformers' sentencepiece class (no
+        conversion to another format, which would tokenize some whitespace differently)."""
+        return "SentencePieceBackend", {"tokenizer.model": self._sp.serialized_model_proto()}
 
     def _special_token_id(self, spelling: str) -> Optional[int]:
         # User-defined symbols look like normal pieces in the Python API, so any exact piece counts.

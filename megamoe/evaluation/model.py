@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from megamoe.evaluation.scoring import Request, pack, sequence_logprobs
+from megamoe.evaluation.scoring import Request, greedy_rows, pack, sequence_logprobs
 from megamoe.inference import Sampling, generate
 from megamoe.nn.decoder import Decoder
 
@@ -28,20 +28,27 @@ class ModelBackend:
         return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
 
     @torch.inference_mode()
-    def loglikelihoods(self, requests: Sequence[Request], desc: str) -> list[float]:
+    def scores(self, requests: Sequence[Request], desc: str) -> list[tuple[float, bool]]:
+        """Per request, its continuation's log-likelihood and whether greedy decoding would produce
+        the continuation (lm-evaluation-harness's ``(logprob, is_greedy)``)."""
         device = self.model.head_weight.device
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i].tokens))
-        values = [0.0] * len(requests)
+        values: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         with self._bar(len(requests), desc, "choice") as bar:
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
                 chosen = [requests[i] for i in batch]
                 tokens, labels = pack(chosen, len(chosen), len(chosen[0].tokens) - 1, self.eod_id)
-                hidden = self.model.hidden_states(tokens.to(device))
-                for i, value in zip(batch, sequence_logprobs(hidden, self.model.head_weight, labels.to(device)).tolist()):
-                    values[i] = value
+                hidden, labels = self.model.hidden_states(tokens.to(device)), labels.to(device)
+                logprobs = sequence_logprobs(hidden, self.model.head_weight, labels).tolist()
+                greedy = greedy_rows(hidden, self.model.head_weight, labels, self.vocab_size).tolist()
+                for i, value, is_greedy in zip(batch, logprobs, greedy):
+                    values[i] = (value, is_greedy)
                 bar.update(len(batch))
         return values
+
+    def loglikelihoods(self, requests: Sequence[Request], desc: str) -> list[float]:
+        return [value for value, _ in self.scores(requests, desc)]
 
     def greedy(self, prompts: Sequence[list[int]], max_new_tokens: int, desc: str) -> list[list[int]]:
         outputs: list[list[int]] = []

@@ -8,7 +8,9 @@ A task file holds one JSON object per line, all of one kind:
 - generation: ``{"prompt": str, "answer": str | number}`` plus optional ``"until"`` (stop
   strings, default ``["\\n\\n"]``), ``"max_new_tokens"`` and ``"match"`` (``"number"``: the last
   number of the completion equals the answer's last number, GSM8K style, the default; or
-  ``"exact"``: the stripped texts are equal).
+  ``"exact"``: the stripped texts are equal);
+- perplexity: ``{"text": str}`` — every token of the text scored (word / byte perplexity, bits
+  per byte, as lm-evaluation-harness's rolling log-likelihood tasks); never few-shot.
 
 Other fields (an id, a subject) are ignored. A task is named by a built-in name, a ``.jsonl``
 file (the task is its stem) or a directory (each ``*.jsonl`` in it is a task ``DIR/STEM``). Every
@@ -27,7 +29,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from megamoe.errors import TaskError
 
-MULTIPLE_CHOICE, GENERATION = "multiple_choice", "generation"
+MULTIPLE_CHOICE, GENERATION, PERPLEXITY = "multiple_choice", "generation", "perplexity"
 FEWSHOT_SEPARATOR = "\n\n"  # between solved examples and before the item (lm-evaluation-harness's default)
 DEFAULT_UNTIL = ("\n\n",)
 MATCHES = ("number", "exact")
@@ -70,13 +72,18 @@ class GenerationItem:
         return got is not None and got == last_number(self.answer)
 
 
-Item = Union[ChoiceItem, GenerationItem]
+@dataclass(frozen=True)
+class TextItem:
+    text: str  # scored whole
+
+
+Item = Union[ChoiceItem, GenerationItem, TextItem]
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str  # MULTIPLE_CHOICE | GENERATION
+    kind: str  # MULTIPLE_CHOICE | GENERATION | PERPLEXITY
     items: tuple[Item, ...]
 
 
@@ -90,6 +97,7 @@ def last_number(text: str) -> Optional[Decimal]:
 
 MC_FORMAT = '{"context": str, "choices": [str, ...], "answer": index of the right choice}'
 GEN_FORMAT = '{"prompt": str, "answer": str, optional "until": [str], "max_new_tokens": int, "match": "number"|"exact"}'
+TEXT_FORMAT = '{"text": str}'
 
 
 def _field(record: dict[str, Any], key: str, ok: Callable[[Any], bool], want: str, where: str, fmt: str) -> Any:
@@ -133,6 +141,18 @@ def _generation_item(record: dict[str, Any], where: str) -> GenerationItem:
     return item
 
 
+def _text_item(record: dict[str, Any], where: str) -> TextItem:
+    return TextItem(_field(record, "text", lambda v: isinstance(v, str) and v != "", "a non-empty string", where,
+                           TEXT_FORMAT))
+
+
+KINDS: dict[str, tuple[str, Callable[[dict[str, Any], str], Item]]] = {  # the field that tells a kind, its reader
+    MULTIPLE_CHOICE: ("choices", _choice_item),
+    GENERATION: ("prompt", _generation_item),
+    PERPLEXITY: ("text", _text_item),
+}
+
+
 def read_task_file(path: Path, name: Optional[str] = None) -> Task:
     """The task in ``path`` (named ``name``, default the file's stem)."""
     try:
@@ -150,14 +170,14 @@ def read_task_file(path: Path, name: Optional[str] = None) -> Task:
             raise TaskError(f"{where}: not a JSON object ({exc}); write one item per line") from None
         if not isinstance(record, dict):
             raise TaskError(f"{where}: not a JSON object; write one item per line, e.g. {MC_FORMAT}")
-        line_kind = MULTIPLE_CHOICE if "choices" in record else GENERATION if "prompt" in record else None
+        line_kind = next((kind for kind, (key, _) in KINDS.items() if key in record), None)
         if line_kind is None:
-            raise TaskError(f"{where}: neither \"choices\" (multiple choice: {MC_FORMAT}) nor \"prompt\" "
-                            f"(generation: {GEN_FORMAT})")
+            raise TaskError(f"{where}: none of \"choices\" (multiple choice: {MC_FORMAT}), \"prompt\" "
+                            f"(generation: {GEN_FORMAT}) or \"text\" (perplexity: {TEXT_FORMAT})")
         if kind is not None and line_kind != kind:
             raise TaskError(f"{where}: a {line_kind} item in a {kind} task (see its first item); one kind per file")
         kind = line_kind
-        items.append(_choice_item(record, where) if kind == MULTIPLE_CHOICE else _generation_item(record, where))
+        items.append(KINDS[kind][1](record, where))
     if kind is None:
         raise TaskError(f"{path}: no items; write one JSON object per line, e.g. {MC_FORMAT}")
     return Task(name or path.stem, kind, tuple(items))
@@ -195,7 +215,9 @@ def load_tasks(specs: Sequence[str]) -> list[Task]:
 def prepare(task: Task, limit: Optional[int], fewshot: int, seed: int) -> Task:
     """The first ``limit`` items (all if None), each after ``fewshot`` solved examples drawn from
     the task's other items (by ``seed`` and the item's index, so an item's prompt does not depend
-    on ``limit``)."""
+    on ``limit``). Perplexity texts are scored alone: ``fewshot`` does not apply to them."""
+    if task.kind == PERPLEXITY:
+        return replace(task, items=task.items[:limit])
     if fewshot >= len(task.items):
         raise TaskError(f"{task.name}: {fewshot} few-shot examples need more than the task's {len(task.items)} "
                         "items; use fewer")

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 
 from megamoe.config.schema import ModelConfig
+from megamoe.models.hf_mapping import TokenIds
 from megamoe.nn.decoder import AttentionFactory
 
 Tensors = Iterable[tuple[str, torch.Tensor]]
@@ -45,16 +46,18 @@ class HFAdapter:
     """One Hugging Face architecture ↔ megamoe's layout-independent checkpoint tensors.
 
     ``to_hf`` / ``from_hf`` map streams of (name, tensor), holding as little as they can;
-    ``hf_config`` writes config.json for a run config (raising ConfigError for settings the
-    architecture cannot express) and ``config_from_hf`` reads it back as ``model`` / ``moe``
-    sections (raising UserError naming the config.json key it cannot build).
+    ``check_exportable`` raises ConfigError (naming the key and the setting that would do) for
+    what the architecture cannot express; ``hf_config`` writes config.json for a run config and
+    its tokenizer's special ids (checking first) and ``config_from_hf`` reads it back as
+    ``model`` / ``moe`` sections (raising UserError naming the config.json key it cannot build).
     """
 
     architecture: str  # config.json "architectures", e.g. "YuanForCausalLM"
     model_type: str  # config.json "model_type", e.g. "yuan"
     to_hf: Callable[[Tensors, DictConfig], Iterator[tuple[str, torch.Tensor]]]
     from_hf: Callable[[Tensors, DictConfig], Iterator[tuple[str, torch.Tensor]]]
-    hf_config: Callable[[DictConfig], dict[str, Any]]
+    check_exportable: Callable[[DictConfig], None]
+    hf_config: Callable[[DictConfig, TokenIds], dict[str, Any]]
     config_from_hf: Callable[[dict[str, Any], str], dict[str, dict[str, Any]]]
     ignored: Callable[[str, bool], bool] = field(default=lambda name, tied: False)  # HF tensors to skip (name, tied)
 

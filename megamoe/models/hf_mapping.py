@@ -1,4 +1,5 @@
-"""What the families' Hugging Face adapters share: name tables, pairing, config.json checks.
+"""What the families' Hugging Face adapters share: name tables, pairing, config.json checks and
+the special token ids.
 
 Hugging Face decoders descended from Llama (Yuan, Qwen2-MoE, …) name the parts of megamoe's
 shared decoder skeleton alike (:data:`LLAMA_NAMES`); each family adds its attention and FFN
@@ -11,6 +12,7 @@ projections) until its partner arrives: the only tensors a streaming conversion 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, NoReturn, Optional
 
 import torch
@@ -109,6 +111,24 @@ def refuse_unexportable(architecture: str, problems: list[tuple[bool, str, str, 
             raise ConfigError(f"{key}: {value} cannot be exported to the {architecture} Hugging Face format: {why}")
 
 
+@dataclass(frozen=True)
+class TokenIds:
+    """The special ids a config.json records, from the run's tokenizer: its end-of-document id is
+    bos, eos and pad — what precedes every document in training, what ends a generation, what
+    pads a batch — and ``sep`` its separator token, if it has one."""
+
+    eod: int
+    sep: Optional[int] = None
+
+    def llama_ids(self) -> dict[str, int]:
+        """``bos_token_id``, ``eos_token_id`` and ``pad_token_id``, as Llama-style configs name them."""
+        return {"bos_token_id": self.eod, "eos_token_id": self.eod, "pad_token_id": self.eod}
+
+
+# config.json values that are training settings, not architecture: from-hf carries them over
+# (config_from_hf returns them with the architecture), but the run's explicit overrides win.
+TRAINING_KEYS = ("model.init_std", "moe.aux_loss_coeff")
+
 _MISSING = object()
 
 
@@ -129,6 +149,10 @@ class HFConfigReader:
                 return default
             node = node[part]
         return node
+
+    def present(self, keys: dict[str, str]) -> dict[str, Any]:
+        """``{ours: value}`` for each ``{config.json key: ours}`` that config.json holds."""
+        return {ours: self.get(key) for key, ours in keys.items() if self.get(key, None) is not None}
 
     def refuse(self, key: str, message: str) -> NoReturn:
         raise UserError(f"{self.source}: '{key}' {message}; megamoe cannot build this model")

@@ -1,8 +1,10 @@
-"""What a run reports: metrics.jsonl (exact floats), a console line, wandb, MFU and expert load.
+"""What a run reports: metrics.jsonl (exact floats), a console line, wandb, TensorBoard, MFU and
+expert load.
 
 ``metrics.jsonl`` holds one JSON object per step. Python's json writes every float as its
 shortest round-trip repr, so reading a line back gives the same bits: two runs compare exactly
-(non-finite values are written as NaN / Infinity, which Python's json reads back).
+(non-finite values are written as NaN / Infinity, which Python's json reads back). wandb and
+TensorBoard mirror its numbers (and eval.jsonl's, downstream.jsonl's) under the same names.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ PEAK_TFLOPS_BF16: dict[str, float] = {
 }
 
 STEP_TIME_EMA = 0.9  # weight of the past in the step-time average behind the ETA
+TENSORBOARD_DIR = "tensorboard"  # under run.dir
+LOGGED_FILES = ("metrics.jsonl", "eval.jsonl", "downstream.jsonl")
 
 
 def peak_flops(device_name: str) -> Optional[float]:
@@ -129,6 +133,55 @@ def _wandb_image(fig: Any) -> Any:
     return wandb.Image(Image.open(buffer))
 
 
+def _scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a record, as the mirrors log them (``step`` is their x axis, a flag 0 / 1)."""
+    return {key: float(value) if isinstance(value, bool) else value for key, value in record.items()
+            if isinstance(value, (int, float)) and key != "step"}
+
+
+def _last_logged_step(run_dir: Path) -> int:
+    """The last step the run's jsonl files hold (0 when none): a resumed run has already dropped
+    what it logged past its checkpoint (train.loop), and TensorBoard must drop it too."""
+    last = 0
+    for name in LOGGED_FILES:
+        path = run_dir / name
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                last = max(last, json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):  # a line torn by a kill in mid-write
+                continue
+    return last
+
+
+class TensorBoardSink:
+    """Scalars (and the expert-load heatmap) as TensorBoard events in ``run.dir/tensorboard``.
+
+    Values are written in double precision, so they read back as the bits of metrics.jsonl. A
+    resumed run purges the events an interrupted one wrote past the last step the jsonl files
+    kept (TensorBoard's ``purge_step``), so the curves match the files. Each call ends with a
+    flush: a crash loses nothing logged.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise UserError(f"logging.tensorboard.enabled=true but tensorboard cannot be imported ({exc}); "
+                            "pip install -e '.[tensorboard]', or set logging.tensorboard.enabled=false") from None
+        self.writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=_last_logged_step(run_dir) + 1)
+        self.figures = importlib.util.find_spec("matplotlib") is not None
+
+    def log(self, scalars: dict[str, float], step: int, figure: Any = None) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step, new_style=True, double_precision=True)
+        if figure is not None:
+            self.writer.add_figure("expert_load", figure, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
@@ -175,6 +228,8 @@ class MetricsLogger:
     Records are flat dicts of the loop's choosing; the console line reads ``loss``, ``lr``,
     ``grad_norm``, ``tokens_per_s``, ``mfu`` and ``expert_load_max``/``expert_load_min`` when
     present. Step time for the ETA is measured here, between successive :meth:`log_step` calls.
+    ``config_dict`` is the run config as a dict: wandb records it, and its
+    ``logging.tensorboard.enabled`` turns the TensorBoard mirror on.
     """
 
     def __init__(self, run_dir: Path, is_writer: bool, wandb_cfg: DictConfig, total_steps: int, config_dict: dict) -> None:
@@ -185,6 +240,7 @@ class MetricsLogger:
         self._last: Optional[tuple[float, int]] = None  # (monotonic time, step) of the last log_step
         self._wandb: Any = None
         self._wandb_figures = False  # expert-load heatmaps to wandb (needs matplotlib)
+        self._tensorboard: Optional[TensorBoardSink] = None
         if not is_writer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -193,6 +249,8 @@ class MetricsLogger:
             self._wandb_figures = importlib.util.find_spec("matplotlib") is not None
             if not self._wandb_figures:
                 tqdm.write("wandb: no expert-load figures without matplotlib (pip install -e '.[report]')")
+        if config_dict.get("logging", {}).get("tensorboard", {}).get("enabled"):  # the run config's logging section
+            self._tensorboard = TensorBoardSink(self.run_dir)
 
     def log_step(self, step: int, record: dict[str, Any]) -> None:
         """Append ``{"step": step, **record}`` to metrics.jsonl (and wandb's scalars)."""
@@ -204,11 +262,15 @@ class MetricsLogger:
             self._step_s = per_step if self._step_s is None else STEP_TIME_EMA * self._step_s + (1 - STEP_TIME_EMA) * per_step
         self._last = (now, step)
         _append_json(self.run_dir / "metrics.jsonl", {"step": step, **record})
+        fractions = record.get("expert_fraction")
         if self._wandb is not None:
-            logged = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if self._wandb_figures and record.get("expert_fraction"):
-                logged["expert_load"] = _wandb_image(expert_load_figure(record["expert_fraction"], step))
+            logged: dict[str, Any] = _scalars(record)
+            if self._wandb_figures and fractions:
+                logged["expert_load"] = _wandb_image(expert_load_figure(fractions, step))
             self._wandb.log(logged, step=step)
+        if self._tensorboard is not None:
+            figure = expert_load_figure(fractions, step) if self._tensorboard.figures and fractions else None
+            self._tensorboard.log(_scalars(record), step, figure)
 
     def console(self, step: int, record: dict[str, Any]) -> None:
         """Print one line: step, loss, lr, grad norm, tokens/s, MFU, expert load, ETA."""
@@ -218,25 +280,31 @@ class MetricsLogger:
         tqdm.write(_format_step_line(step, self.total_steps, record, eta))
 
     def log_eval(self, step: int, losses_by_source: dict[str, float]) -> None:
-        """Validation loss per data source: eval.jsonl, a console line, and wandb ``eval/<source>``."""
+        """Validation loss per data source: eval.jsonl, a console line, and wandb / TensorBoard ``eval/<source>``."""
         if not self.is_writer:
             return
         _append_json(self.run_dir / "eval.jsonl", {"step": step, "loss": losses_by_source})
         tqdm.write(" | ".join([f"eval step {step}"] + [f"{src} {loss:.4f}" for src, loss in losses_by_source.items()]))
-        if self._wandb is not None:
-            self._wandb.log({f"eval/{src}": loss for src, loss in losses_by_source.items()}, step=step)
+        self._mirror({f"eval/{src}": loss for src, loss in losses_by_source.items()}, step)
 
     def log_downstream(self, step: int, scores: dict[str, dict[str, float]]) -> None:
-        """Downstream task metrics: downstream.jsonl, a console line, and wandb ``downstream/<task>/<metric>``."""
+        """Downstream task metrics: downstream.jsonl, a console line, and wandb / TensorBoard
+        ``downstream/<task>/<metric>``."""
         if not self.is_writer:
             return
         _append_json(self.run_dir / "downstream.jsonl", {"step": step, "tasks": scores})
         tqdm.write(" | ".join([f"downstream step {step}"] + [
             f"{task} " + " ".join(f"{metric} {value:.3f}" for metric, value in metrics.items())
             for task, metrics in scores.items()]))
+        self._mirror({f"downstream/{task}/{metric}": value for task, metrics in scores.items()
+                      for metric, value in metrics.items()}, step)
+
+    def _mirror(self, scalars: dict[str, float], step: int) -> None:
+        """Scalars a jsonl file just got, to wandb and TensorBoard."""
         if self._wandb is not None:
-            self._wandb.log({f"downstream/{task}/{metric}": value for task, metrics in scores.items()
-                             for metric, value in metrics.items()}, step=step)
+            self._wandb.log(scalars, step=step)
+        if self._tensorboard is not None:
+            self._tensorboard.log(scalars, step)
 
     def log_event(self, kind: str, record: dict[str, Any], line: str) -> None:
         """Something the run did by itself (a rollback): one line of ``{kind}.jsonl``, and the console."""
@@ -246,10 +314,13 @@ class MetricsLogger:
         tqdm.write(line)
 
     def finish(self) -> None:
-        """Close the wandb run (its offline files are then complete)."""
+        """Close the wandb run (its offline files are then complete) and the TensorBoard writer."""
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
 
 def _start_wandb(run_dir: Path, wandb_cfg: DictConfig, config_dict: dict) -> Any:

@@ -12,7 +12,7 @@ launch/deepspeed/README.md:
 - data_tools, convert_checkpoint, generate, evaluate and report commands are parsed by the tool's own parser
   (their behaviour is tested in tests/data_tools and tests/launch);
 - `make demo` / `make test` are what the demo and CI run; `docker build` lines name the
-  Dockerfile that tests/docker lints.
+  Dockerfile that tests/docker lints; `pip install -e ".[extra]"` names extras pyproject.toml has.
 
 A command none of these covers fails the test, so a new command in the docs comes with a check.
 """
@@ -130,6 +130,14 @@ def check_preprocess_sbatch(argv: list[str]) -> None:
     parse_args([*implied, *argv[script + 1:], "--merge-shards"])
 
 
+def check_extras(argv: list[str]) -> None:
+    """``pip install -e ".[a,b]"``: the extras are pyproject.toml's."""
+    section = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]")[1].split("\n[")[0]
+    extras = set(re.findall(r"^([\w-]+) = \[", section, re.M))
+    wanted = re.fullmatch(r"\.\[(.+)\]", argv[-1])
+    assert wanted and set(wanted.group(1).split(",")) <= extras, (argv, extras)
+
+
 def check_known(argv: list[str]) -> None:
     assert argv[:2] in (["make", "demo"], ["make", "test"]) or (argv[:2] == ["docker", "build"]
                                                                    and (ROOT / _flag(argv, "-f")).exists())
@@ -147,6 +155,7 @@ HANDLERS: list[tuple[Callable[[list[str]], bool], Callable[[list[str]], None]]] 
     *[(lambda a, m=m: f"data_tools.{m}" in a, check_parsed_by(f"data_tools.{m}", "parse_args"))
       for m in ("preprocess_data", "merge_datasets", "train_tokenizer", "make_demo_corpus", "inspect_data")],
     (lambda a: a[0] in ("make", "docker") and "run" not in a[:2], check_known),
+    (lambda a: a[:3] == ["pip", "install", "-e"], check_extras),
 ]
 
 

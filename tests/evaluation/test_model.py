@@ -1,4 +1,5 @@
-"""The single-process backend: batching, sorting and padding change no score or completion."""
+"""The single-process backend: batching, sorting and padding change no score or completion; the
+greedy check agrees with greedy decoding."""
 
 from __future__ import annotations
 
@@ -45,3 +46,14 @@ def test_greedy_batches_like_one_prompt_at_a_time(model: Decoder) -> None:
     outputs = ModelBackend(model, EOD, VOCAB, batch_size=3).greedy(prompts, 6, "test")
     assert outputs == [generate(model, [p], 6, Sampling(greedy=True), EOD, vocab_size=VOCAB)[0] for p in prompts]
     assert all(0 < len(ids) <= 6 and max(ids) < VOCAB for ids in outputs)
+
+
+def test_scores_say_whether_greedy_decoding_gives_the_continuation(model: Decoder) -> None:
+    prompts = [[EOD, *b"Alice lives in"], [EOD, *b"7 times"], [EOD, 3]]
+    greedy = [generate(model, [p], 4, Sampling(greedy=True), EOD, vocab_size=VOCAB)[0] for p in prompts]
+    assert all(len(ids) == 4 for ids in greedy)  # no early eod: the requests below score 4 tokens
+    requests = [Request((*prompt, *ids), 4) for prompt, ids in zip(prompts, greedy)]
+    requests += [Request((*prompt, *ids[:3], (ids[3] + 1) % VOCAB), 4) for prompt, ids in zip(prompts, greedy)]
+    scores = ModelBackend(model, EOD, VOCAB, batch_size=4).scores(requests, "test")
+    assert [is_greedy for _, is_greedy in scores] == [True] * 3 + [False] * 3
+    assert [value for value, _ in scores] == ModelBackend(model, EOD, VOCAB, batch_size=4).loglikelihoods(requests, "t")

@@ -1,7 +1,9 @@
-"""From items to requests and rows, log-likelihoods from hidden states, completions, metrics."""
+"""From items to requests and rows, log-likelihoods and greedy checks from hidden states, rolling
+windows, completions, metrics."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import pytest
@@ -17,10 +19,13 @@ from megamoe.evaluation.scoring import (
     completion,
     evaluate_task,
     generation_prompts,
+    greedy_rows,
     pack,
+    perplexity_metrics,
+    rolling_requests,
     sequence_logprobs,
 )
-from megamoe.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, ChoiceItem, GenerationItem, Task
+from megamoe.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, PERPLEXITY, ChoiceItem, GenerationItem, Task, TextItem
 from megamoe.nn.loss import IGNORE_INDEX
 
 TOKENIZER = ByteTokenizer()
@@ -33,7 +38,7 @@ def test_choice_requests_start_at_a_document_boundary_and_keep_the_choice_whole(
         Request((EOD, *b"abcdef x"), 2), Request((EOD, *b"abcdef yz"), 3)]
     cut = choice_requests(task, TOKENIZER, window=5)  # 5 inputs + the last label: the context loses its start
     assert cut == [Request(tuple(b"cdef x"), 2), Request(tuple(b"def yz"), 3)]
-    with pytest.raises(TaskError, match="t: item 0: a choice of 3 tokens does not fit a 2-token sequence"):
+    with pytest.raises(TaskError, match="t: item 0: a continuation of 3 tokens does not fit a 2-token sequence"):
         choice_requests(task, TOKENIZER, window=2)
 
 
@@ -62,11 +67,42 @@ def test_sequence_logprobs_sum_the_labelled_tokens_log_softmax() -> None:
 
 
 def test_completion_stops_at_eod_stop_string_and_budget() -> None:
-    item = GenerationItem("p", "1", until=(".", "\n"))
-    assert completion([*b" 56. 7", EOD], TOKENIZER, item, 8) == " 56"
-    assert completion([*b" 5\n6.", EOD], TOKENIZER, item, 8) == " 5"
-    assert completion([*b" 56", EOD, *b"7"], TOKENIZER, item, 8) == " 56"
-    assert completion(list(b" 5678"), TOKENIZER, item, 3) == " 56"
+    until = (".", "\n")
+    assert completion([*b" 56. 7", EOD], TOKENIZER, until, 8) == " 56"
+    assert completion([*b" 5\n6.", EOD], TOKENIZER, until, 8) == " 5"
+    assert completion([*b" 56", EOD, *b"7"], TOKENIZER, until, 8) == " 56"
+    assert completion(list(b" 5678"), TOKENIZER, until, 3) == " 56"
+
+
+def test_greedy_rows_check_every_labelled_token_among_the_tokenizer_ids() -> None:
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 5, 8), torch.randn(40, 8)
+    argmax = (hidden @ weight[:30].t()).argmax(dim=-1)  # ids 30..39 are embedding padding: never greedy
+    labels = torch.full((3, 5), IGNORE_INDEX)
+    labels[0, 1:3] = argmax[0, 1:3]  # both greedy
+    labels[1, 1:3] = argmax[1, 1:3]
+    labels[1, 2] = (argmax[1, 2] + 1) % 30  # the second is not
+    labels[2, 4] = argmax[2, 4]
+    assert greedy_rows(hidden, weight, labels, vocab_size=30).tolist() == [True, False, True]
+
+
+def test_rolling_windows_score_every_token_once_with_the_most_context() -> None:
+    ids = list(range(10, 20))  # 10 tokens, windows of 4
+    assert rolling_requests(ids, EOD, window=4) == [
+        Request((EOD, 10, 11, 12, 13), 4),
+        Request((13, 14, 15, 16, 17), 4),
+        Request((15, 16, 17, 18, 19), 2),  # the last window keeps a full context
+    ]
+    assert rolling_requests(ids[:3], EOD, window=4) == [Request((EOD, 10, 11, 12), 3)]
+    assert rolling_requests(ids[:4], EOD, window=4) == [Request((EOD, 10, 11, 12, 13), 4)]
+
+
+def test_perplexities_are_the_harness_weighted_means() -> None:
+    texts, logliks = ["two words", " a\tb  c ", "汉字"], [-3.0, -5.0, -2.5]
+    words, nbytes = 2 + 5 + 1, 9 + 8 + 6  # the harness splits on whitespace runs: " a\tb  c " is '', a, b, c, ''
+    assert perplexity_metrics(texts, logliks) == {
+        "word_perplexity": math.exp(10.5 / words), "byte_perplexity": math.exp(10.5 / nbytes),
+        "bits_per_byte": 10.5 / nbytes / math.log(2)}
 
 
 def test_acc_norm_divides_by_the_choice_length_in_characters() -> None:
@@ -76,12 +112,15 @@ def test_acc_norm_divides_by_the_choice_length_in_characters() -> None:
 
 
 class Oracle:
-    """A backend that knows the answers: the right choice is likely, the answer is generated."""
+    """A backend that knows the answers: the right choice is likely, the answer is generated; a
+    scored token costs 0.5 nats."""
 
     def __init__(self, task: Task) -> None:
         self.task = task
 
     def loglikelihoods(self, requests: Sequence[Request], desc: str) -> list[float]:
+        if self.task.kind == PERPLEXITY:
+            return [-0.5 * request.scored for request in requests]
         rights = [i * len(item.choices) + item.answer for i, item in enumerate(self.task.items)]
         return [-1.0 if index in rights else -5.0 for index in range(len(requests))]
 
@@ -89,10 +128,16 @@ class Oracle:
         return [TOKENIZER.encode(f" {item.answer}.")[:max_new_tokens] for item in self.task.items]
 
 
-def test_evaluate_task_scores_both_kinds() -> None:
+def test_evaluate_task_scores_the_three_kinds() -> None:
     mc = Task("mc", MULTIPLE_CHOICE, (ChoiceItem("q", (" a", " b", " c"), 2), ChoiceItem("q", (" a", " b"), 0)))
     assert evaluate_task(mc, TOKENIZER, Oracle(mc), window=32, max_new_tokens=4) == {"acc": 1.0, "acc_norm": 1.0}
     gen = Task("gen", GENERATION, (GenerationItem("q", "12"), GenerationItem("q", "345", max_new_tokens=2)))
     assert evaluate_task(gen, TOKENIZER, Oracle(gen), window=32, max_new_tokens=8) == {"exact_match": 0.5}
     with pytest.raises(TaskError, match="gen: 32 new tokens leave no room for a prompt in a 32-token sequence"):
         evaluate_task(gen, TOKENIZER, Oracle(gen), window=32, max_new_tokens=32)
+    text = Task("text", PERPLEXITY, (TextItem("x" * 70), TextItem("two words")))  # 70 bytes: 3 windows of 32
+    nats = 0.5 * (70 + 9)
+    assert evaluate_task(text, TOKENIZER, Oracle(text), window=32, max_new_tokens=8) == \
+        perplexity_metrics(["x" * 70, "two words"], [-0.5 * 70, -0.5 * 9]) == {
+            "word_perplexity": math.exp(nats / 3), "byte_perplexity": math.exp(nats / 79),
+            "bits_per_byte": nats / 79 / math.log(2)}

@@ -1,4 +1,4 @@
-"""Task files: both kinds read with their optional fields, every mistake one line naming the file,
+"""Task files: the three kinds read with their optional fields, every mistake one line naming the file,
 the line and the fix; task names; few-shot prompts; GSM8K-style number matching."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from megamoe.errors import TaskError
 from megamoe.evaluation.tasks import (
     GENERATION,
     MULTIPLE_CHOICE,
+    PERPLEXITY,
     ChoiceItem,
     GenerationItem,
     Task,
+    TextItem,
     last_number,
     load_tasks,
     prepare,
@@ -31,7 +33,7 @@ def write(path: Path, *lines: object) -> Path:
     return path
 
 
-def test_reads_both_kinds_with_optional_fields(tmp_path: Path) -> None:
+def test_reads_the_three_kinds_with_optional_fields(tmp_path: Path) -> None:
     mc = read_task_file(write(tmp_path / "arc.jsonl", MC, "", {**MC, "answer": 0, "id": "x-1"}))
     assert mc == Task("arc", MULTIPLE_CHOICE, (ChoiceItem("Question: 2 + 2 =", (" 3", " 4"), 1),
                                                ChoiceItem("Question: 2 + 2 =", (" 3", " 4"), 0)))
@@ -40,12 +42,16 @@ def test_reads_both_kinds_with_optional_fields(tmp_path: Path) -> None:
     assert gen.kind == GENERATION
     assert gen.items == (GenerationItem(GEN["prompt"], GEN["answer"]),
                          GenerationItem("p", "7", until=("\n",), max_new_tokens=5, match="exact"))
+    text = read_task_file(write(tmp_path / "wiki.jsonl", {"text": "One.\n\nTwo.", "title": "x"}, {"text": "三"}))
+    assert text == Task("wiki", PERPLEXITY, (TextItem("One.\n\nTwo."), TextItem("三")))
 
 
 @pytest.mark.parametrize(("lines", "where", "message"), [
     (["{not json"], 1, "not a JSON object"),
     ([MC, "[1, 2]"], 2, "not a JSON object"),
-    ([{"question": "q"}], 1, 'neither "choices"'),
+    ([{"question": "q"}], 1, 'none of "choices" (multiple choice: {"context"'),
+    ([{"text": ""}], 1, '"text" is ""; it must be a non-empty string'),
+    ([{"text": "a"}, MC], 2, "a multiple_choice item in a perplexity task"),
     ([{k: v for k, v in MC.items() if k != "answer"}], 1, 'no "answer"; an item of this task is {"context"'),
     ([{**MC, "answer": 2}], 1, '"answer" is 2; it must be the 0-based index of the right choice (0 to 1)'),
     ([{**MC, "answer": True}], 1, '"answer" is true'),
@@ -102,13 +108,19 @@ def test_fewshot_examples_are_other_items_drawn_by_seed() -> None:
     for index, item in enumerate(shots.items):
         examples = item.prompt.split("\n\n")
         assert len(examples) == 4 and examples[-1] == f"Q{index}:"
-        assert f"Q{index}:A{index}" not in examples and all(e in {f"Q{i}:A{i}" for i in range(10)} for e in examples[:3])
+        assert f"Q{index}:A{index}" not in examples
+        assert all(e in {f"Q{i}:A{i}" for i in range(10)} for e in examples[:3])
     assert prepare(task, None, 3, seed=1) == shots
     assert prepare(task, None, 3, seed=2) != shots
     assert prepare(task, limit=4, fewshot=3, seed=1).items == shots.items[:4]  # an item's prompt ignores the limit
     assert prepare(task, limit=4, fewshot=0, seed=1).items == task.items[:4]
     with pytest.raises(TaskError, match="10 few-shot examples need more than the task's 10 items"):
         prepare(task, None, 10, seed=1)
+
+
+def test_perplexity_texts_are_never_fewshot() -> None:
+    task = Task("wiki", PERPLEXITY, (TextItem("a"), TextItem("b"), TextItem("c")))
+    assert prepare(task, limit=2, fewshot=5, seed=1) == Task("wiki", PERPLEXITY, task.items[:2])
 
 
 @pytest.mark.parametrize(("text", "number"), [

@@ -1,4 +1,5 @@
-"""launch/convert_checkpoint.py as a user runs it: exact round trips, upcycling, one-line errors."""
+"""launch/convert_checkpoint.py as a user runs it: exact round trips, exports that load in
+transformers with their tokenizer, upcycling, one-line errors, the help text."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from megamoe.checkpoint import iter_model_tensors, read_config, write_model_checkpoint
 from megamoe.config import compose
+from megamoe.data.tokenizer import ByteTokenizer, HuggingFaceTokenizer
+from tests.data.test_tokenizer import MIXED, hf_tokenizer_file
 from tests.models.helpers import load_model, model_tensors, random_model
 from tests.models.yuan.test_hf import TINY_HF
 
@@ -61,7 +65,7 @@ def test_to_hf_from_hf_round_trip_is_bitwise(tmp_path: Path, overrides: list[str
 
 
 def test_upcycle_then_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    dense = make_checkpoint(tmp_path / "runs" / "step_5", TINY_HF + ["model.ffn_type=dense", "model.dense_ffn_hidden_size=256"])
+    make_checkpoint(tmp_path / "runs" / "step_5", TINY_HF + ["model.ffn_type=dense", "model.dense_ffn_hidden_size=256"])
     (tmp_path / "runs" / "latest").write_text("step_5\n")
     convert.main(["upcycle", "--dense", str(tmp_path / "runs"), "--output", str(tmp_path / "moe"),
                   "--num-experts", "4", "--granularity", "2", "--top-k", "1"])
@@ -72,6 +76,47 @@ def test_upcycle_then_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     shard = load_file(next((tmp_path / "hf").glob("model-*.safetensors")))
     assert {t.dtype for t in shard.values()} == {torch.bfloat16}
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["moe_config"]["moe_num_experts"] == 8
+
+
+def test_export_holds_the_tokenizer_and_the_token_ids(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A byte-tokenizer Yuan run of vocabulary 512 (not Yuan's 135040): AutoTokenizer reads the
+    export, config.json has the ids the official code reads, generation_config.json stops at the eod."""
+    source = make_checkpoint(tmp_path / "ckpt", TINY_HF)
+    convert.main(["to-hf", "--checkpoint", str(source), "--output", str(tmp_path / "hf")])
+    assert capsys.readouterr().out.splitlines()[-1] == ("tokenizer: ByteTokenizer as tokenizer.json, "
+                                                        "tokenizer_config.json, special_tokens_map.json, "
+                                                        "generation_config.json")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer.encode(MIXED) == ByteTokenizer().encode(MIXED) and tokenizer.eos_token == "<eod>"
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["eod_token"], config["sep_token"], config["pad_token_id"], config["eos_token_id"]) == (256,) * 4
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == 256 and generation["suppress_tokens"] == list(range(262, 512))
+
+
+def test_export_of_a_run_whose_tokenizer_moved(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = Path(hf_tokenizer_file(tmp_path, ["<eod>", "<pad>"]))
+    source = make_checkpoint(tmp_path / "ckpt", TINY_HF + ["data.tokenizer.type=HuggingFaceTokenizer",
+                                                           f"data.tokenizer.model={path}"])
+    moved = path.rename(tmp_path / "moved.json")
+    with pytest.raises(SystemExit):
+        convert.main(["to-hf", "--checkpoint", str(source), "--output", str(tmp_path / "hf")])
+    assert capsys.readouterr().err == (f"error: tokenizer model not found: {path}; to-hf exports the run's tokenizer "
+                                       "(data.tokenizer): pass --tokenizer-model PATH where its file is now\n")
+    convert.main(["to-hf", "--checkpoint", str(source), "--output", str(tmp_path / "hf"), "--tokenizer-model",
+                  str(moved)])
+    exported = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert exported.encode(MIXED) == HuggingFaceTokenizer(str(moved)).encode(MIXED)
+
+
+def test_help_shows_the_whole_description(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        convert.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert info.value.code == 0
+    assert "Convert checkpoints: megamoe <-> Hugging Face (each model family's own layout: Yuan2-M32, Qwen2-MoE), " \
+           "and dense -> MoE upcycling." in out
+    assert "to-hf writes the weights, config.json, the run's tokenizer" in out and "exit 2." in out
 
 
 def _break_shard(hf_dir: Path) -> None:
@@ -103,7 +148,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["from-hf", "--hf", "{root}/moe", "--output", "{tmp}/x"], "config.json: not found"),
     (["from-hf", "--hf", "{root}/hf", "--output", "{tmp}/x", "model.hidden_size=128"],
      "model.hidden_size=128 contradicts"),
-    (["from-hf", "--hf", "{root}/hf_missing_shard", "--output", "{tmp}/x", "+exp=tiny"], "missing; the download is incomplete"),
+    (["from-hf", "--hf", "{root}/hf_missing_shard", "--output", "{tmp}/x", "+exp=tiny"],
+     "missing; the download is incomplete"),
     (["from-hf", "--hf", "{root}/hf_bad_shape", "--output", "{tmp}/x", "+exp=tiny"], "has shape [3]"),
     (["upcycle", "--dense", "{root}/moe", "--output", "{tmp}/x", "--num-experts", "4"], "model.ffn_type: the source"),
     (["upcycle", "--dense", "{root}/dense", "--output", "{tmp}/x", "--num-experts", "4", "--granularity", "3"],

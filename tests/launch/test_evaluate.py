@@ -4,6 +4,7 @@ in training for that step, deterministic, plotted by the report; and its one-lin
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,19 +59,38 @@ def test_report_plots_downstream_scores(run_dir: Path) -> None:
     assert "![downstream](downstream.png)" in summary
 
 
-@pytest.mark.parametrize(("tasks", "message"), [
-    (["demo-fr"], "error: unknown task 'demo-fr': not a built-in task (demo-zh, demo-en, demo-math)"),
-    (["BAD"], 'error: BAD:2: no "answer"; an item of this task is {"context": str'),
-    (["demo-en", "--limit", "0"], "error: --limit 0: must be >= 1"),
+@pytest.mark.parametrize(("args", "message"), [
+    (["--tasks", "demo-fr"], "error: unknown task 'demo-fr': not a built-in task (demo-zh, demo-en, demo-math)"),
+    (["--tasks", "BAD"], 'error: BAD:2: no "answer"; an item of this task is {"context": str'),
+    (["--tasks", "demo-en", "--limit", "0"], "error: --limit 0: must be >= 1"),
+    ([], "error: no task: name --tasks (built-in tasks, task files) and/or --harness-tasks"),
+    (["--tasks", "demo-en", "--harness-tasks", "demo-en"],
+     "error: task 'demo-en' is named by --tasks and --harness-tasks"),
+    (["--harness-tasks", "arc_easy", "--harness-include-path", "BAD"],
+     "error: --harness-include-path BAD: not a directory; point it at a directory of task YAML files"),
+    (["--harness-tasks", "arc_easy", "--harness-limit", "0"], "error: --harness-limit 0: must be >= 1"),
 ])
-def test_mistakes_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture, tasks: list[str],
+def test_mistakes_are_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
                                      message: str) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"context": "q", "choices": [" a", " b"], "answer": 1}\n{"context": "q", "choices": [" a", " b"]}\n')
+    bad.write_text('{"context": "q", "choices": [" a", " b"], "answer": 1}\n'
+                   '{"context": "q", "choices": [" a", " b"]}\n')
     with pytest.raises(SystemExit) as exit_:
-        main(["--checkpoint", str(tmp_path), "--tasks", *[str(bad) if t == "BAD" else t for t in tasks]])
+        main(["--checkpoint", str(tmp_path), *[str(bad) if a == "BAD" else a for a in args]])
     err = capsys.readouterr().err.replace(str(bad), "BAD")
     assert exit_.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_harness_tasks_without_the_harness_installed(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm-eval were not installed
+    monkeypatch.delitem(sys.modules, "megamoe.evaluation.harness", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", str(tmp_path), "--harness-tasks", "arc_easy,hellaswag"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: --harness-tasks needs lm-evaluation-harness, which cannot be imported (")
+    assert err.endswith("pip install -e '.[eval]'\n")
 
 
 def test_a_missing_checkpoint_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

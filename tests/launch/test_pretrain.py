@@ -15,7 +15,9 @@ import pytest
 
 from launch.pretrain import hydra_overrides
 from megamoe.parallel.mesh import grid_rank_lists, read_launch_env
+from megamoe.train.metrics import TENSORBOARD_DIR
 from tests.dist.launcher import free_port
+from tests.train.test_metrics import jsonl_scalars, tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -45,7 +47,7 @@ def test_typo_is_one_line_and_exit_2_without_launcher() -> None:
 
 
 def test_two_process_pipeline_writes_metrics_and_eval(tmp_path: Path) -> None:
-    result = _launch([*TINY, "parallel.pp=2", f"run.dir={tmp_path}"], nproc=2)
+    result = _launch([*TINY, "parallel.pp=2", f"run.dir={tmp_path}", "logging.tensorboard.enabled=true"], nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
@@ -56,6 +58,8 @@ def test_two_process_pipeline_writes_metrics_and_eval(tmp_path: Path) -> None:
     assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [4]
     assert "step 4/4" in result.stdout + result.stderr
     assert (tmp_path / "config.yaml").exists()
+    assert len(list((tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 1  # from one rank
+    assert tensorboard_scalars(tmp_path) == jsonl_scalars(tmp_path)
 
 
 def test_deepspeed_local_rank_argument_is_dropped() -> None:

@@ -62,7 +62,8 @@ def _refuse_hf(*_: object) -> None:
 TOY = ModelFamily(
     name="toy", attention=PlainAttention, attention_parts=_parts,
     attention_bytes=lambda m, act: 6 * FP32 * m.num_heads * m.head_dim, attention_cast_per_forward=lambda m: 0,
-    validate=lambda cfg: None, hf=HFAdapter("ToyForCausalLM", "toy", _refuse_hf, _refuse_hf, _refuse_hf, _refuse_hf),
+    validate=lambda cfg: None,
+    hf=HFAdapter("ToyForCausalLM", "toy", _refuse_hf, _refuse_hf, _refuse_hf, _refuse_hf, _refuse_hf),
 )
 
 

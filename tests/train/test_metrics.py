@@ -1,10 +1,12 @@
-"""Metrics: exact float round-trip in metrics.jsonl, the console line, MFU, expert load, wandb offline."""
+"""Metrics: exact float round-trip in metrics.jsonl, the console line, MFU, expert load, wandb offline,
+TensorBoard read back."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megamoe.config.schema import WandbConfig
-from megamoe.train.metrics import MetricsLogger, detect_peak_flops, expert_load_summary, mfu, peak_flops
+from megamoe.errors import UserError
+from megamoe.train.metrics import (
+    TENSORBOARD_DIR,
+    MetricsLogger,
+    detect_peak_flops,
+    expert_load_summary,
+    mfu,
+    peak_flops,
+)
+
+TENSORBOARD_ON = {"logging": {"tensorboard": {"enabled": True}}}
 
 
 def _wandb(**overrides: object) -> DictConfig:
@@ -106,3 +118,79 @@ def test_wandb_offline_writes_into_run_dir(tmp_path: Path, monkeypatch: pytest.M
     (run,) = (tmp_path / "wandb").glob("offline-run-*")
     (data,) = run.glob("run-*.wandb")
     assert data.stat().st_size > 0
+
+
+def tensorboard_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of run_dir/tensorboard as TensorBoard shows it: tag → [(step, value)], after
+    its purge of the steps a resumed run rewrote."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
+
+    events = EventAccumulator(str(run_dir / TENSORBOARD_DIR), size_guidance={"tensors": 0})
+    events.Reload()
+    scalars = {tag: [(event.step, make_ndarray(event.tensor_proto)) for event in events.Tensors(tag)]
+               for tag in events.Tags()["tensors"]}
+    return {tag: [(step, float(value)) for step, value in values] for tag, values in scalars.items()
+            if all(value.ndim == 0 for _, value in values)}  # not the expert-load image
+
+
+def jsonl_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """The same from metrics.jsonl, eval.jsonl and downstream.jsonl, under the mirrors' names."""
+    scalars: dict[str, list[tuple[int, float]]] = {}
+    files = {"metrics.jsonl": lambda r: r,
+             "eval.jsonl": lambda r: {f"eval/{k}": v for k, v in r["loss"].items()},
+             "downstream.jsonl": lambda r: {f"downstream/{t}/{m}": v for t, ms in r["tasks"].items()
+                                            for m, v in ms.items()}}
+    for name, flatten in files.items():
+        path = run_dir / name
+        for line in path.read_text().splitlines() if path.exists() else []:
+            record = json.loads(line)
+            for key, value in flatten(record).items():
+                if isinstance(value, (int, float)) and key != "step":
+                    scalars.setdefault(key, []).append((record["step"], float(value)))
+    return scalars
+
+
+def test_tensorboard_holds_the_jsonl_scalars_bit_for_bit(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path, True, _wandb(), total_steps=4, config_dict=TENSORBOARD_ON)
+    for step in (1, 2, 3):
+        logger.log_step(step, {"step": step, "loss": AWKWARD[step], "lr": 1 / 3 * step, "grad_norm": 0.1 + 0.2,
+                               "tokens_per_s": 1e5 / 7, "mfu": 0.4, "skipped": step == 2,
+                               **expert_load_summary({0: torch.tensor([3, step]), 1: torch.tensor([1, 1])})})
+    logger.log_eval(3, {"zh": 1 / 7, "en": 2 / 7})
+    logger.log_downstream(3, {"demo-en": {"acc": 0.25, "acc_norm": 1 / 3}})
+    logger.finish()
+    assert len(list((tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 1
+    scalars = tensorboard_scalars(tmp_path)
+    assert scalars == jsonl_scalars(tmp_path)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load_max", "expert_load_min", "eval/zh",
+            "downstream/demo-en/acc_norm"} <= set(scalars)
+    assert scalars["skipped"] == [(1, 0.0), (2, 1.0), (3, 0.0)]
+
+
+def test_tensorboard_of_a_resumed_run_drops_what_the_files_dropped(tmp_path: Path) -> None:
+    first = MetricsLogger(tmp_path, True, _wandb(), total_steps=4, config_dict=TENSORBOARD_ON)
+    for step in (1, 2, 3, 4):
+        first.log_step(step, {"loss": float(step)})
+    first.log_eval(4, {"zh": 4.0})
+    first.finish()
+    kept = (tmp_path / "metrics.jsonl").read_text().splitlines()[:2]  # what train.loop keeps resuming from step 2
+    (tmp_path / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    (tmp_path / "eval.jsonl").write_text("")
+    resumed = MetricsLogger(tmp_path, True, _wandb(), total_steps=4, config_dict=TENSORBOARD_ON)
+    for step in (3, 4):
+        resumed.log_step(step, {"loss": 10.0 * step})
+    resumed.finish()
+    assert tensorboard_scalars(tmp_path)["loss"] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert tensorboard_scalars(tmp_path) == {**jsonl_scalars(tmp_path), "eval/zh": []}
+
+
+def test_tensorboard_off_writes_nothing_and_a_missing_package_is_one_line(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    MetricsLogger(tmp_path / "off", True, _wandb(), total_steps=1, config_dict={}).log_step(1, {"loss": 1.0})
+    assert not (tmp_path / "off" / TENSORBOARD_DIR).exists()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    with pytest.raises(UserError, match=r"^logging.tensorboard.enabled=true but tensorboard cannot be imported .*"
+                                        r"pip install -e '.\[tensorboard\]'"):
+        MetricsLogger(tmp_path / "on", True, _wandb(), total_steps=1, config_dict=TENSORBOARD_ON)

@@ -30,6 +30,6 @@ FAMILY = ModelFamily(
     attention_bytes=accounting.attention_bytes,
     attention_cast_per_forward=accounting.cast_per_forward,
     validate=validate,
-    hf=HFAdapter("Qwen2MoeForCausalLM", "qwen2_moe", hf.to_hf, hf.from_hf, hf.hf_config, hf.config_from_hf,
-                 hf.is_ignored_hf_tensor),
+    hf=HFAdapter("Qwen2MoeForCausalLM", "qwen2_moe", hf.to_hf, hf.from_hf, hf.check_exportable, hf.hf_config,
+                 hf.config_from_hf, hf.is_ignored_hf_tensor),
 )

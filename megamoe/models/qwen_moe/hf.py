@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from omegaconf import DictConfig
 
-from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, refuse_unexportable
+from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, TokenIds, refuse_unexportable
 from megamoe.nn.attention import kv_heads
 
 Tensors = Iterable[tuple[str, torch.Tensor]]
@@ -44,10 +44,6 @@ GATE_UP = NameTable(ARCHITECTURE, {
     "layers.{i}.mlp.shared_experts.w1.weight": "model.layers.{i}.mlp.shared_expert",
 })
 HALVES = ("gate_proj.weight", "up_proj.weight")
-
-# Qwen's tokenizer (Qwen1.5 / Qwen2: vocabulary padded to 151936), written only for that vocabulary.
-QWEN_VOCAB_SIZE = 151936
-QWEN_TOKEN_IDS = {"bos_token_id": 151643, "eos_token_id": 151643}
 
 
 def is_ignored_hf_tensor(name: str, tied: bool) -> bool:
@@ -113,8 +109,9 @@ def check_exportable(cfg: DictConfig) -> None:
         (m.ffn_type != "moe", "model.ffn_type", f"'{m.ffn_type}'",
          "every layer there is MoE (upcycle a dense checkpoint first)"),
         (m.head_dim != hf_head_dim, "model.head_dim", str(m.head_dim),
-         f"its heads are hidden_size / num_heads = {hf_head_dim} wide"),
-        (m.rotary_percent != 1.0, "model.rotary_percent", str(m.rotary_percent), "it rotates whole heads"),
+         f"its heads are hidden_size / num_heads = {hf_head_dim} wide: train with model.head_dim={hf_head_dim}"),
+        (m.rotary_percent != 1.0, "model.rotary_percent", str(m.rotary_percent),
+         "it rotates whole heads: train with model.rotary_percent=1.0"),
         (not m.qkv_bias, "model.qkv_bias", "false", "its q/k/v projections always have biases"),
         (moe.router != "linear", "moe.router", f"'{moe.router}'", "its router is one linear map"),
         (moe.noisy_gating, "moe.noisy_gating", "true", "its router has no noise map"),
@@ -127,13 +124,13 @@ def check_exportable(cfg: DictConfig) -> None:
     ])
 
 
-def hf_config(cfg: DictConfig) -> dict[str, Any]:
+def hf_config(cfg: DictConfig, tokens: TokenIds) -> dict[str, Any]:
     """config.json for ``cfg`` in the keys transformers' Qwen2MoeConfig reads.
 
     Routing there is softmax over all experts → top-k → divided by their sum when
     ``norm_topk_prob``; our "topk_softmax" order equals it with ``norm_topk_prob`` true.
     ``intermediate_size`` (the width of dense layers, of which there are none) records
-    ``model.dense_ffn_hidden_size``. Token ids are Qwen's when the vocabulary is its 151936.
+    ``model.dense_ffn_hidden_size``. The token ids are the run's tokenizer's.
     """
     check_exportable(cfg)
     m, moe = cfg.model, cfg.moe
@@ -166,12 +163,14 @@ def hf_config(cfg: DictConfig) -> dict[str, Any]:
         "router_aux_loss_coef": moe.aux_loss_coeff,
         "output_router_logits": False,
         "use_cache": True,
-        **(QWEN_TOKEN_IDS if m.vocab_size == QWEN_VOCAB_SIZE else {}),
+        **tokens.llama_ids(),
     }
 
 
 def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[str, dict[str, Any]]:
-    """The ``model`` and ``moe`` config values that rebuild the architecture of a Qwen2-MoE ``config.json``.
+    """The ``model`` and ``moe`` config values that rebuild the architecture of a Qwen2-MoE ``config.json``,
+    and its training settings (hf_mapping.TRAINING_KEYS: ``initializer_range``,
+    ``router_aux_loss_coef``) when it has them.
 
     Returned as nested sections, ready for ``OmegaConf.merge``. Raises UserError naming the
     config.json key when it is missing or describes something megamoe does not build: dense
@@ -212,6 +211,7 @@ def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[
         "use_lfa": False,
         "ffn_type": "moe",
         "dense_ffn_hidden_size": get("intermediate_size"),
+        **read.present({"initializer_range": "init_std"}),
     }
     moe = {
         "num_experts": get("num_experts"),
@@ -227,5 +227,6 @@ def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[
         "num_shared_experts": 1,
         "shared_expert_ffn_hidden_size": get("shared_expert_intermediate_size"),
         "shared_expert_gate": True,
+        **read.present({"router_aux_loss_coef": "aux_loss_coeff"}),
     }
     return {"model": model, "moe": moe}

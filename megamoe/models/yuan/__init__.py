@@ -15,8 +15,8 @@ def validate(cfg: DictConfig) -> None:
     m = cfg.model
     for key, ok in (("model.num_kv_heads", m.num_kv_heads in (None, m.num_heads)), ("model.qkv_bias", not m.qkv_bias)):
         if not ok:
-            raise ConfigError(f"{key}: {getattr(m, key.split('.')[1])} is not a Yuan setting (model.family=yuan has plain "
-                              "multi-head attention without biases); use model.family=qwen_moe")
+            raise ConfigError(f"{key}: {getattr(m, key.split('.')[1])} is not a Yuan setting (model.family=yuan "
+                              "has plain multi-head attention without biases); use model.family=qwen_moe")
     if m.use_lfa and m.hidden_size % 2:
         raise ConfigError(f"model.hidden_size: {m.hidden_size} must be even for LFA (its first conv maps H → H/2)")
 
@@ -28,6 +28,6 @@ FAMILY = ModelFamily(
     attention_bytes=accounting.attention_bytes,
     attention_cast_per_forward=accounting.cast_per_forward,
     validate=validate,
-    hf=HFAdapter("YuanForCausalLM", "yuan", hf.to_hf, hf.from_hf, hf.hf_config, hf.config_from_hf,
-                 hf.is_ignored_hf_tensor),
+    hf=HFAdapter("YuanForCausalLM", "yuan", hf.to_hf, hf.from_hf, hf.check_exportable, hf.hf_config,
+                 hf.config_from_hf, hf.is_ignored_hf_tensor),
 )

@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from megamoe.checkpoint.names import split_layer_name
-from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, refuse_unexportable
+from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, TokenIds, refuse_unexportable
 from megamoe.nn.rope import rotary_dim
 
 Tensors = Iterable[tuple[str, torch.Tensor]]
@@ -47,11 +47,6 @@ QK = ("attn.q_proj.weight", "attn.k_proj.weight")  # after ``layers.{i}.``
 HF_QK = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")  # after ``model.layers.{i}.``
 
 _HF_IGNORED = re.compile(r".*rotary_emb\.inv_freq")  # a buffer some Yuan HF files persist
-
-# Ids of Yuan's sentencepiece tokenizer (docs/yuan2-m32.md §7), written only for its padded vocabulary.
-YUAN_VOCAB_SIZE = 135040
-YUAN_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 77185, "pad_token_id": 77185,
-                  "eod_token": 77185, "sep_token": 77187}
 
 
 def is_ignored_hf_tensor(name: str, tied: bool) -> bool:
@@ -80,14 +75,16 @@ def deinterleave_qk(q_proj: torch.Tensor, k_proj: torch.Tensor, num_heads: int) 
     return fused[:, 0].flatten(0, 1), fused[:, 1].flatten(0, 1)
 
 
-def _hf_qk(layer: int, pair: Optional[tuple[torch.Tensor, torch.Tensor]], num_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_qk(layer: int, pair: Optional[tuple[torch.Tensor, torch.Tensor]],
+           num_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
     if pair:
         q_proj, k_proj = interleave_qk(*pair, num_heads)
         yield f"model.layers.{layer}.self_attn.q_proj.weight", q_proj
         yield f"model.layers.{layer}.self_attn.k_proj.weight", k_proj
 
 
-def _our_qk(layer: int, pair: Optional[tuple[torch.Tensor, torch.Tensor]], num_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _our_qk(layer: int, pair: Optional[tuple[torch.Tensor, torch.Tensor]],
+            num_heads: int) -> Iterator[tuple[str, torch.Tensor]]:
     if pair:
         wq, wk = deinterleave_qk(*pair, num_heads)
         yield f"layers.{layer}.attn.q_proj.weight", wq
@@ -138,23 +135,37 @@ def check_exportable(cfg: DictConfig) -> None:
          "every layer there is MoE (upcycle a dense checkpoint first)"),
         (not m.use_lfa, "model.use_lfa", "false", "its modeling code always applies LFA"),
         (rotary_dim(m) != hf_rotary, "model.rotary_percent", f"{m.rotary_percent} (rotary dim {rotary_dim(m)})",
-         f"its code rotates hidden_size / num_heads = {hf_rotary} dims of each head"),
+         f"its code rotates hidden_size / num_heads = {hf_rotary} dims of each head; {_rotary_fix(m, hf_rotary)}"),
         (moe.router != "attention", "moe.router", f"'{moe.router}'", "it has only the attention router"),
         (moe.num_shared_experts > 0, "moe.num_shared_experts", str(moe.num_shared_experts), "it has no shared experts"),
         (moe.aux_free_bias, "moe.aux_free_bias", "true", "it has no expert-selection bias"),
-        (moe.router_mode != "token_choice", "moe.router_mode", f"'{moe.router_mode}'", "its experts are chosen per token"),
+        (moe.router_mode != "token_choice", "moe.router_mode", f"'{moe.router_mode}'",
+         "its experts are chosen per token"),
         (moe.capacity_factor is not None, "moe.capacity_factor", str(moe.capacity_factor), "it drops no token"),
     ]
     refuse_unexportable("Yuan2-M32", problems)
 
 
-def hf_config(cfg: DictConfig) -> dict[str, Any]:
+def _rotary_fix(m: Any, hf_rotary: int) -> str:
+    """The settings (train with them) that make the rotary dims the official code's: the head
+    width for the same rotary share, or the share for the same head width."""
+    fixes = []
+    if m.rotary_percent > 0 and (hf_rotary / m.rotary_percent).is_integer():
+        fixes.append(f"model.head_dim={int(hf_rotary / m.rotary_percent)}")
+    if hf_rotary <= m.head_dim:
+        fixes.append(f"model.rotary_percent={hf_rotary / m.head_dim}")
+    return "a model it can run sets " + " or ".join(fixes) if fixes else "no head width fits it"
+
+
+def hf_config(cfg: DictConfig, tokens: TokenIds) -> dict[str, Any]:
     """config.json for ``cfg`` in the keys the official modeling code reads (docs/yuan2-m32.md §7, §9).
 
     The official routing is softmax → top-k → divide by their sum when ``norm_topk_prob``; our
     "topk_softmax" order equals it with ``norm_topk_prob`` true. The official code builds its
     rotary embedding with base 10000 whatever the config says; ``rope_theta`` records ours.
-    Token ids are Yuan's tokenizer's when the vocabulary is its padded 135040, else left unset.
+    The token ids are the run's tokenizer's: the official code reads ``eod_token`` and
+    ``sep_token`` whatever the vocabulary (``sep_token`` only for a loss mask the export turns
+    off: the eod id when the tokenizer has no separator).
     """
     check_exportable(cfg)
     m, moe = cfg.model, cfg.moe
@@ -189,12 +200,15 @@ def hf_config(cfg: DictConfig) -> dict[str, Any]:
         "reset_position_ids": False,
         "output_router_logits": False,
         "use_cache": True,
-        **(YUAN_TOKEN_IDS if m.vocab_size == YUAN_VOCAB_SIZE else {"pad_token_id": None}),
+        **tokens.llama_ids(),
+        "eod_token": tokens.eod,
+        "sep_token": tokens.eod if tokens.sep is None else tokens.sep,
     }
 
 
 def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[str, dict[str, Any]]:
-    """The ``model`` and ``moe`` config values that rebuild the architecture of an HF ``config.json``.
+    """The ``model`` and ``moe`` config values that rebuild the architecture of an HF ``config.json``
+    (and its ``initializer_range``, a training setting: hf_mapping.TRAINING_KEYS).
 
     Returned as nested sections, ready for ``OmegaConf.merge``. Raises UserError naming the
     config.json key when it is missing or describes something our model cannot build (shared
@@ -213,7 +227,8 @@ def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[
         refuse("num_attention_heads", f"= {heads} does not divide hidden_size {hidden} and the projection {projection}")
     head_dim, rotary = projection // heads, hidden // heads  # the HF code rotates hidden / heads dims
     if rotary % 2 or rotary > head_dim:
-        refuse("hidden_size", f"/ num_attention_heads = {rotary} rotary dims is not an even part of head dim {head_dim}")
+        refuse("hidden_size",
+               f"/ num_attention_heads = {rotary} rotary dims is not an even part of head dim {head_dim}")
     norm_topk_prob = get("moe_config.norm_topk_prob")
     model = {
         "vocab_size": get("vocab_size"),
@@ -228,6 +243,7 @@ def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[
         "tie_embeddings": get("tie_word_embeddings", True),
         "use_lfa": True,
         "ffn_type": "moe",
+        **read.present({"initializer_range": "init_std"}),
     }
     moe = {
         "num_experts": get("moe_config.moe_num_experts"),

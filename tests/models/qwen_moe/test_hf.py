@@ -1,21 +1,26 @@
 """The Qwen2-MoE adapter against transformers' own ``Qwen2MoeForCausalLM``: the logits of an
-imported model, exact round trips through the files, our exports running in transformers, the
-release's layout and config.json, streaming, and one-line refusals."""
+imported model, exact round trips through the files, our exports running in transformers (and
+generating our text with their tokenizer), the release's layout and config.json, what from-hf
+carries over, streaming, and one-line refusals."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2MoeForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalLM
 
 from megamoe.checkpoint import hf_files, iter_model_tensors, read_config, write_model_checkpoint
 from megamoe.config import compose
 from megamoe.errors import ConfigError, UserError
+from megamoe.models.hf_mapping import TokenIds
 from megamoe.models.qwen_moe import hf
+from tests.inference.helpers import lively_model
 from tests.launch.test_convert_checkpoint import convert
+from tests.launch.test_generate import script as generate_script
 from tests.models.helpers import Tracker, load_model, model_tensors, random_model
 from tests.models.qwen_moe.conftest import Release, token_ids
 
@@ -98,6 +103,59 @@ def test_our_export_runs_in_transformers(overrides: list[str], tmp_path: Path) -
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
 
 
+def test_an_export_generates_our_greedy_text_in_transformers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """AutoModelForCausalLM + AutoTokenizer on the export, generate(do_sample=False): the text
+    launch/generate.py --greedy prints (the byte tokenizer, 262 ids in 512 embedding rows)."""
+    cfg = compose(TINY)
+    write_model_checkpoint(tmp_path / "ckpt" / "step_1", model_tensors(lively_model(TINY)), cfg)
+    convert.main(["to-hf", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "hf")])
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    capsys.readouterr()
+    for prompt in ("The ", "北京", "Alice has 12 apples"):
+        generate_script.main(["--checkpoint", str(tmp_path / "ckpt"), "--prompt", prompt, "--greedy",
+                              "--max-new-tokens", "24", "--device", "cpu"])
+        ours = capsys.readouterr().out
+        inputs = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, do_sample=False, max_new_tokens=24)
+        new = out[0, inputs["input_ids"].shape[1]:].tolist()
+        if new[-1] == tokenizer.eos_token_id:  # where ours stopped, without printing it
+            new.pop()
+        assert max(new) < 262  # the suppressed padding rows were never chosen
+        theirs = prompt + tokenizer.decode(new)
+        assert ours == theirs.rstrip(generate_script.INCOMPLETE) + "\n", prompt
+
+
+def test_from_hf_needs_no_training_key_and_carries_the_training_settings(release: Release, tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """128 positions, fewer than the default train.seq_len of 4096: a sequence length that fits,
+    said in one line; router_aux_loss_coef and initializer_range come along (and go back out),
+    unless the command line sets them."""
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(release.hf_dir, hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "router_aux_loss_coef": 0.005,
+                                                    "initializer_range": 0.0125}))
+    convert.main(["from-hf", "--hf", str(hf_dir), "--output", str(tmp_path / "plain")])
+    assert ("note: train.seq_len=128, the model's max_position_embeddings (the default 4096 does not fit); set "
+            "train.seq_len to choose another\n") in capsys.readouterr().err
+    cfg = read_config(tmp_path / "plain")
+    assert (cfg.train.seq_len, cfg.moe.aux_loss_coeff, cfg.model.init_std) == (128, 0.005, 0.0125)
+    convert.main(["to-hf", "--checkpoint", str(tmp_path / "plain"), "--output", str(tmp_path / "back")])
+    back = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (back["router_aux_loss_coef"], back["initializer_range"]) == (0.005, 0.0125)
+
+    convert.main(["from-hf", "--hf", str(hf_dir), "--output", str(tmp_path / "set"), "moe.aux_loss_coeff=0.01",
+                  "train.seq_len=64"])
+    assert "note:" not in capsys.readouterr().err
+    cfg = read_config(tmp_path / "set")
+    assert (cfg.train.seq_len, cfg.moe.aux_loss_coeff, cfg.model.init_std) == (64, 0.01, 0.0125)
+    with pytest.raises(SystemExit):
+        convert.main(["from-hf", "--hf", str(hf_dir), "--output", str(tmp_path / "long"), "train.seq_len=256"])
+    assert capsys.readouterr().err.startswith("error: train.seq_len: 256 exceeds model.max_position_embeddings=128")
+
+
 # ---- the release
 
 
@@ -108,7 +166,7 @@ def test_release_config_is_the_exp_config() -> None:
     for section, values in hf.config_from_hf(RELEASE_CONFIG).items():
         for key, value in values.items():
             assert cfg[section][key] == value, f"{section}.{key}"
-    written = hf.hf_config(cfg)
+    written = hf.hf_config(cfg, TokenIds(eod=151643))  # Qwen's <|endoftext|>
     assert {key: written[key] for key in RELEASE_CONFIG if key in written} == \
         {key: value for key, value in RELEASE_CONFIG.items() if key in written}
 
@@ -135,7 +193,7 @@ def test_release_tensors_on_the_meta_device() -> None:
 ])
 def test_config_round_trip(overrides: list[str]) -> None:
     cfg = compose(TINY + overrides)
-    for section, values in hf.config_from_hf(json.loads(json.dumps(hf.hf_config(cfg)))).items():
+    for section, values in hf.config_from_hf(json.loads(json.dumps(hf.hf_config(cfg, TokenIds(256))))).items():
         for key, value in values.items():
             assert cfg[section][key] == value, f"{section}.{key}"
 
@@ -179,8 +237,14 @@ def test_an_incomplete_pair_names_the_expert() -> None:
 ])
 def test_refuses_what_the_format_cannot_express(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        hf.hf_config(compose(TINY + [override]))
+        hf.hf_config(compose(TINY + [override]), TokenIds(256))
     assert str(info.value).startswith(f"{key}: ") and "\n" not in str(info.value)
+
+
+def test_a_refusal_names_the_setting_that_exports() -> None:
+    with pytest.raises(ConfigError, match=r"^model.head_dim: 32 .*hidden_size / num_heads = 16 wide: train with "
+                                          r"model.head_dim=16$"):
+        hf.check_exportable(compose(TINY + ["model.head_dim=32"]))
 
 
 @pytest.mark.parametrize(("change", "key"), [

@@ -22,6 +22,7 @@ from megamoe.checkpoint import hf_files
 from megamoe.checkpoint.names import model_tensor_shapes
 from megamoe.config import compose
 from megamoe.errors import ConfigError, UserError
+from megamoe.models.hf_mapping import TokenIds
 from megamoe.models.yuan import hf
 from tests.models.helpers import Tracker, model_tensors, random_model
 
@@ -64,7 +65,8 @@ def hf_reference_logits(w: dict[str, torch.Tensor], config: dict, ids: torch.Ten
         y = F.conv2d(y, w[lf + "conv1.weight"], w[lf + "conv1.bias"], padding=(1, 0))[:, :, :s]
         y = F.conv2d(y, w[lf + "conv2.weight"], w[lf + "conv2.bias"], padding=(1, 0))[:, :, :s]
         filtered = _rms(y.squeeze(-1).transpose(1, 2) + x, w[lf + "output_layernorm.weight"], eps)
-        qk = torch.cat([filtered @ w[p + "self_attn.q_proj.weight"].T, filtered @ w[p + "self_attn.k_proj.weight"].T], -1)
+        qk = torch.cat([filtered @ w[p + "self_attn.q_proj.weight"].T,
+                        filtered @ w[p + "self_attn.k_proj.weight"].T], -1)
         q, k = qk.view(b, s, heads, 2 * d).chunk(2, dim=-1)
         v = (x @ w[p + "self_attn.v_proj.weight"].T).view(b, s, heads, d)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -120,18 +122,29 @@ def test_m32_maps_to_the_released_shapes_and_config() -> None:
     shapes = {n: tuple(s) for n, s in hf_files.hf_tensor_shapes(cfg).items()}
     assert len(shapes) == 2 + 24 * (11 + 3 + 2 * 32)
     assert shapes["model.embed_tokens.weight"] == (135040, 2048)
-    assert shapes["model.layers.0.self_attn.q_proj.weight"] == shapes["model.layers.0.self_attn.k_proj.weight"] == (4096, 2048)
+    assert shapes["model.layers.0.self_attn.q_proj.weight"] == (4096, 2048)
+    assert shapes["model.layers.0.self_attn.k_proj.weight"] == (4096, 2048)
     assert shapes["model.layers.23.self_attn.o_proj.weight"] == (2048, 4096)
     assert shapes["model.layers.23.self_attn.lf_gate.conv1.weight"] == (1024, 2048, 2, 1)
     assert shapes["model.layers.23.self_attn.lf_gate.conv2.weight"] == (2048, 1024, 2, 1)
     assert shapes["model.layers.5.mlp.gate.value.weight"] == (32, 2048)
     assert shapes["model.layers.5.mlp.experts.31.w1.weight"] == (16384, 2048)
     assert shapes["model.layers.5.mlp.experts.31.w2.weight"] == (2048, 8192)
-    config = hf.hf_config(cfg)
+    config = hf.hf_config(cfg, TokenIds(eod=77185, sep=77187))  # Yuan's tokenizer: <eod>, <sep>
     assert config["attention_projection_size"] == 4096 and config["tie_word_embeddings"] is True
     assert config["moe_config"] == {"moe_num_experts": 32, "moe_top_k": 2, "ffn_hidden_size": 8192,
                                     "norm_topk_prob": True, "gated_linear_unit": True}
     assert (config["eod_token"], config["sep_token"]) == (77185, 77187)
+    assert config["bos_token_id"] == config["eos_token_id"] == config["pad_token_id"] == 77185
+
+
+@pytest.mark.parametrize(("tokens", "sep"), [(TokenIds(eod=256), 256), (TokenIds(eod=5, sep=7), 7)])
+def test_every_vocabulary_gets_the_token_ids_the_official_code_reads(tokens: TokenIds, sep: int) -> None:
+    """Not only Yuan's 135040 (its modeling code reads config.eod_token / sep_token unconditionally)."""
+    config = hf.hf_config(compose(TINY_HF), tokens)
+    assert config["vocab_size"] == 512
+    assert (config["eod_token"], config["sep_token"]) == (tokens.eod, sep)
+    assert config["bos_token_id"] == config["eos_token_id"] == config["pad_token_id"] == tokens.eod
 
 
 def test_qk_interleave_is_the_official_per_head_split() -> None:
@@ -151,7 +164,7 @@ def test_logits_equal_an_independent_hf_forward(overrides: list[str]) -> None:
     cfg = compose(TINY_HF + overrides)
     model = random_model(cfg)
     weights = dict(hf.to_hf(model_tensors(model), cfg))
-    config = json.loads(json.dumps(hf.hf_config(cfg)))  # exactly what config.json holds
+    config = json.loads(json.dumps(hf.hf_config(cfg, TokenIds(256))))  # exactly what config.json holds
     ids = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, reference = model(ids), hf_reference_logits(weights, config, ids)
@@ -163,7 +176,7 @@ def test_logits_equal_an_independent_hf_forward(overrides: list[str]) -> None:
                                              "moe.norm_topk_prob=false", "model.rotary_base=40890"]])
 def test_config_round_trip(overrides: list[str]) -> None:
     cfg = compose(TINY_HF + overrides)
-    architecture = hf.config_from_hf(json.loads(json.dumps(hf.hf_config(cfg))))
+    architecture = hf.config_from_hf(json.loads(json.dumps(hf.hf_config(cfg, TokenIds(256)))))
     for section, values in architecture.items():
         for key, value in values.items():
             assert cfg[section][key] == value, f"{section}.{key}"
@@ -188,8 +201,16 @@ def test_tensor_round_trip_is_bitwise() -> None:
 ])
 def test_refuses_what_the_format_cannot_express(override: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        hf.hf_config(compose(TINY_HF + [override]))
+        hf.hf_config(compose(TINY_HF + [override]), TokenIds(256))
     assert str(info.value).startswith(f"{key}: ") and "\n" not in str(info.value)
+
+
+def test_a_rotary_dim_it_cannot_run_names_the_settings_that_would() -> None:
+    with pytest.raises(ConfigError, match=r"^model.rotary_percent: 0.5 \(rotary dim 8\) cannot be exported to the "
+                                          r"Yuan2-M32 Hugging Face format: its code rotates hidden_size / num_heads = "
+                                          r"16 dims of each head; a model it can run sets model.head_dim=32 or "
+                                          r"model.rotary_percent=1.0$"):
+        hf.check_exportable(compose(["+exp=tiny"]))  # head_dim 16, half of it rotated
 
 
 @pytest.mark.parametrize(("change", "key"), [
@@ -201,7 +222,7 @@ def test_refuses_what_the_format_cannot_express(override: str, key: str) -> None
     (lambda c: c.update(num_attention_heads=3), "num_attention_heads"),
 ])
 def test_config_from_hf_names_the_key_it_cannot_use(change, key: str) -> None:
-    config = hf.hf_config(compose(TINY_HF))
+    config = hf.hf_config(compose(TINY_HF), TokenIds(256))
     change(config)
     with pytest.raises(UserError) as info:
         hf.config_from_hf(config, "x/config.json")
@@ -240,7 +261,8 @@ def test_writer_streams_bounded_shards(tmp_path: Path) -> None:
         assert sum(t.numel() * t.element_size() for t in shard.values()) <= max(max_shard, largest)
         loaded.update(shard)
     assert all(torch.equal(loaded[name], tensor) for name, tensor in source)
-    assert json.loads((tmp_path / "hf" / hf_files.CONFIG_FILE).read_text()) == {"model_type": "yuan", "torch_dtype": "float32"}
+    assert json.loads((tmp_path / "hf" / hf_files.CONFIG_FILE).read_text()) == {"model_type": "yuan",
+                                                                                 "torch_dtype": "float32"}
     assert sorted(name for name, _ in hf_files.iter_hf_tensors(tmp_path / "hf")) == sorted(loaded)
 
 
