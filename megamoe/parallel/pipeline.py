@@ -6,7 +6,9 @@ stages r, r + pp, r + 2·pp, … (the loop layout of torch's interleaved schedul
 2·pp − 1 − r (the V layout of ZB-V and DualPipeV, which puts the first and the last stage on
 rank 0). Each stage builds only its own layers. Stages pass ``(hidden, position_ids)`` along,
 because position ids may restart after each end-of-document token and every layer's RoPE needs
-them.
+them; with ``data.reset_attention_mask`` also the document ids, from which each stage builds
+its layers' document mask (restarted position ids alone would not show where documents start
+without ``reset_position_ids``).
 
 The engine is ``torch.distributed.pipelining`` (:data:`SCHEDULES`). The zero-bubble ones split
 a stage's backward into an input pass, from the stage's outputs to its inputs, and a later
@@ -73,11 +75,14 @@ class StageModule(nn.Module):
         self.model = model
         self.is_first, self.is_last = is_first, is_last
 
-    def forward(self, x: Tensor, position_ids: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """Hidden states: passed on with the position ids, or — on the last stage — final-normed,
-        for :meth:`loss` (the head runs there, chunked, so no stage outputs logits)."""
-        out = self.model.hidden_states(x, position_ids=position_ids)
-        return out if self.is_last else (out, position_ids)
+    def forward(self, x: Tensor, position_ids: Tensor, document_ids: Optional[Tensor] = None
+                ) -> Tensor | tuple[Tensor, ...]:
+        """Hidden states: passed on with the position ids (and the document ids), or — on the last
+        stage — final-normed, for :meth:`loss` (the head runs there, chunked, so no stage outputs logits)."""
+        out = self.model.hidden_states(x, position_ids=position_ids, document_ids=document_ids)
+        if self.is_last:
+            return out
+        return (out, position_ids) if document_ids is None else (out, position_ids, document_ids)
 
     def loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
         """Mean token cross-entropy of one micro-batch from the last stage's output (the
@@ -125,6 +130,12 @@ class TiedEmbedding:
         return {self.head_copy} if self.head_copy is not None else set()
 
 
+def stage_inputs(batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """What the first stage takes from a micro-batch: token ids, position ids and — when the run
+    keeps attention inside documents (the loader then adds them) — document ids."""
+    return tuple(batch[key] for key in ("tokens", "position_ids", "document_ids") if key in batch)
+
+
 def masked_labels(labels: Tensor, loss_mask: Tensor) -> Tensor:
     """Fold the loss mask into the labels (ignored positions = -100) so one tensor travels."""
     return labels.masked_fill(loss_mask == 0, IGNORE_INDEX)
@@ -141,12 +152,12 @@ def _example_io(cfg: DictConfig, module: StageModule, stage: int,
     b, s, m = cfg.train.micro_batch, cfg.train.seq_len, cfg.model
     dtype = next(module.parameters()).dtype
     meta = lambda *shape, dtype=dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
-    positions = meta(b, s, dtype=torch.int64)  # travels along, needs no gradient
+    ids = (meta(b, s, dtype=torch.int64),) * (2 if cfg.data.reset_attention_mask else 1)  # positions[, documents]
     hidden = meta(b, s, m.hidden_size).requires_grad_()
-    inputs = (meta(b, s, dtype=torch.int64) if stage == 0 else hidden, positions)
+    inputs = (meta(b, s, dtype=torch.int64) if stage == 0 else hidden, *ids)  # the ids need no gradient
     if stage == num_stages - 1:
         return inputs, (hidden,)  # the final-normed hidden states (fp32, like the residual stream)
-    return inputs, (hidden, positions)
+    return inputs, (hidden, *ids)
 
 
 class Schedules(NamedTuple):

@@ -8,7 +8,9 @@ choice, or a prompt) gets a row of its own, right-padded; the last stage turns t
 final-normed hidden states into scores (the schedule also computes its loss on them; it is
 dropped). The data-parallel replicas split the requests, every replica running the same
 number of batches (the expert all-to-all spans replicas), and one all-reduce gives every rank
-all the scores, so every rank computes the same metrics and rank 0 logs them.
+all the scores, so every rank computes the same metrics and rank 0 logs them. A row holds one
+request, one document: with ``data.reset_attention_mask`` every token of a row gets the same
+document id, as the single-process backend decodes each request as one document.
 
 Generation is greedy without a cache: one full forward per new token, after which the last
 stage's choice is summed over the pipeline group, so the first stage can append it. Works at
@@ -31,6 +33,7 @@ from megamoe.evaluation.scoring import Request, evaluate_task, new_tokens, pack,
 from megamoe.evaluation.tasks import GENERATION, Task, load_tasks, prepare
 from megamoe.nn.casts import compute_dtype, shared_casts
 from megamoe.nn.loss import IGNORE_INDEX
+from megamoe.parallel.pipeline import stage_inputs
 
 if TYPE_CHECKING:
     from megamoe.train.loop import Trainer
@@ -64,12 +67,16 @@ class PipelineBackend:
         trainer = self.trainer
         tokens = tokens.to(self.device)
         positions = torch.arange(self.length, device=self.device).repeat(len(tokens), 1)  # sent on: contiguous
+        inputs = {"tokens": tokens, "position_ids": positions}
+        if trainer.cfg.data.reset_attention_mask:
+            inputs["document_ids"] = torch.zeros_like(tokens)  # a request per row: one document
         if trainer.grid.pp == 1:
             micro = trainer.cfg.train.micro_batch
-            return torch.cat([_forward_local(trainer, t, p) for t, p in zip(tokens.split(micro), positions.split(micro))])
+            chunks = zip(*(t.split(micro) for t in stage_inputs(inputs)))
+            return torch.cat([_forward_local(trainer, *chunk) for chunk in chunks])
         if trainer.schedules is None:
             raise RuntimeError("downstream evaluation runs after a training step, which builds the pipeline schedules")
-        args = (tokens, positions) if trainer.modules[0].is_first else ()
+        args = stage_inputs(inputs) if trainer.modules[0].is_first else ()
         target = labels.to(self.device) if self.holds_last else None  # torch's schedules need one for their loss
         return trainer.schedules.evaluate.eval(*args, target=target, return_outputs=True)
 

@@ -48,6 +48,7 @@ from megamoe.parallel.pipeline import (
     build_schedules,
     build_stage_modules,
     masked_labels,
+    stage_inputs,
 )
 from megamoe.parallel.stall import CollectiveStall, Progress, announce, diagnose, is_communication_failure
 from megamoe.train.downstream import DownstreamEval
@@ -134,7 +135,7 @@ class Trainer:
     valid: dict
     expert_load: ExpertLoad
     tied: TiedEmbedding  # this rank's ends of a tied embedding split over stages, if any
-    eod_id: Optional[int]  # restarts position ids when data.reset_position_ids
+    eod_id: Optional[int]  # where documents end: data.reset_position_ids and data.reset_attention_mask use it
     progress: Progress = field(default_factory=Progress)  # the operation in flight, for stall reports
     schedules: Optional[Schedules] = None  # built on first use (pp > 1)
 
@@ -212,15 +213,15 @@ def rank_loader(cfg: DictConfig, grid: ProcessGrid, dataset: Dataset, eod_id: Op
     """This data-parallel rank's micro-batches of ``dataset``, ids checked against the model's vocabulary."""
     return GlobalBatchLoader(dataset, cfg.train.global_batch, cfg.train.micro_batch, grid.dp_rank, grid.dp,
                              eod_id=eod_id, reset_position_ids=cfg.data.reset_position_ids,
-                             vocab_size=cfg.model.vocab_size)
+                             vocab_size=cfg.model.vocab_size, reset_attention_mask=cfg.data.reset_attention_mask)
 
 
-def _forward_local(trainer: Trainer, tokens: Tensor, position_ids: Tensor) -> Tensor:
-    """pp = 1: run this rank's stage modules in sequence (one, or several virtual stages); the
-    last one's final-normed hidden states."""
-    x: Tensor | tuple[Tensor, Tensor] = tokens
+def _forward_local(trainer: Trainer, *inputs: Tensor) -> Tensor:
+    """pp = 1: run this rank's stage modules in sequence (one, or several virtual stages) on the
+    first stage's inputs (:func:`stage_inputs`); the last one's final-normed hidden states."""
+    x: Tensor | tuple[Tensor, ...] = inputs
     for module in trainer.modules:
-        x = module(*x) if isinstance(x, tuple) else module(x, position_ids)
+        x = module(*x)
     return x  # type: ignore[return-value]
 
 
@@ -235,14 +236,14 @@ def _run_microbatches(trainer: Trainer, microbatches: list[dict[str, Tensor]], t
     device, n = trainer.grid.device, len(microbatches)
     batch = {k: torch.cat([mb[k] for mb in microbatches]).to(device) for k in microbatches[0]}
     labels = masked_labels(batch["labels"], batch["loss_mask"])
+    inputs = stage_inputs(batch)
     if trainer.grid.pp == 1:
         MoEAuxLossBackward.set_loss_scale(1.0 / n)
         losses = []
         with torch.set_grad_enabled(train):
-            for i, (tokens, pos, target) in enumerate(zip(*(t.chunk(n) for t in (batch["tokens"], batch["position_ids"],
-                                                                                  labels)))):
+            for i, (target, *micro_inputs) in enumerate(zip(*(t.chunk(n) for t in (labels, *inputs)))):
                 with trainer.autocast():
-                    loss = trainer.modules[-1].loss(_forward_local(trainer, tokens, pos), target)
+                    loss = trainer.modules[-1].loss(_forward_local(trainer, *micro_inputs), target)
                 if train:
                     if i == n - 1:  # the last backward: buckets may start reducing as their gradients are final
                         for module in trainer.modules:
@@ -256,7 +257,7 @@ def _run_microbatches(trainer: Trainer, microbatches: list[dict[str, Tensor]], t
     run = trainer.schedules.train.step if train else trainer.schedules.evaluate.eval
     losses: list[Tensor] = []
     holds_first, holds_last = trainer.modules[0].is_first, trainer.modules[-1].is_last  # both on a V's rank 0
-    args = (batch["tokens"], batch["position_ids"]) if holds_first else ()
+    args = inputs if holds_first else ()
     target = labels if holds_last else None
     # return_outputs=False: the last stage keeps no micro-batch's output past its backward
     with torch.set_grad_enabled(train), trainer.autocast():
