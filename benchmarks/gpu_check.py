@@ -14,14 +14,14 @@ then the last line is one JSON object with every figure:
    torch's fused AdamW) makes the same update as torch's reference AdamW.
 5. ``memory_vs_estimate`` — the peak memory of 2 proxy steps against megamoe.models.memory's
    estimate: within 15%.
-6. ``document_attention`` — attention inside documents (``data.reset_attention_mask``) at M32's
+6. ``mfu`` — MFU of an M32-shaped slice (hidden 2048, 16 heads × 256, 32 experts top-2, expert
+   FFN 8192, seq 4096, bf16) with as many layers as fit the GPU and the recompute mode the
+   estimator and planner advise; target ≥ 45% on H100 / H200.
+7. ``document_attention`` — attention inside documents (``data.reset_attention_mask``) at M32's
    shape (16 heads × 256, 4096 tokens of ~4 documents, bf16): the flex-attention path equals SDPA
    under the dense mask, forward and gradients, and is not slower than torch's varlen
    (FlashAttention) kernel by more than 10% — the choice megamoe.nn.documents made; its time
    against plain causal flash attention is reported.
-7. ``mfu`` — MFU of an M32-shaped slice (hidden 2048, 16 heads × 256, 32 experts top-2, expert
-   FFN 8192, seq 4096, bf16) with as many layers as fit the GPU and the recompute mode the
-   estimator and planner advise; target ≥ 45% on H100 / H200.
 
 ``--dry-run`` runs every check's code on the CPU at tiny shapes — the comparisons included, the
 speed figures meaningless — so the script cannot rot: tests/benchmarks/test_gpu_check.py runs it.
@@ -44,7 +44,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from megamoe.config import compose
 from megamoe.config.schema import as_object
 from megamoe.models import build_stage, memory
-from megamoe.nn.documents import Documents, dense_mask
 from megamoe.nn.moe import ExpertBank
 from megamoe.parallel.mesh import init_grid, shutdown
 from megamoe.parallel.planner import Hardware, Layout, evaluate
@@ -298,6 +297,8 @@ def check_mfu(sizes: Sizes, device: torch.device) -> Check:
 
 
 def check_document_attention(sizes: Sizes, device: torch.device) -> Check:
+    from megamoe.nn.documents import Documents, dense_mask
+
     cfg = compose(list(sizes.m32_slice))
     heads, head_dim, s = cfg.model.num_heads, cfg.model.head_dim, cfg.train.seq_len
     generator = torch.Generator().manual_seed(0)
@@ -344,8 +345,8 @@ def _varlen_documents(ids: torch.Tensor) -> Callable[..., torch.Tensor]:
     return attend
 
 
-CHECKS = (check_bf16_tracks_fp32, check_grouped_gemm, check_flash_sdpa, check_fused_adamw, check_memory,
-          check_document_attention, check_mfu)
+CHECKS = (check_bf16_tracks_fp32, check_grouped_gemm, check_flash_sdpa, check_fused_adamw, check_memory, check_mfu,
+          check_document_attention)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

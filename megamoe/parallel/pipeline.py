@@ -6,9 +6,7 @@ stages r, r + pp, r + 2·pp, … (the loop layout of torch's interleaved schedul
 2·pp − 1 − r (the V layout of ZB-V and DualPipeV, which puts the first and the last stage on
 rank 0). Each stage builds only its own layers. Stages pass ``(hidden, position_ids)`` along,
 because position ids may restart after each end-of-document token and every layer's RoPE needs
-them; with ``data.reset_attention_mask`` also the document ids, from which each stage builds
-its layers' document mask (restarted position ids alone would not show where documents start
-without ``reset_position_ids``).
+them.
 
 The engine is ``torch.distributed.pipelining`` (:data:`SCHEDULES`). The zero-bubble ones split
 a stage's backward into an input pass, from the stage's outputs to its inputs, and a later
@@ -19,6 +17,10 @@ gradient and into the router's saved gradients, once. The first stage, whose inp
 ids) take no gradient, runs its whole backward in the weight pass. With pp = 1 there is no
 pipeline: the trainer runs micro-batches in a plain gradient-accumulation loop, which is the
 same math without any point-to-point traffic.
+
+With ``data.reset_attention_mask`` the stages also pass the document ids [b, s] along, after
+the position ids (which show where documents start only with ``reset_position_ids``), and each
+stage builds its layers' document mask from them: every shape stays static (:func:`_example_io`).
 """
 
 from __future__ import annotations

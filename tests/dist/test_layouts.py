@@ -188,7 +188,7 @@ def test_layout_matches_single_process(layout: str, feature: str, references: Ca
     if feature == "capacity":  # the last micro-batch alone dropped some assignments
         assert reference["dropped"] > 0
     results = _run(world_size, [*overrides, *features(feature)], torch.float64)
-    cfg = compose([*BASE, *overrides, *features(feature)])
+    cfg = compose([*BASE, *overrides, *FEATURES[feature]])
     ranges = balance.layer_ranges(balance.stage_layers(cfg))
     for result in results:  # each stage built the layers the config's split gives it
         assert result["layers"] == [list(ranges[s]) for s in balance.stage_indices(cfg, result["pp_rank"])]
