@@ -147,3 +147,29 @@ def test_decoding_with_a_cache_takes_no_documents() -> None:
     model = build_stage(compose(["+exp=tiny"]))
     with pytest.raises(ValueError, match="one document per row"):
         model(torch.zeros(1, 4, dtype=torch.long), cache=KVCache(), document_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")  # eager: the reference
+def test_compiled_attention_takes_each_micro_batchs_documents_without_recompiling(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.compile=block: the compiled attention block equals eager under new documents every
+    call, on one graph; and compiled flex takes a new BlockMask (a new mask_mod closure) every
+    call without recompiling — what the CUDA path relies on (flex compiles on the CPU for forward)."""
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    model = random_model(compose(["+exp=tiny"]))
+    attn = model.layers["0"].attn
+    compiled = torch.compile(attn)
+    rope = model.rotary(torch.arange(SEQ).expand(3, -1))
+    for seed in range(3):
+        x = torch.randn(3, SEQ, 64, generator=torch.Generator().manual_seed(seed))
+        tokens = packed_rows().roll(seed, dims=1)
+        documents = Documents(ids_of(tokens))
+        torch.testing.assert_close(compiled(x, rope, documents=documents), attn(x, rope, documents=documents))
+    flex = torch.compile(flex_attention)
+    with torch.no_grad():
+        for seed in range(3):
+            q = torch.randn(3, 4, SEQ, 16, generator=torch.Generator().manual_seed(seed))
+            mask = block_mask(ids_of(packed_rows().roll(seed, dims=1)), 16)
+            torch.testing.assert_close(flex(q, q, q, block_mask=mask), flex_attention(q, q, q, block_mask=mask))
