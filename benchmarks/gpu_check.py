@@ -17,6 +17,11 @@ then the last line is one JSON object with every figure:
 6. ``mfu`` — MFU of an M32-shaped slice (hidden 2048, 16 heads × 256, 32 experts top-2, expert
    FFN 8192, seq 4096, bf16) with as many layers as fit the GPU and the recompute mode the
    estimator and planner advise; target ≥ 45% on H100 / H200.
+7. ``document_attention`` — attention inside documents (``data.reset_attention_mask``) at M32's
+   shape (16 heads × 256, 4096 tokens of ~4 documents, bf16): the flex-attention path equals SDPA
+   under the dense mask, forward and gradients, and is not slower than torch's varlen
+   (FlashAttention) kernel by more than 10% — the choice megamoe.nn.documents made; its time
+   against plain causal flash attention is reported.
 
 ``--dry-run`` runs every check's code on the CPU at tiny shapes — the comparisons included, the
 speed figures meaningless — so the script cannot rot: tests/benchmarks/test_gpu_check.py runs it.
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from megamoe.config import compose
@@ -292,7 +298,57 @@ def check_mfu(sizes: Sizes, device: torch.device) -> Check:
                   "mfu": achieved, "peak_tflops": hw.peak_tflops})
 
 
-CHECKS = (check_bf16_tracks_fp32, check_grouped_gemm, check_flash_sdpa, check_fused_adamw, check_memory, check_mfu)
+def check_document_attention(sizes: Sizes, device: torch.device) -> Check:
+    from megamoe.nn.documents import Documents, dense_mask
+
+    cfg = compose(list(sizes.m32_slice))
+    heads, head_dim, s = cfg.model.num_heads, cfg.model.head_dim, cfg.train.seq_len
+    generator = torch.Generator().manual_seed(0)
+    ends = torch.rand(1, s, generator=generator) < 4 / s  # ~4 documents per row, of random lengths
+    ids = (ends.cumsum(1) - ends.long()).to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(1, heads, s, head_dim, generator=generator).to(device, dtype) for _ in range(3))
+    documents, mask = Documents(ids), dense_mask(ids)  # flex on CUDA (the CPU dry run: the dense mask)
+
+    def run(attend: Callable[..., torch.Tensor]) -> list[torch.Tensor]:
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*inputs)
+        out.float().square().mean().backward()
+        return [out, *(t.grad for t in inputs)]
+
+    kernels = {"documents": lambda *qkv: documents.attention(*qkv, gqa=False),
+               "causal": lambda *qkv: F.scaled_dot_product_attention(*qkv, is_causal=True)}
+    if device.type == "cuda":
+        kernels["varlen"] = _varlen_documents(ids)
+    reference = run(lambda *qkv: F.scaled_dot_product_attention(*qkv, attn_mask=mask))
+    error = max(_relative_error(a, b) for a, b in zip(run(kernels["documents"]), reference))
+    ms = {name: 1e3 * _timed(lambda fn=fn: run(fn), device) for name, fn in kernels.items()}
+    fastest = "varlen" not in ms or ms["documents"] <= 1.1 * ms["varlen"]
+    versus = f", varlen {ms['varlen']:.2f} ms (flex ≤ 1.1 × varlen)" if "varlen" in ms else ""
+    return Check("document_attention", error <= 2e-2 and fastest,
+                 f"{int(ids.max()) + 1} documents in {s} tokens: max relative error {error:.1e} vs SDPA's dense mask "
+                 f"(≤ 2e-2); forward + backward {ms['documents']:.2f} ms{versus}, plain causal {ms['causal']:.2f} ms",
+                 {"documents": int(ids.max()) + 1, "max_relative_error": error,
+                  **{f"{name}_ms": t for name, t in ms.items()}})
+
+
+def _varlen_documents(ids: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """torch's varlen attention over the documents of one row (the alternative to flex)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    starts = torch.nonzero(torch.diff(ids[0], prepend=ids[0, :1] - 1)).flatten()
+    cu = torch.cat([starts, starts.new_tensor([ids.shape[1]])]).to(torch.int32)
+    longest = int(cu.diff().max())
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        packed = [t[0].transpose(0, 1).contiguous() for t in (q, k, v)]  # [s, heads, d]
+        return varlen_attn(*packed, cu, cu, longest, longest, window_size=(-1, 0)).transpose(0, 1)[None]
+
+    return attend
+
+
+CHECKS = (check_bf16_tracks_fp32, check_grouped_gemm, check_flash_sdpa, check_fused_adamw, check_memory, check_mfu,
+          check_document_attention)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

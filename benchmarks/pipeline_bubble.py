@@ -77,7 +77,7 @@ def measure(args: argparse.Namespace, schedule: str, microbatches: int, world_si
     trainer = build_trainer(cfg, grid)
     batches = iter(trainer.loader)
     train_step(trainer, next(batches))  # warm-up; builds the schedule and its stages
-    train = trainer.schedules.train
+    train = trainer.runner.schedules.train
     clocks = [ComputeClock(stage) for stage in getattr(train, "_stages", None) or [train._stage]]
     dist.barrier()
     start = time.perf_counter()

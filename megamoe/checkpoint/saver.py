@@ -118,6 +118,7 @@ def take_snapshot(state: TrainingState, save_id: int, host_buffers: Optional[dic
         "loader": state.data.state_dict(),  # consumed samples
         "global_batch": state.cfg.train.global_batch,
         "data_stream": state.data_stream,  # a resume that changes it would read other samples
+        "reset_attention_mask": state.cfg.data.reset_attention_mask,  # a resume may flip it: said in the log
         "optimizer_group_steps": [group.get("step") for group in state.optimizer.param_groups],  # apex keeps it here
     }
     return Snapshot(save_id, step, model, optim, rng_bytes(), checked, int(needed.item()), counters, layout_of(state),

@@ -275,7 +275,8 @@ def _check_data_stream(state: TrainingState, ckpt_dir: Path, manifest: Manifest)
     """Resume only into the same sample stream, unless checkpoint.allow_data_change says otherwise.
 
     The global batch may change: the next step starts at the same consumed sample (Megatron's
-    rule), so no sample is repeated or skipped.
+    rule), so no sample is repeated or skipped. ``data.reset_attention_mask`` may change too (a
+    phase that starts masking documents): the weights fit either, and the log says so.
     """
     saved, cfg = manifest.state, state.cfg
     consumed = saved["loader"]["consumed_samples"]
@@ -290,6 +291,10 @@ def _check_data_stream(state: TrainingState, ckpt_dir: Path, manifest: Manifest)
     if before != cfg.train.global_batch:
         log(state, f"train.global_batch changed from {before} to {cfg.train.global_batch}: "
                       f"continuing at sample {consumed} of the same stream")
+    masked = cfg.data.reset_attention_mask
+    if saved.get("reset_attention_mask", False) != masked:  # older checkpoints: attention crossed documents
+        log(state, f"data.reset_attention_mask changed to {str(masked).lower()} since this checkpoint: the weights "
+                   f"carry over; attention now {'stays inside each document' if masked else 'crosses documents'}")
 
 
 def _restore_rng_or_reseed(state: TrainingState, ckpt_dir: Path, manifest: Manifest) -> None:

@@ -113,7 +113,10 @@ class DataConfig:
     split: str = "98,1,1"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     cache_dir: Optional[str] = None  # where index .npy files go; default next to the data
-    reset_position_ids: bool = False
+    reset_position_ids: bool = False  # position ids restart at 0 after each end-of-document token
+    # No token attends across an end-of-document token (nor does Yuan's LFA filter look across it): each
+    # document of a packed sample computes what it computes alone (megamoe.nn.documents, docs/data.md).
+    reset_attention_mask: bool = False
 
 
 @dataclass

@@ -158,6 +158,9 @@ def _validate_data(cfg: DictConfig) -> None:
     for i, src in enumerate(d.sources):
         _check(src.weight > 0, f"data.sources[{i}].weight", f"{src.weight} must be > 0")
         _check(0.0 <= src.fim_rate <= 1.0, f"data.sources[{i}].fim_rate", f"{src.fim_rate} must be in [0, 1]")
+    _check(not (d.reset_attention_mask and d.kind == "mock"), "data.reset_attention_mask",
+           "true needs end-of-document tokens to find the documents, but data.kind=mock has none; "
+           "train on indexed data or set it to false")
     parts = d.split.replace("/", ",").split(",")
     ok = len(parts) == 3 and all(x.strip().replace(".", "", 1).isdigit() for x in parts)
     _check(ok and sum(float(x) for x in parts) > 0, "data.split",

@@ -41,13 +41,22 @@ def position_ids(tokens: np.ndarray, eod_id: Optional[int]) -> np.ndarray:
     return pos - doc_start
 
 
+def document_ids(tokens: np.ndarray, eod_id: int) -> np.ndarray:
+    """Each token's document in its row: 0 for the first, one more after each end-of-document
+    token, which belongs to the document it ends (megamoe.nn.documents)."""
+    is_eod = tokens == eod_id
+    return (np.cumsum(is_eod, axis=1) - is_eod).astype(np.int64)
+
+
 class GlobalBatchLoader:
     """Yields, per training step, this data-parallel rank's micro-batches of the global batch.
 
     Each micro-batch holds ``tokens`` and ``labels`` (the next tokens) ``[micro_batch, seq_len]``
     int64, ``loss_mask`` (float32 ones) and ``position_ids`` int64, which restart after every
     ``eod_id`` when ``reset_position_ids`` (data without an eod token, e.g. mock, has nothing
-    to restart). Iteration stops when the dataset cannot fill another global batch.
+    to restart); with ``reset_attention_mask`` also ``document_ids`` int64 (:func:`document_ids`),
+    which keep attention inside each document. Iteration stops when the dataset cannot fill
+    another global batch.
 
     With ``vocab_size``, every micro-batch's largest id is checked on the host: an id the
     embedding cannot hold would otherwise fail mid-step with a bare IndexError (on a GPU, a
@@ -56,16 +65,19 @@ class GlobalBatchLoader:
 
     def __init__(self, dataset: Dataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int,
                  consumed_samples: int = 0, eod_id: Optional[int] = None, reset_position_ids: bool = False,
-                 vocab_size: Optional[int] = None) -> None:
+                 vocab_size: Optional[int] = None, reset_attention_mask: bool = False) -> None:
         if global_batch % (micro_batch * dp_size):
             raise ValueError(f"global batch {global_batch} is not a multiple of micro batch {micro_batch} "
                              f"× data-parallel size {dp_size}")
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"data-parallel rank {dp_rank} outside [0, {dp_size})")
+        if reset_attention_mask and eod_id is None:
+            raise ValueError("reset_attention_mask finds the documents by their end-of-document token: give eod_id")
         self.dataset, self.global_batch, self.micro_batch = dataset, global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.consumed_samples = consumed_samples
         self.reset_eod = eod_id if reset_position_ids else None
+        self.document_eod = eod_id if reset_attention_mask else None
         self.vocab_size = vocab_size
 
     def __iter__(self) -> Iterator[list[Batch]]:
@@ -82,12 +94,15 @@ class GlobalBatchLoader:
         if self.vocab_size is not None and samples.max(initial=0) >= self.vocab_size:
             self._out_of_vocab(indices, samples)
         tokens, labels = samples[:, :-1], samples[:, 1:]
-        return {
+        batch = {
             "tokens": torch.from_numpy(np.ascontiguousarray(tokens)),
             "labels": torch.from_numpy(np.ascontiguousarray(labels)),
             "loss_mask": torch.ones(tokens.shape, dtype=torch.float32),
             "position_ids": torch.from_numpy(position_ids(tokens, self.reset_eod)),
         }
+        if self.document_eod is not None:
+            batch["document_ids"] = torch.from_numpy(document_ids(tokens, self.document_eod))
+        return batch
 
     def _out_of_vocab(self, indices: range, samples: np.ndarray) -> None:
         row = int(np.argmax(samples.max(axis=1) >= self.vocab_size))

@@ -9,6 +9,8 @@ repeated K/V — so autograd saves K and V at their own, smaller size.
 With a :class:`~megamoe.nn.kv_cache.LayerCache` (incremental decoding) the queries are the new
 positions only and the keys the cached ones plus the new: SDPA's ``is_causal`` would align the
 mask to the top-left corner, so the cache's explicit mask (causal offset, key padding) is used.
+With :class:`~megamoe.nn.documents.Documents` (``data.reset_attention_mask``) each query sees
+the keys of its own document only.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from megamoe.config.schema import ModelConfig
+from megamoe.nn.documents import Documents
 from megamoe.nn.kv_cache import LayerCache
 from megamoe.nn.rope import apply_rotary
 
@@ -34,17 +37,20 @@ def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                     cache: Optional[LayerCache] = None) -> torch.Tensor:
+                     cache: Optional[LayerCache] = None, documents: Optional[Documents] = None) -> torch.Tensor:
     """q [b, heads, s, d], k and v [b, kv_heads, s, d] → [b, s, heads·d]: RoPE on q and k (the
     first cos.shape[-1] dims of each head), causal softmax(q·kᵀ / √d)·v per query head.
 
     With ``cache`` the s positions follow the cached ones: k and v join the cache (after RoPE)
-    and the queries attend to every cached and new key the cache's mask allows."""
+    and the queries attend to every cached and new key the cache's mask allows. With
+    ``documents`` a query attends to the keys of its own document only."""
     q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
     gqa = k.shape[1] != q.shape[1]
-    if cache is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    else:
+    if cache is not None:
         k, v = cache.append(k, v)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, enable_gqa=gqa)
+    elif documents is not None:
+        out = documents.attention(q, k, v, gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     return out.transpose(1, 2).flatten(2)

@@ -16,11 +16,13 @@ Tensor names are the families' common checkpoint layout: ``embed.weight``,
 
 ``forward(x, position_ids, cache)`` with a :class:`~megamoe.nn.kv_cache.KVCache` decodes
 incrementally (x continues the cached positions; megamoe.inference); without one it is the
-training computation, unchanged.
+training computation, unchanged. ``document_ids`` (``data.reset_attention_mask``) keep every
+layer's attention inside each document of a packed row (megamoe.nn.documents).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -29,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from megamoe.config.schema import ModelConfig, MoEConfig
+from megamoe.nn.documents import Documents
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.init import seeded_normal_
 from megamoe.nn.kv_cache import KVCache, LayerCache
@@ -38,8 +41,9 @@ from megamoe.nn.norms import RMSNorm
 from megamoe.nn.rope import RotaryEmbedding, rotary_dim
 
 # An attention block: built from the model section; forward(normed hidden [b, s, H], (cos, sin)) → [b, s, H]
-# (generation also passes a third argument, the layer's LayerCache: megamoe.nn.kv_cache);
-# reset_parameters(std, *key) initialises it from its global identity.
+# (generation also passes a third argument, the layer's LayerCache: megamoe.nn.kv_cache; training with
+# data.reset_attention_mask passes documents=Documents: megamoe.nn.documents); reset_parameters(std, *key)
+# initialises it from its global identity.
 AttentionFactory = Callable[[ModelConfig], nn.Module]
 
 
@@ -76,14 +80,15 @@ class DecoderLayer(nn.Module):
             self.mlp.reset_parameters(std, *key, "mlp")
 
     def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: Optional[LayerCache] = None) -> torch.Tensor:
+                cache: Optional[LayerCache] = None, documents: Optional[Documents] = None) -> torch.Tensor:
         x = self.input_norm(h)
+        attn = self.attn if documents is None else partial(self.attn, documents=documents)
         if cache is not None:
             h = h + self.attn(x, rope, cache)
         elif self.recompute_attention and torch.is_grad_enabled():
-            h = h + checkpoint(self.attn, x, rope, use_reentrant=False)
+            h = h + checkpoint(attn, x, rope, use_reentrant=False)
         else:
-            h = h + self.attn(x, rope)
+            h = h + attn(x, rope)
         return h + self.mlp(self.post_attn_norm(h))
 
 
@@ -129,33 +134,38 @@ class Decoder(nn.Module):
             seeded_normal_(self.lm_head.weight, self.init_std, seed, head_key, "weight")
 
     def forward(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [b, s, V] on the last stage (inference, evaluation, HF conversion), else hidden
         states [b, s, H]. Training never builds the logits: it feeds :meth:`hidden_states` and
         :attr:`head_weight` to megamoe.nn.loss.chunked_lm_loss."""
-        h = self.hidden_states(x, position_ids, cache)
+        h = self.hidden_states(x, position_ids, cache, document_ids)
         return F.linear(h, self.head_weight) if self.post_process else h
 
     def hidden_states(self, x: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
-                      cache: Optional[KVCache] = None) -> torch.Tensor:
+                      cache: Optional[KVCache] = None, document_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: token ids [b, s] on the first stage, else hidden states [b, s, H] → hidden states
         [b, s, H], final-normed on the last stage (the head's input).
 
         position_ids [b, s] default to 0..s-1; pass restarted ones for ``reset_position_ids``,
         and with ``cache`` the ones ``cache.advance`` returned for these positions.
+        document_ids [b, s] (``reset_attention_mask``; not with ``cache``, which decodes one
+        document per row) keep attention inside each document.
         """
+        if cache is not None and document_ids is not None:
+            raise ValueError("decoding with a KV cache takes one document per row: no document_ids")
         h = self.embed(x) if self.embed is not None else x
         if position_ids is None:
             position_ids = torch.arange(h.shape[1], device=h.device).expand(h.shape[0], -1)
         rope = self.rotary(position_ids)
+        documents = Documents(document_ids) if document_ids is not None else None
         recompute = self.recompute_layers and torch.is_grad_enabled()
         for layer in self.layers.values():
             if cache is not None:
                 h = layer(h, rope, cache.layer(layer.layer_index))
             elif recompute:
-                h = checkpoint(layer, h, rope, use_reentrant=False)
+                h = checkpoint(layer, h, rope, use_reentrant=False, documents=documents)
             else:
-                h = layer(h, rope)
+                h = layer(h, rope, documents=documents)
         return self.final_norm(h) if self.post_process else h
 
     @property

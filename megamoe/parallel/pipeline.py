@@ -15,6 +15,10 @@ gradient and into the router's saved gradients, once. The first stage, whose inp
 ids) take no gradient, runs its whole backward in the weight pass. With pp = 1 there is no
 pipeline: the trainer runs micro-batches in a plain gradient-accumulation loop, which is the
 same math without any point-to-point traffic.
+
+With ``data.reset_attention_mask`` the stages also pass the document ids [b, s] along, after
+the position ids (which show where documents start only with ``reset_position_ids``), and each
+stage builds its layers' document mask from them: every shape stays static (:func:`_example_io`).
 """
 
 from __future__ import annotations
@@ -63,11 +67,14 @@ class StageModule(nn.Module):
         self.model = model
         self.is_first, self.is_last = is_first, is_last
 
-    def forward(self, x: Tensor, position_ids: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        """Hidden states: passed on with the position ids, or — on the last stage — final-normed,
-        for :meth:`loss` (the head runs there, chunked, so no stage outputs logits)."""
-        out = self.model.hidden_states(x, position_ids=position_ids)
-        return out if self.is_last else (out, position_ids)
+    def forward(self, x: Tensor, position_ids: Tensor, document_ids: Optional[Tensor] = None
+                ) -> Tensor | tuple[Tensor, ...]:
+        """Hidden states: passed on with the position ids (and the document ids), or — on the last
+        stage — final-normed, for :meth:`loss` (the head runs there, chunked, so no stage outputs logits)."""
+        out = self.model.hidden_states(x, position_ids=position_ids, document_ids=document_ids)
+        if self.is_last:
+            return out
+        return (out, position_ids) if document_ids is None else (out, position_ids, document_ids)
 
     def loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
         """Mean token cross-entropy of one micro-batch from the last stage's output (the
@@ -115,6 +122,12 @@ class TiedEmbedding:
         return {self.head_copy} if self.head_copy is not None else set()
 
 
+def stage_inputs(batch: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """What the first stage takes from a micro-batch: token ids, position ids and — when the run
+    keeps attention inside documents (the loader then adds them) — document ids."""
+    return tuple(batch[key] for key in ("tokens", "position_ids", "document_ids") if key in batch)
+
+
 def masked_labels(labels: Tensor, loss_mask: Tensor) -> Tensor:
     """Fold the loss mask into the labels (ignored positions = -100) so one tensor travels."""
     return labels.masked_fill(loss_mask == 0, IGNORE_INDEX)
@@ -131,12 +144,12 @@ def _example_io(cfg: DictConfig, module: StageModule, stage: int,
     b, s, m = cfg.train.micro_batch, cfg.train.seq_len, cfg.model
     dtype = next(module.parameters()).dtype
     meta = lambda *shape, dtype=dtype: torch.empty(shape, dtype=dtype, device="meta")  # noqa: E731
-    positions = meta(b, s, dtype=torch.int64)  # travels along, needs no gradient
+    ids = (meta(b, s, dtype=torch.int64),) * (2 if cfg.data.reset_attention_mask else 1)  # positions[, documents]
     hidden = meta(b, s, m.hidden_size).requires_grad_()
-    inputs = (meta(b, s, dtype=torch.int64) if stage == 0 else hidden, positions)
+    inputs = (meta(b, s, dtype=torch.int64) if stage == 0 else hidden, *ids)  # the ids need no gradient
     if stage == num_stages - 1:
         return inputs, (hidden,)  # the final-normed hidden states (fp32, like the residual stream)
-    return inputs, (hidden, positions)
+    return inputs, (hidden, *ids)
 
 
 class Schedules(NamedTuple):

@@ -8,7 +8,9 @@ choice, or a prompt) gets a row of its own, right-padded; the last stage turns t
 final-normed hidden states into scores (the schedule also computes its loss on them; it is
 dropped). The data-parallel replicas split the requests, every replica running the same
 number of batches (the expert all-to-all spans replicas), and one all-reduce gives every rank
-all the scores, so every rank computes the same metrics and rank 0 logs them.
+all the scores, so every rank computes the same metrics and rank 0 logs them. A row holds one
+request, one document: with ``data.reset_attention_mask`` every token of a row gets the same
+document id, as the single-process backend decodes each request as one document.
 
 Generation is greedy without a cache: one full forward per new token, after which the last
 stage's choice is summed over the pipeline group, so the first stage can append it. Works at
@@ -31,6 +33,7 @@ from megamoe.evaluation.scoring import Request, evaluate_task, new_tokens, pack,
 from megamoe.evaluation.tasks import GENERATION, Task, load_tasks, prepare
 from megamoe.nn.casts import compute_dtype, shared_casts
 from megamoe.nn.loss import IGNORE_INDEX
+from megamoe.parallel.pipeline import stage_inputs
 from megamoe.train.step import evaluating
 from megamoe.train.trainer import Trainer
 
@@ -58,8 +61,12 @@ class PipelineBackend:
 
     def _hidden(self, tokens: Tensor, labels: Tensor) -> Optional[Tensor]:
         """The last stage's final-normed hidden states of ``tokens`` [rows, length]; None elsewhere."""
+        tokens = tokens.to(self.device)
         positions = torch.arange(self.length, device=self.device).repeat(len(tokens), 1)  # sent on: contiguous
-        return self.trainer.runner.hidden_states(tokens.to(self.device), positions, labels.to(self.device))
+        inputs = {"tokens": tokens, "position_ids": positions}
+        if self.trainer.cfg.data.reset_attention_mask:
+            inputs["document_ids"] = torch.zeros_like(tokens)  # a request per row: one document
+        return self.trainer.runner.hidden_states(stage_inputs(inputs), labels.to(self.device))
 
     def _share(self, values: Tensor) -> Tensor:
         """Every rank's copy of ``values``, which the last stage's replicas filled in disjoint parts."""

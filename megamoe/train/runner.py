@@ -30,7 +30,7 @@ from megamoe.nn.casts import autocast, shared_casts
 from megamoe.nn.moe.layer import MoEAuxLossBackward
 from megamoe.parallel.grads import GradSync
 from megamoe.parallel.mesh import ProcessGrid
-from megamoe.parallel.pipeline import Schedules, StageModule, build_schedules, masked_labels
+from megamoe.parallel.pipeline import Schedules, StageModule, build_schedules, masked_labels, stage_inputs
 
 Batch = dict[str, Tensor]  # a micro-batch: tokens, labels, loss_mask, position_ids [micro_batch, seq_len]
 
@@ -58,20 +58,22 @@ class Runner(ABC):
         batch = {k: torch.cat([mb[k] for mb in microbatches]).to(self.device) for k in microbatches[0]}
         labels = masked_labels(batch["labels"], batch["loss_mask"])
         with torch.set_grad_enabled(train):
-            return self._run(batch["tokens"], batch["position_ids"], labels, len(microbatches), train)
+            return self._run(stage_inputs(batch), labels, len(microbatches), train)
 
     @abstractmethod
-    def _run(self, tokens: Tensor, position_ids: Tensor, labels: Tensor, n: int, train: bool) -> Optional[Tensor]:
-        """:meth:`run` on the concatenated micro-batches (n of them) on this rank's device."""
+    def _run(self, inputs: tuple[Tensor, ...], labels: Tensor, n: int, train: bool) -> Optional[Tensor]:
+        """:meth:`run` on the first stage's inputs (:func:`stage_inputs`) of the concatenated
+        micro-batches (n of them) on this rank's device."""
 
     @abstractmethod
     def grad_divisor(self, num_microbatches: int) -> int:
         """What the step's summed gradients are divided by, besides the data-parallel size."""
 
     @abstractmethod
-    def hidden_states(self, tokens: Tensor, position_ids: Tensor, labels: Tensor) -> Optional[Tensor]:
-        """The last stage's final-normed hidden states of ``tokens`` [rows, seq] (the schedule's
-        rows: num_microbatches × micro_batch), for evaluation; None on the other stages."""
+    def hidden_states(self, inputs: tuple[Tensor, ...], labels: Tensor) -> Optional[Tensor]:
+        """The last stage's final-normed hidden states of the first stage's ``inputs`` (token ids,
+        position ids[, document ids], each [rows, seq]; the schedule's rows: num_microbatches ×
+        micro_batch), for evaluation; None on the other stages."""
 
 
 class LocalRunner(Runner):
@@ -82,19 +84,18 @@ class LocalRunner(Runner):
         super().__init__(modules, grad_sync, device, compute_dtype)
         self.micro_batch = micro_batch
 
-    def _forward(self, tokens: Tensor, position_ids: Tensor) -> Tensor:
-        x: Tensor | tuple[Tensor, Tensor] = tokens
+    def _forward(self, *inputs: Tensor) -> Tensor:
+        x: Tensor | tuple[Tensor, ...] = inputs
         for module in self.modules:
-            x = module(*x) if isinstance(x, tuple) else module(x, position_ids)
+            x = module(*x)  # type: ignore[misc]
         return x  # type: ignore[return-value]
 
-    def _run(self, tokens: Tensor, position_ids: Tensor, labels: Tensor, n: int, train: bool) -> Tensor:
+    def _run(self, inputs: tuple[Tensor, ...], labels: Tensor, n: int, train: bool) -> Tensor:
         MoEAuxLossBackward.set_loss_scale(1.0 / n)
         losses = []
-        for i, (mb_tokens, mb_positions, mb_labels) in enumerate(zip(tokens.chunk(n), position_ids.chunk(n),
-                                                                     labels.chunk(n))):
+        for i, (mb_labels, *mb_inputs) in enumerate(zip(*(t.chunk(n) for t in (labels, *inputs)))):
             with self.autocast():
-                loss = self.modules[-1].loss(self._forward(mb_tokens, mb_positions), mb_labels)
+                loss = self.modules[-1].loss(self._forward(*mb_inputs), mb_labels)
             if train:
                 if i == n - 1:  # the last backward: buckets may start reducing as their gradients are final
                     for module in self.modules:
@@ -106,9 +107,8 @@ class LocalRunner(Runner):
     def grad_divisor(self, num_microbatches: int) -> int:
         return 1  # each micro-batch's loss was scaled by 1/n before its backward
 
-    def hidden_states(self, tokens: Tensor, position_ids: Tensor, labels: Tensor) -> Tensor:
-        return torch.cat([self._forward(t, p) for t, p in zip(tokens.split(self.micro_batch),
-                                                              position_ids.split(self.micro_batch))])
+    def hidden_states(self, inputs: tuple[Tensor, ...], labels: Tensor) -> Tensor:
+        return torch.cat([self._forward(*chunk) for chunk in zip(*(t.split(self.micro_batch) for t in inputs))])
 
 
 class PipelineRunner(Runner):
@@ -124,17 +124,15 @@ class PipelineRunner(Runner):
         """Built on first use: the stages' static shapes are known, nothing runs."""
         return build_schedules(self.cfg, self.grid, self.modules, self.num_microbatches, self.grad_sync)
 
-    def _stage_args(self, tokens: Tensor, position_ids: Tensor, labels: Tensor) -> tuple[tuple[Tensor, ...],
-                                                                                          Optional[Tensor]]:
+    def _stage_args(self, inputs: tuple[Tensor, ...], labels: Tensor) -> tuple[tuple[Tensor, ...], Optional[Tensor]]:
         """What this rank feeds the schedule: the inputs on the first stage, the target on the last."""
-        args = (tokens, position_ids) if self.modules[0].is_first else ()  # both ends on a V's rank 0
-        return args, labels if self.holds_last else None
+        return inputs if self.modules[0].is_first else (), labels if self.holds_last else None  # both on a V's rank 0
 
-    def _run(self, tokens: Tensor, position_ids: Tensor, labels: Tensor, n: int, train: bool) -> Optional[Tensor]:
+    def _run(self, inputs: tuple[Tensor, ...], labels: Tensor, n: int, train: bool) -> Optional[Tensor]:
         MoEAuxLossBackward.set_loss_scale(1.0)  # the gradient sync divides the micro-batch sum by n
         run = self.schedules.train.step if train else self.schedules.evaluate.eval
         losses: list[Tensor] = []
-        args, target = self._stage_args(tokens, position_ids, labels)
+        args, target = self._stage_args(inputs, labels)
         # return_outputs=False: the last stage keeps no micro-batch's output past its backward
         with self.autocast():
             run(*args, target=target, losses=losses, return_outputs=False)
@@ -143,8 +141,8 @@ class PipelineRunner(Runner):
     def grad_divisor(self, num_microbatches: int) -> int:
         return num_microbatches
 
-    def hidden_states(self, tokens: Tensor, position_ids: Tensor, labels: Tensor) -> Optional[Tensor]:
-        args, target = self._stage_args(tokens, position_ids, labels)  # torch's schedules need a target
+    def hidden_states(self, inputs: tuple[Tensor, ...], labels: Tensor) -> Optional[Tensor]:
+        args, target = self._stage_args(inputs, labels)  # torch's schedules need a target
         return self.schedules.evaluate.eval(*args, target=target, return_outputs=True)
 
 

@@ -42,7 +42,7 @@ class Trainer:
     valid: dict[str, Dataset]  # validation data per source (language)
     router_stats: RouterStats
     tied: TiedEmbedding  # this rank's ends of a tied embedding split over stages, if any
-    eod_id: Optional[int]  # restarts position ids when data.reset_position_ids
+    eod_id: Optional[int]  # where documents end: data.reset_position_ids and data.reset_attention_mask use it
     progress: Progress = field(default_factory=Progress)  # the operation in flight, for stall reports
 
     cfg = property(lambda self: self.state.cfg)
@@ -108,5 +108,5 @@ def rank_loader(cfg: DictConfig, grid: ProcessGrid, dataset: Dataset, eod_id: Op
     """This data-parallel rank's micro-batches of ``dataset``, ids checked against the model's vocabulary."""
     return GlobalBatchLoader(dataset, cfg.train.global_batch, cfg.train.micro_batch, grid.dp_rank, grid.dp,
                              eod_id=eod_id, reset_position_ids=cfg.data.reset_position_ids,
-                             vocab_size=cfg.model.vocab_size)
+                             vocab_size=cfg.model.vocab_size, reset_attention_mask=cfg.data.reset_attention_mask)
 

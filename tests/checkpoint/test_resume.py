@@ -48,14 +48,16 @@ def _train(trainer: Trainer, steps: int, save_at: tuple[int, ...] = ()) -> list[
     return losses
 
 
-def test_resume_continues_bit_identically(grid: ProcessGrid, tmp_path: Path) -> None:
+@pytest.mark.parametrize("documents", [False, True], ids=["mock", "documents"])
+def test_resume_continues_bit_identically(grid: ProcessGrid, tmp_path: Path, documents: bool) -> None:
+    masked = [*blend_overrides(tmp_path / "data"), "data.reset_attention_mask=true"] if documents else []
     torch.manual_seed(0)
-    uninterrupted = _trainer(grid, tmp_path / "a")
+    uninterrupted = _trainer(grid, tmp_path / "a", *masked)
     losses = _train(uninterrupted, 5, save_at=(2, 5))
     rng_after = torch.get_rng_state()
 
     torch.manual_seed(123)  # the resumed process starts from other RNG states; the checkpoint restores them
-    resumed = _trainer(grid, tmp_path / "b")
+    resumed = _trainer(grid, tmp_path / "b", *masked)
     load_checkpoint(resumed.state, tmp_path / "a/checkpoints/step_2")
     assert resumed.step == 2 and resumed.loader.consumed_samples == 2 * 4
     assert _train(resumed, 3, save_at=(5,)) == losses[2:]
@@ -175,6 +177,28 @@ def test_a_changed_global_batch_continues_at_the_same_sample(grid: ProcessGrid, 
     next_batch = next(iter(resumed.loader))
     read = torch.cat([torch.cat([mb["tokens"], mb["labels"][:, -1:]], dim=1) for mb in next_batch])
     assert torch.equal(read, torch.from_numpy(np.stack([first.loader.dataset[i] for i in range(8, 16)])))
+
+
+def test_flipping_reset_attention_mask_resumes_and_says_so(grid: ProcessGrid, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """The weights fit either attention, so a phase may start (or stop) masking documents; the log names it."""
+    data = blend_overrides(tmp_path / "data")
+
+    def resumed_log(*overrides: str) -> tuple[Trainer, str]:
+        trainer = _trainer(grid, tmp_path / "run", *data, *overrides)
+        capsys.readouterr()
+        resume(trainer.state)
+        return trainer, capsys.readouterr().out
+
+    _train(_trainer(grid, tmp_path / "run", *data), 2, save_at=(2,))
+    assert "reset_attention_mask" not in resumed_log()[1]
+    masked, said = resumed_log("data.reset_attention_mask=true")
+    assert "checkpoint: data.reset_attention_mask changed to true since this checkpoint: the weights carry over; " \
+           "attention now stays inside each document" in said
+    _train(masked, 1, save_at=(3,))
+    unmasked, said = resumed_log()
+    assert unmasked.step == 3 and "changed to false since this checkpoint: the weights carry over; attention now " \
+                                  "crosses documents" in said
 
 
 def test_a_changed_sample_stream_is_refused_unless_allowed(grid: ProcessGrid, tmp_path: Path) -> None:

@@ -78,6 +78,7 @@ def test_unknown_key_or_wrong_type_names_the_key(overrides: list[str], expected:
         (["data.split='90,10'"], "data.split"),
         (["model.vocab_size=0"], "model.vocab_size"),
         (["moe.aux_loss_coeff=-1"], "moe.aux_loss_coeff"),
+        (["data=mock", "data.reset_attention_mask=true"], "data.reset_attention_mask"),
     ],
 )
 def test_impossible_combination_names_the_key(overrides: list[str], key: str) -> None:

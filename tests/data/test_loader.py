@@ -1,5 +1,6 @@
 """The loader: data-parallel ranks partition each global batch, resuming from consumed samples
-continues the stream exactly, position ids restart after EOD; datasets built from a config."""
+continues the stream exactly, position ids restart after EOD, document ids count the documents;
+datasets built from a config."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import torch
 
 from megamoe.config import compose
 from megamoe.data.indexed import IndexedDatasetBuilder
-from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream, position_ids, stream_change
+from megamoe.data.loader import (
+    GlobalBatchLoader,
+    build_datasets,
+    data_eod_id,
+    data_stream,
+    document_ids,
+    position_ids,
+    stream_change,
+)
 from megamoe.data.mock import MockDataset
 from megamoe.data.tokenizer import ByteTokenizer
 from megamoe.errors import SharedError, UserError
@@ -89,6 +98,19 @@ def test_position_ids_restart_after_eod() -> None:
     assert np.array_equal(mb["position_ids"], ref_position_ids(mb["tokens"].numpy(), 0))
     mb = next(iter(GlobalBatchLoader(data, GLOBAL, 8, 0, 1, eod_id=0)))[0]  # not asked: no reset
     assert np.array_equal(mb["position_ids"], np.tile(np.arange(SEQ), (8, 1)))
+
+
+def test_document_ids_count_the_eods_before_each_token() -> None:
+    """The eod ends its own document; the next token starts the next one (Megatron's and Yuan's rule)."""
+    tokens = np.array([[5, 0, 0, 7, 8, 0], [0, 1, 2, 3, 4, 5]])  # eod = 0
+    assert document_ids(tokens, 0).tolist() == [[0, 0, 1, 2, 2, 2], [0, 1, 1, 1, 1, 1]]
+    data = MockDataset(vocab_size=6, seq_len=SEQ, num_samples=8, seed=0)
+    mb = next(iter(GlobalBatchLoader(data, GLOBAL, 8, 0, 1, eod_id=0, reset_attention_mask=True)))[0]
+    assert np.array_equal(mb["document_ids"], document_ids(mb["tokens"].numpy(), 0))
+    assert mb["document_ids"].dtype == torch.int64 and mb["document_ids"].max() > 0
+    assert "document_ids" not in next(iter(GlobalBatchLoader(data, GLOBAL, 8, 0, 1, eod_id=0)))[0]  # not asked
+    with pytest.raises(ValueError, match="give eod_id"):
+        GlobalBatchLoader(data, GLOBAL, 8, 0, 1, reset_attention_mask=True)
 
 
 def test_bad_layout_is_refused() -> None:

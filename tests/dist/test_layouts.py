@@ -14,7 +14,9 @@ the config's split. After training, every layout evaluates (forward only) to the
 Features that change the MoE step with the layout in play — capacity mode (token dropping), the
 aux-free bias (updated from the dp-summed expert counts) and expert-choice routing (each ep rank
 picks among its own micro-batch's tokens, then exchanges) — run in a few layouts against one
-process with the same overrides; the bias buffers are compared with the weights.
+process with the same overrides; the bias buffers are compared with the weights. Attention
+inside documents (``data.reset_attention_mask``, on a small real corpus whose rows hold several
+documents) runs through every kind of schedule: the stages pass the document ids along.
 
 The weight comparison runs with float64 parameters (the router and the loss stay fp32, as
 always). In fp32, reduction-order noise (~1e-7) occasionally flips a near-tie in top-k routing
@@ -38,6 +40,7 @@ from megamoe.parallel.expert import expert_range
 from megamoe.parallel.mesh import init_grid
 from megamoe.train.step import validation_loss, train_step
 from megamoe.train.trainer import build_trainer
+from tests.data.helpers import blend_overrides
 from tests.dist.launcher import run_distributed
 
 STEPS = 5
@@ -92,13 +95,28 @@ def _run(world_size: int, overrides: list[str], dtype: torch.dtype) -> list[dict
 
 
 @pytest.fixture(scope="module")
-def references() -> Callable[[str], dict[str, Any]]:
+def features(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], list[str]]:
+    """Each feature's overrides; the document ones name a small real corpus, written on first use."""
+    corpus: list[str] = []
+
+    def overrides(feature: str) -> list[str]:
+        if feature not in DOCUMENT_FEATURES:
+            return FEATURES[feature]
+        if not corpus:
+            corpus.extend(blend_overrides(tmp_path_factory.mktemp("documents")))
+        return [*corpus, *FEATURES[feature]]
+
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def references(features: Callable[[str], list[str]]) -> Callable[[str], dict[str, Any]]:
     """The single-process run of each feature, made on first use and shared by its layouts."""
     cache: dict[str, dict[str, Any]] = {}
 
     def reference(feature: str) -> dict[str, Any]:
         if feature not in cache:
-            (result,) = _run(1, FEATURES[feature], torch.float64)
+            (result,) = _run(1, features(feature), torch.float64)
             cache[feature] = {**result, "weights": merged_weights([result], 8)}
         return cache[feature]
 
@@ -141,7 +159,9 @@ SIX_LAYER_LAYOUTS = {
 EXPERT_CHOICE = ["moe.router_mode=expert_choice", "moe.aux_loss_coeff=0"]  # its Switch loss is constant
 FEATURES = {"": [], "capacity": ["moe.capacity_factor=1.0"], "aux_free_bias": ["moe.aux_free_bias=true"],
             "expert_choice": EXPERT_CHOICE, "expert_choice_linear": [*EXPERT_CHOICE, "moe.router=linear"],
-            "6_layers": ["model.num_layers=6"], "full_recompute": ["train.activation_checkpointing=full"]}
+            "6_layers": ["model.num_layers=6"], "full_recompute": ["train.activation_checkpointing=full"],
+            "documents": ["data.reset_attention_mask=true"]}
+DOCUMENT_FEATURES = {"documents"}  # trained on a real corpus (the fixture `features` adds it)
 # Cases whose every feature another case also runs (dp2 ⊂ dp2_ep2; pp2 ⊂ dp2_pp2_ep2 and pp2_uneven;
 # the pp = 2 interleaved / ZB-V / DualPipeV cases ⊂ their uneven, recompute and dp2_pp2_ep2
 # variants; aux-free bias at dp2 ⊂ dp2_ep2; expert choice with the linear router ⊂ the attention
@@ -153,17 +173,23 @@ CASES = [pytest.param(layout, "", marks=pytest.mark.slow) if layout in COVERED_E
     ("dp2_ep2", "aux_free_bias"), ("dp2_ep2", "expert_choice"),
     pytest.param("dp2_ep2", "expert_choice_linear", marks=pytest.mark.slow),
     ("pp2_zbv", "full_recompute")] + [  # recompute inside a split backward
-    (layout, "6_layers") for layout in sorted(SIX_LAYER_LAYOUTS)]
+    (layout, "6_layers") for layout in sorted(SIX_LAYER_LAYOUTS)] + [
+    # Attention inside documents: the stage protocol's hardest case (a V schedule, whose split
+    # backward and forward-only evaluation pass the document ids too) by default; the others slow.
+    ("pp2_zbv", "documents")] + [
+    pytest.param(layout, "documents", marks=pytest.mark.slow)
+    for layout in ("pp2", "pp1_virtual", "pp2_interleaved_zero_bubble", "dp2_pp2_ep2_dualpipev")]
 
 
 @pytest.mark.parametrize(("layout", "feature"), CASES,
                          ids=["+".join(filter(None, getattr(case, "values", case))) for case in CASES])
-def test_layout_matches_single_process(layout: str, feature: str, references: Callable[[str], dict[str, Any]]) -> None:
+def test_layout_matches_single_process(layout: str, feature: str, references: Callable[[str], dict[str, Any]],
+                                       features: Callable[[str], list[str]]) -> None:
     world_size, overrides = {**LAYOUTS, **SIX_LAYER_LAYOUTS}[layout]
     reference = references(feature)
     if feature == "capacity":  # the last micro-batch alone dropped some assignments
         assert reference["dropped"] > 0
-    results = _run(world_size, [*overrides, *FEATURES[feature]], torch.float64)
+    results = _run(world_size, [*overrides, *features(feature)], torch.float64)
     cfg = compose([*BASE, *overrides, *FEATURES[feature]])
     ranges = stages.layer_ranges(balance.stage_layers(cfg))
     for result in results:  # each stage built the layers the config's split gives it

@@ -14,10 +14,12 @@ from typing import Any, Iterator
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from data_tools import preprocess_data
 from data_tools.make_demo_corpus import make_corpus
 from megamoe.config import compose, validate
+from megamoe.data.loader import document_ids
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.train.step import train_step, validation_loss
 from megamoe.train.trainer import Trainer, build_trainer
@@ -53,6 +55,19 @@ def demo_trainer(grid: ProcessGrid, sources: str, run_dir: Path, *overrides: str
     return build_trainer(cfg, grid)
 
 
+def recorded_microbatches(trainer: Trainer, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, torch.Tensor]]:
+    """Filled with the micro-batches of every later forward (train_step, validation_loss)."""
+    seen: list[dict[str, torch.Tensor]] = []
+    run_microbatches = trainer.runner.run
+
+    def recording(microbatches: list[dict[str, torch.Tensor]], train: bool) -> Any:
+        seen.extend(microbatches)
+        return run_microbatches(microbatches, train)
+
+    monkeypatch.setattr(trainer.runner, "run", recording)
+    return seen
+
+
 def restarted_positions(tokens: torch.Tensor, eod_id: int) -> torch.Tensor:
     """Positions counted token by token: 0 at the start of a row and right after each eod."""
     expected = torch.zeros_like(tokens)
@@ -79,18 +94,11 @@ def test_demo_config_trains_on_indexed_data_with_validation_per_language(
 @pytest.mark.parametrize("reset", [True, False], ids=["reset", "no_reset"])
 def test_reset_position_ids_reaches_train_and_eval_batches(
         grid: ProcessGrid, demo_sources: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reset: bool) -> None:
-    """data.reset_position_ids → the trainer's loader and evaluate(): positions restart after each eod."""
+    """data.reset_position_ids → the trainer's loader and validation_loss(): positions restart after each eod."""
     trainer = demo_trainer(grid, demo_sources, tmp_path, f"data.reset_position_ids={str(reset).lower()}")
-    seen: list[dict[str, torch.Tensor]] = []
-    run_microbatches = trainer.runner.run
-
-    def recording(microbatches: list[dict[str, torch.Tensor]], train: bool) -> Any:
-        seen.extend(microbatches)
-        return run_microbatches(microbatches, train)
-
     batches = iter(trainer.loader)
     train_batches = [mb for _ in range(STEPS) for mb in next(batches)]
-    monkeypatch.setattr(trainer.runner, "run", recording)
+    seen = recorded_microbatches(trainer, monkeypatch)
     validation_loss(trainer)
     assert len(seen) == len(LANGS) * 2  # one global batch of two micro-batches per language
     eod = trainer.eod_id
@@ -103,3 +111,29 @@ def test_reset_position_ids_reaches_train_and_eval_batches(
     for group in (train_batches, seen):
         tokens = torch.cat([b["tokens"] for b in group])
         assert int((tokens[:, :-1] == eod).sum()) >= 2
+
+
+def test_reset_attention_mask_keeps_training_and_validation_inside_documents(
+        grid: ProcessGrid, demo_sources: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.reset_attention_mask → every train and validation micro-batch carries its document ids,
+    and a training step's loss is that of each document of the real corpus run alone (fp32)."""
+    trainer = demo_trainer(grid, demo_sources, tmp_path, "data.reset_attention_mask=true")
+    model, eod = trainer.modules[0].model, trainer.eod_id
+    microbatches = next(step for step in trainer.loader if sum(int(mb["document_ids"].max()) for mb in step) >= 2)
+    alone = []
+    with torch.no_grad():
+        for mb in microbatches:
+            losses = torch.empty_like(mb["tokens"], dtype=torch.float32)
+            for row, (tokens, ids) in enumerate(zip(mb["tokens"], mb["document_ids"])):
+                for document in ids.unique():
+                    where = (ids == document).nonzero().flatten()
+                    logits = model(tokens[where][None])[0]
+                    losses[row, where] = F.cross_entropy(logits, mb["labels"][row, where], reduction="none")
+            alone.append(losses.mean())
+    step = train_step(trainer, microbatches)
+    assert step.loss == pytest.approx(float(torch.stack(alone).mean()), rel=1e-5)
+    seen = recorded_microbatches(trainer, monkeypatch)
+    validation_loss(trainer)
+    assert len(seen) == len(LANGS) * 2 and sum(int(batch["document_ids"].max()) for batch in seen) >= 1
+    for batch in [*microbatches, *seen]:
+        assert torch.equal(batch["document_ids"], torch.from_numpy(document_ids(batch["tokens"].numpy(), eod)))

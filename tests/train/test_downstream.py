@@ -21,6 +21,7 @@ from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.train.downstream import DownstreamEval, PipelineBackend
 from megamoe.train.step import train_step
 from megamoe.train.trainer import Trainer, build_trainer
+from tests.data.helpers import blend_overrides
 from tests.dist.launcher import run_distributed
 
 SEQ_LEN = 48
@@ -57,8 +58,11 @@ def grid() -> Iterator[ProcessGrid]:
     shutdown()
 
 
-def test_in_training_scores_equal_the_single_process_backend(grid: ProcessGrid) -> None:
-    cfg = compose(BASE)
+@pytest.mark.parametrize("documents", [False, True], ids=["plain", "documents"])
+def test_in_training_scores_equal_the_single_process_backend(grid: ProcessGrid, tmp_path: Path,
+                                                             documents: bool) -> None:
+    """With data.reset_attention_mask a request's row is one document, as in the single-process backend."""
+    cfg = compose([*BASE, *([*blend_overrides(tmp_path), "data.reset_attention_mask=true"] if documents else [])])
     trainer, downstream = trained(cfg, grid), DownstreamEval(cfg)
     tokenizer = downstream.tokenizer
     scores, logged = raw_scores(trainer, tokenizer), downstream.run(trainer)

@@ -10,6 +10,7 @@ from torch import nn
 
 from megamoe.config.schema import ModelConfig
 from megamoe.nn.attention import causal_attention, kv_heads, split_heads
+from megamoe.nn.documents import Documents
 from megamoe.nn.init import seeded_normal_
 from megamoe.nn.kv_cache import LayerCache
 
@@ -36,8 +37,9 @@ class GroupedQueryAttention(nn.Module):
                 nn.init.zeros_(projection.bias)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: Optional[LayerCache] = None) -> torch.Tensor:
+                cache: Optional[LayerCache] = None, documents: Optional[Documents] = None) -> torch.Tensor:
         """x: the normalised hidden states [b, s, H]; rope: (cos, sin) from RotaryEmbedding;
-        cache: this layer's decoding state (K/V cached at the K/V head count) when x continues cached positions."""
+        cache: this layer's decoding state (K/V cached at the K/V head count) when x continues cached positions;
+        documents: the rows' documents, when attention stays inside each."""
         q, k, v = (split_heads(projection(x), self.head_dim) for projection in (self.q_proj, self.k_proj, self.v_proj))
-        return self.o_proj(causal_attention(q, k, v, rope, cache))
+        return self.o_proj(causal_attention(q, k, v, rope, cache, documents))

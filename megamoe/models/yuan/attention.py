@@ -4,7 +4,10 @@ LFA (Yuan 2.0, §3.1) makes Q and K see a little local order before attention: t
 kernel-2 convolutions along the sequence (H → H/2 → H, with bias, no activation), a residual
 and an RMSNorm. V is projected from the unfiltered input. Output t depends on tokens t-2..t
 only, so causal attention stays causal. In incremental decoding the layer cache supplies each
-convolution's input at the position before the new ones (megamoe.nn.kv_cache).
+convolution's input at the position before the new ones (megamoe.nn.kv_cache). With attention
+inside documents (megamoe.nn.documents) a document's first token sees a zero previous input in
+both convolutions, as a row's first token does: the filter, too, stays inside the document
+(the official code never resets it; docs/yuan2-m32.md §4).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from megamoe.nn.attention import causal_attention, split_heads
+from megamoe.nn.documents import Documents
 from megamoe.nn.init import seeded_normal_
 from megamoe.nn.kv_cache import LayerCache
 from megamoe.nn.norms import RMSNorm
@@ -61,11 +65,15 @@ class LocalizedFiltering(nn.Module):
         self.conv2.reset_parameters(std, *key, "conv2")
         self.norm.reset_parameters()
 
-    def forward(self, x: torch.Tensor, cache: Optional[LayerCache] = None) -> torch.Tensor:
-        if cache is None:
-            return self.norm(self.conv2(self.conv1(x)) + x)
-        h = self.conv1(x, cache.previous_inputs("conv1", x))
-        return self.norm(self.conv2(h, cache.previous_inputs("conv2", h)) + x)
+    def forward(self, x: torch.Tensor, cache: Optional[LayerCache] = None,
+                documents: Optional[Documents] = None) -> torch.Tensor:
+        if cache is not None:
+            h = self.conv1(x, cache.previous_inputs("conv1", x))
+            return self.norm(self.conv2(h, cache.previous_inputs("conv2", h)) + x)
+        if documents is not None:
+            h = self.conv1(x, documents.previous(x))
+            return self.norm(self.conv2(h, documents.previous(h)) + x)
+        return self.norm(self.conv2(self.conv1(x)) + x)
 
 
 class YuanAttention(nn.Module):
@@ -93,10 +101,11 @@ class YuanAttention(nn.Module):
             self.lf.reset_parameters(std, *key, "lf")
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: Optional[LayerCache] = None) -> torch.Tensor:
+                cache: Optional[LayerCache] = None, documents: Optional[Documents] = None) -> torch.Tensor:
         """x: the normalised hidden states [b, s, H]; rope: (cos, sin) from RotaryEmbedding;
-        cache: this layer's decoding state when x continues cached positions."""
-        filtered = self.lf(x, cache) if self.lf is not None else x
+        cache: this layer's decoding state when x continues cached positions; documents: the
+        rows' documents, when attention (and LFA) stays inside each."""
+        filtered = self.lf(x, cache, documents) if self.lf is not None else x
         q, k = split_heads(self.q_proj(filtered), self.head_dim), split_heads(self.k_proj(filtered), self.head_dim)
         v = split_heads(self.v_proj(x), self.head_dim)
-        return self.o_proj(causal_attention(q, k, v, rope, cache))
+        return self.o_proj(causal_attention(q, k, v, rope, cache, documents))

@@ -196,7 +196,7 @@ def hf_config(cfg: DictConfig, tokens: TokenIds) -> dict[str, Any]:
         "use_flash_attention": False,
         "causal_mask": True,
         "use_loss_mask": False,
-        "reset_attention_mask": False,
+        "reset_attention_mask": cfg.data.reset_attention_mask,  # the official training-mode mask (docs/yuan2-m32.md §9)
         "reset_position_ids": False,
         "output_router_logits": False,
         "use_cache": True,

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from megamoe.models.yuan.attention import CausalConv, LocalizedFiltering, YuanAttention
+from megamoe.nn.documents import Documents
 from megamoe.nn.rope import RotaryEmbedding, apply_rotary
 
 
@@ -84,6 +85,18 @@ def test_lf_matches_yuan_conv2d_layout() -> None:
     lf = randomize(LocalizedFiltering(12, 1e-6))
     x = torch.randn(2, 7, 12)
     torch.testing.assert_close(lf(x), yuan_lf_reference(lf, x))
+
+
+def test_lf_starts_afresh_at_each_document() -> None:
+    """With documents (data.reset_attention_mask) the filter of each document equals the filter
+    of that document alone (Yuan's own code, which never resets it, is the case without)."""
+    lf = randomize(LocalizedFiltering(12, 1e-6))
+    x = torch.randn(1, 9, 12)
+    ids = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2, 2]])
+    packed = lf(x, documents=Documents(ids))
+    for start, stop in ((0, 3), (3, 4), (4, 9)):
+        torch.testing.assert_close(packed[:, start:stop], yuan_lf_reference(lf, x[:, start:stop]))
+    assert not torch.allclose(lf(x)[:, 3:5], packed[:, 3:5])
 
 
 def test_lf_sees_exactly_tokens_t_minus_2_to_t() -> None:
