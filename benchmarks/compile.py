@@ -20,7 +20,8 @@ import time
 import torch
 
 from benchmarks.train_step import add_model_arguments, overrides, time_steps
-from megamoe.config import compose, validate
+from megamoe.config import compose
+from megamoe.models import validate_config
 from megamoe.parallel.mesh import init_grid, shutdown
 from megamoe.train.trainer import build_trainer
 
@@ -38,7 +39,7 @@ def main() -> None:
     base = overrides(args, dense=args.dense)
     cfgs = {mode: compose([*base, f"train.compile={mode}"]) for mode in ("none", "block")}
     for cfg in cfgs.values():
-        validate(cfg, world_size=1)
+        validate_config(cfg, world_size=1)
     grid = init_grid(pp=1, ep=1, timeout_s=600)
     try:
         trainers = {mode: build_trainer(cfg, grid) for mode, cfg in cfgs.items()}

@@ -24,8 +24,9 @@ import torch
 
 from benchmarks.train_step import time_steps
 from launch.demo import prepare_data
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.data.loader import document_ids
+from megamoe.models import validate_config
 from megamoe.parallel.mesh import init_grid, shutdown
 from megamoe.train.trainer import Trainer, build_trainer
 
@@ -65,7 +66,7 @@ def main() -> None:
     prepare_data()
     cfgs = {mode: compose([*overrides(args), f"data.reset_attention_mask={flag}"]) for mode, flag in MODES.items()}
     for cfg in cfgs.values():
-        validate(cfg, world_size=1)
+        validate_config(cfg, world_size=1)
     grid = init_grid(pp=1, ep=1, timeout_s=600)
     try:
         trainers = {mode: build_trainer(cfg, grid) for mode, cfg in cfgs.items()}

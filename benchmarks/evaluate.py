@@ -25,9 +25,10 @@ from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
 from megamoe.data.tokenizer import tokenizer_from_config
 from megamoe.evaluation.model import ModelBackend
+from megamoe.evaluation.resolve import load_tasks
 from megamoe.evaluation.scoring import choice_requests
-from megamoe.evaluation.tasks import load_tasks, prepare
-from megamoe.inference import load_checkpoint
+from megamoe.evaluation.tasks import prepare
+from megamoe.inference import load_for_inference
 from megamoe.models import build_stage
 
 
@@ -48,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.checkpoint:
-        model, tokenizer, cfg = load_checkpoint(args.checkpoint, args.device)
+        model, tokenizer, cfg = load_for_inference(args.checkpoint, args.device)
     else:
         cfg = compose([*args.overrides, "data=mock", "parallel.pp=1", "parallel.ep=1"])
         tokenizer = tokenizer_from_config(cfg.data.tokenizer)

@@ -44,7 +44,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from megamoe.config import compose
 from megamoe.config.schema import as_object
 from megamoe.estimators import balance
-from megamoe.estimators.planner import Hardware, Layout, evaluate
+from megamoe.estimators.planner import Hardware, Layout, evaluate_layout
 from megamoe.models import build_stage
 from megamoe.nn.moe import ExpertBank
 from megamoe.parallel.mesh import init_grid, shutdown
@@ -257,7 +257,7 @@ def advised_slice(sizes: Sizes, hw: Hardware) -> tuple[Any, str, int]:
     for layers in range(sizes.max_layers, 0, -1):
         cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, num_layers=layers))
         for recompute in ("none", "selective", "full"):
-            plan = evaluate(cfg, Layout(1, 1, 1, "1f1b", cfg.train.micro_batch, recompute, "even"), 1, hw)
+            plan = evaluate_layout(cfg, Layout(1, 1, 1, "1f1b", cfg.train.micro_batch, recompute, "even"), 1, hw)
             if hasattr(plan, "mfu") and (best is None or plan.mfu > best[0]):
                 best = (plan.mfu, cfg, recompute, layers)
     if best is None:

@@ -21,7 +21,8 @@ from typing import Iterator
 
 import torch
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
+from megamoe.models import validate_config
 from megamoe.parallel.mesh import init_grid, shutdown
 from megamoe.train.step import train_step
 from megamoe.train.trainer import Trainer, build_trainer
@@ -76,7 +77,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cfgs = {name: compose(config(args, name == "overlap")) for name in ("overlap", "plain")}
     for cfg in cfgs.values():
-        validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
+        validate_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", 1)))
     grid = init_grid(pp=1, ep=1, timeout_s=600)
     try:
         trainers = {name: build_trainer(cfg, grid) for name, cfg in cfgs.items()}

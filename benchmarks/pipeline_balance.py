@@ -25,8 +25,9 @@ import time
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.estimators import balance
+from megamoe.models import validate_config
 from megamoe.parallel import stages
 from megamoe.parallel.mesh import init_grid, read_launch_env, shutdown
 from megamoe.train.step import train_step
@@ -98,7 +99,7 @@ def measured(args: argparse.Namespace, world_size: int) -> dict:
     """Step time of the even and the balanced split, alternating rounds of ``args.steps`` steps."""
     cfgs = {split: heavy_head(args, split) for split in ("even", "auto")}
     for cfg in cfgs.values():
-        validate(cfg, world_size)
+        validate_config(cfg, world_size)
     grid = init_grid(2, 1, timeout_s=600)
     trainers = {split: build_trainer(cfg, grid) for split, cfg in cfgs.items()}
     batches = {split: iter(trainer.loader) for split, trainer in trainers.items()}

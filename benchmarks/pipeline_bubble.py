@@ -23,14 +23,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megamoe.config import compose, validate
-from megamoe.config.validate import CHOICES
+from megamoe.config import compose
+from megamoe.config.choices import Schedule
 from megamoe.estimators.planner import bubble_slots
+from megamoe.models import validate_config
 from megamoe.parallel.mesh import init_grid, read_launch_env, shutdown
 from megamoe.train.step import train_step
 from megamoe.train.trainer import build_trainer
 
-SCHEDULES = CHOICES["parallel.schedule"]
+SCHEDULES = Schedule.values()
 CHUNK_WORK = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
 
 
@@ -72,7 +73,7 @@ def measure(args: argparse.Namespace, schedule: str, microbatches: int, world_si
         "model.head_dim=32", f"model.num_layers={2 * world_size}", f"train.seq_len={args.seq_len}",
         "train.micro_batch=1", f"train.global_batch={microbatches}", "train.warmup_steps=1", "data=mock",
     ])
-    validate(cfg, world_size)
+    validate_config(cfg, world_size)
     grid = init_grid(cfg.parallel.pp, 1, timeout_s=600)
     trainer = build_trainer(cfg, grid)
     batches = iter(trainer.loader)

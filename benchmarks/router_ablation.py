@@ -30,7 +30,8 @@ import time
 import torch
 
 from launch.demo import prepare_data
-from megamoe.config import compose, validate
+from megamoe.config import compose
+from megamoe.models import validate_config
 from megamoe.parallel.mesh import init_grid, shutdown
 from megamoe.train.step import train_step, validation_loss
 from megamoe.train.trainer import build_trainer
@@ -62,7 +63,7 @@ def train_one(router: str, seed: int, steps: int, threads: int) -> dict:
     cfg = compose(overrides)
     if cfg.train.warmup_steps > steps:  # a smoke run ends before the demo's warmup would
         cfg = compose([*overrides, f"train.warmup_steps={steps}"])
-    validate(cfg, world_size=1)
+    validate_config(cfg, world_size=1)
     torch.set_num_threads(threads)
     grid = init_grid(pp=1, ep=1, timeout_s=600)
     try:

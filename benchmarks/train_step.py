@@ -20,7 +20,8 @@ import time
 
 import torch
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
+from megamoe.models import validate_config
 from megamoe.parallel.mesh import init_grid, shutdown
 from megamoe.train.step import train_step
 from megamoe.train.trainer import Trainer, build_trainer
@@ -71,7 +72,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfgs = {name: compose(overrides(args, name == "dense")) for name in ("moe", "dense")}
     for cfg in cfgs.values():
-        validate(cfg, world_size=1)
+        validate_config(cfg, world_size=1)
     grid = init_grid(pp=1, ep=1, timeout_s=600)
     try:
         trainers = {name: build_trainer(cfg, grid) for name, cfg in cfgs.items()}

@@ -26,17 +26,16 @@ from typing import Callable, Optional
 import numpy as np
 
 from megamoe.cli import exit_on_user_error
+from megamoe.data.demo_world import (
+    Person,
+    demo_people,
+)
 from megamoe.errors import UserError
 
 # Share of the corpus bytes written to each file.
 SHARES = {"zh": 0.4, "en": 0.4, "code": 0.2}
 BYTES_PER_MB = 1_000_000
 
-EN_NAMES = ["Alice", "Bob", "Carol", "David", "Emma", "Frank", "Grace", "Henry",
-            "Iris", "Jack", "Kate", "Leo", "Mia", "Noah", "Olivia", "Peter"]
-EN_CITIES = ["Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Cairo", "Lima"]
-EN_JOBS = ["doctor", "teacher", "farmer", "driver", "cook", "nurse", "pilot", "writer"]
-EN_FOODS = ["bread", "rice", "apples", "soup", "noodles", "eggs", "cheese", "fish"]
 EN_ADJS = ["red", "small", "old", "new", "heavy", "blue", "round", "green"]
 EN_THINGS = ["book", "ball", "cup", "box", "chair", "lamp", "bag", "key"]
 EN_PLACES = ["kitchen", "garden", "school", "park", "library", "station", "market", "office"]
@@ -48,11 +47,6 @@ EN_UNITS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eigh
             "seventeen", "eighteen", "nineteen"]
 EN_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
 
-ZH_NAMES = ["小明", "小红", "小刚", "小丽", "老王", "老李", "张伟", "王芳",
-            "李娜", "刘洋", "陈静", "杨帆", "赵磊", "孙悦", "周杰", "吴敏"]
-ZH_CITIES = ["北京", "上海", "广州", "深圳", "杭州", "成都", "武汉", "西安"]
-ZH_JOBS = ["老师", "医生", "工人", "农民", "司机", "厨师", "护士", "作家"]
-ZH_FOODS = ["米饭", "面条", "饺子", "包子", "苹果", "鸡蛋", "豆腐", "青菜"]
 ZH_DRINKS = ["茶", "水", "牛奶", "咖啡"]
 ZH_PLACES = ["学校", "公园", "商店", "医院", "图书馆", "家里", "饭店", "车站"]
 ZH_THINGS = [("本", "书"), ("个", "杯子"), ("把", "椅子"), ("只", "猫"), ("条", "鱼"), ("张", "桌子")]
@@ -77,29 +71,6 @@ def zh_number(n: int) -> str:
         return ZH_DIGITS[n]
     tens, unit = divmod(n, 10)
     return ("" if tens == 1 else ZH_DIGITS[tens]) + "十" + ("" if unit == 0 else ZH_DIGITS[unit])
-
-
-@dataclass(frozen=True)
-class Person:
-    """A fixed fact sheet: the same name always has the same home, job and food."""
-
-    name: str
-    city: str
-    job: str
-    food: str
-
-
-def make_people(rng: random.Random, names: list[str], cities: list[str], jobs: list[str],
-                foods: list[str]) -> list[Person]:
-    return [Person(n, rng.choice(cities), rng.choice(jobs), rng.choice(foods)) for n in names]
-
-
-def demo_people(seed: int) -> tuple[list[Person], list[Person]]:
-    """The English and the Chinese people of the world ``seed`` draws (the built-in evaluation
-    tasks, megamoe.evaluation.demo, ask about the same people)."""
-    world = random.Random(seed)
-    return (make_people(world, EN_NAMES, EN_CITIES, EN_JOBS, EN_FOODS),
-            make_people(world, ZH_NAMES, ZH_CITIES, ZH_JOBS, ZH_FOODS))
 
 
 def en_document(rng: random.Random, people: list[Person]) -> str:

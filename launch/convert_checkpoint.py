@@ -43,10 +43,10 @@ from megamoe.checkpoint.store import (
 )
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
 from megamoe.cli import exit_on_user_error
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.data.tokenizer import Tokenizer, build_tokenizer
 from megamoe.errors import ConfigError, UserError
-from megamoe.models import FAMILIES, ModelFamily, family_for_hf, family_of
+from megamoe.models import FAMILIES, ModelFamily, family_for_hf, family_of, validate_config
 from megamoe.models.hf_mapping import TRAINING_KEYS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -155,7 +155,7 @@ def hf_training_config(hf_dir: Path, overrides: list[str]) -> DictConfig:
     except OmegaConfBaseException as exc:
         raise UserError(f"{source}: {exc.full_key}: {str(exc).splitlines()[0]}") from None
     try:
-        validate(merged)
+        validate_config(merged)
     except ConfigError as exc:
         raise ConfigError(f"{exc} (with the architecture of {source}; set the run's other keys as overrides)") from None
     family.hf.check_exportable(merged)  # what came in must map back (e.g. the rotary split survived the float division)

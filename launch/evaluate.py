@@ -33,9 +33,10 @@ from megamoe.cli import exit_on_user_error
 from megamoe.data.tokenizer import Tokenizer
 from megamoe.errors import UserError
 from megamoe.evaluation.model import ModelBackend
+from megamoe.evaluation.resolve import load_tasks
 from megamoe.evaluation.scoring import evaluate_task
-from megamoe.evaluation.tasks import MULTIPLE_CHOICE, Task, load_tasks, prepare
-from megamoe.inference import load_checkpoint
+from megamoe.evaluation.tasks import MULTIPLE_CHOICE, Task, prepare
+from megamoe.inference import load_for_inference
 
 Scores = dict[str, dict[str, float]]  # task → metric → value
 
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if harness:
         harness.check_tasks(manager, harness_names)
     source = checkpoint_dir(args.checkpoint)
-    model, tokenizer, cfg = load_checkpoint(source, args.device)
+    model, tokenizer, cfg = load_for_inference(source, args.device)
     backend = ModelBackend(model, tokenizer.eod_id, tokenizer.vocab_size, args.batch_size)
     where, started = f"{source} (step {step_of(source)})", time.perf_counter()
     results, counted = builtin_scores(tasks, args, where, cfg, tokenizer, backend) if tasks else ({}, 0)

@@ -24,7 +24,7 @@ import torch
 from megamoe.cli import exit_on_user_error
 from megamoe.data.tokenizer import Tokenizer
 from megamoe.errors import UserError
-from megamoe.inference import Sampling, generate, load_checkpoint, stream
+from megamoe.inference import Sampling, generate, load_for_inference, stream
 from megamoe.inference.load import default_device
 
 INCOMPLETE = "\ufffd"  # what decoding makes of a character whose bytes have not all come yet
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     sampling = Sampling(args.greedy, args.temperature, args.top_k, args.top_p, args.seed)
     prompts = read_prompts(args)
     device = device_of(args.device)
-    model, tokenizer, cfg = load_checkpoint(args.checkpoint, device)
+    model, tokenizer, cfg = load_for_inference(args.checkpoint, device)
     ids = encode(prompts, tokenizer, args.max_new_tokens, cfg.model.max_position_embeddings)
     decoding = (model, ids, args.max_new_tokens, sampling, tokenizer.eod_id)
     start, new_tokens = time.perf_counter(), 0

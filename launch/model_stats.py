@@ -18,10 +18,10 @@ import torch
 from omegaconf import DictConfig
 
 from megamoe.cli import exit_on_user_error
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.errors import UserError
 from megamoe.estimators import balance, flops, memory
-from megamoe.models import build_stage
+from megamoe.models import build_stage, validate_config
 from megamoe.parallel import stages
 
 LABELS = {
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     world_size, overrides = split_world_size(overrides)
     cfg = compose(overrides)
-    validate(cfg)
+    validate_config(cfg)
     s = stats(cfg, world_size)
     print(table(cfg, s))
     print(json.dumps(s))

@@ -24,9 +24,10 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig
 
 from megamoe.cli import exit_on_user_error
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.errors import UserError
 from megamoe.estimators.planner import GPUS, Hardware, Plan, PlanResult, Rejection, plan
+from megamoe.models import validate_config
 
 
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -120,7 +121,7 @@ def report(cfg: DictConfig, result: PlanResult, hw: Hardware, gpus: int, top: in
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     cfg = compose(overrides)
-    validate(cfg)
+    validate_config(cfg)
     hw = hardware(args)
     result = plan(cfg, args.gpus, hw)
     if not result.plans:

@@ -17,8 +17,9 @@ import sys
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from megamoe.cli import exit_on_user_error
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.errors import ConfigError, SharedError
+from megamoe.models import validate_config
 from megamoe.parallel.mesh import read_launch_env
 from megamoe.parallel.stall import CollectiveStall, reported
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     env = read_launch_env()
     try:
         cfg = compose(hydra_overrides(sys.argv[1:] if argv is None else argv))
-        validate(cfg, world_size=env.world_size)
+        validate_config(cfg, world_size=env.world_size)
         from megamoe.train.loop import run  # heavy imports only once the config is known to be good
 
         run(cfg)

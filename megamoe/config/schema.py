@@ -8,10 +8,36 @@ Cross-field rules (divisibility, ranges) live in :mod:`megamoe.config.validate`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from megamoe.config.choices import (
+    Backend,
+    Choice,
+    Compile,
+    DataKind,
+    Decay,
+    FfnType,
+    OnError,
+    OnNonFinite,
+    Precision,
+    Recompute,
+    Router,
+    RouterMode,
+    RouterOrder,
+    Schedule,
+    StageBalance,
+    Switch,
+    TokenizerType,
+    WandbMode,
+)
+
+
+def choice(default: Choice) -> Any:
+    """A field taking one of ``default``'s enum's options (validation checks it against them)."""
+    return field(default=default.value, metadata={"choices": type(default)})
 
 
 @dataclass
@@ -32,7 +58,7 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_embeddings: bool = True
     use_lfa: bool = True  # Localized Filtering-based Attention on Q and K
-    ffn_type: str = "moe"  # "moe" | "dense" (dense SwiGLU baseline, upcycling source)
+    ffn_type: str = choice(FfnType.MOE)
     dense_ffn_hidden_size: int = 8192
     init_std: float = 0.02
 
@@ -44,14 +70,12 @@ class MoEConfig:
     num_experts: int = 32
     top_k: int = 2
     ffn_hidden_size: int = 8192  # per expert; smaller values + more experts = fine-grained
-    router: str = "attention"  # "attention" (the paper's) | "linear" (classical)
-    # "token_choice": each token takes its top_k experts (the paper). "expert_choice" (Zhou et al., 2022): each
-    # expert takes the ceil(capacity_factor · T · top_k / num_experts) tokens of the micro-batch's T that score it
-    # highest (capacity_factor null = 1: token choice's compute); balanced by construction, not causal.
-    router_mode: str = "token_choice"
-    # "topk_softmax": top-k of the logits, softmax over the k (Megatron / vLLM / paper).
-    # "softmax_topk": softmax over all experts, top-k, renormalise if norm_topk_prob (Yuan HF).
-    router_order: str = "topk_softmax"
+    router: str = choice(Router.ATTENTION)
+    # expert_choice: each expert takes the ceil(capacity_factor · T · top_k / num_experts) tokens of the
+    # micro-batch's T that score it highest (capacity_factor null = 1: token choice's compute); balanced by
+    # construction, not causal.
+    router_mode: str = choice(RouterMode.TOKEN_CHOICE)
+    router_order: str = choice(RouterOrder.TOPK_SOFTMAX)  # softmax_topk renormalises if norm_topk_prob
     norm_topk_prob: bool = True
     noisy_gating: bool = False  # noisy top-k gating (Shazeer et al.): learned noise at train time
     aux_loss_coeff: float = 0.0  # Switch/GShard load-balancing loss
@@ -62,7 +86,7 @@ class MoEConfig:
     num_shared_experts: int = 0  # always-on experts (Qwen1.5-MoE style)
     shared_expert_ffn_hidden_size: int = 0  # 0 = same as ffn_hidden_size
     shared_expert_gate: bool = False  # scale the shared experts by sigmoid(w · x) per token (Qwen1.5-MoE)
-    grouped_gemm: str = "auto"  # "auto" (grouped GEMM on CUDA) | "on" | "off"
+    grouped_gemm: str = choice(Switch.AUTO)  # auto: the grouped GEMM on CUDA
 
 
 @dataclass
@@ -71,19 +95,18 @@ class ParallelConfig:
 
     pp: int = 1
     ep: int = 1
-    # "1f1b" | "interleaved_1f1b" | "interleaved_zero_bubble" | "zbv_zero_bubble" | "dualpipev" (docs/parallelism.md)
-    schedule: str = "1f1b"
+    schedule: str = choice(Schedule.ONE_F_ONE_B)  # docs/parallelism.md
     virtual_stages: int = 1  # model chunks per pipeline rank (interleaved: any; zbv / dualpipev: 2, in a V)
-    # Layers per stage (megamoe.estimators.balance): "even" (L / stages each) | "auto" (the split that
+    # Layers per stage (megamoe.estimators.balance): even (L / stages each) | auto (the split that
     # balances the cost model: the last stage also runs the output head and the loss).
-    stage_balance: str = "even"
+    stage_balance: str = choice(StageBalance.EVEN)
     layers_per_stage: Optional[list[int]] = None  # or an explicit split, one entry per stage (pp × virtual_stages)
     # Reduce each gradient bucket as soon as its gradients are final, during the last backward
     # (megamoe.parallel.grads.GradSync); false waits for the whole backward. Same result either way.
     overlap_grad_reduce: bool = True
     grad_bucket_mb: float = 25.0  # gradient bucket size: one all-reduce each (Megatron's --ddp-bucket-size)
     collective_timeout_s: int = 600
-    backend: str = "auto"  # "auto" (nccl with CUDA, else gloo) | "nccl" | "gloo"
+    backend: str = choice(Backend.AUTO)  # auto: nccl with CUDA, else gloo
 
 
 @dataclass
@@ -99,7 +122,7 @@ class DataSourceConfig:
 
 @dataclass
 class TokenizerConfig:
-    type: str = "ByteTokenizer"  # ByteTokenizer | HuggingFaceTokenizer | SentencePieceTokenizer
+    type: str = choice(TokenizerType.BYTE)
     model: Optional[str] = None
     eod_token: Optional[str] = None
 
@@ -108,7 +131,7 @@ class TokenizerConfig:
 class DataConfig:
     """Where samples come from. kind "mock" needs no files (deterministic random tokens)."""
 
-    kind: str = "indexed"  # "indexed" | "mock"
+    kind: str = choice(DataKind.INDEXED)
     sources: list[DataSourceConfig] = field(default_factory=list)
     split: str = "98,1,1"
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -142,7 +165,7 @@ class TrainConfig:
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 6400
-    decay: str = "cosine"  # "cosine" | "linear" | "constant"
+    decay: str = choice(Decay.COSINE)
     decay_steps: Optional[int] = None  # None = steps
     weight_decay: float = 0.1
     decay_embeddings: bool = True
@@ -150,10 +173,10 @@ class TrainConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     clip_grad: float = 1.0
-    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
-    activation_checkpointing: str = "none"  # "none" | "full" | "selective"
-    compile: str = "none"  # "none" | "block": torch.compile each layer's fixed-shape blocks (megamoe.nn.compile)
-    on_nonfinite: str = "skip"  # "skip" | "stop"
+    precision: str = choice(Precision.AUTO)  # auto: bf16 on CUDA, fp32 on CPU
+    activation_checkpointing: str = choice(Recompute.NONE)
+    compile: str = choice(Compile.NONE)  # block: torch.compile each layer's fixed-shape blocks (megamoe.nn.compile)
+    on_nonfinite: str = choice(OnNonFinite.SKIP)
     max_skipped_steps: int = 10  # with skip: this many skipped steps in a row stop the run (it diverged)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     log_interval: int = 10
@@ -184,14 +207,14 @@ class CheckpointConfig:
     # Write in the background while training goes on (`checkpoint.async` on the command line:
     # `async` is a Python keyword, so the field is spelled out here).
     asynchronous: bool = False
-    on_error: str = "continue"  # a save that fails: "continue" (say so loudly, retry next interval) | "stop"
+    on_error: str = choice(OnError.CONTINUE)  # a failed save: continue (say so loudly, retry next interval) | stop
 
 
 @dataclass
 class WandbConfig:
     enabled: bool = False
     project: str = "megamoe"
-    mode: str = "offline"  # "offline" | "online" | "disabled"
+    mode: str = choice(WandbMode.OFFLINE)
 
 
 @dataclass
@@ -238,3 +261,8 @@ def register_configs() -> None:
     """Put the schema in Hydra's ConfigStore so configs/config.yaml can extend it."""
     cs = ConfigStore.instance()
     cs.store(name="megamoe_schema", node=MegaMoEConfig)
+
+
+def rotary_dim(model: ModelConfig) -> int:
+    """Dims of each head that get RoPE: head_dim × rotary_percent (Yuan M32: 0.5 × 256 = 128)."""
+    return int(model.head_dim * model.rotary_percent)

@@ -2,40 +2,34 @@
 
 Types and unknown keys are already enforced by the structured schema; here we check what a
 dataclass cannot express (ranges, enumerations, divisibility). Each failure is one
-:class:`ConfigError` line of the form ``key: what is wrong (how to fix it)``.
+:class:`ConfigError` line of the form ``key: what is wrong (how to fix it)``. A model family's
+own rules come on top (megamoe.models.validate_config runs both): this module knows no family.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from megamoe.config.choices import V_SCHEDULES, Choice, RouterMode, Schedule, StageBalance
+from megamoe.config.schema import MegaMoEConfig, rotary_dim
 from megamoe.errors import ConfigError
-from megamoe.nn.rope import rotary_dim
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model.ffn_type": ("moe", "dense"),
-    "moe.router": ("attention", "linear"),
-    "moe.router_mode": ("token_choice", "expert_choice"),
-    "moe.router_order": ("topk_softmax", "softmax_topk"),
-    "moe.grouped_gemm": ("auto", "on", "off"),
-    "parallel.schedule": ("1f1b", "interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev"),
-    "parallel.stage_balance": ("even", "auto"),
-    "parallel.backend": ("auto", "nccl", "gloo"),
-    "data.kind": ("indexed", "mock"),
-    "data.tokenizer.type": ("ByteTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer"),
-    "train.decay": ("cosine", "linear", "constant"),
-    "train.precision": ("auto", "bf16", "fp32"),
-    "train.activation_checkpointing": ("none", "full", "selective"),
-    "train.compile": ("none", "block"),
-    "train.on_nonfinite": ("skip", "stop"),
-    "checkpoint.on_error": ("continue", "stop"),
-    "logging.wandb.mode": ("offline", "online", "disabled"),
-}
 
-# Schedules that place a rank's two stages in a V (rank r: stages r and 2·pp − 1 − r), not in a loop.
-V_SCHEDULES: tuple[str, ...] = ("zbv_zero_bubble", "dualpipev")
+def _choice_keys(schema: type, prefix: str = "") -> dict[str, type[Choice]]:
+    """Every key whose schema field names its options (megamoe.config.choices), by dotted name."""
+    keys: dict[str, type[Choice]] = {}
+    for f in dataclasses.fields(schema):
+        if "choices" in f.metadata:
+            keys[prefix + f.name] = f.metadata["choices"]
+        elif dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
+            keys.update(_choice_keys(f.default_factory, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+    return keys
+
+
+CHOICES: dict[str, type[Choice]] = _choice_keys(MegaMoEConfig)
 
 POSITIVE: tuple[str, ...] = (
     "model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads", "model.head_dim",
@@ -67,15 +61,6 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _validate_family(cfg: DictConfig) -> None:
-    """model.family names a registered family, whose own rules then apply."""
-    from megamoe.models import FAMILIES, get_family  # families import the config schema
-
-    family = cfg.model.family
-    _check(family in FAMILIES, "model.family", f"'{family}' is not one of {', '.join(FAMILIES)}")
-    get_family(family).validate(cfg)
-
-
 def _validate_model(cfg: DictConfig) -> None:
     m = cfg.model
     _check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
@@ -97,7 +82,7 @@ def _validate_moe(cfg: DictConfig) -> None:
            "noisy top-k gating applies to the linear router only; set moe.router=linear")
     _check(not e.shared_expert_gate or e.num_shared_experts > 0, "moe.shared_expert_gate",
            "true gates the shared experts, but moe.num_shared_experts=0; set it >= 1 or the gate to false")
-    if e.router_mode == "expert_choice":  # every expert takes the same number of tokens: nothing to balance
+    if e.router_mode == RouterMode.EXPERT_CHOICE:  # every expert takes the same number of tokens: nothing to balance
         _check(e.aux_loss_coeff == 0, "moe.aux_loss_coeff", f"{e.aux_loss_coeff}: the Switch loss is constant "
                "under moe.router_mode=expert_choice, whose load is balanced by construction; set it to 0")
         _check(not e.aux_free_bias, "moe.aux_free_bias", "true: the bias steers token choice only, and "
@@ -112,13 +97,13 @@ def _validate_split(cfg: DictConfig) -> None:
         _check(num_layers >= stages, "model.num_layers",
                f"{num_layers} layers cannot fill parallel.pp × parallel.virtual_stages = {stages} stages; "
                "every stage needs at least one")
-        _check(p.stage_balance != "even" or num_layers % stages == 0, "model.num_layers",
+        _check(p.stage_balance != StageBalance.EVEN or num_layers % stages == 0, "model.num_layers",
                f"{num_layers} layers cannot be split into parallel.pp × parallel.virtual_stages = {stages} equal "
                "stages; set parallel.stage_balance=auto or list parallel.layers_per_stage")
         return
     layers = list(p.layers_per_stage)
     key = "parallel.layers_per_stage"
-    _check(p.stage_balance == "even", key,
+    _check(p.stage_balance == StageBalance.EVEN, key,
            f"{layers} and parallel.stage_balance={p.stage_balance} both choose the split; set only one")
     _check(len(layers) == stages, key, f"{layers} has {len(layers)} entries, but parallel.pp × "
                                        f"parallel.virtual_stages = {stages} stages need one each")
@@ -131,7 +116,7 @@ def _validate_split(cfg: DictConfig) -> None:
 
 def _validate_parallel(cfg: DictConfig) -> None:
     p = cfg.parallel
-    _check(p.schedule != "1f1b" or p.virtual_stages == 1, "parallel.virtual_stages",
+    _check(p.schedule != Schedule.ONE_F_ONE_B or p.virtual_stages == 1, "parallel.virtual_stages",
            f"{p.virtual_stages} virtual stages need a multi-stage parallel.schedule (interleaved_1f1b, "
            "interleaved_zero_bubble, or with exactly 2: zbv_zero_bubble, dualpipev)")
     _check(p.schedule not in V_SCHEDULES or p.virtual_stages == 2, "parallel.virtual_stages",
@@ -198,25 +183,24 @@ def _validate_microbatches(cfg: DictConfig, microbatches: int) -> None:
     """What torch's multi-stage schedules need of the micro-batches each data-parallel rank runs per step."""
     p, key = cfg.parallel, "train.global_batch"
     per_rank = f"{cfg.train.global_batch} gives {microbatches} micro-batches per data-parallel rank"
-    if p.schedule in ("interleaved_1f1b", "interleaved_zero_bubble"):
+    if p.schedule in (Schedule.INTERLEAVED_1F1B, Schedule.INTERLEAVED_ZERO_BUBBLE):
         rounds = max(1, microbatches // p.pp)
         _check(microbatches % rounds == 0, key, f"{per_rank}, which parallel.schedule={p.schedule} cannot split "
                f"into max(1, m // parallel.pp) = {rounds} equal rounds; use e.g. at most pp, or a multiple of pp")
-    if p.schedule == "dualpipev":
+    if p.schedule == Schedule.DUALPIPEV:
         _check(microbatches >= 2 * p.pp, key, f"{per_rank}; parallel.schedule=dualpipev needs at least one per "
                f"stage, 2 × parallel.pp = {2 * p.pp}")
 
 
 def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     """Raise ConfigError naming the first impossible setting; silent when all is well."""
-    for key, choices in CHOICES.items():
+    for key, options in CHOICES.items():
         value = _get(cfg, key)
-        _check(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
+        _check(value in options.values(), key, f"'{value}' is not one of {', '.join(options.values())}")
     for key in POSITIVE:
         _check(_get(cfg, key) > 0, key, f"{_get(cfg, key)} must be > 0")
     for key in NON_NEGATIVE:
         _check(_get(cfg, key) >= 0, key, f"{_get(cfg, key)} must be >= 0")
-    _validate_family(cfg)
     _validate_model(cfg)
     _validate_moe(cfg)
     _validate_parallel(cfg)

@@ -42,12 +42,13 @@ from typing import ClassVar, Optional
 import torch
 from omegaconf import DictConfig
 
+from megamoe.config.choices import Schedule
+from megamoe.config.schema import rotary_dim
 from megamoe.config.validate import validate_layout
 from megamoe.estimators.flops import parameter_breakdown
 from megamoe.models import family_of
 from megamoe.nn.casts import autocast_dtype
 from megamoe.nn.loss import chunk_tokens
-from megamoe.nn.rope import rotary_dim
 from megamoe.parallel.stages import rank_ends
 
 GIB = 2**30
@@ -331,11 +332,11 @@ def microbatches_in_flight(cfg: DictConfig, pp_rank: int, num_microbatches: int)
         return 1.0
     per_round = m // max(1, m // pp)
     chunks = {
-        "1f1b": min(pp - r, m),
-        "interleaved_1f1b": min((v - 1) * per_round + 2 * (pp - 1 - r) + 1, m * v),
-        "interleaved_zero_bubble": min((v - 1) * per_round + pp, m * v),
-        "zbv_zero_bubble": min(2 * pp, m + r + 1, 2 * m),
-        "dualpipev": 2 * pp + 1,
+        Schedule.ONE_F_ONE_B: min(pp - r, m),
+        Schedule.INTERLEAVED_1F1B: min((v - 1) * per_round + 2 * (pp - 1 - r) + 1, m * v),
+        Schedule.INTERLEAVED_ZERO_BUBBLE: min((v - 1) * per_round + pp, m * v),
+        Schedule.ZBV_ZERO_BUBBLE: min(2 * pp, m + r + 1, 2 * m),
+        Schedule.DUALPIPEV: 2 * pp + 1,
     }[cfg.parallel.schedule]
     return chunks / v
 

@@ -37,10 +37,11 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig
 
+from megamoe.config.choices import V_SCHEDULES, Schedule
 from megamoe.config.schema import MegaMoEConfig, as_object
-from megamoe.config.validate import V_SCHEDULES, validate
 from megamoe.errors import ConfigError
 from megamoe.estimators import balance, flops, memory
+from megamoe.models import validate_config
 from megamoe.parallel import stages
 
 BF16 = 2
@@ -182,8 +183,8 @@ def schedules(virtual_stages: int) -> tuple[str, ...]:
     """The schedules that run ``virtual_stages`` chunks per rank: 1F1B for one; the looped
     interleaved ones for more; the V ones (ZB-V, DualPipeV) for exactly two."""
     if virtual_stages == 1:
-        return ("1f1b",)
-    return ("interleaved_1f1b", "interleaved_zero_bubble") + (V_SCHEDULES if virtual_stages == 2 else ())
+        return (Schedule.ONE_F_ONE_B,)
+    return (Schedule.INTERLEAVED_1F1B, Schedule.INTERLEAVED_ZERO_BUBBLE) + (V_SCHEDULES if virtual_stages == 2 else ())
 
 
 def with_layout(cfg: DictConfig | MegaMoEConfig, layout: Layout) -> MegaMoEConfig:
@@ -194,7 +195,7 @@ def with_layout(cfg: DictConfig | MegaMoEConfig, layout: Layout) -> MegaMoEConfi
                                    schedule=layout.schedule, stage_balance=layout.split, layers_per_stage=None)
     train = dataclasses.replace(plain.train, micro_batch=layout.micro_batch, activation_checkpointing=layout.recompute)
     candidate = dataclasses.replace(plain, parallel=parallel, train=train)
-    validate(candidate)
+    validate_config(candidate)
     if layout.split == "auto":
         split = dataclasses.replace(parallel, stage_balance="even", layers_per_stage=balance.balanced_split(candidate))
         candidate = dataclasses.replace(candidate, parallel=split)
@@ -220,11 +221,11 @@ def bubble_slots(schedule: str, pp: int, v: int, m: int) -> float:
     if pp == 1:
         return 0.0
     return {
-        "1f1b": pp - 1,
-        "interleaved_1f1b": (pp - 1) / v + max(0, pp - m) * (v - 1) / v,
-        "interleaved_zero_bubble": (pp - 1) / (3 * v) + max(0, pp - m) / 3,
-        "zbv_zero_bubble": max((pp - 1) / 6, (2 * pp - 1 - m) / 3),
-        "dualpipev": (pp - 1) / 6,
+        Schedule.ONE_F_ONE_B: pp - 1,
+        Schedule.INTERLEAVED_1F1B: (pp - 1) / v + max(0, pp - m) * (v - 1) / v,
+        Schedule.INTERLEAVED_ZERO_BUBBLE: (pp - 1) / (3 * v) + max(0, pp - m) / 3,
+        Schedule.ZBV_ZERO_BUBBLE: max((pp - 1) / 6, (2 * pp - 1 - m) / 3),
+        Schedule.DUALPIPEV: (pp - 1) / 6,
     }[schedule]
 
 
@@ -268,7 +269,7 @@ def model_flops_per_token(cfg: DictConfig) -> float:
     return 3 * (flops.fwd_flops_per_token(cfg) + flops.attention_flops_per_token(cfg, cfg.train.seq_len))
 
 
-def evaluate(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware) -> Plan | Rejection:
+def evaluate_layout(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware) -> Plan | Rejection:
     """One candidate: a Plan if it is valid and fits, else why not."""
     try:
         candidate = with_layout(cfg, layout)
@@ -292,7 +293,7 @@ def plan(cfg: DictConfig, gpus: int, hw: Hardware) -> PlanResult:
     """Every candidate on ``gpus`` GPUs of kind ``hw``: the ones that fit, fastest first, and the rest."""
     result, plain = PlanResult(), as_object(cfg)
     for layout in layouts(plain, gpus):
-        outcome = evaluate(plain, layout, gpus, hw)
+        outcome = evaluate_layout(plain, layout, gpus, hw)
         (result.plans if isinstance(outcome, Plan) else result.rejected).append(outcome)
     result.plans.sort(key=lambda p: (p.step.total, p.memory_gib))
     return result

@@ -1,4 +1,4 @@
-"""Built-in tasks about the world of the demo corpus (data_tools.make_demo_corpus), made on the fly.
+"""Built-in tasks about the world of the demo corpus (megamoe.data.demo_world, written out by data_tools/make_demo_corpus.py), made on the fly.
 
 The corpus states fixed facts — each person's home, job and breakfast — and true products, so
 a model trained by ``make demo`` should beat chance on them; the tasks need no file and are the
@@ -14,9 +14,9 @@ same on every machine:
 from __future__ import annotations
 
 import random
-from typing import Callable, Sequence
+from typing import Sequence
 
-from data_tools.make_demo_corpus import (
+from megamoe.data.demo_world import (
     EN_CITIES,
     EN_FOODS,
     EN_JOBS,
@@ -62,5 +62,3 @@ def demo_math() -> Task:
     items = tuple(GenerationItem(f"{a} times {b} is", str(a * b), until=(".",), max_new_tokens=8) for a, b in pairs)
     return Task("demo-math", GENERATION, items)
 
-
-BUILTIN: dict[str, Callable[[], Task]] = {"demo-zh": demo_zh, "demo-en": demo_en, "demo-math": demo_math}

@@ -29,7 +29,7 @@ from megamoe.data.tokenizer import Tokenizer
 from megamoe.errors import TaskError, UserError
 from megamoe.evaluation.model import ModelBackend
 from megamoe.evaluation.scoring import check_room, completion, continuation_request, prompt_ids, text_loglikelihoods
-from megamoe.inference import load_checkpoint
+from megamoe.inference import load_for_inference
 
 # The harness's spellings of a generation budget, in its order of priority.
 BUDGET_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
@@ -75,7 +75,7 @@ class MegamoeLM(LM):
         """Any checkpoint (a ``step_N/`` or a checkpoints directory, any training layout)."""
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise UserError(f"batch_size={batch_size}: megamoe takes a positive number of sequences per pass")
-        model, tokenizer, cfg = load_checkpoint(checkpoint, device)
+        model, tokenizer, cfg = load_for_inference(checkpoint, device)
         backend = ModelBackend(model, tokenizer.eod_id, tokenizer.vocab_size, int(batch_size))
         return cls(backend, tokenizer, cfg.train.seq_len, int(max_gen_toks))
 

@@ -1,4 +1,4 @@
-"""The single-process backend: the whole model in one process (megamoe.inference.load_checkpoint).
+"""The single-process backend: the whole model in one process (megamoe.inference.load_for_inference).
 
 Log-likelihoods run in batches of requests sorted longest first, so a batch's rows have similar
 lengths and little padding; greedy continuations use the KV-cached decoder. Progress shows as

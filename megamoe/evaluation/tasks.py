@@ -183,32 +183,6 @@ def read_task_file(path: Path, name: Optional[str] = None) -> Task:
     return Task(name or path.stem, kind, tuple(items))
 
 
-def load_tasks(specs: Sequence[str]) -> list[Task]:
-    """The tasks ``specs`` name: built-in names, .jsonl files, directories of .jsonl files."""
-    from megamoe.evaluation.demo import BUILTIN  # built from this module's types
-
-    tasks: list[Task] = []
-    for spec in specs:
-        path = Path(spec)
-        if spec in BUILTIN:
-            tasks.append(BUILTIN[spec]())
-        elif path.is_file():
-            tasks.append(read_task_file(path))
-        elif path.is_dir():
-            files = sorted(path.glob("*.jsonl"))
-            if not files:
-                raise TaskError(f"{path}: no *.jsonl task files in this directory")
-            tasks += [read_task_file(f, f"{path.name}/{f.stem}") for f in files]
-        else:
-            raise TaskError(f"unknown task {spec!r}: not a built-in task ({', '.join(BUILTIN)}), nor a .jsonl "
-                            "file or a directory of them")
-    names = [task.name for task in tasks]
-    twice = next((name for name in names if names.count(name) > 1), None)
-    if twice is not None:
-        raise TaskError(f"task {twice!r} is named twice; give each task file a different name")
-    return tasks
-
-
 # ---- what is scored -------------------------------------------------------------------------
 
 

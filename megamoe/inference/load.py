@@ -56,7 +56,7 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_checkpoint(path: Path | str, device: Optional[torch.device | str] = None
+def load_for_inference(path: Path | str, device: Optional[torch.device | str] = None
                     ) -> tuple[Decoder, Tokenizer, DictConfig]:
     """The model (eval mode, on ``device``: default one GPU if there is one), tokenizer and config
     of a checkpoint: a ``step_N/`` directory or a checkpoints directory (its latest)."""

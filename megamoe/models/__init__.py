@@ -13,11 +13,13 @@ from typing import Optional
 from omegaconf import DictConfig
 
 from megamoe.config.schema import as_object
+from megamoe.config.validate import validate
+from megamoe.errors import ConfigError
 from megamoe.models.family import ModelFamily
 from megamoe.nn.decoder import Decoder
 from megamoe.nn.moe.dispatcher import TokenExchange
 
-__all__ = ["FAMILIES", "ModelFamily", "build_stage", "family_for_hf", "family_of", "get_family"]
+__all__ = ["FAMILIES", "ModelFamily", "build_stage", "family_for_hf", "family_of", "get_family", "validate_config"]
 
 FAMILIES: dict[str, str] = {
     "yuan": "megamoe.models.yuan",
@@ -37,6 +39,17 @@ def family_of(cfg: DictConfig) -> ModelFamily:
 def family_for_hf(model_type: Optional[str]) -> Optional[ModelFamily]:
     """The family whose Hugging Face adapter reads config.json's ``model_type``, if any."""
     return next((f for f in map(get_family, FAMILIES) if f.hf.model_type == model_type), None)
+
+
+def validate_config(cfg: DictConfig, world_size: Optional[int] = None) -> None:
+    """Every rule a config must follow, before anything starts: the config's own
+    (megamoe.config.validate: ranges, options, divisibility, the layout at ``world_size``), then
+    its family's (what its attention can be configured to). Raises a one-line ConfigError."""
+    validate(cfg, world_size)
+    family = cfg.model.family
+    if family not in FAMILIES:
+        raise ConfigError(f"model.family: '{family}' is not one of {', '.join(FAMILIES)}")
+    get_family(family).validate(cfg)
 
 
 def build_stage(cfg: DictConfig, layers: Optional[range] = None, pre_process: bool = True, post_process: bool = True,

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from megamoe.config.schema import ModelConfig, MoEConfig
+from megamoe.config.schema import ModelConfig, MoEConfig, rotary_dim
 from megamoe.nn.documents import Documents
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.init import seeded_normal_
@@ -38,7 +38,7 @@ from megamoe.nn.kv_cache import KVCache, LayerCache
 from megamoe.nn.moe.dispatcher import TokenExchange
 from megamoe.nn.moe.layer import MoELayer
 from megamoe.nn.norms import RMSNorm
-from megamoe.nn.rope import RotaryEmbedding, rotary_dim
+from megamoe.nn.rope import RotaryEmbedding
 
 # An attention block: built from the model section; forward(normed hidden [b, s, H], (cos, sin)) → [b, s, H]
 # (generation also passes a third argument, the layer's LayerCache: megamoe.nn.kv_cache; training with

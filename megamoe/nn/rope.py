@@ -12,13 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megamoe.config.schema import ModelConfig
-
-
-def rotary_dim(model: ModelConfig) -> int:
-    """Dims of each head that get RoPE: head_dim × rotary_percent (Yuan M32: 0.5 × 256 = 128)."""
-    return int(model.head_dim * model.rotary_percent)
-
 
 class RotaryEmbedding(nn.Module):
     """Maps position ids [b, s] to (cos, sin), each [b, 1, s, rotary_dim] in fp32."""

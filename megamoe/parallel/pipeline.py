@@ -40,7 +40,7 @@ from torch.distributed.pipelining import (
 from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 
 from megamoe.compat import HookedPipelineStage, PipelineSchedule, PipelineScheduleRuntime, forwards_only
-from megamoe.config.validate import V_SCHEDULES
+from megamoe.config.choices import V_SCHEDULES, Schedule
 from megamoe.estimators.balance import stage_layers
 from megamoe.models import build_stage
 from megamoe.nn.decoder import Decoder
@@ -52,10 +52,10 @@ from megamoe.parallel.stages import layer_ranges, stage_indices
 
 # parallel.schedule → torch's schedule for several stages per rank (1f1b runs one: Schedule1F1B).
 SCHEDULES: dict[str, type[PipelineScheduleMulti]] = {
-    "interleaved_1f1b": ScheduleInterleaved1F1B,
-    "interleaved_zero_bubble": ScheduleInterleavedZeroBubble,
-    "zbv_zero_bubble": ScheduleZBVZeroBubble,
-    "dualpipev": ScheduleDualPipeV,
+    Schedule.INTERLEAVED_1F1B: ScheduleInterleaved1F1B,
+    Schedule.INTERLEAVED_ZERO_BUBBLE: ScheduleInterleavedZeroBubble,
+    Schedule.ZBV_ZERO_BUBBLE: ScheduleZBVZeroBubble,
+    Schedule.DUALPIPEV: ScheduleDualPipeV,
 }
 
 
@@ -182,7 +182,7 @@ def build_schedules(cfg: DictConfig, grid: ProcessGrid, modules: list[StageModul
                                           num_stages=num_stages, device=grid.device, input_args=inputs,
                                           output_args=outputs, group=grid.pp_group))
     loss_fn = modules[-1].loss
-    if cfg.parallel.schedule == "1f1b":
+    if cfg.parallel.schedule == Schedule.ONE_F_ONE_B:
         schedule = Schedule1F1B(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False)
         return Schedules(schedule, schedule)
 

@@ -19,7 +19,7 @@ from typing import Sequence, TypeVar
 
 from omegaconf import DictConfig
 
-from megamoe.config.validate import V_SCHEDULES
+from megamoe.config.choices import V_SCHEDULES
 
 Number = TypeVar("Number", int, float)
 

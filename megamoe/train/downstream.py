@@ -29,8 +29,9 @@ from torch import Tensor
 
 from megamoe.data.tokenizer import Tokenizer, tokenizer_from_config
 from megamoe.errors import SharedError
+from megamoe.evaluation.resolve import load_tasks
 from megamoe.evaluation.scoring import Request, evaluate_task, new_tokens, pack, sequence_logprobs
-from megamoe.evaluation.tasks import GENERATION, Task, load_tasks, prepare
+from megamoe.evaluation.tasks import GENERATION, Task, prepare
 from megamoe.nn.casts import compute_dtype, shared_casts
 from megamoe.nn.loss import IGNORE_INDEX
 from megamoe.parallel.pipeline import stage_inputs

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.config.validate import validate_layout
 from megamoe.errors import ConfigError
+from megamoe.models import validate_config
 
 
 def _error(overrides: list[str], world_size: int | None = None) -> str:
     with pytest.raises(ConfigError) as info:
-        validate(compose(overrides), world_size)
+        validate_config(compose(overrides), world_size)
     message = str(info.value)
     assert "\n" not in message, message
     return message
@@ -19,15 +20,15 @@ def _error(overrides: list[str], world_size: int | None = None) -> str:
 
 def test_tiny_and_m32_compose_and_validate() -> None:
     tiny = compose(["+exp=tiny"])
-    validate(tiny)
+    validate_config(tiny)
     assert tiny.model.hidden_size == 64 and tiny.data.kind == "mock"
     m32 = compose(["+exp=m32_2000b"])
-    validate(m32)
+    validate_config(m32)
     assert (m32.model.num_layers, m32.moe.num_experts, m32.moe.top_k) == (24, 32, 2)
     assert m32.model.num_heads * m32.model.head_dim == 4096
     assert (m32.train.global_batch, m32.train.seq_len, m32.parallel.pp, m32.parallel.ep) == (1536, 4096, 4, 8)
     paper = compose(["+exp=m32_2000b_paper_pp8"])
-    validate(paper)
+    validate_config(paper)
     assert (paper.parallel.pp, paper.parallel.ep, paper.train.micro_batch) == (8, 1, 2)  # the paper's layout
     assert paper.train.steps == m32.train.steps and paper.model == m32.model  # the same recipe and model
 

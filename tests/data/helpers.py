@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.data.indexed import IndexedDatasetBuilder
 from megamoe.data.tokenizer import ByteTokenizer
+from megamoe.models import validate_config
 
 
 def byte_corpus(path: str, text: str, docs: int, seed: int, dtype: type = np.uint16) -> None:
@@ -34,5 +35,5 @@ def blend_overrides(tmp_path: Path, split: str = "80,10,10") -> list[str]:
 
 def blend_cfg(tmp_path: Path, *overrides: str, split: str = "80,10,10") -> DictConfig:
     cfg = compose(["+exp=tiny", *blend_overrides(tmp_path, split), "train.steps=20", *overrides])
-    validate(cfg)
+    validate_config(cfg)
     return cfg

@@ -33,7 +33,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
+from megamoe.models import validate_config
 from megamoe.estimators import balance
 from megamoe.parallel import stages
 from megamoe.parallel.expert import expert_range
@@ -53,7 +54,7 @@ def train_layout(rank: int, world_size: int, args: tuple[list[str], torch.dtype]
     overrides, dtype = args
     torch.set_default_dtype(dtype)
     cfg = compose([*BASE, *overrides])
-    validate(cfg, world_size)
+    validate_config(cfg, world_size)
     grid = init_grid(cfg.parallel.pp, cfg.parallel.ep, timeout_s=60)
     trainer = build_trainer(cfg, grid)
     batches = iter(trainer.loader)

@@ -24,7 +24,8 @@ import torch
 from megamoe.checkpoint.saver import save_checkpoint
 from megamoe.checkpoint.state import load_checkpoint
 from megamoe.checkpoint.store import read_manifest
-from megamoe.config import compose, validate
+from megamoe.config import compose
+from megamoe.models import validate_config
 from megamoe.estimators import balance
 from megamoe.parallel.mesh import init_grid
 from megamoe.train.step import train_step
@@ -45,7 +46,7 @@ def run_phases(rank: int, world_size: int, phases: list[dict[str, Any]]) -> list
     results = []
     for phase in phases:
         cfg = compose([*BASE, *phase["layout"], f"run.dir={phase['run_dir']}"])
-        validate(cfg, world_size)
+        validate_config(cfg, world_size)
         trainer = build_trainer(cfg, init_grid(cfg.parallel.pp, cfg.parallel.ep, timeout_s=60))
         if "load" in phase:
             load_checkpoint(trainer.state, Path(phase["load"]))

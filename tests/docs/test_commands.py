@@ -28,7 +28,8 @@ from typing import Callable
 
 import pytest
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
+from megamoe.models import validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "docker" / "README.md",
@@ -84,9 +85,9 @@ def check_pretrain(argv: list[str]) -> None:
     cfg = compose(overrides)
     if "parallel.ep=4" in overrides and world_size(argv) == 2:  # the documented error example
         with pytest.raises(Exception, match="parallel.ep: 4 does not divide"):
-            validate(cfg, world_size(argv))
+            validate_config(cfg, world_size(argv))
         return
-    validate(cfg, world_size(argv))
+    validate_config(cfg, world_size(argv))
 
 
 def check_model_stats(argv: list[str]) -> None:

@@ -10,9 +10,10 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.errors import ConfigError
 from megamoe.estimators import balance, memory
+from megamoe.models import validate_config
 from megamoe.parallel import stages
 from megamoe.parallel.pipeline import build_stage_modules
 from tests.estimators.test_memory import ExpertSlice
@@ -22,7 +23,7 @@ INTERLEAVED = ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"
 
 def tiny(*overrides: str) -> DictConfig:
     cfg = compose(["+exp=tiny", *overrides])
-    validate(cfg)
+    validate_config(cfg)
     return cfg
 
 
@@ -116,7 +117,7 @@ def test_tie_break_memory_is_the_estimate(overrides: list[str], layers: list[int
 
 def _error(*overrides: str) -> str:
     with pytest.raises(ConfigError) as info:
-        validate(compose(["+exp=tiny", *overrides]))
+        validate_config(compose(["+exp=tiny", *overrides]))
     message = str(info.value)
     assert "\n" not in message
     return message

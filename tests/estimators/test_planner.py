@@ -12,7 +12,7 @@ from megamoe.estimators.planner import (
     GPUS,
     Hardware,
     Layout,
-    evaluate,
+    evaluate_layout,
     layouts,
     plan,
     schedules,
@@ -83,13 +83,13 @@ def test_layouts_cover_every_shape_once() -> None:
 def test_memory_is_the_estimator_s_and_too_much_is_rejected() -> None:
     cfg = tiny()
     layout = Layout(2, 1, 1, "1f1b", 2, "none", "auto")
-    fitted = evaluate(cfg, layout, 2, TOY)
+    fitted = evaluate_layout(cfg, layout, 2, TOY)
     expected = balance.memory_per_gpu(with_layout(cfg, layout), 2)[1].total / memory.GIB
     assert fitted.memory_gib == pytest.approx(expected)
     small = dataclasses.replace(TOY, memory_gib=expected / 0.9 * 0.99)
-    rejected = evaluate(cfg, layout, 2, small)
+    rejected = evaluate_layout(cfg, layout, 2, small)
     assert rejected.reason.startswith("out of memory") and rejected.memory_gib == pytest.approx(expected)
-    assert evaluate(cfg, Layout(2, 1, 8, "interleaved_1f1b", 2, "none", "even"), 2, TOY).reason.startswith("not valid")
+    assert evaluate_layout(cfg, Layout(2, 1, 8, "interleaved_1f1b", 2, "none", "even"), 2, TOY).reason.startswith("not valid")
 
 
 def test_m32_on_80gb_needs_expert_parallelism() -> None:

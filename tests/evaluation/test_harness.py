@@ -24,7 +24,7 @@ from megamoe.errors import TaskError
 from megamoe.evaluation.model import ModelBackend
 from megamoe.evaluation.scoring import completion, prompt_ids
 from megamoe.evaluation.tasks import last_number
-from megamoe.inference import load_checkpoint
+from megamoe.inference import load_for_inference
 from tests.inference.helpers import lively_model
 from tests.models.helpers import model_tensors
 
@@ -116,7 +116,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def greedy_completions(checkpoint: Path, prompts: list[str]) -> list[str]:
-    model, tokenizer, _ = load_checkpoint(checkpoint, "cpu")
+    model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
     ids = ModelBackend(model, tokenizer.eod_id, tokenizer.vocab_size, 4).greedy(
         [prompt_ids(p, tokenizer, WINDOW, BUDGET) for p in prompts], BUDGET, "reference")
     return [completion(out, tokenizer, ("\n\n",), BUDGET) for out in ids]

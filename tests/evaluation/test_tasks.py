@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from megamoe.errors import TaskError
+from megamoe.evaluation.resolve import load_tasks
 from megamoe.evaluation.tasks import (
     GENERATION,
     MULTIPLE_CHOICE,
@@ -19,7 +20,6 @@ from megamoe.evaluation.tasks import (
     Task,
     TextItem,
     last_number,
-    load_tasks,
     prepare,
     read_task_file,
 )

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
+from megamoe.models import validate_config
 
 ROOT = Path(__file__).resolve().parents[2]
 HOSTFILE = ROOT / "launch" / "deepspeed" / "hostfile.example"
@@ -23,7 +24,7 @@ def test_the_example_world_is_a_valid_m32_layout() -> None:
     """32 slots give M32's pp 8 × dp 4, and its global batch splits into whole micro-batches."""
     slots = [int(line.split("slots=")[1]) for line in HOSTFILE.read_text().splitlines()
              if line.strip() and not line.startswith("#")]
-    validate(compose(["+exp=m32_2000b"]), world_size=sum(slots))
+    validate_config(compose(["+exp=m32_2000b"]), world_size=sum(slots))
 
 
 def test_readme_launch_line_names_this_hostfile() -> None:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from data_tools import preprocess_data
 from data_tools.make_demo_corpus import make_corpus
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.data.loader import document_ids
+from megamoe.models import validate_config
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.train.step import train_step, validation_loss
 from megamoe.train.trainer import Trainer, build_trainer
@@ -51,7 +52,7 @@ def grid() -> Iterator[ProcessGrid]:
 
 def demo_trainer(grid: ProcessGrid, sources: str, run_dir: Path, *overrides: str) -> Trainer:
     cfg = compose(["+exp=demo", sources, *SMALL, f"run.dir={run_dir}", *overrides])
-    validate(cfg, 1)
+    validate_config(cfg, 1)
     return build_trainer(cfg, grid)
 
 

@@ -14,7 +14,7 @@ import pytest
 from megamoe.checkpoint import write_model_checkpoint
 from megamoe.config import compose
 from megamoe.data.tokenizer import ByteTokenizer
-from megamoe.inference import Sampling, generate, load_checkpoint
+from megamoe.inference import Sampling, generate, load_for_inference
 from tests.inference.helpers import lively_model
 from tests.models.helpers import model_tensors
 
@@ -34,7 +34,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def expected_text(checkpoint: Path, prompt: str, max_new_tokens: int) -> str:
-    model, tokenizer, _ = load_checkpoint(checkpoint, "cpu")
+    model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
     ids = generate(model, [tokenizer.encode(prompt)], max_new_tokens, Sampling(greedy=True), tokenizer.eod_id,
                    vocab_size=tokenizer.vocab_size)[0]
     return prompt + script.decoded(tokenizer, ids)

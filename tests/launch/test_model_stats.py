@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from megamoe.config import CONFIG_DIR, compose, validate
+from megamoe.config import CONFIG_DIR, compose
+from megamoe.models import validate_config
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "model_stats.py"
 
@@ -116,7 +117,7 @@ HEADROOM = 0.9  # the estimate leaves out the CUDA context, NCCL buffers and fra
 @pytest.mark.parametrize(("exp", "world_size"), list(LADDER.items()))
 def test_ladder_config_fits_an_80_gib_gpu(exp: str, world_size: int, capsys: pytest.CaptureFixture) -> None:
     cfg = compose([f"+exp={exp}"])
-    validate(cfg, world_size=world_size)
+    validate_config(cfg, world_size=world_size)
     model_stats.main([f"+exp={exp}", "--world-size", str(world_size)])
     stats = last_json(capsys.readouterr().out)
     total = stats["memory_per_gpu_gib"]["total"]

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.estimators import balance, memory
+from megamoe.models import validate_config
 from tests.pretrain import ROOT
 
 
@@ -30,7 +31,7 @@ def test_m32_on_256_h100s() -> None:
     assert len(best["top"]) == 3 and best["top"][0] == {k: best[k] for k in best["top"][0]}
     # the layout it names is a valid config whose memory estimate is the one it printed
     cfg = compose(["+exp=m32_2000b", *(f"{k}={v}".replace(" ", "") for k, v in best["layout"].items())])
-    validate(cfg, world_size=256)
+    validate_config(cfg, world_size=256)
     assert balance.memory_per_gpu(cfg, 256)[1].total / memory.GIB == pytest.approx(best["memory_gib"], abs=0.01)
     assert best["memory_gib"] <= 72 and 0 < best["mfu"] < 0.6
     assert best["gpu_hours"] == pytest.approx(best["days"] * 24 * 256, rel=0.01)

@@ -109,6 +109,6 @@ def test_a_family_from_one_module_trains_saves_resumes_and_is_counted(toy_family
 
 def test_an_unknown_family_is_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^model.family: 'mixtral' is not one of yuan, qwen_moe"):
-        from megamoe.config import validate
+        from megamoe.models import validate_config
 
-        validate(compose(["+exp=tiny", "model.family=mixtral"]))
+        validate_config(compose(["+exp=tiny", "model.family=mixtral"]))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from megamoe.config import compose, validate
-from megamoe.models import build_stage
+from megamoe.config import compose
+from megamoe.models import build_stage, validate_config
 from megamoe.nn.compile import compiled_blocks
 from megamoe.nn.moe.experts import ExpertBank
 from megamoe.parallel.mesh import init_grid
@@ -26,7 +26,7 @@ def _train(rank: int, world_size: int, args: tuple[str, list[str], torch.dtype])
     compile_mode, overrides, dtype = args
     torch.set_default_dtype(dtype)
     cfg = compose([*BASE, *overrides, f"train.compile={compile_mode}"])
-    validate(cfg, world_size)
+    validate_config(cfg, world_size)
     trainer = build_trainer(cfg, init_grid(1, 1, timeout_s=60))
     batches = iter(trainer.loader)
     losses = [train_step(trainer, next(batches), report_routing=False).loss for _ in range(STEPS)]

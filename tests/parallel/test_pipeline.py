@@ -28,12 +28,13 @@ from torch.distributed.pipelining.schedules import (
     _Action,
 )
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.config.validate import validate_layout
 from megamoe.errors import ConfigError
 from megamoe.estimators.balance import rank_layers
 from megamoe.estimators.memory import microbatches_in_flight, stage_params
 from megamoe.estimators.planner import bubble_slots
+from megamoe.models import validate_config
 from megamoe.parallel.pipeline import SCHEDULES
 from megamoe.parallel.stages import rank_ends, stage_indices
 
@@ -169,7 +170,7 @@ def test_the_head_weighs_on_the_rank_holding_the_last_stage(schedule: str, head_
     balanced split gives that rank fewer layers, and the estimate gives it the head."""
     cfg = compose(["+exp=tiny", "parallel.pp=2", f"parallel.schedule={schedule}", "parallel.virtual_stages=2",
                    "model.num_layers=8", "model.vocab_size=4096", "parallel.stage_balance=auto"])
-    validate(cfg)
+    validate_config(cfg)
     layers = [rank_layers(cfg, r) for r in range(2)]
     assert layers[head_rank] < layers[1 - head_rank]
     assert [stage_params(cfg, r, 1, rank_layers(cfg, r)).holds_head for r in range(2)] == [r == head_rank for r in range(2)]
@@ -185,5 +186,5 @@ def test_the_head_weighs_on_the_rank_holding_the_last_stage(schedule: str, head_
 def test_validate_refuses_what_a_schedule_cannot_run(overrides: list[str], world: int, key: str) -> None:
     cfg = compose(["+exp=tiny", "parallel.pp=2", "train.micro_batch=2", *overrides])
     with pytest.raises(ConfigError) as info:
-        validate(cfg, world)
+        validate_config(cfg, world)
     assert str(info.value).startswith(key + ":")

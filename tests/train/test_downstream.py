@@ -10,13 +10,14 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.data.tokenizer import Tokenizer
 from megamoe.errors import ConfigError, SharedError
 from megamoe.evaluation.demo import demo_en, demo_math
 from megamoe.evaluation.model import ModelBackend
 from megamoe.evaluation.scoring import choice_requests, evaluate_task, generation_prompts
 from megamoe.evaluation.tasks import prepare
+from megamoe.models import validate_config
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.train.downstream import DownstreamEval, PipelineBackend
 from megamoe.train.step import train_step
@@ -77,7 +78,7 @@ def test_in_training_scores_equal_the_single_process_backend(grid: ProcessGrid, 
 def layout_worker(rank: int, world_size: int, overrides: list[str]) -> dict[str, Any]:
     torch.set_default_dtype(torch.float64)  # no reduction-order noise: greedy ids compare exactly
     cfg = compose([*BASE, *overrides])
-    validate(cfg, world_size)
+    validate_config(cfg, world_size)
     grid = init_grid(cfg.parallel.pp, cfg.parallel.ep, timeout_s=60)
     try:
         return raw_scores(trained(cfg, grid), DownstreamEval(cfg).tokenizer)
@@ -131,4 +132,4 @@ def test_a_bad_task_file_stops_the_run_at_startup(tmp_path: Path) -> None:
 ])
 def test_config_mistakes(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        validate(compose([*BASE, override]))
+        validate_config(compose([*BASE, override]))

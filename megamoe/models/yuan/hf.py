@@ -24,8 +24,8 @@ import torch
 from omegaconf import DictConfig
 
 from megamoe.checkpoint.names import split_layer_name
+from megamoe.config.schema import rotary_dim
 from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, TokenIds, refuse_unexportable
-from megamoe.nn.rope import rotary_dim
 
 Tensors = Iterable[tuple[str, torch.Tensor]]
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from megamoe.checkpoint.state import resume
-from megamoe.config import compose, validate
+from megamoe.config import compose
+from megamoe.models import validate_config
 from megamoe.parallel.mesh import init_grid
 from megamoe.train.step import train_step
 from megamoe.train.trainer import build_trainer
@@ -28,7 +29,7 @@ def losses_from(rank: int, world_size: int, args: tuple[list[str], str]) -> list
     """Worker: resume from the checkpoint the overrides name, train STEPS steps, return the losses."""
     overrides, run_dir = args
     cfg = compose([*TRAIN, *overrides, f"run.dir={run_dir}"])
-    validate(cfg, world_size)
+    validate_config(cfg, world_size)
     trainer = build_trainer(cfg, init_grid(cfg.parallel.pp, cfg.parallel.ep, timeout_s=60))
     assert resume(trainer.state) is not None and trainer.step == 0
     batches = iter(trainer.loader)

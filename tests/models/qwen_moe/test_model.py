@@ -7,9 +7,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.errors import ConfigError
-from megamoe.models import build_stage
+from megamoe.models import build_stage, validate_config
 from megamoe.nn.moe.layer import MoELayer
 
 TINY = ["+exp=qwen_moe_tiny"]
@@ -25,13 +25,13 @@ TINY = ["+exp=qwen_moe_tiny"]
 ])
 def test_settings_a_family_cannot_build_name_their_key(overrides: list[str], key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        validate(compose(overrides))
+        validate_config(compose(overrides))
     assert str(info.value).startswith(f"{key}: ") and "\n" not in str(info.value)
 
 
 def test_the_tiny_and_release_configs_are_valid() -> None:
-    validate(compose(TINY))
-    validate(compose(["+exp=qwen15_moe_a27b"]), world_size=64)
+    validate_config(compose(TINY))
+    validate_config(compose(["+exp=qwen15_moe_a27b"]), world_size=64)
 
 
 def test_shared_experts_are_scaled_by_their_sigmoid_gate() -> None:

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.testing import assert_close
 
-from megamoe.config import compose, validate
+from megamoe.config import compose
 from megamoe.config.schema import MoEConfig
 from megamoe.errors import ConfigError
+from megamoe.models import validate_config
 from megamoe.nn.moe import MoELayer
 from megamoe.nn.moe.router import router_z_loss, select_tokens, switch_aux_loss
 
@@ -161,12 +162,12 @@ EXPERT_CHOICE = ["moe.router_mode=expert_choice"]
 ])
 def test_config_errors_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as info:
-        validate(compose(["+exp=tiny", *overrides]))
+        validate_config(compose(["+exp=tiny", *overrides]))
     assert str(info.value).startswith(f"{key}: ") and "\n" not in str(info.value)
 
 
 def test_expert_choice_takes_the_z_loss_capacity_and_both_routers():
     for router in ("attention", "linear"):
-        validate(compose(["+exp=tiny", *EXPERT_CHOICE, f"moe.router={router}", "moe.z_loss_coeff=0.001",
+        validate_config(compose(["+exp=tiny", *EXPERT_CHOICE, f"moe.router={router}", "moe.z_loss_coeff=0.001",
                           "moe.capacity_factor=1.5"]))
     assert compose(["+exp=tiny"]).moe.router_mode == "token_choice"
