@@ -91,17 +91,17 @@ class LocalRunner(Runner):
         return x  # type: ignore[return-value]
 
     def _run(self, inputs: tuple[Tensor, ...], labels: Tensor, n: int, train: bool) -> Tensor:
-        MoEAuxLossBackward.set_loss_scale(1.0 / n)
         losses = []
-        for i, (mb_labels, *mb_inputs) in enumerate(zip(*(t.chunk(n) for t in (labels, *inputs)))):
-            with self.autocast():
-                loss = self.modules[-1].loss(self._forward(*mb_inputs), mb_labels)
-            if train:
-                if i == n - 1:  # the last backward: buckets may start reducing as their gradients are final
-                    for module in self.modules:
-                        self.grad_sync.arm(module.model)
-                (loss / n).backward()
-            losses.append(loss.detach())
+        with MoEAuxLossBackward.scaled(1.0 / n):
+            for i, (mb_labels, *mb_inputs) in enumerate(zip(*(t.chunk(n) for t in (labels, *inputs)))):
+                with self.autocast():
+                    loss = self.modules[-1].loss(self._forward(*mb_inputs), mb_labels)
+                if train:
+                    if i == n - 1:  # the last backward: buckets may start reducing as their gradients are final
+                        for module in self.modules:
+                            self.grad_sync.arm(module.model)
+                    (loss / n).backward()
+                losses.append(loss.detach())
         return torch.stack(losses).mean()
 
     def grad_divisor(self, num_microbatches: int) -> int:
@@ -129,12 +129,12 @@ class PipelineRunner(Runner):
         return inputs if self.modules[0].is_first else (), labels if self.holds_last else None  # both on a V's rank 0
 
     def _run(self, inputs: tuple[Tensor, ...], labels: Tensor, n: int, train: bool) -> Optional[Tensor]:
-        MoEAuxLossBackward.set_loss_scale(1.0)  # the gradient sync divides the micro-batch sum by n
         run = self.schedules.train.step if train else self.schedules.evaluate.eval
         losses: list[Tensor] = []
         args, target = self._stage_args(inputs, labels)
-        # return_outputs=False: the last stage keeps no micro-batch's output past its backward
-        with self.autocast():
+        # scale 1: the gradient sync divides the micro-batch sum by n; return_outputs=False: the last
+        # stage keeps no micro-batch's output past its backward
+        with MoEAuxLossBackward.scaled(1.0), self.autocast():
             run(*args, target=target, losses=losses, return_outputs=False)
         return torch.stack([loss.detach().float() for loss in losses]).mean() if self.holds_last else None
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -32,6 +33,16 @@ class MoEAuxLossBackward(torch.autograd.Function):
     @classmethod
     def set_loss_scale(cls, scale: float) -> None:
         cls.loss_scale = scale
+
+    @classmethod
+    @contextlib.contextmanager
+    def scaled(cls, scale: float) -> Iterator[None]:
+        """The scale for the backward passes run inside; the previous one comes back on exit."""
+        previous, cls.loss_scale = cls.loss_scale, scale
+        try:
+            yield
+        finally:
+            cls.loss_scale = previous
 
     @staticmethod
     def forward(ctx: Any, output: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
