@@ -22,7 +22,9 @@ from megamoe.train.metrics import (
     expert_load_summary,
     mfu,
     peak_flops,
+    routing_summary,
 )
+from megamoe.train.router_stats import LayerRouting
 
 TENSORBOARD_ON = {"logging": {"tensorboard": {"enabled": True}}}
 
@@ -50,6 +52,23 @@ def test_mfu_and_cpu_peak() -> None:
     assert detect_peak_flops(torch.device("cpu")) is None
     # 20k tokens/s × 6 × 3.7e9 active params = 4.44e14 FLOP/s of an H100's 9.89e14
     assert mfu(20_000, 6 * 3.7e9, peak_flops("H100")) == pytest.approx(4.44e14 / 9.89e14, rel=1e-12)
+
+
+def test_routing_summary_averages_over_layers_and_forwards() -> None:
+    """Two layers, two forwards each: mean losses per forward; shares over all assignments / tokens."""
+    layers = {
+        0: LayerRouting(torch.tensor([6.0, 2.0]), aux_loss=2.0, z_loss=4.0, dropped=2.0, unrouted=1.0, tokens=4.0,
+                        forwards=2.0),
+        1: LayerRouting(torch.tensor([4.0, 4.0]), aux_loss=2.4, z_loss=0.0, dropped=0.0, unrouted=0.0, tokens=4.0,
+                        forwards=2.0),
+    }
+    summary = routing_summary(layers)
+    assert summary["router_aux_loss"] == pytest.approx(4.4 / 4)
+    assert summary["router_z_loss"] == pytest.approx(4.0 / 4)
+    assert summary["dropped_fraction"] == pytest.approx(2 / 16)
+    assert summary["unrouted_fraction"] == pytest.approx(1 / 8)
+    assert summary["expert_fraction"] == {"0": [0.75, 0.25], "1": [0.5, 0.5]}
+    assert routing_summary({}) == {}  # a dense model routes nothing
 
 
 def test_expert_load_summary() -> None:
