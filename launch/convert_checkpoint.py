@@ -35,12 +35,13 @@ from megamoe.checkpoint.store import (
     iter_model_tensors,
     model_tensor_shapes,
     read_config,
+    read_manifest,
     write_model_checkpoint,
 )
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose, validate
-from megamoe.errors import ConfigError, UserError
+from megamoe.errors import ConfigError, UserError, format_bytes, free_bytes
 from megamoe.models import FAMILIES, ModelFamily, family_for_hf, family_of
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -142,21 +143,40 @@ def from_hf_command(args: argparse.Namespace) -> None:
     with progress(len(shapes), "from-hf") as bar:
         tensors = adapter.from_hf(ticking(checked_tensors(source, shapes, args.hf), bar), cfg)
         manifest = write_model_checkpoint(out, tensors, cfg)
-    report("from-hf", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out, start)
+    report("from-hf", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out,
+           start)
     print(f"start training from it with checkpoint.resume={out}")
+
+
+def upcycled_bytes(source: Path, dense_cfg: DictConfig, cfg: DictConfig) -> int:
+    """About how large the upcycled checkpoint is: its elements at the dense checkpoint's bytes per element."""
+    elements = lambda c: sum(shape.numel() for shape in model_tensor_shapes(c).values())  # noqa: E731
+    return model_bytes(read_manifest(source)) * elements(cfg) // elements(dense_cfg)
+
+
+def check_room(out: Path, nbytes: int, fix: str) -> None:
+    """Refuse a write that cannot fit the free space of ``out``'s file system (before writing any of it)."""
+    free = free_bytes(out)
+    if nbytes > free:
+        raise UserError(f"{out}: the output needs about {format_bytes(nbytes)}, its file system has "
+                        f"{format_bytes(free)} free; {fix}")
 
 
 def upcycle_command(args: argparse.Namespace) -> None:
     source, out = checkpoint_dir(args.dense), fresh_output(args.output)
     dense_cfg = read_config(source)
     cfg = upcycled_config(dense_cfg, args.num_experts, args.granularity, args.top_k, args.shared_expert)
+    size = upcycled_bytes(source, dense_cfg, cfg)
+    check_room(out, size, "free space, choose another --output, or fewer --num-experts")
+    print(f"upcycle: {cfg.moe.num_experts} experts per layer, about {format_bytes(size)} -> {out}", flush=True)
     seed = dense_cfg.seed if args.seed is None else args.seed
     shapes = model_tensor_shapes(dense_cfg)
     start = time.perf_counter()
     with progress(len(shapes), "upcycle") as bar:
         dense = ticking(checked_tensors(iter_model_tensors(source), shapes, source), bar)
         manifest = write_model_checkpoint(out, upcycle(dense, cfg, args.granularity, seed), cfg)
-    report("upcycle", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out, start)
+    report("upcycle", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out,
+           start)
     shared = f" + a gated shared expert of width {cfg.moe.shared_expert_ffn_hidden_size}" if args.shared_expert else ""
     print(f"{cfg.moe.num_experts} experts of width {cfg.moe.ffn_hidden_size}, top-{cfg.moe.top_k} "
           f"({args.num_experts} copies x granularity {args.granularity}){shared}, router seed {seed}")
@@ -172,7 +192,8 @@ def parser() -> argparse.ArgumentParser:
     to = sub.add_parser("to-hf", help="megamoe checkpoint -> Hugging Face directory (its family's layout)")
     to.add_argument("--checkpoint", type=Path, required=True, help="step_N/ or a checkpoints directory")
     to.add_argument("--output", type=Path, required=True, help="new Hugging Face model directory")
-    to.add_argument("--max-shard-size", type=hf_files.parse_size, default="5GB", help="largest safetensors shard (default 5GB)")
+    to.add_argument("--max-shard-size", type=hf_files.parse_size, default="5GB",
+                    help="largest safetensors shard (default 5GB)")
     to.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights (default: as stored)")
     to.set_defaults(run=to_hf_command)
 

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     results, started = {}, time.perf_counter()
     for task in tasks:
         start = time.perf_counter()
-        results[task.name] = evaluate_task(task, tokenizer, backend, cfg.train.seq_len, args.max_new_tokens)
+        results[task.name] = evaluate_task(task, tokenizer, backend, cfg.train.seq_len, args.max_new_tokens,
+                                           "--max-new-tokens")
         metrics = "  ".join(f"{metric} {value:.4f}" for metric, value in results[task.name].items())
         print(f"{task.name:<24} {len(task.items):>6} items  {metrics}{chance(task)}  "
               f"({time.perf_counter() - start:.1f} s)", flush=True)

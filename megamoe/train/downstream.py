@@ -32,6 +32,8 @@ from megamoe.evaluation.tasks import GENERATION, Task, load_tasks, prepare
 from megamoe.nn.casts import compute_dtype, shared_casts
 from megamoe.nn.loss import IGNORE_INDEX
 
+MAX_NEW_TOKENS_KEY = "eval.downstream_max_new_tokens"  # what a too-long default budget tells the user to lower
+
 if TYPE_CHECKING:
     from megamoe.train.loop import Trainer
 
@@ -66,7 +68,8 @@ class PipelineBackend:
         positions = torch.arange(self.length, device=self.device).repeat(len(tokens), 1)  # sent on: contiguous
         if trainer.grid.pp == 1:
             micro = trainer.cfg.train.micro_batch
-            return torch.cat([_forward_local(trainer, t, p) for t, p in zip(tokens.split(micro), positions.split(micro))])
+            return torch.cat([_forward_local(trainer, t, p)
+                              for t, p in zip(tokens.split(micro), positions.split(micro))])
         if trainer.schedules is None:
             raise RuntimeError("downstream evaluation runs after a training step, which builds the pipeline schedules")
         args = (tokens, positions) if trainer.modules[0].is_first else ()
@@ -135,13 +138,13 @@ class DownstreamEval:
         if e.downstream_interval:
             self.tokenizer = tokenizer_from_config(cfg.data.tokenizer)
             if self.tokenizer.vocab_size > cfg.model.vocab_size:
-                raise SharedError(f"eval.downstream_tasks: the tokenizer has {self.tokenizer.vocab_size} ids, more than "
-                                  f"model.vocab_size={cfg.model.vocab_size}")
+                raise SharedError(f"eval.downstream_tasks: the tokenizer has {self.tokenizer.vocab_size} ids, more "
+                                  f"than model.vocab_size={cfg.model.vocab_size}")
             self.tasks = [prepare(task, e.downstream_limit, e.downstream_fewshot, cfg.seed)
                           for task in load_tasks(e.downstream_tasks)]
             for task in self.tasks:
                 if task.kind == GENERATION:
-                    new_tokens(task, e.downstream_max_new_tokens, cfg.train.seq_len)
+                    new_tokens(task, e.downstream_max_new_tokens, cfg.train.seq_len, MAX_NEW_TOKENS_KEY)
 
     def due(self, step: int) -> bool:
         interval = self.cfg.eval.downstream_interval
@@ -158,7 +161,8 @@ class DownstreamEval:
         try:
             with torch.no_grad(), trainer.autocast(), shared_casts():
                 return {task.name: evaluate_task(task, self.tokenizer, backend, self.cfg.train.seq_len,
-                                                 self.cfg.eval.downstream_max_new_tokens) for task in self.tasks}
+                                                 self.cfg.eval.downstream_max_new_tokens, MAX_NEW_TOKENS_KEY)
+                        for task in self.tasks}
         finally:
             for module in trainer.modules:
                 module.train()

@@ -91,8 +91,14 @@ class Oracle:
 
 def test_evaluate_task_scores_both_kinds() -> None:
     mc = Task("mc", MULTIPLE_CHOICE, (ChoiceItem("q", (" a", " b", " c"), 2), ChoiceItem("q", (" a", " b"), 0)))
-    assert evaluate_task(mc, TOKENIZER, Oracle(mc), window=32, max_new_tokens=4) == {"acc": 1.0, "acc_norm": 1.0}
+    assert evaluate_task(mc, TOKENIZER, Oracle(mc), window=32, max_new_tokens=4, setting="--max-new-tokens") == {
+        "acc": 1.0, "acc_norm": 1.0}
     gen = Task("gen", GENERATION, (GenerationItem("q", "12"), GenerationItem("q", "345", max_new_tokens=2)))
-    assert evaluate_task(gen, TOKENIZER, Oracle(gen), window=32, max_new_tokens=8) == {"exact_match": 0.5}
-    with pytest.raises(TaskError, match="gen: 32 new tokens leave no room for a prompt in a 32-token sequence"):
-        evaluate_task(gen, TOKENIZER, Oracle(gen), window=32, max_new_tokens=32)
+    assert evaluate_task(gen, TOKENIZER, Oracle(gen), window=32, max_new_tokens=8, setting="--max-new-tokens") == {
+        "exact_match": 0.5}
+    with pytest.raises(TaskError, match=r"^gen: 32 new tokens leave no room for a prompt in a 32-token sequence "
+                                        r"\(train.seq_len\); lower --max-new-tokens below 32$"):
+        evaluate_task(gen, TOKENIZER, Oracle(gen), window=32, max_new_tokens=32, setting="--max-new-tokens")
+    own = Task("gen", GENERATION, (GenerationItem("q", "12", max_new_tokens=40), GenerationItem("q", "3")))
+    with pytest.raises(TaskError, match=r"40 new tokens .* lower the items' own \"max_new_tokens\" in the task file"):
+        evaluate_task(own, TOKENIZER, Oracle(own), window=32, max_new_tokens=8, setting="--max-new-tokens")

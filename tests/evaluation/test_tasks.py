@@ -54,7 +54,9 @@ def test_reads_both_kinds_with_optional_fields(tmp_path: Path) -> None:
     ([MC, GEN], 2, "a generation item in a multiple_choice task"),
     ([GEN, {**GEN, "answer": "forty-two"}], 2, 'add "match": "exact"'),
     ([{**GEN, "match": "fuzzy"}], 1, '"match" is "fuzzy"; it must be "number" or "exact"'),
-    ([{**GEN, "until": "\n"}], 1, "a list of stop strings"),
+    ([{**GEN, "until": "\n"}], 1, "a list of non-empty stop strings"),
+    ([{**GEN, "until": []}], 1, "a list of non-empty stop strings"),
+    ([{**GEN, "until": ["\n", ""]}], 1, '"until" is ["\\n", ""]; it must be a list of non-empty stop strings'),
     ([{**GEN, "max_new_tokens": 0}], 1, "a positive integer"),
 ])
 def test_each_mistake_is_one_line_naming_file_and_line(tmp_path: Path, lines: list, where: int, message: str) -> None:
@@ -102,7 +104,8 @@ def test_fewshot_examples_are_other_items_drawn_by_seed() -> None:
     for index, item in enumerate(shots.items):
         examples = item.prompt.split("\n\n")
         assert len(examples) == 4 and examples[-1] == f"Q{index}:"
-        assert f"Q{index}:A{index}" not in examples and all(e in {f"Q{i}:A{i}" for i in range(10)} for e in examples[:3])
+        assert f"Q{index}:A{index}" not in examples
+        assert all(e in {f"Q{i}:A{i}" for i in range(10)} for e in examples[:3])
     assert prepare(task, None, 3, seed=1) == shots
     assert prepare(task, None, 3, seed=2) != shots
     assert prepare(task, limit=4, fewshot=3, seed=1).items == shots.items[:4]  # an item's prompt ignores the limit

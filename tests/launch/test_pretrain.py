@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 
 from launch.pretrain import hydra_overrides
+from megamoe.checkpoint import read_config
 from megamoe.parallel.mesh import grid_rank_lists, read_launch_env
 from tests.dist.launcher import free_port
+from tests.pretrain import logged, run_pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -56,6 +58,21 @@ def test_two_process_pipeline_writes_metrics_and_eval(tmp_path: Path) -> None:
     assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [4]
     assert "step 4/4" in result.stdout + result.stderr
     assert (tmp_path / "config.yaml").exists()
+
+
+def test_a_dense_model_trains_and_upcycles(tmp_path: Path) -> None:
+    """The README's upcycling starts from a dense run: it logs every step (no expert load to show)
+    and its checkpoints upcycle."""
+    result = run_pretrain(tmp_path / "dense", "model.ffn_type=dense", "model.dense_ffn_hidden_size=128",
+                          "train.steps=2", "checkpoint.interval=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in logged(tmp_path / "dense")] == [1, 2]
+    assert not any("expert_load_max" in r for r in logged(tmp_path / "dense"))
+    upcycled = subprocess.run([sys.executable, "launch/convert_checkpoint.py", "upcycle", "--dense",
+                               str(tmp_path / "dense/checkpoints"), "--output", str(tmp_path / "moe"), "--num-experts",
+                               "4"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert upcycled.returncode == 0, upcycled.stderr
+    assert read_config(tmp_path / "moe").moe.num_experts == 4
 
 
 def test_deepspeed_local_rank_argument_is_dropped() -> None:
