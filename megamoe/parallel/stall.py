@@ -99,7 +99,8 @@ def _describe(store: dist.Store, arrived: list[int], missing: list[int], timeout
     for r in arrived:
         state = json.loads(store.get(_key("at", r)))
         waiting.setdefault(f"{state['operation']} of step {state['step']}", []).append(r)
-    waits = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} in {op}" for op, rs in waiting.items())
+    waits = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} in {op}"
+                      for op, rs in waiting.items())
     verb = "does" if len(missing) == 1 else "do"
     return (f"{names} did not arrive within parallel.collective_timeout_s={timeout_s} s ({waits}); "
             f"it {verb} not respond: check that process and its host (stopped, hung or too slow)")
@@ -116,7 +117,7 @@ def diagnose(rank: int, world_size: int, progress: Progress, timeout_s: int, err
         arrived = _wait_for_check_ins(store, world_size, grace_s)
         missing = [r for r in range(world_size) if r not in arrived]
         if not missing:
-            message = f"every rank reached its collective, yet the transport failed ({_first_line(error)}); see the ranks' logs"
+            message = _all_arrived(progress, timeout_s, error)
         else:
             message = _describe(store, arrived, missing, timeout_s)
         reporter = rank == min(arrived)
@@ -129,6 +130,17 @@ def diagnose(rank: int, world_size: int, progress: Progress, timeout_s: int, err
         with contextlib.suppress(RuntimeError, dist.DistError):  # it may have been stopped first: go anyway
             store.wait([_key(_REPORTED)], timedelta(seconds=grace_s))
     return CollectiveStall(message, reporter)
+
+
+def _all_arrived(progress: Progress, timeout_s: int, error: BaseException) -> str:
+    """Every rank checked in: none is stopped, so one was late. Before any step has finished that
+    is most likely a slow first step (compiling, with train.compile=block, or warming up)."""
+    message = f"every rank reached its collective, yet the transport failed ({_first_line(error)})"
+    if progress.step_time_s == 0:  # no step of this process has finished yet
+        return (f"{message}; no step had finished yet, so the likely cause is a slow first step: a rank that compiles "
+                f"(train.compile=block) or warms up for longer than parallel.collective_timeout_s={timeout_s} s makes "
+                "the others time out; raise parallel.collective_timeout_s")
+    return f"{message}; see the ranks' logs"
 
 
 def _first_line(error: BaseException) -> str:
