@@ -8,19 +8,26 @@ The config is composed (Hydra) and validated against the world size *before* any
 starts, so a typo or an impossible layout ends with one line on rank 0 and exit code 2, never a
 hang. Errors that every rank meets at once (a full disk during a save, a run directory held by
 another run, a diverged run) are agreed between the ranks and likewise reported by rank 0 alone.
+Failures that some ranks may meet at about the same time — a missing data file, running out of
+memory, Ctrl-C — are said once, by the lowest rank that meets them, and that line is what
+torchrun's summary shows as the root cause.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import NoReturn, Optional
 
+from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from megamoe.cli import exit_on_user_error
+from megamoe.cli import USER_ERROR_EXIT, exit_on_user_error
 from megamoe.config import compose, validate
-from megamoe.errors import ConfigError, SharedError
-from megamoe.parallel.mesh import read_launch_env
-from megamoe.parallel.stall import CollectiveStall, reported
+from megamoe.errors import ConfigError, Interrupted, SharedError, UserError
+from megamoe.parallel.mesh import LaunchEnv, read_launch_env
+from megamoe.parallel.stall import CollectiveStall, lowest_to_fail, reported
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 
 
 def hydra_overrides(argv: list[str]) -> list[str]:
@@ -28,9 +35,24 @@ def hydra_overrides(argv: list[str]) -> list[str]:
     return [arg for arg in argv if not arg.startswith("--local_rank")]
 
 
+def report(line: str, exc: BaseException) -> None:
+    """Print the line that tells the user why the job failed; torchrun's summary names it as the root cause."""
+    print(line, file=sys.stderr, flush=True)
+    ErrorHandler().record_exception(exc)
+    reported()  # the ranks that left the report to this one may exit now
+
+
+def report_once(env: LaunchEnv, line: str, exc: BaseException, code: int) -> NoReturn:
+    """Report ``line`` if this is the lowest rank that failed, and exit with ``code``."""
+    if lowest_to_fail(env.rank, env.world_size):
+        report(line, exc)
+    sys.exit(code)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     env = read_launch_env()
+    cfg: Optional[DictConfig] = None
     try:
         cfg = compose(hydra_overrides(sys.argv[1:] if argv is None else argv))
         validate(cfg, world_size=env.world_size)
@@ -45,10 +67,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except CollectiveStall as stall:
         if stall.report:
-            print(f"error: {stall}", file=sys.stderr, flush=True)
-            ErrorHandler().record_exception(stall)  # torchrun's summary names this as the root cause
-            reported()
+            report(f"error: {stall}", stall)
         sys.exit(1)
+    except UserError as exc:  # met by some ranks, perhaps all at once (a missing file)
+        report_once(env, f"error: {exc}", exc, USER_ERROR_EXIT)
+    except KeyboardInterrupt as exc:
+        report_once(env, str(exc) if isinstance(exc, Interrupted) else "interrupted (Ctrl-C)", exc, INTERRUPTED_EXIT)
+    except Exception as exc:
+        from megamoe.train.oom import out_of_memory
+
+        line = out_of_memory(exc, cfg, env.world_size) if cfg is not None else None
+        if line is None:
+            raise
+        report_once(env, f"error: {line}", exc, 1)
 
 
 if __name__ == "__main__":

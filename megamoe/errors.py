@@ -42,6 +42,11 @@ class TaskError(SharedError):
     """An evaluation task that cannot be read; shared: every rank of a training run reads the same files."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with what it cost (the step reached, the checkpoint to resume from):
+    said in one line, exit code 130."""
+
+
 class NonFiniteError(SharedError):
     """A NaN/Inf loss or gradient norm with train.on_nonfinite=stop, or too many skipped in a row."""
 

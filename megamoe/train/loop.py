@@ -17,7 +17,6 @@ import datetime
 import json
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from megamoe.checkpoint.saver import CheckpointSaver
 from megamoe.checkpoint.state import TrainingState, checkpoint_before, load_checkpoint, resume
 from megamoe.data.blend import Dataset
 from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream
@@ -50,6 +48,7 @@ from megamoe.parallel.pipeline import (
     masked_labels,
 )
 from megamoe.parallel.stall import CollectiveStall, Progress, announce, diagnose, is_communication_failure
+from megamoe.train.checkpointing import RunSaves
 from megamoe.train.downstream import DownstreamEval
 from megamoe.train.metrics import MetricsLogger, detect_peak_flops, expert_load_summary, mfu
 from megamoe.train.optim import build_optimizer
@@ -408,12 +407,11 @@ def _steps(trainer: Trainer, logger: MetricsLogger) -> None:
     spike = cfg.train.spike
     spikes = SpikeGuard(spike.window, spike.sigmas, spike.patience) if spike.enabled else None
     rollbacks = 0
-    saver = CheckpointSaver(trainer.state)
+    saves = RunSaves(trainer.state)
     downstream = DownstreamEval(cfg)  # reads the task files now: a bad one stops the run before step 1
     first_step, started = trainer.step + 1, time.perf_counter()
     batches = iter(trainer.loader)
-    with Preemption() as preemption, contextlib.ExitStack() as finally_:
-        finally_.callback(saver.wait)  # a save in the background ends before the run does
+    with saves:  # stop signals; at the end, the background save is settled (or abandoned on a failure)
         while trainer.step < cfg.train.steps:
             step = trainer.step + 1
             is_log_step = step % cfg.train.log_interval == 0 or step == cfg.train.steps
@@ -436,7 +434,7 @@ def _steps(trainer: Trainer, logger: MetricsLogger) -> None:
                 logger.console(step, record)
             if spikes is not None and spikes.observe(step, result["loss"]):
                 rollbacks += 1
-                saver.wait()
+                saves.wait()
                 roll_back(trainer, spikes, logger, rollbacks)
                 batches = iter(trainer.loader)  # from the position past the skipped window
                 continue
@@ -445,70 +443,13 @@ def _steps(trainer: Trainer, logger: MetricsLogger) -> None:
                 logger.log_eval(step, evaluate(trainer))
             if downstream.due(step):
                 logger.log_downstream(step, downstream.run(trainer))
-            if _checkpoint_and_maybe_stop(trainer, preemption, saver, skipped, spikes):
+            if saves.after_step(trainer, skipped, spikes):
                 break
     if grid.rank == 0 and trainer.step >= first_step:
         took = datetime.timedelta(seconds=round(time.perf_counter() - started))
-        print(f"trained steps {first_step}-{trainer.step} of {cfg.train.steps} in {took}; {skipped.summary()}", flush=True)
-
-
-class Preemption:
-    """SIGTERM / SIGUSR1 (SLURM preemption, scancel, a cluster's grace signal) → stop cleanly.
-
-    The handler only records the signal; after every step the ranks all-reduce the flag, so all
-    of them finish the same step, save, and return (exit code 0) even if only some were signalled.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __enter__(self) -> "Preemption":
-        self.received: Optional[int] = None
-        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def requested(self, grid: ProcessGrid) -> bool:
-        flag = torch.tensor([float(self.received is not None)], device=grid.device)
-        if grid.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def _checkpoint_and_maybe_stop(trainer: Trainer, preemption: Preemption, saver: CheckpointSaver,
-                               skipped: SkippedSteps, spikes: Optional[SpikeGuard] = None) -> bool:
-    """Save every checkpoint.interval steps, at the last step, and on preemption (then: stop,
-    once the save is on disk, in the background or not).
-
-    Not while the latest steps were skipped for non-finite values or look like a loss spike: the
-    state may be the one that diverged, and saving it would rotate the good checkpoints out
-    (``checkpoint.keep``).
-    """
-    step, cfg = trainer.step, trainer.cfg
-    trainer.progress.at("preemption check")
-    stop = preemption.requested(trainer.grid)
-    saved = None
-    if stop or step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
-        if skipped.streak or (spikes is not None and spikes.suspect):
-            why = "skipped for non-finite values" if skipped.streak else "above the loss-spike limit"
-            outcome = f"not saved: the last {skipped.streak or spikes.streak} step(s) were {why}"
-            if trainer.grid.rank == 0:
-                print(f"checkpoint: step {step} {outcome}", flush=True)
-        else:
-            trainer.progress.at("checkpoint save")
-            saved = saver.save()
-            if stop:
-                saved = saved or saver.wait()
-            outcome = "the checkpoint is saved" if saved else "no checkpoint was saved (see above)"
-    if stop and trainer.grid.rank == 0:
-        name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
-        print(f"stopping after step {step} on {name}; {outcome}", flush=True)
-    return stop
+        print(f"trained steps {first_step}-{trainer.step} of {cfg.train.steps} in {took}; {skipped.summary()}"
+              f"{saves.summary(trainer.step)}", flush=True)
+    saves.check_last(trainer.step)
 
 
 def roll_back(trainer: Trainer, spikes: SpikeGuard, logger: MetricsLogger, rollbacks: int) -> None:
