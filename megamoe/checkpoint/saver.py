@@ -380,21 +380,21 @@ class CheckpointSaver:
         save.thread.join()
         return self._settle(save)
 
-    def abandon(self) -> Optional[int]:
+    def abandon(self) -> Optional[Path]:
         """Give the background save in progress up, without waiting for other ranks (the run is
-        failing or was interrupted): the step it was saving when it did not finish, else None.
-        Rank 0 removes its partial files if it notices within ABANDON_WAIT_S, else the next start
-        does; ``latest`` stays where it was."""
+        failing or was interrupted). Returns the checkpoint if it was complete all the same, else
+        None: rank 0 removes the partial files if it notices within ABANDON_WAIT_S, else the next
+        start does, and ``latest`` stays where it was."""
         if self._pending is None:
             return None
         save, self._pending = self._pending, None
         self._abandoned.set()
         save.thread.join(ABANDON_WAIT_S)
         board = save.board
-        if not save.thread.is_alive() and save.failure is None and board.posted("outcome"):
-            if board.read("outcome", sender=0)["error"] is None:
-                return None
-        return save.snap.step
+        if save.thread.is_alive() or save.failure is not None or not board.posted("outcome"):
+            return None
+        outcome = board.read("outcome", sender=0)
+        return Path(outcome["path"]) if outcome["error"] is None else None
 
     def _settle(self, save: _Save) -> Optional[Path]:
         """Every rank learns the outcome from rank 0's post; a failure is said once, then stops the

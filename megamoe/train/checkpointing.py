@@ -96,14 +96,21 @@ class RunSaves:
             except Exception:  # noqa: BLE001 - the error the run ends with is the one to report
                 pass
         else:
-            abandoned = self.saver.abandon()
+            unfinished = self._abandon()
             if isinstance(exc, KeyboardInterrupt):
-                raise Interrupted(self._interrupted(abandoned)) from None
+                latest = f"step_{self.saved_step}" if self.saved_step else "none"
+                line = f"interrupted (Ctrl-C) after step {self.state.step}; the latest checkpoint is {latest}"
+                raise Interrupted(line + (f" (the background save of step {unfinished} was not completed)"
+                                          if unfinished else "")) from None
 
-    def _interrupted(self, abandoned: Optional[int]) -> str:
-        latest = f"step_{self.saved_step}" if self.saved_step else "none"
-        line = f"interrupted (Ctrl-C) after step {self.state.step}; the latest checkpoint is {latest}"
-        return line + (f" (the background save of step {abandoned} did not finish)" if abandoned else "")
+    def _abandon(self) -> Optional[int]:
+        """Give the background save in progress up (:meth:`CheckpointSaver.abandon`); the step it
+        was saving if it was not completed."""
+        step, self._pending = self._pending, None
+        if step is None:
+            return None
+        self._record(step, self.saver.abandon())
+        return None if self.saved_step == step else step
 
     def wait(self, last: bool = False) -> None:
         """Finish the background save in progress, if any, and record how it ended (``last``: it
@@ -167,7 +174,7 @@ class RunSaves:
         latest = f"step_{self.saved_step}" if self.saved_step else "no checkpoint"
         if self.failed:
             steps = ", ".join(map(str, self.failed))
-            latest += f"; the save of step{'s' if len(self.failed) > 1 else ''} {steps} failed"
+            latest += f"; the save{'s of steps' if len(self.failed) > 1 else ' of step'} {steps} failed"
         return f"; steps {self.saved_step + 1}-{step} are in no checkpoint (latest: {latest})"
 
     def check_last(self, step: int) -> None:
