@@ -16,9 +16,8 @@ torchrun's summary shows as the root cause.
 from __future__ import annotations
 
 import sys
-from typing import NoReturn, Optional
+from typing import NoReturn
 
-from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
 from megamoe.cli import USER_ERROR_EXIT, exit_on_user_error
@@ -52,13 +51,14 @@ def report_once(env: LaunchEnv, line: str, exc: BaseException, code: int) -> NoR
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     env = read_launch_env()
-    cfg: Optional[DictConfig] = None
     try:
         cfg = compose(hydra_overrides(sys.argv[1:] if argv is None else argv))
         validate(cfg, world_size=env.world_size)
         from megamoe.train.loop import run  # heavy imports only once the config is known to be good
+        from megamoe.train.oom import explained_out_of_memory
 
-        run(cfg)
+        with explained_out_of_memory(cfg, env.world_size):
+            run(cfg)
     except (ConfigError, SharedError):
         if env.rank == 0:
             raise
@@ -69,17 +69,10 @@ def main(argv: list[str] | None = None) -> None:
         if stall.report:
             report(f"error: {stall}", stall)
         sys.exit(1)
-    except UserError as exc:  # met by some ranks, perhaps all at once (a missing file)
+    except UserError as exc:  # met by some ranks, perhaps all at once (a missing file, an allocation)
         report_once(env, f"error: {exc}", exc, USER_ERROR_EXIT)
     except KeyboardInterrupt as exc:
         report_once(env, str(exc) if isinstance(exc, Interrupted) else "interrupted (Ctrl-C)", exc, INTERRUPTED_EXIT)
-    except Exception as exc:
-        from megamoe.train.oom import out_of_memory
-
-        line = out_of_memory(exc, cfg, env.world_size) if cfg is not None else None
-        if line is None:
-            raise
-        report_once(env, f"error: {line}", exc, 1)
 
 
 if __name__ == "__main__":

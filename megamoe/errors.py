@@ -42,6 +42,11 @@ class TaskError(SharedError):
     """An evaluation task that cannot be read; shared: every rank of a training run reads the same files."""
 
 
+class OutOfMemory(UserError):
+    """An allocation failed: the message says how much memory the rank needed at least, what the
+    estimator expected for the layout, and which settings to change."""
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during training, with what it cost (the step reached, the checkpoint to resume from):
     said in one line, exit code 130."""

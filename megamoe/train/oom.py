@@ -9,16 +9,17 @@ re-raises it; either way a 30-line traceback that does not say what to change.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import resource
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from omegaconf import DictConfig
 
-from megamoe.errors import format_bytes
+from megamoe.errors import OutOfMemory, format_bytes
 from megamoe.models import memory
 
 _CUDA = re.compile(r"Tried to allocate ([\d.]+) (GiB|MiB|KiB|B)")
@@ -52,14 +53,20 @@ def _in_use_bytes(where: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def out_of_memory(exc: BaseException, cfg: DictConfig, world_size: int) -> Optional[str]:
-    """One line for an allocation failure, or None if ``exc`` is none."""
-    found = _requested_bytes(exc)
-    if found is None:
-        return None
-    requested, where = found
-    in_use = _in_use_bytes(where)
-    _, estimate = memory.memory_per_gpu(cfg, world_size)
-    return (f"out of {where} memory: {format_bytes(requested)} more could not be allocated with {format_bytes(in_use)} "
-            f"in use, so this rank needed at least {format_bytes(in_use + requested)}; the estimator puts the "
-            f"layout's fullest rank at {format_bytes(int(estimate.total))} (launch/model_stats.py): {FIX}")
+@contextlib.contextmanager
+def explained_out_of_memory(cfg: DictConfig, world_size: int) -> Iterator[None]:
+    """Turn an allocation failure raised inside into an OutOfMemory error of one line."""
+    try:
+        yield
+    except Exception as exc:
+        found = _requested_bytes(exc)
+        if found is None:
+            raise
+        requested, where = found
+        in_use = _in_use_bytes(where)
+        _, estimate = memory.memory_per_gpu(cfg, world_size)
+        needed = format_bytes(in_use + requested)
+        raise OutOfMemory(f"out of {where} memory: {format_bytes(requested)} more could not be allocated with "
+                          f"{format_bytes(in_use)} in use, so this rank needed at least {needed}; the estimator puts "
+                          f"the layout's fullest rank at {format_bytes(int(estimate.total))} (launch/model_stats.py): "
+                          f"{FIX}") from exc
