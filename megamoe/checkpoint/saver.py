@@ -202,8 +202,10 @@ class _Board:
         return {rank: json.loads(self.store.get(key)) for rank, key in keys.items()}
 
 
-def _ranks(ranks: list[int]) -> str:
-    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+def _ranks(ranks: list[int], most: int = 8) -> str:
+    """``rank 3`` or ``ranks 3, 5, …`` (the first ``most`` of many, and how many more)."""
+    more = f" and {len(ranks) - most} more" if len(ranks) > most else ""
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks[:most]))}{more}"
 
 
 class _Heartbeat:
@@ -241,8 +243,10 @@ def _error_of(exc: BaseException) -> dict[str, Any]:
 def write_snapshot(snap: Snapshot, root: Path, rank: int, world_size: int, keep: int, board: _Board) -> None:
     """Parts 2 and 3 of the module docstring for this rank; the outcome goes to the board.
 
-    Raises SilentRanks when rank 0 shows no sign of life (rank 0 itself posts that outcome for
-    the others), SaveAbandoned when the run gives the save up (rank 0 then removes the partial files).
+    When another rank shows no sign of life, rank 0 posts that as the outcome (every rank raises
+    it when it settles the save); a rank waiting for rank 0 that shows none raises SilentRanks
+    itself. When the run gives the save up, rank 0 removes the partial files and the others stop
+    waiting (SaveAbandoned).
     """
     tmp, final, stem = root / f"step_{snap.step}.tmp", root / f"step_{snap.step}", f"r{rank:05d}"
     if rank == 0:

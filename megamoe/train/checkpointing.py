@@ -98,8 +98,8 @@ class RunSaves:
         else:
             unfinished = self._abandon()
             if isinstance(exc, KeyboardInterrupt):
-                latest = f"step_{self.saved_step}" if self.saved_step else "none"
-                line = f"interrupted (Ctrl-C) after step {self.state.step}; the latest checkpoint is {latest}"
+                latest = f"the latest checkpoint is step_{self.saved_step}" if self.saved_step else "no checkpoint yet"
+                line = f"interrupted (Ctrl-C) after step {self.state.step}; {latest}"
                 raise Interrupted(line + (f" (the background save of step {unfinished} was not completed)"
                                           if unfinished else "")) from None
 
@@ -171,11 +171,12 @@ class RunSaves:
         """For the run's last line: the steps no checkpoint holds, if any (the run ended at ``step``)."""
         if self.saved_step >= step:
             return ""
-        latest = f"step_{self.saved_step}" if self.saved_step else "no checkpoint"
+        notes = [f"latest: step_{self.saved_step}"] if self.saved_step else []
         if self.failed:
             steps = ", ".join(map(str, self.failed))
-            latest += f"; the save{'s of steps' if len(self.failed) > 1 else ' of step'} {steps} failed"
-        return f"; steps {self.saved_step + 1}-{step} are in no checkpoint (latest: {latest})"
+            notes.append(f"the save{'s of steps' if len(self.failed) > 1 else ' of step'} {steps} failed")
+        said = f" ({'; '.join(notes)})" if notes else ""
+        return f"; steps {self.saved_step + 1}-{step} are in no checkpoint{said}"
 
     def check_last(self, step: int) -> None:
         """After the summary: the run ends with an error if its last save failed (nothing retries it)."""

@@ -90,7 +90,7 @@ def test_a_failed_save_on_a_stop_signal_makes_the_run_fail(grid: ProcessGrid, tm
     out = capsys.readouterr().out.splitlines()
     assert re.fullmatch(FULL_DISK.format(step=1, then="it was the run's last save, nothing retries it"), out[0])
     assert out[1] == "stopping after step 1 on SIGTERM; no checkpoint was saved (see above)"
-    assert saves.summary(1) == "; steps 1-1 are in no checkpoint (latest: no checkpoint; the save of step 1 failed)"
+    assert saves.summary(1) == "; steps 1-1 are in no checkpoint (the save of step 1 failed)"
     with pytest.raises(SharedError, match=r"^checkpoint: the last save of the run \(step 1\) failed .* there is no "
                                           r"checkpoint \(see the ERROR above\)"):
         saves.check_last(1)
