@@ -39,13 +39,14 @@ from megamoe.checkpoint.store import (
     iter_model_tensors,
     model_tensor_shapes,
     read_config,
+    read_manifest,
     write_model_checkpoint,
 )
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
 from megamoe.data.tokenizer import Tokenizer, build_tokenizer
-from megamoe.errors import ConfigError, UserError
+from megamoe.errors import ConfigError, UserError, format_bytes, free_bytes
 from megamoe.models import FAMILIES, ModelFamily, family_for_hf, family_of, validate_config
 from megamoe.models.hf_mapping import TRAINING_KEYS
 
@@ -177,10 +178,27 @@ def from_hf_command(args: argparse.Namespace) -> None:
     print(f"start training from it with checkpoint.resume={out}")
 
 
+def upcycled_bytes(source: Path, dense_cfg: DictConfig, cfg: DictConfig) -> int:
+    """About how large the upcycled checkpoint is: its elements at the dense checkpoint's bytes per element."""
+    elements = lambda c: sum(shape.numel() for shape in model_tensor_shapes(c).values())  # noqa: E731
+    return model_bytes(read_manifest(source)) * elements(cfg) // elements(dense_cfg)
+
+
+def check_room(out: Path, nbytes: int, fix: str) -> None:
+    """Refuse a write that cannot fit the free space of ``out``'s file system (before writing any of it)."""
+    free = free_bytes(out)
+    if nbytes > free:
+        raise UserError(f"{out}: the output needs about {format_bytes(nbytes)}, its file system has "
+                        f"{format_bytes(free)} free; {fix}")
+
+
 def upcycle_command(args: argparse.Namespace) -> None:
     source, out = checkpoint_dir(args.dense), fresh_output(args.output)
     dense_cfg = read_config(source)
     cfg = upcycled_config(dense_cfg, args.num_experts, args.granularity, args.top_k, args.shared_expert)
+    size = upcycled_bytes(source, dense_cfg, cfg)
+    check_room(out, size, "free space, choose another --output, or fewer --num-experts")
+    print(f"upcycle: {cfg.moe.num_experts} experts per layer, about {format_bytes(size)} -> {out}", flush=True)
     seed = dense_cfg.seed if args.seed is None else args.seed
     shapes = model_tensor_shapes(dense_cfg)
     start = time.perf_counter()

@@ -114,7 +114,8 @@ def builtin_scores(tasks: list[Task], args: argparse.Namespace, where: str, cfg:
     results = {}
     for task in tasks:
         start = time.perf_counter()
-        results[task.name] = evaluate_task(task, tokenizer, backend, cfg.train.seq_len, args.max_new_tokens)
+        results[task.name] = evaluate_task(task, tokenizer, backend, cfg.train.seq_len, args.max_new_tokens,
+                                           "--max-new-tokens")
         report(task.name, len(task.items), results[task.name], time.perf_counter() - start, chance(task))
     return results, sum(len(task.items) for task in tasks)
 

@@ -27,32 +27,36 @@ from megamoe.errors import UserError
 from megamoe.inference import Sampling, generate, load_for_inference, stream
 from megamoe.inference.load import default_device
 
-INCOMPLETE = "\ufffd"  # what decoding makes of a character whose bytes have not all come yet
-
-
-def decoded(tokenizer: Tokenizer, ids: list[int]) -> str:
-    """The text of a completion, without a last character that --max-new-tokens cut short."""
-    return tokenizer.decode(ids).rstrip(INCOMPLETE)
+UNDECODABLE = "\ufffd"  # what decoding makes of bytes that are not valid UTF-8 (or not yet: a character cut short)
 
 
 class TextStream:
-    """Prints a completion as its tokens arrive, holding back a character whose bytes are incomplete."""
+    """Prints a completion as its tokens arrive. Bytes that do not decode are held back while a
+    character's later bytes may still come; at the end whatever is left undecodable is printed as
+    U+FFFD, so every new token shows up in the output."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer, self.ids, self.shown = tokenizer, [], 0
 
     def add(self, token: int) -> None:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if not text.endswith(INCOMPLETE):
-            self.show(text)
+        self.show(self.tokenizer.decode(self.ids).rstrip(UNDECODABLE))
 
-    def close(self) -> None:
-        self.show(decoded(self.tokenizer, self.ids) + "\n")
+    def close(self) -> str:
+        """End the line; the whole completion's text."""
+        text = self.tokenizer.decode(self.ids)
+        self.show(text + "\n")
+        return text
 
     def show(self, text: str) -> None:
         print(text[self.shown:], end="", flush=True)
         self.shown = len(text)
+
+
+def undecodable_note(texts: list[str]) -> str:
+    """For the summary line: how many characters of the completions did not decode, if any."""
+    count = sum(text.count(UNDECODABLE) for text in texts)
+    return f"; {count} undecodable character(s) (invalid or cut-short UTF-8) shown as {UNDECODABLE}" if count else ""
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -127,23 +131,24 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer, cfg = load_for_inference(args.checkpoint, device)
     ids = encode(prompts, tokenizer, args.max_new_tokens, cfg.model.max_position_embeddings)
     decoding = (model, ids, args.max_new_tokens, sampling, tokenizer.eod_id)
-    start, new_tokens = time.perf_counter(), 0
+    start, new_tokens, texts = time.perf_counter(), 0, []
     if len(prompts) == 1:
         print(prompts[0], end="", flush=True)
         text = TextStream(tokenizer)
         for (token,) in stream(*decoding, vocab_size=tokenizer.vocab_size):
             if token is not None:
                 text.add(token)
-        text.close()
+        texts.append(text.close())
         new_tokens = len(text.ids)
     else:
         completions = generate(*decoding, vocab_size=tokenizer.vocab_size)
         for number, (prompt, completion) in enumerate(zip(prompts, completions), start=1):
-            print(f"=== {number}/{len(prompts)} ===\n{prompt}{decoded(tokenizer, completion)}", flush=True)
+            texts.append(tokenizer.decode(completion))
+            print(f"=== {number}/{len(prompts)} ===\n{prompt}{texts[-1]}", flush=True)
             new_tokens += len(completion)
     seconds = time.perf_counter() - start
-    print(f"{new_tokens} new tokens in {seconds:.1f} s ({new_tokens / max(seconds, 1e-9):.1f} tokens/s) on {device}",
-          file=sys.stderr)
+    print(f"{new_tokens} new tokens in {seconds:.1f} s ({new_tokens / max(seconds, 1e-9):.1f} tokens/s) on {device}"
+          f"{undecodable_note(texts)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

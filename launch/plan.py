@@ -18,7 +18,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Optional, Sequence
 
 from omegaconf import DictConfig
@@ -50,16 +50,34 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
+HARDWARE_FLAGS = {"--gpu-memory": "memory_gib", "--tflops": "peak_tflops", "--gpus-per-node": "gpus_per_node",
+                  "--intra-node-gbps": "intra_node_gbps", "--inter-node-gbps": "inter_node_gbps",
+                  "--efficiency": "efficiency"}
+
+
 def hardware(args: argparse.Namespace) -> Hardware:
-    """The named GPU with any figure the flags give replaced."""
-    given = {"memory_gib": args.gpu_memory, "peak_tflops": args.tflops, "gpus_per_node": args.gpus_per_node,
-             "intra_node_gbps": args.intra_node_gbps, "inter_node_gbps": args.inter_node_gbps,
-             "efficiency": args.efficiency}
-    hw = dataclasses.replace(GPUS[args.gpu], **{k: v for k, v in given.items() if v is not None})
-    if min(hw.memory_gib, hw.peak_tflops, hw.gpus_per_node, hw.intra_node_gbps, hw.inter_node_gbps) <= 0 \
-            or not 0 < hw.efficiency <= 1:
-        raise UserError(f"hardware figures must be positive and --efficiency in (0, 1]: {hw}")
-    return hw
+    """The named GPU with any figure the flags give replaced; a figure out of range names its flag."""
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, field in HARDWARE_FLAGS.items()}
+    for flag, field in HARDWARE_FLAGS.items():
+        value = given[field]
+        if value is not None and (value <= 0 or (flag == "--efficiency" and value > 1)):
+            wanted = "a share of peak in (0, 1]" if flag == "--efficiency" else "positive"
+            raise UserError(f"{flag} {value:g}: must be {wanted}")
+    return dataclasses.replace(GPUS[args.gpu], **{k: v for k, v in given.items() if v is not None})
+
+
+def why_none_is_valid(cfg: DictConfig, result: PlanResult, gpus: int) -> str:
+    """When no candidate is even valid: too many GPUs for the global batch, or which rule they break."""
+    batch = cfg.train.global_batch
+    most_stages = max(pp for pp in range(1, cfg.model.num_layers + 1) if gpus % pp == 0)
+    if gpus // most_stages > batch:  # dp = gpus / pp > the sequences a step has, even at the deepest pipeline
+        return (f"{gpus} GPUs are too many for this config: with at most {most_stages} pipeline stages "
+                f"(model.num_layers) every layout has more data-parallel ranks than the {batch} sequences of "
+                f"train.global_batch; use fewer GPUs or raise train.global_batch")
+    reasons = Counter(r.reason.removeprefix("not valid: ") for r in result.rejected)
+    rule, _ = reasons.most_common(1)[0]
+    return (f"{gpus} GPUs divide this config in no valid way: every layout breaks a divisibility rule, most often "
+            f"{rule}; choose a GPU count whose layouts satisfy it")
 
 
 def table(plans: list[Plan]) -> list[str]:
@@ -69,7 +87,8 @@ def table(plans: list[Plan]) -> list[str]:
     for p in plans:
         lay = p.layout
         rows.append(f"{lay.pp:>3} {lay.virtual_stages:>2} {lay.schedule:<23} {p.dp:>4} {lay.ep:>3} "
-                    f"{lay.micro_batch:>3} {lay.recompute:>9} {','.join(map(str, p.stage_layers)):<24} {p.memory_gib:>6.1f} "
+                    f"{lay.micro_batch:>3} {lay.recompute:>9} {','.join(map(str, p.stage_layers)):<24} "
+                    f"{p.memory_gib:>6.1f} "
                     f"{p.step.total:>8.3f} {p.tokens_per_s:>11,.0f} {100 * p.mfu:>5.1f}% {p.days:>7.1f} "
                     f"{p.gpu_hours:>10,.0f}")
     return rows
@@ -126,9 +145,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result = plan(cfg, args.gpus, hw)
     if not result.plans:
         sizes = [r.memory_gib for r in result.rejected if r.memory_gib is not None]
-        smallest = f"the smallest needs {min(sizes):.1f} GiB per GPU" if sizes else "none is valid for this config"
-        raise UserError(f"no layout of {args.gpus} × {hw.name} fits ({hw.usable_gib:.1f} GiB usable): {smallest}; "
-                        "add GPUs or choose larger ones")
+        if not sizes:
+            raise UserError(f"no valid layout: {why_none_is_valid(cfg, result, args.gpus)}")
+        raise UserError(f"no layout of {args.gpus} × {hw.name} fits ({hw.usable_gib:.1f} GiB usable): the smallest "
+                        f"needs {min(sizes):.1f} GiB per GPU; add GPUs or choose larger ones")
     summary = report(cfg, result, hw, args.gpus, args.top)
     print(json.dumps(summary))
     return summary

@@ -42,6 +42,16 @@ class TaskError(SharedError):
     """An evaluation task that cannot be read; shared: every rank of a training run reads the same files."""
 
 
+class OutOfMemory(UserError):
+    """An allocation failed: the message says how much memory the rank needed at least, what the
+    estimator expected for the layout, and which settings to change."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during training, with what it cost (the step reached, the checkpoint to resume from):
+    said in one line, exit code 130."""
+
+
 class NonFiniteError(SharedError):
     """A NaN/Inf loss or gradient norm with train.on_nonfinite=stop, or too many skipped in a row."""
 
@@ -61,11 +71,15 @@ def write_error(exc: OSError, fix: str, needed_bytes: Optional[int] = None) -> s
     path = exc.filename or "?"
     line = f"{path}: cannot write ({exc.strerror or exc})"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        existing = next((p for p in Path(path).parents if p.exists()), Path("/"))
-        free = shutil.disk_usage(existing).free
         need = f"needs {format_bytes(needed_bytes)}, " if needed_bytes else ""
-        line += f": the disk is full ({need}{format_bytes(free)} free)"
+        line += f": the disk is full ({need}{format_bytes(free_bytes(Path(path)))} free)"
     return f"{line}; {fix}"
+
+
+def free_bytes(path: Path) -> int:
+    """Free space of the file system ``path`` is (or would be created) on: its nearest existing ancestor's."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    return shutil.disk_usage(existing).free
 
 
 @contextlib.contextmanager

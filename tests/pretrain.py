@@ -1,14 +1,17 @@
-"""``launch/pretrain.py`` as users run it — one plain process, or torchrun — for the tests that
-need the real command: exit codes, the lines users see, files on disk."""
+"""``launch/pretrain.py`` as users run it — one plain process, torchrun, or processes given their
+rank in the environment as ``srun`` does — for the tests that need the real command: exit codes,
+the lines users see, files on disk; and catching a save in the act, to hit it with a signal."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -40,6 +43,45 @@ def start_pretrain(run_dir: Path, *overrides: str, nproc: int = 1, torchrun: Seq
     together) on a pipe."""
     return subprocess.Popen(pretrain_command(run_dir, *overrides, nproc=nproc, torchrun=torchrun), cwd=ROOT,
                             env=pretrain_env(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def start_ranks(run_dir: Path, *overrides: str, nproc: int, port: int) -> list[subprocess.Popen]:
+    """``nproc`` plain processes told their rank through RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT,
+    as srun's tasks are (no torchrun agent to restart or stop them); output (stdout and stderr) on pipes."""
+    base = {k: v for k, v in pretrain_env().items() if k not in ("LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT")}
+    base.update(WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return [subprocess.Popen(pretrain_command(run_dir, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)})
+            for r in range(nproc)]
+
+
+def signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def catch_a_save(checkpoints: Path, pids: Callable[[], list[int]], caught: Callable[[Path], bool],
+                 after_step: int = 1, timeout: float = 180) -> Path:
+    """Freeze a run in the middle of a save: wait for a ``step_N.tmp/`` (N > ``after_step``), stop
+    every process in ``pids()`` (SIGSTOP), and return that directory if ``caught(it)`` holds — the
+    processes stay stopped, for the caller to signal and continue; otherwise let them go on
+    (SIGCONT) and wait for the next save. A tiny model's save takes milliseconds, so it may take a
+    few saves to land in the moment wanted."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        saving = [p for p in checkpoints.glob("step_*.tmp")
+                  if int(p.name.removeprefix("step_").removesuffix(".tmp")) > after_step]
+        if saving:
+            frozen = pids()
+            signal_all(frozen, signal.SIGSTOP)
+            if saving[0].is_dir() and caught(saving[0]):
+                return saving[0]
+            signal_all(frozen, signal.SIGCONT)
+        time.sleep(0.001)
+    raise AssertionError(f"no save in {checkpoints} was caught in the moment wanted within {timeout:.0f} s")
 
 
 def logged(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 from omegaconf import DictConfig
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from megamoe.checkpoint.store import model_tensor_shapes, write_shards
 from megamoe.errors import UserError
@@ -59,11 +59,18 @@ def hf_shard_files(hf_dir: Path) -> list[Path]:
 
 
 def iter_hf_tensors(hf_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of an HF checkpoint, one at a time (each shard is memory-mapped, not loaded)."""
+    """Every tensor of an HF checkpoint, one at a time (each shard is memory-mapped, not loaded).
+
+    A shard that safetensors cannot read (truncated by an interrupted download, or not a
+    safetensors file at all) is one line naming it."""
     for path in hf_shard_files(hf_dir):
-        with safe_open(str(path), framework="pt") as shard:
-            for name in shard.keys():
-                yield name, shard.get_tensor(name)
+        try:
+            with safe_open(str(path), framework="pt") as shard:
+                for name in shard.keys():
+                    yield name, shard.get_tensor(name)
+        except SafetensorError as exc:
+            raise UserError(f"{path}: not a readable safetensors file ({exc}); it is truncated or damaged: "
+                            "download it again") from None
 
 
 @dataclass

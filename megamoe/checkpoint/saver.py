@@ -20,6 +20,14 @@ Parts 2 and 3 talk through the job's key-value store, not collectives, so a back
 never competes with training's collectives. A save waits for the previous one first; a crash in
 the middle leaves ``step_N.tmp/`` (removed at the next start) and the previous ``latest``.
 
+A rank that dies or stops in the middle of a save must not hang the others: while a rank takes
+part in a save, a heartbeat thread (started at training's CPU priority) beats on the board, and
+every wait on the board polls the beats of the ranks it waits for. A rank that writes slowly
+keeps beating and is waited for, however long its file system takes; one that shows no sign of
+life for ``parallel.collective_timeout_s`` (5 s once a stop signal came) is dead: the save fails
+on every live rank with megamoe.parallel.stall.SilentRanks, which the loop reports like a
+stalled collective (the check-in names the missing rank), and ``latest`` stays where it was.
+
 A failed save (full disk, read-only directory) removes its partial files; with
 ``checkpoint.on_error=continue`` (the default) the run says so and goes on, the next interval
 tries again; with ``stop`` it stops with one line. Either way earlier checkpoints are intact.
@@ -34,9 +42,9 @@ import os
 import shutil
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -61,9 +69,13 @@ from megamoe.checkpoint.store import CONFIG, FileEntry, Manifest, commit, prune,
 from megamoe.compat import default_store
 from megamoe.errors import SharedError, write_error
 from megamoe.parallel.mesh import first_error
+from megamoe.parallel.stall import SilentRanks
 
 WRITER_NICENESS = 10  # added to a background writer's: below training, not starved by data-loader workers
-WRITE_TIMEOUT = timedelta(hours=2)  # how long rank 0 waits for the other ranks' files
+BEAT_S = 1.0  # a rank in a save beats this often (more often under a short collective timeout)
+POLL_S = 0.5  # the longest pause between two looks at the board (the first ones are shorter)
+STOPPING_SILENCE_S = 5.0  # once a stop signal came, how long a silent rank is waited for
+ABANDON_WAIT_S = 2.0  # how long an abandoned background save gets to remove its partial files
 _SAVE_IDS = itertools.count()  # saves are collective, so every rank numbers them alike
 
 
@@ -129,19 +141,98 @@ def _refuse_diverged(state: TrainingState, step: int, tensor: str) -> None:
     log(state, f"not saving step {step}: {tensor} holds NaN or Inf values (a diverged state cannot be resumed)")
 
 
-class _Board:
-    """This save's keys in the job's store: how ranks tell rank 0 their files and learn the outcome."""
+class SaveAbandoned(Exception):
+    """The run gave a background save up (it is failing or was interrupted): stop waiting."""
 
-    def __init__(self, save_id: int) -> None:
+
+class _Board:
+    """One save's keys in the job's store: how ranks tell rank 0 their files, learn the outcome,
+    and show they are alive while they take part (heartbeats)."""
+
+    def __init__(self, snap: Snapshot, rank: int, silence_s: float, stopping: threading.Event,
+                 abandoned: threading.Event) -> None:
         self.store = default_store()
-        self.prefix = f"megamoe/checkpoint/{save_id}"
+        self.prefix = f"megamoe/checkpoint/{snap.save_id}"
+        self.step, self.rank, self.silence_s = snap.step, rank, silence_s
+        self.stopping, self.abandoned = stopping, abandoned
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
 
     def post(self, key: str, value: Any) -> None:
-        self.store.set(f"{self.prefix}/{key}", json.dumps(value))
+        self.store.set(self._key(key), json.dumps(value))
 
-    def read(self, key: str) -> Any:
-        self.store.wait([f"{self.prefix}/{key}"], WRITE_TIMEOUT)
-        return json.loads(self.store.get(f"{self.prefix}/{key}"))
+    def posted(self, key: str) -> bool:
+        return self.store.check([self._key(key)])
+
+    def beat(self) -> None:
+        self.store.add(self._key(f"beat/{self.rank}"), 1)
+
+    def read(self, key: str, sender: int) -> Any:
+        """Rank ``sender``'s post under ``key``, waited for as long as ``sender`` shows signs of life."""
+        return self.gather({sender: key})[sender]
+
+    def gather(self, keys: dict[int, str]) -> dict[int, Any]:
+        """Each sender's post (sender rank → key), waited for while the senders yet to post beat.
+
+        Raises SilentRanks naming those silent for ``silence_s`` (STOPPING_SILENCE_S once a stop
+        signal came), SaveAbandoned when the run gives the save up.
+        """
+        keys = {rank: self._key(key) for rank, key in keys.items()}
+        started = time.monotonic()
+        beats, changed = dict.fromkeys(keys, -1), dict.fromkeys(keys, started)
+        pause, noted = 0.01, 1
+        while pending := [rank for rank, key in keys.items() if not self.store.check([key])]:
+            if self.abandoned.is_set():
+                raise SaveAbandoned()
+            now = time.monotonic()
+            for rank in pending:
+                count = self.store.add(self._key(f"beat/{rank}"), 0)
+                if count != beats[rank]:
+                    beats[rank], changed[rank] = count, now
+            limit = min(self.silence_s, STOPPING_SILENCE_S) if self.stopping.is_set() else self.silence_s
+            silent = [rank for rank in pending if now - changed[rank] > limit]
+            if silent:
+                raise SilentRanks(f"the checkpoint save of step {self.step} waited {limit:g} s for "
+                                  f"{_ranks(silent)}, which showed no sign of life", limit)
+            if now - started > noted * self.silence_s and self.rank == 0:  # alive, but slow: say so now and then
+                noted += 1
+                print(f"checkpoint: step {self.step}: still waiting after {now - started:.0f} s for {_ranks(pending)}, "
+                      "alive and writing (a slow file system?)", flush=True)
+            time.sleep(pause)
+            pause = min(2 * pause, POLL_S)
+        return {rank: json.loads(self.store.get(key)) for rank, key in keys.items()}
+
+
+def _ranks(ranks: list[int], most: int = 8) -> str:
+    """``rank 3`` or ``ranks 3, 5, …`` (the first ``most`` of many, and how many more)."""
+    more = f" and {len(ranks) - most} more" if len(ranks) > most else ""
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks[:most]))}{more}"
+
+
+class _Heartbeat:
+    """Beats on a save's board until stopped, so that the ranks waiting for this one know it is
+    alive however slowly its files are written. A thread of its own: a write blocked in the file
+    system does not hold it up, while a stopped or dead process stops it."""
+
+    def __init__(self, board: _Board) -> None:
+        self._stopped = threading.Event()
+        interval = min(BEAT_S, board.silence_s / 10)
+        self._thread = threading.Thread(target=self._run, args=(board, interval), daemon=True,
+                                        name=f"checkpoint-heartbeat-{board.step}")
+        self._thread.start()
+
+    def _run(self, board: _Board, interval: float) -> None:
+        try:
+            while True:
+                board.beat()
+                if self._stopped.wait(interval):
+                    return
+        except (RuntimeError, dist.DistError):
+            return  # the store is gone: the waiting ranks see the silence, or lose the store themselves
+
+    def stop(self) -> None:
+        self._stopped.set()
 
 
 def _error_of(exc: BaseException) -> dict[str, Any]:
@@ -151,9 +242,14 @@ def _error_of(exc: BaseException) -> dict[str, Any]:
     return {"text": "".join(traceback.format_exception_only(exc)).strip()}
 
 
-def write_snapshot(snap: Snapshot, root: Path, rank: int, world_size: int, keep: int) -> None:
-    """Parts 2 and 3 of the module docstring for this rank; the outcome goes to the store."""
-    board = _Board(snap.save_id)
+def write_snapshot(snap: Snapshot, root: Path, rank: int, world_size: int, keep: int, board: _Board) -> None:
+    """Parts 2 and 3 of the module docstring for this rank; the outcome goes to the board.
+
+    When another rank shows no sign of life, rank 0 posts that as the outcome (every rank raises
+    it when it settles the save); a rank waiting for rank 0 that shows none raises SilentRanks
+    itself. When the run gives the save up, rank 0 removes the partial files and the others stop
+    waiting (SaveAbandoned).
+    """
     tmp, final, stem = root / f"step_{snap.step}.tmp", root / f"step_{snap.step}", f"r{rank:05d}"
     if rank == 0:
         try:
@@ -163,7 +259,7 @@ def write_snapshot(snap: Snapshot, root: Path, rank: int, world_size: int, keep:
         except BaseException as exc:  # noqa: BLE001 - every rank must hear of it, whatever it is
             board.post("ready", _error_of(exc))
     files: dict[str, FileEntry] = {}
-    error = board.read("ready")
+    error = board.read("ready", sender=0)
     bad = None if error is not None or snap.checked else first_nonfinite(snap.model + snap.optim)
     if bad is not None:
         error = {"nonfinite": bad}
@@ -177,7 +273,12 @@ def write_snapshot(snap: Snapshot, root: Path, rank: int, world_size: int, keep:
     board.post(f"rank{rank}", {"files": {n: dataclasses.asdict(e) for n, e in files.items()}, "error": error})
     if rank != 0:
         return
-    parts = [board.read(f"rank{r}") for r in range(world_size)]
+    try:
+        parts = list(board.gather({r: f"rank{r}" for r in range(world_size)}).values())
+    except SilentRanks as exc:
+        parts = [{"error": {"silent": str(exc), "waited_s": exc.waited_s}}]
+    except SaveAbandoned:
+        parts = [{"error": {"text": "abandoned"}}]
     error = next((part["error"] for part in parts if part["error"] is not None), None)
     if error is None:
         try:
@@ -194,65 +295,127 @@ def write_snapshot(snap: Snapshot, root: Path, rank: int, world_size: int, keep:
     board.post("outcome", {"error": error, "path": str(final)})
 
 
-def _write_in_background(*args: Any) -> None:
-    """:func:`write_snapshot` at a lower CPU priority, so that it takes the cycles training
-    leaves free (on Linux niceness belongs to the thread, and the CRC thread it starts inherits it;
-    elsewhere it would slow the whole process, so there it is left alone)."""
-    if sys.platform == "linux":
-        os.nice(WRITER_NICENESS)
-    write_snapshot(*args)
+@dataclass
+class _Save:
+    """One save in progress on this rank."""
+
+    snap: Snapshot
+    board: _Board
+    heartbeat: Optional[_Heartbeat]
+    last: bool  # the run's last save: no later interval retries it
+    thread: Optional[threading.Thread] = None  # the background writer
+    failure: Optional[Exception] = None  # what ended the background writer, if not the outcome
 
 
 class CheckpointSaver:
     """Saves ``TrainingState``s — in the background with ``checkpoint.async`` — and reports how
-    each save ended (``checkpoint.on_error``). Collective: every rank makes the same calls."""
+    each save ended (``checkpoint.on_error``). Collective: every rank makes the same calls.
 
-    def __init__(self, state: TrainingState) -> None:
+    ``stopping`` is set when the run has been told to stop (SIGTERM): from then on a save waits
+    for a silent rank only STOPPING_SILENCE_S, so that the process ends before its launcher kills it.
+    """
+
+    def __init__(self, state: TrainingState, stopping: Optional[threading.Event] = None) -> None:
         self.state = state
         self.background: bool = state.cfg.checkpoint.asynchronous
-        self._pending: Optional[tuple[Snapshot, threading.Thread]] = None
+        self.stopping = stopping or threading.Event()
+        self._abandoned = threading.Event()
+        self._pending: Optional[_Save] = None
         self._host_buffers: dict[str, Tensor] = {}  # reused by every background save (one at a time)
 
-    def save(self) -> Optional[Path]:
+    def save(self, last: bool = False) -> Optional[Path]:
         """Save the state's current step. In place: returns the checkpoint when it is there (None
-        if nothing was saved). In the background: returns None at once; :meth:`wait` tells."""
+        if nothing was saved). In the background: returns None at once; :meth:`wait` tells.
+        ``last``: no later save of the run would retry this one (said if it fails)."""
         self.wait()
         state = self.state
         snap = take_snapshot(state, next(_SAVE_IDS), self._host_buffers if self.background else None)
         if snap is None:
             return None
-        args = (snap, checkpoint_root(state), state.grid.rank, state.grid.world_size, state.cfg.checkpoint.keep)
+        grid = state.grid
+        board = _Board(snap, grid.rank, state.cfg.parallel.collective_timeout_s, self.stopping, self._abandoned)
+        save = _Save(snap, board, _Heartbeat(board) if grid.world_size > 1 else None, last)  # at training's priority
         if not self.background:
-            write_snapshot(*args)
-            return self._settle(snap)
-        thread = threading.Thread(target=_write_in_background, args=args, name=f"checkpoint-{snap.step}", daemon=True)
-        thread.start()
-        self._pending = (snap, thread)
+            try:
+                self._write(save)
+            finally:
+                self._stop_beating(save)
+            return self._settle(save)
+        save.thread = threading.Thread(target=self._write_in_background, args=(save,), name=f"checkpoint-{snap.step}",
+                                       daemon=True)
+        save.thread.start()
+        self._pending = save
         return None
+
+    def _write(self, save: _Save) -> None:
+        state = self.state
+        write_snapshot(save.snap, checkpoint_root(state), state.grid.rank, state.grid.world_size,
+                       state.cfg.checkpoint.keep, save.board)
+
+    @staticmethod
+    def _stop_beating(save: _Save) -> None:
+        if save.heartbeat is not None:
+            save.heartbeat.stop()
+
+    def _write_in_background(self, save: _Save) -> None:
+        """:meth:`_write` at a lower CPU priority, so that it takes the cycles training leaves free
+        (on Linux niceness belongs to the thread, and the CRC thread it starts inherits it;
+        elsewhere it would slow the whole process, so there it is left alone). What ends it other
+        than an outcome on the board is kept for :meth:`wait` to raise."""
+        if sys.platform == "linux":
+            os.nice(WRITER_NICENESS)
+        try:
+            self._write(save)
+        except Exception as exc:  # noqa: BLE001 - raised in the training thread by wait()
+            save.failure = exc
+        finally:
+            self._stop_beating(save)
 
     @property
     def writing(self) -> bool:
         """A background save is still being written."""
-        return self._pending is not None and self._pending[1].is_alive()
+        return self._pending is not None and self._pending.thread.is_alive()
 
-    def wait(self) -> Optional[Path]:
-        """Finish the save in progress, if any: the checkpoint it made, or None."""
+    def wait(self, last: bool = False) -> Optional[Path]:
+        """Finish the save in progress, if any: the checkpoint it made, or None (``last``: as for
+        :meth:`save`, when it turned out to be the run's last)."""
         if self._pending is None:
             return None
-        snap, thread = self._pending
-        self._pending = None
-        thread.join()
-        return self._settle(snap)
+        save, self._pending = self._pending, None
+        save.last = save.last or last
+        save.thread.join()
+        return self._settle(save)
 
-    def _settle(self, snap: Snapshot) -> Optional[Path]:
+    def abandon(self) -> Optional[Path]:
+        """Give the background save in progress up, without waiting for other ranks (the run is
+        failing or was interrupted). Returns the checkpoint if it was complete all the same, else
+        None: rank 0 removes the partial files if it notices within ABANDON_WAIT_S, else the next
+        start does, and ``latest`` stays where it was."""
+        if self._pending is None:
+            return None
+        save, self._pending = self._pending, None
+        self._abandoned.set()
+        save.thread.join(ABANDON_WAIT_S)
+        board = save.board
+        if save.thread.is_alive() or save.failure is not None or not board.posted("outcome"):
+            return None
+        outcome = board.read("outcome", sender=0)
+        return Path(outcome["path"]) if outcome["error"] is None else None
+
+    def _settle(self, save: _Save) -> Optional[Path]:
         """Every rank learns the outcome from rank 0's post; a failure is said once, then stops the
-        run or lets it go on (checkpoint.on_error)."""
-        state = self.state
-        outcome = _Board(snap.save_id).read("outcome")
+        run or lets it go on (checkpoint.on_error). A rank that showed no sign of life fails the
+        save on every rank with SilentRanks (the loop names it as for a stalled collective)."""
+        if save.failure is not None:
+            raise save.failure
+        state, snap = self.state, save.snap
+        outcome = save.board.read("outcome", sender=0)
         if outcome["error"] is None:
             log(state, f"saved step {snap.step} to {outcome['path']}")
             return Path(outcome["path"])
         error = outcome["error"]
+        if "silent" in error:
+            raise SilentRanks(error["silent"], error["waited_s"])
         if "nonfinite" in error:
             _refuse_diverged(state, snap.step, error["nonfinite"])
             return None
@@ -264,8 +427,9 @@ class CheckpointSaver:
         message = f"checkpoint: cannot save step {snap.step}: {reason}"
         if state.cfg.checkpoint.on_error == "stop":
             raise SharedError(f"{message}; the run stopped (checkpoint.on_error=stop), earlier checkpoints are intact")
-        log(state, f"ERROR: cannot save step {snap.step}: {reason}; training goes on (checkpoint.on_error=continue), "
-                   "the next interval tries again; earlier checkpoints are intact")
+        then = ("it was the run's last save, nothing retries it" if save.last
+                else "training goes on (checkpoint.on_error=continue), the next interval tries again")
+        log(state, f"ERROR: cannot save step {snap.step}: {reason}; {then}; earlier checkpoints are intact")
         return None
 
 

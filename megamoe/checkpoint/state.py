@@ -14,28 +14,34 @@ from __future__ import annotations
 import io
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from megamoe.checkpoint.names import expert_bank_names, expert_tensor_name, model_tensor_shapes
 from megamoe.checkpoint.store import (
+    LATEST,
+    MANIFEST,
     Manifest,
+    checkpoint_dir,
     complete_checkpoints,
+    latest_target,
+    read_config,
     read_manifest,
     read_shard,
     read_verified,
     resume_candidates,
+    set_aside,
     step_of,
 )
 from megamoe.data.loader import stream_change
-from megamoe.errors import CheckpointError, SharedError
+from megamoe.errors import CheckpointError, SharedError, UserError
 from megamoe.nn.init import init_key_seed
 from megamoe.parallel.expert import expert_range
 from megamoe.parallel.mesh import ProcessGrid, first_error
@@ -158,7 +164,8 @@ def model_pieces(places: list[Placement], mine: set[str]) -> list[tuple[str, Ten
             for name, piece in place.pieces(place.tensor.detach()) if name in mine]
 
 
-def optimizer_pieces(optimizer: torch.optim.Optimizer, places: list[Placement], mine: set[str]) -> list[tuple[str, Tensor]]:
+def optimizer_pieces(optimizer: torch.optim.Optimizer, places: list[Placement],
+                     mine: set[str]) -> list[tuple[str, Tensor]]:
     """AdamW's exp_avg / exp_avg_sq / step (whatever state it keeps) as ``{key}/{global name}``,
     for the tensors this rank writes."""
     pieces = []
@@ -219,7 +226,8 @@ def _check_names(manifest: Manifest, state: TrainingState, ckpt_dir: Path) -> No
     """The checkpoint holds exactly the configured model's tensors (shapes are checked on copy)."""
     stored = {t for name in manifest.files_of_kind("model") for t in manifest.files[name].tensors}
     expected = set(model_tensor_shapes(state.cfg))
-    for what, names in (("is missing", expected - stored), ("is not a parameter of the configured model", stored - expected)):
+    for what, names in (("is missing", expected - stored),
+                        ("is not a parameter of the configured model", stored - expected)):
         if names:
             raise CheckpointError(f"{ckpt_dir}: tensor {sorted(names)[0]} {what} "
                                   f"({len(names)} such; was it saved with another model config?)")
@@ -334,17 +342,113 @@ def load_checkpoint(state: TrainingState, ckpt_dir: Path) -> Manifest:
     return manifest
 
 
-def _candidates(state: TrainingState) -> tuple[list[Path], bool]:
-    """What checkpoint.resume asks for: (directories to try in order, whether one was named)."""
-    mode = state.cfg.checkpoint.resume
+@dataclass
+class ResumePlan:
+    """What ``checkpoint.resume`` comes to, given what is on disk (rank 0 looks, every rank follows)."""
+
+    candidates: list[Path]  # to try in order
+    named: bool = False  # one checkpoint the user named: an error if it does not load, no fallback
+    notes: list[str] = field(default_factory=list)  # said before loading
+    refusal: Optional[str] = None  # nothing may be resumed: the run stops with this line
+
+
+def _model_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The keys that define the model (``model.*``, ``moe.*``), flattened."""
+    def flat(prefix: str, node: Any) -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, value in node.items() for k, v in flat(f"{prefix}.{key}", value).items()}
+        return {prefix: node}
+
+    return {**flat("model", OmegaConf.to_container(cfg.model)), **flat("moe", OmegaConf.to_container(cfg.moe))}
+
+
+def _model_change(cfg: DictConfig, ckpt_dir: Path) -> tuple[Optional[str], Optional[str]]:
+    """(a refusal, a note) for resuming ``ckpt_dir`` with the model of ``cfg``: a checkpoint of
+    another shape is refused in one line saying what changed (not tried and skipped like a damaged
+    one); a change that leaves every tensor's shape alone (``moe.top_k``, a loss coefficient) is
+    accepted — the weights fit, the model computes with the new settings from here — and said."""
+    try:
+        saved_cfg = read_config(ckpt_dir)
+    except CheckpointError:
+        return None, None  # damaged: loading it says so, and auto falls back past it
+    saved, now = _model_settings(saved_cfg), _model_settings(cfg)
+    changes = [f"{key}: {saved.get(key)} → {now.get(key)}" for key in sorted(saved.keys() | now.keys())
+               if saved.get(key) != now.get(key)]
+    if not changes:
+        return None, None
+    listed = ", ".join(changes)
+    if model_tensor_shapes(saved_cfg) != model_tensor_shapes(cfg):
+        upcycle = (" (a dense checkpoint becomes an MoE one with launch/convert_checkpoint.py upcycle)"
+                   if saved_cfg.model.ffn_type == "dense" and cfg.model.ffn_type == "moe" else "")
+        refusal = (f"checkpoint: {ckpt_dir} holds another model than the one configured ({listed}); the model "
+                   f"changed, the checkpoint is fine: restore these settings to resume it, or choose another "
+                   f"run.dir{upcycle}")
+        return refusal, None
+    return None, (f"the model settings changed since {ckpt_dir.name} ({listed}): every tensor keeps its shape, so the "
+                  "weights load as they are and the model computes with the new settings from here")
+
+
+def _own_checkpoints(root: Path) -> Optional[ResumePlan]:
+    """Resuming from the run's own checkpoints: ``latest``, then older ones; None if it has none."""
+    found, latest = complete_checkpoints(root), latest_target(root)
+    if latest is None and not found:
+        return None
+    candidates = resume_candidates(root)
+    if latest is None or latest in candidates:
+        return ResumePlan(candidates)
+    said = f"{root / LATEST} names {latest.name}, but {latest} is missing"
+    if not candidates:
+        return ResumePlan([], refusal=f"checkpoint: {said}, and no complete checkpoint of this run comes before it: "
+                                      "restore it, or start fresh with checkpoint.resume=none")
+    return ResumePlan(candidates, notes=[f"{said}; resuming from the newest complete checkpoint before it, "
+                                         f"{candidates[0].name}"])
+
+
+def _named_checkpoint(path: Path) -> ResumePlan:
+    """``checkpoint.resume=PATH``: a ``step_N`` directory, or a checkpoints directory (its latest)."""
+    if (path / MANIFEST).is_file() or not path.is_dir():
+        return ResumePlan([path], named=True)  # loading says what is wrong with it
+    try:
+        chosen = checkpoint_dir(path)
+    except UserError as exc:
+        return ResumePlan([], refusal=f"checkpoint.resume={path}: {exc}")
+    return ResumePlan([chosen], named=True, notes=[f"checkpoint.resume={path} is a checkpoints directory: "
+                                                   f"starting from its latest, {chosen.name}"])
+
+
+def _plan(cfg: DictConfig, root: Path) -> ResumePlan:
+    """``checkpoint.resume`` against the disk. ``auto``: the run's own latest (a fresh start if it
+    has none). ``PATH``: where a run starts that has no checkpoints of its own yet; once it has
+    some (a torchrun restart, a relaunch of the same command) it resumes from them, so that
+    nothing it saved is recomputed. ``none``: a fresh start; checkpoints already in run.dir are
+    set aside, so that they are neither resumed nor rolled back to."""
+    mode = cfg.checkpoint.resume
     if mode == "none":
-        return [], False
-    if mode != "auto":
-        return [Path(mode)], True
-    found = [resume_candidates(checkpoint_root(state)) if state.grid.rank == 0 else None]
-    if state.grid.world_size > 1:  # every rank tries the same list, whatever its view of the disk
-        dist.broadcast_object_list(found, src=0)
-    return found[0], False  # type: ignore[return-value]
+        if not complete_checkpoints(root) and latest_target(root) is None:
+            return ResumePlan([])
+        moved = [p.name for p in complete_checkpoints(root)]
+        aside = set_aside(root)
+        return ResumePlan([], notes=[f"checkpoint.resume=none: set the checkpoints already in run.dir "
+                                     f"({', '.join(moved) or 'none complete'}) aside in {aside}, where nothing "
+                                     "resumes, rolls back to or prunes them; delete it to free its space"])
+    plan = _own_checkpoints(root)
+    if plan is not None and mode != "auto":
+        plan.notes.insert(0, f"run.dir has checkpoints of its own: resuming from them, not from "
+                             f"checkpoint.resume={mode} (where this run started)")
+    elif plan is None:
+        plan = ResumePlan([]) if mode == "auto" else _named_checkpoint(Path(mode))
+    if plan.candidates and plan.refusal is None:
+        plan.refusal, note = _model_change(cfg, plan.candidates[0])
+        plan.notes += [note] if note else []
+    return plan
+
+
+def _resume_plan(state: TrainingState) -> ResumePlan:
+    """Rank 0 makes the plan (and moves files for ``none``), every rank gets it, whatever its view of the disk."""
+    plan = [_plan(state.cfg, checkpoint_root(state)) if state.grid.rank == 0 else None]
+    if state.grid.world_size > 1:
+        dist.broadcast_object_list(plan, src=0)
+    return plan[0]  # type: ignore[return-value]
 
 
 def checkpoint_before(state: TrainingState, step: int) -> Optional[Path]:
@@ -357,13 +461,19 @@ def checkpoint_before(state: TrainingState, step: int) -> Optional[Path]:
 
 
 def resume(state: TrainingState) -> Optional[Path]:
-    """Apply ``checkpoint.resume`` (collective). Returns the checkpoint loaded, or None (fresh start).
+    """Apply ``checkpoint.resume`` (collective; see :func:`_plan`). Returns the checkpoint loaded,
+    or None (fresh start).
 
-    ``auto``: the checkpoint ``latest`` names; if any rank finds a file of it corrupt or missing,
-    say which and fall back to the next older complete checkpoint. ``PATH``: that one, or an
-    error. ``none``: start fresh.
+    From the run's own checkpoints: the one ``latest`` names; if any rank finds a file of it
+    corrupt or missing, say which and fall back to the next older complete checkpoint. A named
+    one (``PATH`` in a run.dir without checkpoints): that one, or an error.
     """
-    candidates, named = _candidates(state)
+    plan = _resume_plan(state)
+    for note in plan.notes:
+        log(state, note)
+    if plan.refusal is not None:
+        raise SharedError(plan.refusal)
+    candidates, named = plan.candidates, plan.named
     for ckpt_dir in candidates:
         error: Optional[str] = None
         try:
@@ -383,5 +493,6 @@ def resume(state: TrainingState) -> Optional[Path]:
         log(state, f"{ckpt_dir.name} is unusable; falling back to the previous checkpoint")
     if candidates:
         raise CheckpointError(f"{checkpoint_root(state)}: none of the {len(candidates)} checkpoints loads "
-                              "(errors above); fix or remove them, or start fresh with checkpoint.resume=none")
+                              "(errors above); restore the damaged files, or start fresh with checkpoint.resume=none "
+                              "(which sets these checkpoints aside)")
     return None

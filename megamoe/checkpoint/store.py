@@ -27,6 +27,7 @@ instant leaves every earlier ``step_*`` directory complete and loadable.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -127,7 +128,8 @@ def write_shard(path: Path, tensors: list[tuple[str, Tensor]], kind: str) -> Fil
         if name in header:
             raise ValueError(f"{path.name}: tensor {name} given twice")
         nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
@@ -262,7 +264,8 @@ def read_manifest(ckpt_dir: Path | str) -> Manifest:
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path}: unreadable manifest ({exc})") from None
     if manifest.version > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format version {manifest.version} is newer than this megamoe ({FORMAT_VERSION})")
+        raise CheckpointError(f"{path}: format version {manifest.version} is newer than this megamoe "
+                              f"({FORMAT_VERSION})")
     return manifest
 
 
@@ -300,19 +303,37 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=step_of, reverse=True)
 
 
+def latest_target(root: Path) -> Path | None:
+    """The checkpoint ``root/latest`` names (which may be missing), or None without a ``latest``."""
+    latest = root / LATEST
+    return root / latest.read_text().strip() if latest.is_file() else None
+
+
 def resume_candidates(root: Path) -> list[Path]:
     """The checkpoint ``latest`` names, then the complete ones before it, newest first.
 
     Checkpoints with a higher step than ``latest`` are left out: they belong to a timeline the
-    run abandoned when it was resumed from an older checkpoint. Without ``latest`` (a crash
-    between a save's rename and the pointer update) every complete one counts.
+    run abandoned when it was resumed from an older checkpoint. When the one ``latest`` names is
+    missing, the complete ones before it remain (callers say so: :func:`latest_target`). Without
+    ``latest`` (a crash between a save's rename and the pointer update) every complete one counts.
     """
-    found = complete_checkpoints(root)
-    latest = root / LATEST
-    named = root / latest.read_text().strip() if latest.is_file() else None
-    if named not in found:
+    found, named = complete_checkpoints(root), latest_target(root)
+    if named is None:
         return found
-    return [named] + [p for p in found if step_of(p) < step_of(named)]
+    return ([named] if named in found else []) + [p for p in found if step_of(p) < step_of(named)]
+
+
+def set_aside(root: Path) -> Path:
+    """Move the checkpoints under ``root`` (the ``step_N`` directories and ``latest``) into a new
+    ``root/earlier_run_K/``, where no resume, rollback or pruning looks; returns that directory."""
+    taken = {p.name for p in root.iterdir()}
+    aside = root / next(name for k in itertools.count(1) if (name := f"earlier_run_{k}") not in taken)
+    aside.mkdir()
+    for path in [*complete_checkpoints(root), root / LATEST]:
+        if path.exists():
+            os.rename(path, aside / path.name)
+    _fsync_dir(root)
+    return aside
 
 
 def remove_unfinished(root: Path) -> list[Path]:
@@ -395,7 +416,8 @@ def iter_model_tensors(ckpt_dir: Path | str) -> Iterator[tuple[str, Tensor]]:
             yield tensor_name, tensors[tensor_name]
 
 
-def checked_tensors(tensors: Iterable[tuple[str, Tensor]], expected: dict[str, torch.Size], where: Path) -> Iterator[tuple[str, Tensor]]:
+def checked_tensors(tensors: Iterable[tuple[str, Tensor]], expected: dict[str, torch.Size],
+                    where: Path) -> Iterator[tuple[str, Tensor]]:
     """Pass tensors through, failing on a name or shape the model of the config does not have."""
     seen = set()
     for name, tensor in tensors:
@@ -426,7 +448,8 @@ def write_model_checkpoint(ckpt_dir: Path | str, tensors: Iterable[tuple[str, Te
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        files = write_shards(tmp, "model", checked_tensors(tensors, model_tensor_shapes(cfg), ckpt_dir), "model", shard_bytes)
+        checked = checked_tensors(tensors, model_tensor_shapes(cfg), ckpt_dir)
+        files = write_shards(tmp, "model", checked, "model", shard_bytes)
         files[CONFIG] = write_bytes(tmp / CONFIG, OmegaConf.to_yaml(cfg).encode(), "config")
         manifest = Manifest(step=0, has_optimizer=False, files=files)
         manifest.write(tmp)

@@ -109,7 +109,7 @@ class MegamoeLM(LM):
         settings = [greedy_settings(request, self.max_gen_toks) for request in requests]
         by_budget: dict[int, list[int]] = {}
         for index, (request, (_, budget)) in enumerate(zip(requests, settings)):
-            check_room(_where(request), budget, self.window)
+            check_room(_where(request), budget, self.window, "max_gen_toks in the task's generation_kwargs")
             by_budget.setdefault(budget, []).append(index)
         prompts = [prompt_ids(request.args[0], self.tokenizer, self.window, budget)
                    for request, (_, budget) in zip(requests, settings)]

@@ -165,29 +165,33 @@ def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=values.__getitem__)  # the first of equal values
 
 
-def check_room(name: str, max_new_tokens: int, window: int) -> None:
-    """TaskError unless ``max_new_tokens`` leave a ``window``-token sequence room for a prompt."""
+def check_room(name: str, max_new_tokens: int, window: int, change: str) -> None:
+    """TaskError unless ``max_new_tokens`` leave a ``window``-token sequence room for a prompt;
+    ``change`` names what to lower (a flag, a config key, the task file's own values)."""
     if max_new_tokens >= window:
         raise TaskError(f"{name}: {max_new_tokens} new tokens leave no room for a prompt in a {window}-token "
-                        "sequence; lower max_new_tokens")
+                        f"sequence (train.seq_len); lower {change} below {window}")
 
 
-def new_tokens(task: Task, max_new_tokens: int, window: int) -> list[int]:
-    """Each generation item's budget: its own ``max_new_tokens``, else the default; all must leave
-    a ``window``-token sequence room for a prompt."""
+def new_tokens(task: Task, max_new_tokens: int, window: int, setting: str) -> list[int]:
+    """Each generation item's budget: its own ``max_new_tokens``, else the default
+    ``max_new_tokens`` (from ``setting``: the flag or config key that sets it, named when it must
+    change); all must leave a ``window``-token sequence room for a prompt."""
     budgets = [item.max_new_tokens or max_new_tokens for item in task.items]
-    check_room(task.name, max(budgets), window)
+    own = max(item.max_new_tokens or 0 for item in task.items) == max(budgets)
+    check_room(task.name, max(budgets), window, 'the items\' own "max_new_tokens" in the task file' if own else setting)
     return budgets
 
 
 def evaluate_task(task: Task, tokenizer: Tokenizer, backend: Backend, window: int,
-                  max_new_tokens: int) -> dict[str, float]:
+                  max_new_tokens: int, setting: str) -> dict[str, float]:
     """The task's metrics: {"acc", "acc_norm"}, {"exact_match"} or the perplexities. Generation
-    items without their own ``max_new_tokens`` get ``max_new_tokens``; the batch decodes to the largest."""
+    items without their own ``max_new_tokens`` get ``max_new_tokens`` (set by ``setting``, a flag
+    or config key); the batch decodes to the largest."""
     if task.kind == MULTIPLE_CHOICE:
         return choice_metrics(task.items, backend.loglikelihoods(choice_requests(task, tokenizer, window), task.name))
     if task.kind == GENERATION:
-        budgets = new_tokens(task, max_new_tokens, window)
+        budgets = new_tokens(task, max_new_tokens, window, setting)
         outputs = backend.greedy(generation_prompts(task, tokenizer, window, max(budgets)), max(budgets), task.name)
         correct = sum(item.is_correct(completion(ids, tokenizer, item.until, budget))
                       for item, ids, budget in zip(task.items, outputs, budgets))

@@ -128,8 +128,8 @@ def _generation_item(record: dict[str, Any], where: str) -> GenerationItem:
                     "a string or a number", where, GEN_FORMAT)
     item = GenerationItem(prompt, str(answer))
     if "until" in record:
-        item = replace(item, until=tuple(_field(record, "until", _is_str_list, "a list of stop strings", where,
-                                                GEN_FORMAT)))
+        item = replace(item, until=tuple(_field(record, "until", lambda v: _is_str_list(v) and all(v),
+                                                "a list of non-empty stop strings", where, GEN_FORMAT)))
     if "max_new_tokens" in record:
         item = replace(item, max_new_tokens=_field(record, "max_new_tokens", lambda v: type(v) is int and v > 0,
                                                    "a positive integer", where, GEN_FORMAT))

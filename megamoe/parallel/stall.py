@@ -12,6 +12,10 @@ each waits on the stopped rank directly or on a rank that does; ranks that never
 the ones that did not arrive. The lowest rank that checked in reports them in one line, with
 each waiting rank's operation; the rest exit quietly once it has.
 
+A failure that is no stall but may strike several ranks at once — a missing data file, an
+allocation, Ctrl-C — is said once too, by the lowest rank that meets it (:func:`lowest_to_fail`),
+through the same store.
+
 Only failures raised as Python exceptions are seen here (gloo, and NCCL with
 ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` set so that errors are raised, not aborted on); NCCL's own
 flight recorder (``TORCH_NCCL_TRACE_BUFFER_SIZE``) covers the rest on GPUs.
@@ -37,6 +41,8 @@ _GLOO_FAILURES = ("Timed out waiting", "pair closure", "Connection closed by pee
                   "Broken pipe", "Socket Timeout")
 _POLL_S = 0.25
 _REPORTED = "reported"
+FAILURE_GRACE_S = 5.0  # how long a failing rank waits for lower ranks to fail too (and for the reporter's line)
+_job_store: Optional[dist.Store] = None  # kept from announce(): reports may come after the process group is gone
 
 
 def is_communication_failure(exc: Optional[BaseException]) -> bool:
@@ -50,6 +56,17 @@ def is_communication_failure(exc: Optional[BaseException]) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+class SilentRanks(dist.DistError):
+    """Ranks that the others waited for outside any collective — on the job's store, as during a
+    checkpoint save — showed no sign of life for ``waited_s`` seconds (parallel.collective_timeout_s,
+    or less once the run was told to stop). A communication failure like a timed-out collective:
+    the same check-in names them."""
+
+    def __init__(self, message: str, waited_s: float) -> None:
+        super().__init__(message)
+        self.waited_s = waited_s
 
 
 class CollectiveStall(Exception):
@@ -73,7 +90,7 @@ class Progress:
 
 
 def _store() -> dist.Store:
-    return default_store()
+    return _job_store if _job_store is not None else default_store()
 
 
 def _key(*parts: object) -> str:
@@ -82,9 +99,35 @@ def _key(*parts: object) -> str:
 
 
 def announce(rank: int, world_size: int) -> None:
-    """At startup: record where this rank runs, for a later report that names it."""
+    """At startup: record where this rank runs, for a later report that names it (and keep the
+    job's store for reports made after the process group is torn down)."""
+    global _job_store
     if world_size > 1:
-        _store().set(_key("where", rank), f"host {socket.gethostname()}, pid {os.getpid()}")
+        _job_store = default_store()
+        _job_store.set(_key("where", rank), f"host {socket.gethostname()}, pid {os.getpid()}")
+
+
+def lowest_to_fail(rank: int, world_size: int) -> bool:
+    """Whether this rank reports a failure that several ranks may meet at about the same time (a
+    missing data file, an allocation, Ctrl-C): only the lowest rank that meets it does. It checks
+    in and waits up to FAILURE_GRACE_S for lower ranks to check in too; a rank that leaves the
+    report to a lower one waits as long for the reporter's line (:func:`reported`), so that its
+    own exit does not make the launcher stop the reporter first. Without a store to agree
+    through (a single process, or before it is announced), every rank reports."""
+    if world_size == 1 or _job_store is None:
+        return True
+    try:
+        _job_store.set(_key("failed", rank), "1")
+        deadline = time.monotonic() + FAILURE_GRACE_S
+        while not any(_job_store.check([_key("failed", lower)]) for lower in range(rank)):
+            if rank == 0 or time.monotonic() > deadline:
+                return True
+            time.sleep(_POLL_S)
+        with contextlib.suppress(RuntimeError, dist.DistError):  # the reporter may be gone already
+            _job_store.wait([_key(_REPORTED)], timedelta(seconds=FAILURE_GRACE_S))
+        return False
+    except (RuntimeError, dist.DistError):  # the store is gone: say it, perhaps more than once
+        return True
 
 
 def _wait_for_check_ins(store: dist.Store, world_size: int, grace_s: float) -> list[int]:
@@ -94,16 +137,20 @@ def _wait_for_check_ins(store: dist.Store, world_size: int, grace_s: float) -> l
     return [r for r in range(world_size) if store.check([_key("at", r)])]
 
 
-def _describe(store: dist.Store, arrived: list[int], missing: list[int], timeout_s: int) -> str:
+def _describe(store: dist.Store, arrived: list[int], missing: list[int], timeout_s: int, error: BaseException) -> str:
     where = {r: store.get(_key("where", r)).decode() for r in missing if store.check([_key("where", r)])}
     names = ", ".join(f"rank {r} ({where[r]})" if r in where else f"rank {r}" for r in missing)
     waiting: dict[str, list[int]] = {}
     for r in arrived:
         state = json.loads(store.get(_key("at", r)))
         waiting.setdefault(f"{state['operation']} of step {state['step']}", []).append(r)
-    waits = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} in {op}" for op, rs in waiting.items())
+    waits = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))} in {op}"
+                      for op, rs in waiting.items())
     verb = "does" if len(missing) == 1 else "do"
-    return (f"{names} did not arrive within parallel.collective_timeout_s={timeout_s} s ({waits}); "
+    within = f"parallel.collective_timeout_s={timeout_s} s"
+    if isinstance(error, SilentRanks) and error.waited_s < timeout_s:  # given up on sooner: the run was told to stop
+        within = f"{error.waited_s:g} s of the stop signal"
+    return (f"{names} did not arrive within {within} ({waits}); "
             f"it {verb} not respond: check that process and its host (stopped, hung or too slow)")
 
 
@@ -118,9 +165,9 @@ def diagnose(rank: int, world_size: int, progress: Progress, timeout_s: int, err
         arrived = _wait_for_check_ins(store, world_size, grace_s)
         missing = [r for r in range(world_size) if r not in arrived]
         if not missing:
-            message = f"every rank reached its collective, yet the transport failed ({_first_line(error)}); see the ranks' logs"
+            message = _all_arrived(progress, timeout_s, error)
         else:
-            message = _describe(store, arrived, missing, timeout_s)
+            message = _describe(store, arrived, missing, timeout_s, error)
         reporter = rank == min(arrived)
     except (RuntimeError, dist.DistError) as store_error:  # the store itself is gone or hangs
         message = (f"{progress.operation} of step {progress.step} failed ({_first_line(error)}), and the job's store "
@@ -133,6 +180,17 @@ def diagnose(rank: int, world_size: int, progress: Progress, timeout_s: int, err
     return CollectiveStall(message, reporter)
 
 
+def _all_arrived(progress: Progress, timeout_s: int, error: BaseException) -> str:
+    """Every rank checked in: none is stopped, so one was late. Before any step has finished that
+    is most likely a slow first step (compiling, with train.compile=block, or warming up)."""
+    message = f"every rank reached its collective, yet the transport failed ({_first_line(error)})"
+    if progress.step_time_s == 0:  # no step of this process has finished yet
+        return (f"{message}; no step had finished yet, so the likely cause is a slow first step: a rank that compiles "
+                f"(train.compile=block) or warms up for longer than parallel.collective_timeout_s={timeout_s} s makes "
+                "the others time out; raise parallel.collective_timeout_s")
+    return f"{message}; see the ranks' logs"
+
+
 def _first_line(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
@@ -141,5 +199,5 @@ def reported() -> None:
     """The reporter's line is out: the other ranks may exit."""
     try:
         _store().set(_key(_REPORTED), "1")
-    except (RuntimeError, dist.DistError):
+    except (RuntimeError, ValueError, dist.DistError):  # ValueError: no process group (left)
         pass  # they stop waiting after the grace period anyway

@@ -38,6 +38,8 @@ from megamoe.parallel.pipeline import stage_inputs
 from megamoe.train.step import evaluating
 from megamoe.train.trainer import Trainer
 
+MAX_NEW_TOKENS_KEY = "eval.downstream_max_new_tokens"  # what a too-long default budget tells the user to lower
+
 Scores = dict[str, dict[str, float]]  # task → metric → value
 
 
@@ -131,13 +133,13 @@ class DownstreamEval:
         if e.downstream_interval:
             self.tokenizer = tokenizer_from_config(cfg.data.tokenizer)
             if self.tokenizer.vocab_size > cfg.model.vocab_size:
-                raise SharedError(f"eval.downstream_tasks: the tokenizer has {self.tokenizer.vocab_size} ids, more than "
-                                  f"model.vocab_size={cfg.model.vocab_size}")
+                raise SharedError(f"eval.downstream_tasks: the tokenizer has {self.tokenizer.vocab_size} ids, more "
+                                  f"than model.vocab_size={cfg.model.vocab_size}")
             self.tasks = [prepare(task, e.downstream_limit, e.downstream_fewshot, cfg.seed)
                           for task in load_tasks(e.downstream_tasks)]
             for task in self.tasks:
                 if task.kind == GENERATION:
-                    new_tokens(task, e.downstream_max_new_tokens, cfg.train.seq_len)
+                    new_tokens(task, e.downstream_max_new_tokens, cfg.train.seq_len, MAX_NEW_TOKENS_KEY)
 
     def due(self, step: int) -> bool:
         interval = self.cfg.eval.downstream_interval
@@ -149,4 +151,5 @@ class DownstreamEval:
         backend = PipelineBackend(trainer, self.tokenizer)
         with evaluating(trainer, "downstream evaluation"), trainer.runner.autocast(), shared_casts():
             return {task.name: evaluate_task(task, self.tokenizer, backend, self.cfg.train.seq_len,
-                                             self.cfg.eval.downstream_max_new_tokens) for task in self.tasks}
+                                             self.cfg.eval.downstream_max_new_tokens, MAX_NEW_TOKENS_KEY)
+                    for task in self.tasks}

@@ -7,7 +7,6 @@ steps, validation, downstream scores, checkpoints and preemption) is one callbac
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import time
 from pathlib import Path
@@ -15,7 +14,6 @@ from typing import Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from megamoe.checkpoint.saver import CheckpointSaver
 from megamoe.checkpoint.state import resume
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.parallel.stall import CollectiveStall, announce, diagnose, is_communication_failure
@@ -27,8 +25,8 @@ from megamoe.train.callbacks.skipped import SkippedSteps
 from megamoe.train.callbacks.spike_rollback import SpikeRollback
 from megamoe.train.callbacks.validation import Validation
 from megamoe.train.metrics import MetricsLogger, forget_steps_after
-from megamoe.train.preemption import Preemption
 from megamoe.train.run_dir import claim_run_dir
+from megamoe.train.spikes import SpikeGuard
 from megamoe.train.step import StepResult, train_step
 from megamoe.train.trainer import Trainer, build_trainer
 
@@ -69,16 +67,19 @@ def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
             lock.close()
 
 
-def build_callbacks(trainer: Trainer, logger: MetricsLogger, saver: CheckpointSaver,
-                    preemption: Preemption) -> tuple[StepMetrics, SkippedSteps, list[Callback]]:
-    """The callbacks of a run in the order they run after each step; the metrics (which decide
-    what a step reports) and the skipped steps (which the final summary reads) also apart."""
+def build_callbacks(trainer: Trainer, logger: MetricsLogger) -> tuple[StepMetrics, SkippedSteps, Checkpointing,
+                                                                     list[Callback]]:
+    """The callbacks of a run in the order they run after each step; also apart: the metrics
+    (which decide what a step reports), the skipped steps and the checkpointing (which the end
+    of the run reads)."""
+    spike = trainer.cfg.train.spike
     metrics, skipped = StepMetrics(trainer, logger), SkippedSteps(trainer.cfg.train.max_skipped_steps)
-    spikes = SpikeRollback(trainer, logger, saver) if trainer.cfg.train.spike.enabled else None
-    callbacks: list[Callback] = [metrics, *([spikes] if spikes is not None else []), skipped,
-                                 Validation(trainer, logger), DownstreamScores(trainer, logger),
-                                 Checkpointing(trainer, saver, preemption, skipped, spikes)]
-    return metrics, skipped, callbacks
+    guard = SpikeGuard(spike.window, spike.sigmas, spike.patience) if spike.enabled else None
+    checkpointing = Checkpointing(trainer, skipped, guard)
+    rollback = [SpikeRollback(trainer, logger, guard, checkpointing.wait)] if guard is not None else []
+    callbacks: list[Callback] = [metrics, *rollback, skipped, Validation(trainer, logger),
+                                 DownstreamScores(trainer, logger), checkpointing]
+    return metrics, skipped, checkpointing, callbacks
 
 
 def _after_step(callbacks: list[Callback], result: StepResult) -> Optional[Action]:
@@ -93,10 +94,8 @@ def train(trainer: Trainer, logger: MetricsLogger) -> None:
     """Train until cfg.train.steps (or a preemption signal), the callbacks after every step."""
     cfg = trainer.cfg
     first_step, started = trainer.step + 1, time.perf_counter()
-    saver = CheckpointSaver(trainer.state)
-    with Preemption() as preemption, contextlib.ExitStack() as closing:
-        closing.callback(saver.wait)  # a save in the background ends before the run does
-        metrics, skipped, callbacks = build_callbacks(trainer, logger, saver, preemption)
+    metrics, skipped, checkpointing, callbacks = build_callbacks(trainer, logger)
+    with checkpointing:  # stop signals; at the end, the background save is settled (or abandoned on a failure)
         batches = iter(trainer.loader)
         while trainer.step < cfg.train.steps:
             result = train_step(trainer, next(batches), report_routing=metrics.reports_routing(trainer.step + 1))
@@ -107,5 +106,6 @@ def train(trainer: Trainer, logger: MetricsLogger) -> None:
                 break
     if trainer.grid.rank == 0 and trainer.step >= first_step:
         took = datetime.timedelta(seconds=round(time.perf_counter() - started))
-        print(f"trained steps {first_step}-{trainer.step} of {cfg.train.steps} in {took}; {skipped.summary()}",
-              flush=True)
+        print(f"trained steps {first_step}-{trainer.step} of {cfg.train.steps} in {took}; {skipped.summary()}"
+              f"{checkpointing.summary(trainer.step)}", flush=True)
+    checkpointing.check_last(trainer.step)

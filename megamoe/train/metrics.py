@@ -71,7 +71,10 @@ def expert_load_summary(tokens_per_expert_by_layer: dict[int, torch.Tensor]) -> 
 
     ``expert_load_max`` 2.0 means some expert of some layer got twice its fair share of tokens;
     ``expert_load_min`` 0.0 means an expert got none. Layer keys become strings (JSON keys).
+    A model without MoE layers (``model.ffn_type=dense``) has no expert load: an empty summary.
     """
+    if not tokens_per_expert_by_layer:
+        return {}
     fractions: dict[str, list[float]] = {}
     relative: list[float] = []
     for layer, counts in sorted(tokens_per_expert_by_layer.items()):
@@ -232,7 +235,8 @@ class MetricsLogger:
     ``logging.tensorboard.enabled`` turns the TensorBoard mirror on.
     """
 
-    def __init__(self, run_dir: Path, is_writer: bool, wandb_cfg: DictConfig, total_steps: int, config_dict: dict) -> None:
+    def __init__(self, run_dir: Path, is_writer: bool, wandb_cfg: DictConfig, total_steps: int,
+                 config_dict: dict) -> None:
         self.run_dir = Path(run_dir)
         self.is_writer = is_writer
         self.total_steps = total_steps
@@ -259,7 +263,8 @@ class MetricsLogger:
         now = time.monotonic()
         if self._last is not None and step > self._last[1]:
             per_step = (now - self._last[0]) / (step - self._last[1])
-            self._step_s = per_step if self._step_s is None else STEP_TIME_EMA * self._step_s + (1 - STEP_TIME_EMA) * per_step
+            self._step_s = (per_step if self._step_s is None
+                            else STEP_TIME_EMA * self._step_s + (1 - STEP_TIME_EMA) * per_step)
         self._last = (now, step)
         _append_json(self.run_dir / "metrics.jsonl", {"step": step, **record})
         fractions = record.get("expert_fraction")

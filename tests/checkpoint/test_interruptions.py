@@ -21,7 +21,7 @@ from typing import Callable
 import pytest
 
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
-from tests.pretrain import logged
+from tests.pretrain import catch_a_save, logged
 
 ROOT = Path(__file__).resolve().parents[2]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -38,10 +38,12 @@ class Run:
 
     def __init__(self, run_dir: Path, nproc: int, *overrides: str) -> None:
         script = ["launch/pretrain.py", *ARGS, f"run.dir={run_dir}", *overrides]
-        cmd = [sys.executable, *script] if nproc == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *script]
+        torchrun = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"]
+        cmd = [sys.executable, *script] if nproc == 1 else [*torchrun, *script]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
         self.run_dir = run_dir
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True)
 
     def pids(self) -> list[int]:
         """The launched process and its children (torchrun puts each worker in its own session)."""
@@ -108,19 +110,11 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 def test_kill9_during_a_save_with_two_processes(tmp_path: Path, writes: str) -> None:
     """In the background (checkpoint.async) the kill lands while training goes on: the same holds."""
     finished(tmp_path / "reference", 2, *TWO_PROCESSES)
-    run = Run(tmp_path / "run", 2, *TWO_PROCESSES, "checkpoint.interval=1", f"checkpoint.async={writes == 'background'}")
+    run = Run(tmp_path / "run", 2, *TWO_PROCESSES, "checkpoint.interval=1",
+              f"checkpoint.async={writes == 'background'}")
     checkpoints = tmp_path / "run/checkpoints"
-    saving = lambda: [p for p in checkpoints.glob("step_*.tmp") if p.name != "step_1.tmp"]  # noqa: E731
-    killed_in = None
-    while killed_in is None:
-        run.wait_for(lambda: bool(saving()), "a save in progress")
-        run.signal_all(signal.SIGSTOP)  # freeze every process, then check the save is still unfinished
-        in_progress = saving()
-        if in_progress:
-            run.signal_all(signal.SIGKILL)
-            killed_in = in_progress[0]
-        else:
-            run.signal_all(signal.SIGCONT)
+    killed_in = catch_a_save(checkpoints, run.pids, lambda tmp: True)  # every process frozen, the save unfinished
+    run.signal_all(signal.SIGKILL)
     run.wait()
     assert killed_in.is_dir()  # the half-written checkpoint is still there ...
     latest = (checkpoints / "latest").read_text().strip()
@@ -154,7 +148,8 @@ def test_kill9_at_a_random_moment_then_sigterm_then_resume(tmp_path: Path) -> No
     assert code == 0, out[-3000:]
     stopped_at = run.last_logged_step()
     assert frozen_at <= stopped_at <= frozen_at + 1 < STEPS, (
-        f"{where}, killed at {killed_at}; SIGTERM after step {term_after}: frozen at {frozen_at}, stopped at {stopped_at}")
+        f"{where}, killed at {killed_at}; SIGTERM after step {term_after}: frozen at {frozen_at}, "
+        f"stopped at {stopped_at}")
     assert f"stopping after step {stopped_at} on SIGTERM; the checkpoint is saved" in out
     assert (tmp_path / "run/checkpoints/latest").read_text() == f"step_{stopped_at}\n"
 

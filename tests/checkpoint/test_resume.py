@@ -3,6 +3,7 @@ model-only checkpoints, resume=none, retention."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -13,7 +14,8 @@ import torch
 
 from megamoe.checkpoint import iter_model_tensors, model_tensor_shapes, write_model_checkpoint
 from megamoe.checkpoint.saver import save_checkpoint
-from megamoe.checkpoint.state import load_checkpoint, resume
+from megamoe.checkpoint.state import checkpoint_before, load_checkpoint, resume
+from megamoe.checkpoint.store import complete_checkpoints
 from megamoe.config import compose
 from megamoe.errors import CheckpointError, SharedError
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
@@ -21,6 +23,7 @@ from megamoe.train.step import train_step
 from megamoe.train.trainer import Trainer, build_trainer
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
 from tests.data.helpers import blend_overrides
+from tests.pretrain import logged_steps, run_pretrain
 
 # noisy gating draws from the global RNG and the aux-free bias is a buffer: both must come back.
 BASE = ["+exp=tiny", "train.global_batch=4", "train.micro_batch=2", "train.seq_len=32", "train.steps=6",
@@ -74,7 +77,8 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_auto_falls_back_past_damaged_checkpoints(grid: ProcessGrid, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_auto_falls_back_past_damaged_checkpoints(grid: ProcessGrid, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
     _train(_trainer(grid, tmp_path, "checkpoint.keep=3"), 4, save_at=(1, 2, 3, 4))
     root = tmp_path / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_2", "step_3", "step_4"]  # keep-last-3
@@ -103,19 +107,90 @@ def test_named_damaged_checkpoint_is_an_error_and_all_damaged_is_too(grid: Proce
     root = tmp_path / "checkpoints"
     _corrupt(root / "step_2/model-r00000-00000.safetensors")
     with pytest.raises(CheckpointError, match=f"^{root}/step_2/model-r00000-00000.safetensors: CRC-32 mismatch"):
-        resume(_trainer(grid, tmp_path, f"checkpoint.resume={root}/step_2").state)
+        resume(_trainer(grid, tmp_path / "new", f"checkpoint.resume={root}/step_2").state)
     (root / "step_1/manifest.json").write_text("{")
     with pytest.raises(CheckpointError, match="none of the 2 checkpoints loads"):
         resume(_trainer(grid, tmp_path).state)
 
 
-def test_resume_none_starts_fresh(grid: ProcessGrid, tmp_path: Path) -> None:
-    _train(_trainer(grid, tmp_path), 1, save_at=(1,))
+def test_resume_none_starts_fresh_and_sets_the_earlier_checkpoints_aside(grid: ProcessGrid, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    """They would otherwise stay resume and rollback candidates of the new run, and never be pruned."""
+    _train(_trainer(grid, tmp_path), 2, save_at=(1, 2))
     trainer = _trainer(grid, tmp_path, "checkpoint.resume=none")
+    capsys.readouterr()
     assert resume(trainer.state) is None and trainer.step == 0
+    root = tmp_path / "checkpoints"
+    assert capsys.readouterr().out == (f"checkpoint: checkpoint.resume=none: set the checkpoints already in run.dir "
+                                       f"(step_2, step_1) aside in {root}/earlier_run_1, where nothing resumes, rolls "
+                                       "back to or prunes them; delete it to free its space\n")
+    assert sorted(p.name for p in (root / "earlier_run_1").iterdir()) == ["latest", "step_1", "step_2"]
+    assert complete_checkpoints(root) == [] and checkpoint_before(trainer.state, 10) is None
+    _train(trainer, 1, save_at=(1,))
+    assert resume(_trainer(grid, tmp_path).state) == root / "step_1"  # the new run's own
+    assert resume(_trainer(grid, tmp_path, "checkpoint.resume=none").state) is None
+    assert sorted(p.name for p in root.iterdir()) == ["earlier_run_1", "earlier_run_2"]
 
 
-def test_model_only_checkpoint_starts_at_step_zero(grid: ProcessGrid, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_latest_naming_a_missing_checkpoint_is_said_then_the_one_before_is_used(
+        grid: ProcessGrid, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _train(_trainer(grid, tmp_path), 2, save_at=(1, 2))
+    root = tmp_path / "checkpoints"
+    shutil.rmtree(root / "step_2")
+    capsys.readouterr()
+    trainer = _trainer(grid, tmp_path)
+    assert resume(trainer.state) == root / "step_1" and trainer.step == 1
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"checkpoint: {root}/latest names step_2, but {root}/step_2 is missing; resuming from the newest complete "
+        "checkpoint before it, step_1")
+    shutil.rmtree(root / "step_1")  # nothing left: never a silent fresh start
+    with pytest.raises(SharedError) as refusal:
+        resume(_trainer(grid, tmp_path).state)
+    assert str(refusal.value) == (f"checkpoint: {root}/latest names step_2, but {root}/step_2 is missing, and no "
+                                  "complete checkpoint of this run comes before it: restore it, or start fresh with "
+                                  "checkpoint.resume=none")
+    assert (root / "latest").read_text() == "step_2\n"
+
+
+def test_a_run_whose_checkpoints_were_deleted_stops_and_keeps_its_metrics(tmp_path: Path) -> None:
+    """The whole command: no fresh start that would cut metrics.jsonl back and overwrite latest.
+    (The run dir of a run that trained 4 steps, saving every 2, after ``rm -rf checkpoints/step_*``.)"""
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    (tmp_path / "checkpoints/latest").write_text("step_4\n")
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 6.0}) + "\n" for s in range(1, 5)))
+    again = run_pretrain(tmp_path, "train.steps=4", "checkpoint.interval=2")
+    assert again.returncode == 2
+    assert again.stderr.splitlines() == [f"error: checkpoint: {tmp_path}/checkpoints/latest names step_4, but "
+                                         f"{tmp_path}/checkpoints/step_4 is missing, and no complete checkpoint of "
+                                         "this run comes before it: restore it, or start fresh with "
+                                         "checkpoint.resume=none"]
+    assert logged_steps(tmp_path) == [1, 2, 3, 4]
+    assert (tmp_path / "checkpoints/latest").read_text() == "step_4\n"
+
+
+def test_a_named_checkpoint_only_starts_a_run_that_has_none_of_its_own(grid: ProcessGrid, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """The command from-hf prints (checkpoint.resume=PATH) is relaunched as it is, by a torchrun
+    restart or by hand: the run goes on from its own checkpoints instead of redoing its steps."""
+    _train(_trainer(grid, tmp_path / "source"), 2, save_at=(2,))
+    source = tmp_path / "source/checkpoints"
+    named = f"checkpoint.resume={source}"  # a checkpoints directory, as generate and evaluate take it
+    capsys.readouterr()
+    first = _trainer(grid, tmp_path / "run", named)
+    assert resume(first.state) == source / "step_2" and first.step == 2
+    assert capsys.readouterr().out.splitlines()[0] == (f"checkpoint: checkpoint.resume={source} is a checkpoints "
+                                                       "directory: starting from its latest, step_2")
+    _train(first, 2, save_at=(3, 4))
+    capsys.readouterr()
+    again = _trainer(grid, tmp_path / "run", named)
+    assert resume(again.state) == tmp_path / "run/checkpoints/step_4" and again.step == 4
+    assert capsys.readouterr().out.splitlines()[0] == (
+        f"checkpoint: run.dir has checkpoints of its own: resuming from them, not from checkpoint.resume={source} "
+        "(where this run started)")
+
+
+def test_model_only_checkpoint_starts_at_step_zero(grid: ProcessGrid, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
     trained = _trainer(grid, tmp_path / "a")
     _train(trained, 2)
     source = save_checkpoint(trained.state)
@@ -132,12 +207,40 @@ def test_model_only_checkpoint_starts_at_step_zero(grid: ProcessGrid, tmp_path: 
     assert torch.equal(model.embed.weight, trained.modules[0].model.embed.weight)
 
 
+def test_resuming_another_model_says_the_model_changed_in_one_line(grid: ProcessGrid, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """Not "damaged": no checkpoint is tried and skipped, nothing invites removing good ones."""
+    _train(_trainer(grid, tmp_path), 2, save_at=(1, 2))
+    capsys.readouterr()
+    with pytest.raises(SharedError) as refusal:
+        resume(_trainer(grid, tmp_path, "moe.num_experts=16", "model.hidden_size=128").state)
+    assert str(refusal.value) == (f"checkpoint: {tmp_path}/checkpoints/step_2 holds another model than the one "
+                                  "configured (model.hidden_size: 64 → 128, moe.num_experts: 8 → 16); the model "
+                                  "changed, the checkpoint is fine: restore these settings to resume it, or choose "
+                                  "another run.dir")
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SharedError, match=r"\(moe.router: attention → linear\)"):
+        resume(_trainer(grid, tmp_path, "moe.router=linear").state)
+
+
+def test_a_changed_top_k_is_accepted_and_said(grid: ProcessGrid, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """moe.top_k leaves every tensor's shape alone: the weights load; the run says the model now computes otherwise."""
+    _train(_trainer(grid, tmp_path), 1, save_at=(1,))
+    capsys.readouterr()
+    trainer = _trainer(grid, tmp_path, "moe.top_k=3")
+    assert resume(trainer.state) == tmp_path / "checkpoints/step_1"
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "checkpoint: the model settings changed since step_1 (moe.top_k: 2 → 3): every tensor keeps its shape, so the "
+        "weights load as they are and the model computes with the new settings from here")
+
+
 def test_checkpoint_of_another_model_is_refused(grid: ProcessGrid, tmp_path: Path) -> None:
     _train(_trainer(grid, tmp_path), 1, save_at=(1,))
     shutil.copytree(tmp_path / "checkpoints/step_1", tmp_path / "copy")
     with pytest.raises(CheckpointError, match=r"tensor layers\.4\..* is missing"):
         load_checkpoint(_trainer(grid, tmp_path / "b", "model.num_layers=6").state, tmp_path / "copy")
-    with pytest.raises(CheckpointError, match=r"embed\.weight has shape \[512, 64\], the configured model needs \[640, 64\]"):
+    with pytest.raises(CheckpointError,
+                       match=r"embed\.weight has shape \[512, 64\], the configured model needs \[640, 64\]"):
         load_checkpoint(_trainer(grid, tmp_path / "c", "model.vocab_size=640").state, tmp_path / "copy")
 
 
@@ -159,7 +262,8 @@ def test_tensors_are_stored_under_single_process_names(grid: ProcessGrid, tmp_pa
         expected[f"{key}/layers.1.mlp.experts.6.w2"] = trainer.optimizer.state[bank][key][6]
         expected[f"{key}/lm_head.weight"] = trainer.optimizer.state[model.lm_head.weight][key]
     assert "lm_head.weight" in expected and "layers.0.mlp.expert_bias" in expected
-    assert {n for n in stored if "/" not in n} == {n for n in expected if "/" not in n} == set(model_tensor_shapes(trainer.cfg))
+    assert ({n for n in stored if "/" not in n} == {n for n in expected if "/" not in n}
+            == set(model_tensor_shapes(trainer.cfg)))
     assert_same_tensors({n: stored[n] for n in expected}, expected)
 
 

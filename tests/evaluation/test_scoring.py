@@ -130,14 +130,20 @@ class Oracle:
 
 def test_evaluate_task_scores_the_three_kinds() -> None:
     mc = Task("mc", MULTIPLE_CHOICE, (ChoiceItem("q", (" a", " b", " c"), 2), ChoiceItem("q", (" a", " b"), 0)))
-    assert evaluate_task(mc, TOKENIZER, Oracle(mc), window=32, max_new_tokens=4) == {"acc": 1.0, "acc_norm": 1.0}
+    assert evaluate_task(mc, TOKENIZER, Oracle(mc), window=32, max_new_tokens=4, setting="--max-new-tokens") == {
+        "acc": 1.0, "acc_norm": 1.0}
     gen = Task("gen", GENERATION, (GenerationItem("q", "12"), GenerationItem("q", "345", max_new_tokens=2)))
-    assert evaluate_task(gen, TOKENIZER, Oracle(gen), window=32, max_new_tokens=8) == {"exact_match": 0.5}
-    with pytest.raises(TaskError, match="gen: 32 new tokens leave no room for a prompt in a 32-token sequence"):
-        evaluate_task(gen, TOKENIZER, Oracle(gen), window=32, max_new_tokens=32)
+    assert evaluate_task(gen, TOKENIZER, Oracle(gen), window=32, max_new_tokens=8, setting="--max-new-tokens") == {
+        "exact_match": 0.5}
+    with pytest.raises(TaskError, match=r"^gen: 32 new tokens leave no room for a prompt in a 32-token sequence "
+                                        r"\(train.seq_len\); lower --max-new-tokens below 32$"):
+        evaluate_task(gen, TOKENIZER, Oracle(gen), window=32, max_new_tokens=32, setting="--max-new-tokens")
+    own = Task("gen", GENERATION, (GenerationItem("q", "12", max_new_tokens=40), GenerationItem("q", "3")))
+    with pytest.raises(TaskError, match=r"40 new tokens .* lower the items' own \"max_new_tokens\" in the task file"):
+        evaluate_task(own, TOKENIZER, Oracle(own), window=32, max_new_tokens=8, setting="--max-new-tokens")
     text = Task("text", PERPLEXITY, (TextItem("x" * 70), TextItem("two words")))  # 70 bytes: 3 windows of 32
     nats = 0.5 * (70 + 9)
-    assert evaluate_task(text, TOKENIZER, Oracle(text), window=32, max_new_tokens=8) == \
+    assert evaluate_task(text, TOKENIZER, Oracle(text), window=32, max_new_tokens=8, setting="--max-new-tokens") == \
         perplexity_metrics(["x" * 70, "two words"], [-0.5 * 70, -0.5 * 9]) == {
             "word_perplexity": math.exp(nats / 3), "byte_perplexity": math.exp(nats / 79),
             "bits_per_byte": nats / 79 / math.log(2)}

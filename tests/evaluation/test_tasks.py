@@ -60,7 +60,9 @@ def test_reads_the_three_kinds_with_optional_fields(tmp_path: Path) -> None:
     ([MC, GEN], 2, "a generation item in a multiple_choice task"),
     ([GEN, {**GEN, "answer": "forty-two"}], 2, 'add "match": "exact"'),
     ([{**GEN, "match": "fuzzy"}], 1, '"match" is "fuzzy"; it must be "number" or "exact"'),
-    ([{**GEN, "until": "\n"}], 1, "a list of stop strings"),
+    ([{**GEN, "until": "\n"}], 1, "a list of non-empty stop strings"),
+    ([{**GEN, "until": []}], 1, "a list of non-empty stop strings"),
+    ([{**GEN, "until": ["\n", ""]}], 1, '"until" is ["\\n", ""]; it must be a list of non-empty stop strings'),
     ([{**GEN, "max_new_tokens": 0}], 1, "a positive integer"),
 ])
 def test_each_mistake_is_one_line_naming_file_and_line(tmp_path: Path, lines: list, where: int, message: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from transformers import AutoTokenizer
 from megamoe.checkpoint import iter_model_tensors, read_config, write_model_checkpoint
 from megamoe.config import compose
 from megamoe.data.tokenizer import ByteTokenizer, HuggingFaceTokenizer
+from megamoe.errors import format_bytes
 from tests.data.test_tokenizer import MIXED, hf_tokenizer_file
+from tests.faults import small_filesystem
 from tests.models.helpers import load_model, model_tensors, random_model
 from tests.models.yuan.test_hf import TINY_HF
 
@@ -69,7 +72,10 @@ def test_upcycle_then_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     (tmp_path / "runs" / "latest").write_text("step_5\n")
     convert.main(["upcycle", "--dense", str(tmp_path / "runs"), "--output", str(tmp_path / "moe"),
                   "--num-experts", "4", "--granularity", "2", "--top-k", "1"])
-    assert "8 experts of width 128, top-2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    written = sum(p.stat().st_size for p in (tmp_path / "moe").glob("model-*.safetensors"))
+    assert out.startswith(f"upcycle: 8 experts per layer, about {format_bytes(written)} -> {tmp_path / 'moe'}\n")
+    assert "8 experts of width 128, top-2" in out
     cfg = read_config(tmp_path / "moe")
     assert (cfg.model.ffn_type, cfg.moe.num_experts, cfg.moe.ffn_hidden_size, cfg.moe.top_k) == ("moe", 8, 128, 2)
     convert.main(["to-hf", "--checkpoint", str(tmp_path / "moe"), "--output", str(tmp_path / "hf"), "--dtype", "bf16"])
@@ -119,6 +125,18 @@ def test_help_shows_the_whole_description(capsys: pytest.CaptureFixture) -> None
     assert "to-hf writes the weights, config.json, the run's tokenizer" in out and "exit 2." in out
 
 
+def test_an_upcycled_checkpoint_that_cannot_fit_the_disk_is_refused_before_writing(
+        checkpoints: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with small_filesystem(tmp_path / "disk", 4 << 20) as disk, pytest.raises(SystemExit) as info:
+        convert.main(["upcycle", "--dense", str(checkpoints / "dense"), "--output", str(disk / "moe"),
+                      "--num-experts", "10000"])
+    assert info.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert re.fullmatch(rf"error: {tmp_path}/disk/moe: the output needs about 7\.\d GB, its file system has 4\.2 MB "
+                        r"free; free space, choose another --output, or fewer --num-experts", line), line
+    assert not any(disk.iterdir())
+
+
 def _break_shard(hf_dir: Path) -> None:
     shard = next(hf_dir.glob("model-*.safetensors"))
     tensors = load_file(shard)
@@ -137,6 +155,10 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     next((root / "hf_missing_shard").glob("model-*.safetensors")).unlink()
     shutil.copytree(root / "hf", root / "hf_bad_shape")
     _break_shard(root / "hf_bad_shape")
+    for damage, keep in (("truncated", lambda data: data[:len(data) // 2]), ("garbage", lambda data: b"<html>" * 40)):
+        shutil.copytree(root / "hf", root / f"hf_{damage}")
+        shard = next((root / f"hf_{damage}").glob("model-*.safetensors"))
+        shard.write_bytes(keep(shard.read_bytes()))
     return root
 
 
@@ -151,6 +173,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["from-hf", "--hf", "{root}/hf_missing_shard", "--output", "{tmp}/x", "+exp=tiny"],
      "missing; the download is incomplete"),
     (["from-hf", "--hf", "{root}/hf_bad_shape", "--output", "{tmp}/x", "+exp=tiny"], "has shape [3]"),
+    (["from-hf", "--hf", "{root}/hf_truncated", "--output", "{tmp}/x", "+exp=tiny"],
+     "hf_truncated/model-00001-of-00001.safetensors: not a readable safetensors file (Error while deserializing "
+     "header: incomplete metadata, file not fully covered); it is truncated or damaged: download it again"),
+    (["from-hf", "--hf", "{root}/hf_garbage", "--output", "{tmp}/x", "+exp=tiny"],
+     "hf_garbage/model-00001-of-00001.safetensors: not a readable safetensors file"),
     (["upcycle", "--dense", "{root}/moe", "--output", "{tmp}/x", "--num-experts", "4"], "model.ffn_type: the source"),
     (["upcycle", "--dense", "{root}/dense", "--output", "{tmp}/x", "--num-experts", "4", "--granularity", "3"],
      "--granularity: 3 does not divide"),

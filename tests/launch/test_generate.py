@@ -37,7 +37,7 @@ def expected_text(checkpoint: Path, prompt: str, max_new_tokens: int) -> str:
     model, tokenizer, _ = load_for_inference(checkpoint, "cpu")
     ids = generate(model, [tokenizer.encode(prompt)], max_new_tokens, Sampling(greedy=True), tokenizer.eod_id,
                    vocab_size=tokenizer.vocab_size)[0]
-    return prompt + script.decoded(tokenizer, ids)
+    return prompt + tokenizer.decode(ids)
 
 
 def test_one_prompt_end_to_end(checkpoints: Path) -> None:
@@ -66,9 +66,27 @@ def test_the_stream_holds_back_a_character_until_its_bytes_are_in(capsys: pytest
         text.add(byte)
         shown.append(capsys.readouterr().out)
     assert shown == ["", "", "北", "a"]
-    text.add("京".encode()[0])  # cut by --max-new-tokens: left out
-    text.close()
-    assert capsys.readouterr().out == "\n"
+    text.add("京".encode()[0])  # cut by --max-new-tokens: marked, not dropped
+    assert text.close() == "北a\ufffd" and capsys.readouterr().out == "\ufffd\n"
+
+
+@pytest.mark.parametrize("prompts", [["x"], ["x", "y"]])
+def test_a_completion_of_invalid_utf8_is_printed_marked(checkpoints: Path, prompts: list[str],
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """The model's new bytes are not UTF-8 (injected: 0xff can start no character): each shows as
+    U+FFFD after what does decode, and the summary line says how many did not."""
+    completion = [*b"ok ", 0xFF, 0xFE, *"北".encode()[:2]]  # ends in an invalid byte pair and a cut character
+    monkeypatch.setattr(script, "stream", lambda *args, **kwargs: ((token,) for token in completion))
+    monkeypatch.setattr(script, "generate", lambda *args, **kwargs: [completion] * len(prompts))
+    script.main(["--checkpoint", str(checkpoints), *(a for p in prompts for a in ("--prompt", p)),
+                 "--max-new-tokens", "7", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    completions = [line for line in out.splitlines() if not line.startswith("===")]
+    assert completions == [f"{p}ok \ufffd\ufffd\ufffd" for p in prompts]
+    assert err.startswith(f"{7 * len(prompts)} new tokens in ")
+    assert err.rstrip().endswith(f"; {3 * len(prompts)} undecodable character(s) (invalid or cut-short UTF-8) "
+                                 "shown as \ufffd")
 
 
 @pytest.mark.parametrize(("args", "message"), [

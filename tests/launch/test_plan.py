@@ -3,6 +3,7 @@ line that selects a layout, and one line with exit 2 when nothing fits."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,6 +14,10 @@ from megamoe.config import compose
 from megamoe.estimators import balance, memory
 from megamoe.models import validate_config
 from tests.pretrain import ROOT
+
+spec = importlib.util.spec_from_file_location("plan_script", ROOT / "launch" / "plan.py")
+plan_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(plan_script)
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
@@ -50,5 +55,30 @@ def test_described_hardware_and_bad_flags() -> None:
     fast = json.loads(_plan("+exp=tiny", "--gpus", "2", "--tflops", "1000", "--top", "1").stdout.splitlines()[-1])
     assert slow["step_s"] > 100 * fast["step_s"]
     assert _plan("+exp=tiny", "--gpus", "2", "--gpu", "tpu").returncode == 2
-    bad = _plan("+exp=tiny", "--gpus", "2", "--efficiency", "1.5")
-    assert bad.returncode == 2 and bad.stderr.startswith("error: hardware figures must be positive")
+
+
+@pytest.mark.parametrize(("flag", "value", "line"), [
+    ("--gpu-memory", "0", "error: --gpu-memory 0: must be positive"),
+    ("--tflops", "-1", "error: --tflops -1: must be positive"),
+    ("--efficiency", "1.5", "error: --efficiency 1.5: must be a share of peak in (0, 1]"),
+])
+def test_a_hardware_figure_out_of_range_names_its_flag(flag: str, value: str, line: str,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        plan_script.main(["+exp=tiny", "--gpus", "2", flag, value])
+    assert info.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
+
+
+@pytest.mark.parametrize(("gpus", "line"), [
+    (64, "error: no valid layout: 64 GPUs are too many for this config: with at most 4 pipeline stages "
+         "(model.num_layers) every layout has more data-parallel ranks than the 8 sequences of train.global_batch; "
+         "use fewer GPUs or raise train.global_batch"),
+    (7, "error: no valid layout: 7 GPUs divide this config in no valid way: every layout breaks a divisibility rule, "
+        "most often train.global_batch: 8 is not divisible by train.micro_batch × dp = 1 × 7; choose a GPU count "
+        "whose layouts satisfy it"),
+])
+def test_no_valid_layout_says_why_instead_of_asking_for_gpus(gpus: int, line: str,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as info:
+        plan_script.main(["+exp=tiny", "--gpus", str(gpus)])
+    assert info.value.code == 2 and capsys.readouterr().err.splitlines() == [line]

@@ -5,18 +5,23 @@ from __future__ import annotations
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
+from launch.convert_checkpoint import main as convert
 from launch.pretrain import hydra_overrides
+from megamoe.checkpoint import read_config
 from megamoe.parallel.mesh import grid_rank_lists, read_launch_env
 from megamoe.train.metrics import TENSORBOARD_DIR
 from tests.dist.launcher import free_port
+from tests.pretrain import logged, run_pretrain
 from tests.train.test_metrics import jsonl_scalars, tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +65,48 @@ def test_two_process_pipeline_writes_metrics_and_eval(tmp_path: Path) -> None:
     assert (tmp_path / "config.yaml").exists()
     assert len(list((tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents.*"))) == 1  # from one rank
     assert tensorboard_scalars(tmp_path) == jsonl_scalars(tmp_path)
+
+
+def test_a_dense_model_trains_and_upcycles(tmp_path: Path) -> None:
+    """The README's upcycling starts from a dense run: it logs every step (no expert load to show)
+    and its checkpoints upcycle."""
+    result = run_pretrain(tmp_path / "dense", "model.ffn_type=dense", "model.dense_ffn_hidden_size=128",
+                          "train.steps=2", "checkpoint.interval=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in logged(tmp_path / "dense")] == [1, 2]
+    assert not any("expert_load_max" in r for r in logged(tmp_path / "dense"))
+    convert(["upcycle", "--dense", str(tmp_path / "dense/checkpoints"), "--output", str(tmp_path / "moe"),
+             "--num-experts", "4"])
+    assert read_config(tmp_path / "moe").moe.num_experts == 4
+
+
+def _address_space(limit_mb: int) -> Callable[[], None]:
+    """For subprocess's preexec_fn: the process (torchrun and the workers it starts) may map at most
+    ``limit_mb`` MB, so that a larger allocation fails as on a machine that ran out of memory."""
+    return lambda: resource.setrlimit(resource.RLIMIT_AS, (limit_mb << 20, limit_mb << 20))
+
+
+@pytest.mark.parametrize(("fault", "overrides", "line"), [
+    ("missing data", ["data.kind=indexed", "data.sources=[{path: /nowhere/en_text_document, weight: 1}]"],
+     r"error: /nowhere/en_text_document\.idx does not exist; expected a dataset written by "
+     r"data_tools/preprocess_data\.py"),
+    ("out of memory", ["model.vocab_size=4000000"],  # a 1 GB embedding under a 2.5 GB address space
+     r"error: out of host memory: 1\.0 GB more could not be allocated with [\d.]+ [MG]B in use, so this rank needed at "
+     r"least [\d.]+ GB; the estimator puts the layout's fullest rank at [\d.]+ GB \(launch/model_stats\.py\): lower "
+     r"train\.micro_batch, set train\.activation_checkpointing=full, or spread the model over more ranks "
+     r"\(parallel\.pp, parallel\.ep\); python launch/plan\.py finds a layout that fits"),
+])
+def test_a_failure_every_rank_meets_at_startup_is_one_line(tmp_path: Path, fault: str, overrides: list[str],
+                                                          line: str) -> None:
+    """Said once, by the lowest rank that fails, and torchrun's root cause holds that message."""
+    result = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "launch/pretrain.py", *TINY,
+                             *overrides, f"run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=_address_space(2500))
+    assert result.returncode != 0
+    errors = [error for error in result.stderr.splitlines() if error.startswith("error: ")]
+    assert len(errors) == 1 and re.fullmatch(line, errors[0]), result.stderr[-4000:]
+    root_cause = result.stderr.split("Root Cause")[1]
+    assert errors[0].removeprefix("error: ").split(";")[0] in root_cause
 
 
 def test_deepspeed_local_rank_argument_is_dropped() -> None:

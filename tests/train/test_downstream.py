@@ -72,7 +72,7 @@ def test_in_training_scores_equal_the_single_process_backend(grid: ProcessGrid, 
     torch.testing.assert_close(torch.tensor(scores["logliks"]), torch.tensor(expected), rtol=1e-5, atol=1e-5)
     assert len(set(scores["logliks"])) == len(expected)  # distinct scores: a mixed-up order would show
     assert scores["greedy"] == single.greedy(generation_prompts(MATH, tokenizer, SEQ_LEN, NEW_TOKENS), NEW_TOKENS, "")
-    assert logged == {task.name: evaluate_task(task, tokenizer, single, SEQ_LEN, 4) for task in downstream.tasks}
+    assert logged == {task.name: evaluate_task(task, tokenizer, single, SEQ_LEN, 4, "-") for task in downstream.tasks}
 
 
 def layout_worker(rank: int, world_size: int, overrides: list[str]) -> dict[str, Any]:
@@ -120,7 +120,8 @@ def test_a_bad_task_file_stops_the_run_at_startup(tmp_path: Path) -> None:
         DownstreamEval(compose([*BASE, f"eval.downstream_tasks=[{bad}]"]))
     long = tmp_path / "gsm.jsonl"
     long.write_text('{"prompt": "q", "answer": "1"}\n')  # decodes eval.downstream_max_new_tokens
-    with pytest.raises(SharedError, match=f"gsm: {SEQ_LEN} new tokens leave no room for a prompt"):
+    with pytest.raises(SharedError, match=f"gsm: {SEQ_LEN} new tokens leave no room for a prompt.*; lower "
+                                          f"eval.downstream_max_new_tokens below {SEQ_LEN}$"):
         DownstreamEval(compose([*BASE, f"eval.downstream_tasks=[demo-math,{long}]",
                                 f"eval.downstream_max_new_tokens={SEQ_LEN}"]))
 

@@ -75,6 +75,7 @@ def test_expert_load_summary() -> None:
     summary = expert_load_summary({3: torch.tensor([6, 2, 0, 0]), 0: torch.tensor([2, 2, 2, 2])})
     assert summary["expert_fraction"] == {"0": [0.25] * 4, "3": [0.75, 0.25, 0.0, 0.0]}
     assert (summary["expert_load_max"], summary["expert_load_min"]) == (3.0, 0.0)
+    assert expert_load_summary({}) == {}  # a dense model (model.ffn_type=dense) routes nothing
 
 
 AWKWARD = [0.1 + 0.2, 1 / 3, 5e-324, 1e-300, math.pi * 1e10, -2.0**-1074, 1.7976931348623157e308, math.nan, -math.inf]

@@ -74,7 +74,8 @@ def _trainer(grid: ProcessGrid, run_dir: Path, *overrides: str) -> Trainer:
 
 def _train(trainer: Trainer) -> None:
     cfg = trainer.cfg
-    train(trainer, MetricsLogger(Path(cfg.run.dir), True, cfg.logging.wandb, cfg.train.steps, OmegaConf.to_container(cfg)))
+    train(trainer, MetricsLogger(Path(cfg.run.dir), True, cfg.logging.wandb, cfg.train.steps,
+                                 OmegaConf.to_container(cfg)))
 
 
 def test_a_bad_batch_is_rolled_back_and_skipped_and_a_resume_reproduces_the_run(grid: ProcessGrid,
@@ -92,10 +93,12 @@ def test_a_bad_batch_is_rolled_back_and_skipped_and_a_resume_reproduces_the_run(
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # one line per step, the spike forgotten
     losses = {r["step"]: r["loss"] for r in records}
     assert losses[BAD_STEP] < 2 * losses[BAD_STEP - 1]  # step 16 again, on the next batch
-    assert [r["consumed_samples"] for r in records][9:12] == [10 * BATCH, 14 * BATCH, 15 * BATCH]  # batches 11-13 skipped
+    consumed = [r["consumed_samples"] for r in records]
+    assert consumed[9:12] == [10 * BATCH, 14 * BATCH, 15 * BATCH]  # batches 11-13 skipped
 
-    resumed = _trainer(grid, run, "train.spike.enabled=true", f"checkpoint.resume={run}/checkpoints/step_15")
-    resume(resumed.state)  # a checkpoint saved after the rollback: it holds the skip
+    (run / "checkpoints/latest").write_text("step_15\n")  # roll the run back by hand, to a checkpoint saved after
+    resumed = _trainer(grid, run, "train.spike.enabled=true")  # the spike's rollback: it holds the skip
+    assert resume(resumed.state) == run / "checkpoints/step_15"
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:15]))
     _train(resumed)
     assert [(r["step"], r["loss"]) for r in logged(run)] == [(r["step"], r["loss"]) for r in records]

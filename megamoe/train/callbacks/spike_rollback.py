@@ -4,9 +4,8 @@ spike, past the batches read since it."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from megamoe.checkpoint.saver import CheckpointSaver
 from megamoe.checkpoint.state import checkpoint_before, load_checkpoint
 from megamoe.errors import SharedError
 from megamoe.train.callbacks.base import Action
@@ -17,17 +16,16 @@ from megamoe.train.trainer import Trainer
 
 
 class SpikeRollback:
-    def __init__(self, trainer: Trainer, logger: MetricsLogger, saver: CheckpointSaver) -> None:
-        spike = trainer.cfg.train.spike
-        self.trainer, self.logger, self.saver = trainer, logger, saver
-        self.guard = SpikeGuard(spike.window, spike.sigmas, spike.patience)
+    def __init__(self, trainer: Trainer, logger: MetricsLogger, guard: SpikeGuard,
+                 wait_for_save: Callable[[], None]) -> None:
+        self.trainer, self.logger, self.guard, self.wait_for_save = trainer, logger, guard, wait_for_save
         self.rollbacks = 0
 
     def after_step(self, result: StepResult) -> Optional[Action]:
         if not self.guard.observe(result.step, result.loss):
             return None
         self.rollbacks += 1
-        self.saver.wait()  # a save in flight ends before the state goes back
+        self.wait_for_save()  # a save in flight ends before the state goes back
         self.roll_back()
         return Action.REWOUND
 
