@@ -186,7 +186,7 @@ def test_config_round_trip(overrides: list[str]) -> None:
 def test_config_json_records_whether_attention_stays_inside_documents(masked: bool) -> None:
     """The official code reads reset_attention_mask (docs/yuan2-m32.md §9): the export says what we trained with."""
     cfg = compose([*TINY_HF, "data.kind=indexed", "data.sources=[{path: x}]", f"data.reset_attention_mask={masked}"])
-    assert hf.hf_config(cfg)["reset_attention_mask"] is masked
+    assert hf.hf_config(cfg, TokenIds(256))["reset_attention_mask"] is masked
 
 
 def test_tensor_round_trip_is_bitwise() -> None:
