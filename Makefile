@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 NPROC ?= 4
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: demo test test-slow bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+# The tests marked slow: further layouts and fault moments of classes `make test` already covers.
+test-slow: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow tests
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/moe_layer.py
