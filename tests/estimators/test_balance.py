@@ -34,7 +34,7 @@ def test_part_costs_by_hand(recompute: str, layer: int) -> None:
     + 2 experts of 3·64·128) = 150,528, plus the scores 4·heads·head_dim·(s+1)/2 = 2·4·16·65 = 8,320.
     The attention block selective recomputes: 2 × (16,384 + 8,192) + 8,320. The head: 4 × 2·512·64."""
     costs = balance.part_costs(tiny(f"train.activation_checkpointing={recompute}"))
-    assert costs == balance.PartCosts(layer=layer, head=4 * 2 * 512 * 64)
+    assert (costs.layer, costs.head) == (layer, 4 * 2 * 512 * 64)
 
 
 def test_m32_head_is_worth_1_7_layers_under_full_recompute() -> None:
@@ -170,5 +170,5 @@ def test_built_stages_and_the_memory_estimate_follow_the_split(overrides: list[s
         built = [[int(i) for i in module.model.layers] for module in modules]
         assert built == [list(ranges[s]) for s in stages.stage_indices(cfg, rank)]
         params = memory.stage_params(cfg, rank, 2, balance.rank_layers(cfg, rank))
-        assert params.layers == sum(map(len, built))
+        assert params.layers.total == sum(map(len, built))
         assert params.total == sum(p.numel() for module in modules for p in module.parameters())

@@ -179,7 +179,9 @@ def test_pipeline_and_expert_parallelism_divide_parameter_memory() -> None:
     assert stages[3] == 3 * (layer.dense + layer.experts)
     # ep = 4 keeps a quarter of each layer's experts
     cfg_ep = compose(["+exp=m32_2000b_paper_pp8", "parallel.ep=4"])
-    assert memory.stage_params(cfg8, 3, 1, 3).total - memory.stage_params(cfg_ep, 3, 4, 3).total == 3 * layer.experts * 3 // 4
+    three = memory.LayerMix(moe=3, dense=0)
+    assert memory.stage_params(cfg8, 3, 1, three).total - memory.stage_params(cfg_ep, 3, 4, three).total == \
+        3 * layer.experts * 3 // 4
 
 
 def test_1f1b_first_stage_holds_pp_microbatches() -> None:
