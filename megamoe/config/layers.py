@@ -35,12 +35,12 @@ def moe_layer_flags(model: Any, moe: Any) -> tuple[bool, ...]:
     value = moe.layer_freq
     if model.ffn_type == FfnType.DENSE:
         if not (type(value) is int and value == 1):
-            raise ConfigError(f"{KEY}: {_shown(value)} chooses MoE layers, but model.ffn_type=dense builds none; set "
+            raise ConfigError(f"{KEY}: {shown(value)} chooses MoE layers, but model.ffn_type=dense builds none; set "
                               f"model.ffn_type=moe for a model that mixes dense and MoE layers, or drop {KEY}")
         return (False,) * model.num_layers
     flags = _flags(tuple(value) if isinstance(value, (list, ListConfig)) else value, model.num_layers)
     if not any(flags):
-        raise ConfigError(f"{KEY}: {_shown(value)} makes no layer MoE; a model without MoE layers is "
+        raise ConfigError(f"{KEY}: {shown(value)} makes no layer MoE; a model without MoE layers is "
                           "model.ffn_type=dense")
     return flags
 
@@ -59,7 +59,8 @@ def layer_freq_of(flags: Sequence[bool]) -> LayerFreq:
     return [int(flag) for flag in flags]
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
+    """A ``moe.layer_freq`` value as an error message shows it (a list plainly, a string quoted)."""
     return repr(value) if isinstance(value, str) else str(list(value) if isinstance(value, ListConfig) else value)
 
 
@@ -69,7 +70,7 @@ def _flags(value: Any, num_layers: int) -> tuple[bool, ...]:
     if isinstance(value, str):
         value = tuple(_megatron_list(value))
     if isinstance(value, bool) or not isinstance(value, (int, tuple)):
-        raise ConfigError(f"{KEY}: {_shown(value)} is not an int N (every N-th layer is MoE) or a list of one 0 / 1 "
+        raise ConfigError(f"{KEY}: {shown(value)} is not an int N (every N-th layer is MoE) or a list of one 0 / 1 "
                           f"per layer")
     if isinstance(value, int):
         if value < 1:
