@@ -127,8 +127,9 @@ def ffn_text(cfg: DictConfig) -> str:
     flags = moe_layer_flags(m, moe)
     if all(flags) or not any(flags):
         return sparse if all(flags) else dense
-    dense_layers = index_ranges(i for i, moe_layer in enumerate(flags) if not moe_layer)
-    return f"{sparse} ({sum(flags)} MoE layers), {dense} in layers {dense_layers}"
+    dense_layers = [i for i, moe_layer in enumerate(flags) if not moe_layer]
+    which = f"layer{'s' if len(dense_layers) > 1 else ''} {index_ranges(dense_layers)}"
+    return f"{sparse} ({sum(flags)} MoE layers), {dense} in {which}"
 
 
 def index_ranges(indices: Iterable[int]) -> str:
