@@ -290,7 +290,7 @@ class _Segments:
     stage s), as (L + 1) × (L + 1) arrays, inf where x >= y (a stage holds at least one layer)."""
 
     def __init__(self, cfg: DictConfig) -> None:
-        self.cfg, self.count, self.num_layers = cfg, num_stages(cfg), cfg.model.num_layers
+        self.count, self.num_layers = num_stages(cfg), cfg.model.num_layers
         flags = moe_layer_flags(cfg.model, cfg.moe)
         self.compute_prefix = np.concatenate([[0], np.cumsum(layer_costs(cfg), dtype=np.int64)])
         self.dense_prefix = np.concatenate([[0], np.cumsum([not moe for moe in flags], dtype=np.int64)])
