@@ -5,7 +5,7 @@ Qwen2-MoE), and dense -> MoE upcycling.
       [--tokenizer-model PATH]
   python launch/convert_checkpoint.py from-hf --hf HF_DIR --output DIR [+exp=NAME key=value ...]
   python launch/convert_checkpoint.py upcycle --dense DIR --output DIR --num-experts N [--granularity G] [--top-k K]
-      [--shared-expert]
+      [--shared-expert] [--layer-freq N | --layer-freq "([0]*3+[1]*21)"]
 
 --checkpoint / --dense take a checkpoint (step_N/) or a checkpoints directory (its latest).
 to-hf writes the weights, config.json, the run's tokenizer (tokenizer.json or tokenizer.model,
@@ -45,6 +45,7 @@ from megamoe.checkpoint.store import (
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
+from megamoe.config.layers import moe_layer_flags
 from megamoe.data.tokenizer import Tokenizer, build_tokenizer
 from megamoe.errors import ConfigError, UserError, format_bytes, free_bytes
 from megamoe.models import FAMILIES, ModelFamily, family_for_hf, family_of, validate_config
@@ -192,10 +193,16 @@ def check_room(out: Path, nbytes: int, fix: str) -> None:
                         f"{format_bytes(free)} free; {fix}")
 
 
+def layer_freq_arg(text: str) -> int | str:
+    """--layer-freq: an int N, or the list as text (moe.layer_freq reads Megatron's list expressions)."""
+    return int(text) if text.strip().lstrip("-").isdigit() else text
+
+
 def upcycle_command(args: argparse.Namespace) -> None:
     source, out = checkpoint_dir(args.dense), fresh_output(args.output)
     dense_cfg = read_config(source)
-    cfg = upcycled_config(dense_cfg, args.num_experts, args.granularity, args.top_k, args.shared_expert)
+    cfg = upcycled_config(dense_cfg, args.num_experts, args.granularity, args.top_k, args.shared_expert,
+                          args.layer_freq)
     size = upcycled_bytes(source, dense_cfg, cfg)
     check_room(out, size, "free space, choose another --output, or fewer --num-experts")
     print(f"upcycle: {cfg.moe.num_experts} experts per layer, about {format_bytes(size)} -> {out}", flush=True)
@@ -208,8 +215,10 @@ def upcycle_command(args: argparse.Namespace) -> None:
     report("upcycle", len(model_tensor_shapes(cfg)), model_bytes(manifest), len(manifest.files_of_kind("model")), out,
            start)
     shared = f" + a gated shared expert of width {cfg.moe.shared_expert_ffn_hidden_size}" if args.shared_expert else ""
+    moe_layers = sum(moe_layer_flags(cfg.model, cfg.moe))
     print(f"{cfg.moe.num_experts} experts of width {cfg.moe.ffn_hidden_size}, top-{cfg.moe.top_k} "
-          f"({args.num_experts} copies x granularity {args.granularity}){shared}, router seed {seed}")
+          f"({args.num_experts} copies x granularity {args.granularity}){shared}, in {moe_layers} of "
+          f"{cfg.model.num_layers} layers, router seed {seed}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,6 +253,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--top-k", type=int, default=2, help="copies' worth K each token uses: moe.top_k = K*G")
     up.add_argument("--shared-expert", action="store_true",
                     help="add a shared expert (the dense FFN) behind a sigmoid gate, as Qwen1.5-MoE")
+    up.add_argument("--layer-freq", type=layer_freq_arg, default=1,
+                    help="which layers become MoE, as moe.layer_freq: N for layers 0, N, 2N, ... (default 1: all), "
+                         "or one 0/1 per layer, e.g. '[0,1,1,1]' or '([0]*3+[1]*21)'; the others keep the dense FFN")
     up.add_argument("--seed", type=int, help="router seed (default: the dense run's seed)")
     up.set_defaults(run=upcycle_command)
     return p

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Iterable
 
 import torch
 from omegaconf import DictConfig
 
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
+from megamoe.config.layers import moe_layer_flags
 from megamoe.errors import UserError
 from megamoe.estimators import balance, flops, memory
 from megamoe.models import build_stage, validate_config
@@ -69,14 +71,14 @@ def pipeline_stats(cfg: DictConfig) -> dict:
     (megamoe.estimators.balance's cost model: the last stage also runs the head and the loss)."""
     layers = balance.stage_layers(cfg)
     costs = balance.stage_costs(cfg, layers)
-    parts = balance.part_costs(cfg)
+    layer_costs = balance.layer_costs(cfg)
     p = cfg.parallel
     return {
         "layers_per_stage": layers,
         "split": "explicit" if p.layers_per_stage is not None else p.stage_balance,
         "slowest_stage_vs_mean": balance.imbalance(costs),
         "slowest_rank_vs_mean": balance.imbalance(stages.rank_totals(cfg, costs)),
-        "head_in_layers": parts.head / parts.layer,
+        "head_in_layers": balance.part_costs(cfg).head * len(layer_costs) / sum(layer_costs),  # the mean layer's
     }
 
 
@@ -101,7 +103,9 @@ def stats(cfg: DictConfig, world_size: int | None = None) -> dict:
     if built != total:
         raise RuntimeError(f"the model built on meta has {built:,} parameters, the analytic count {total:,}")
     fwd = flops.fwd_flops_per_token(cfg)
+    moe_layers = sum(moe_layer_flags(cfg.model, cfg.moe))
     return {
+        "layers": {"moe": moe_layers, "dense": cfg.model.num_layers - moe_layers},
         "total_params": total,
         "active_params": flops.active_params(cfg),
         "fwd_flops_per_token": fwd,
@@ -115,10 +119,33 @@ def stats(cfg: DictConfig, world_size: int | None = None) -> dict:
     }
 
 
-def table(cfg: DictConfig, s: dict) -> str:
+def ffn_text(cfg: DictConfig) -> str:
+    """The FFNs in words: the MoE one, the dense one, or both and which layers are dense."""
     m, moe = cfg.model, cfg.moe
-    ffn = (f"{moe.num_experts} experts top-{moe.top_k}, expert ffn {moe.ffn_hidden_size}, {moe.router} router"
-           if m.ffn_type == "moe" else f"dense SwiGLU ffn {m.dense_ffn_hidden_size}")
+    sparse = f"{moe.num_experts} experts top-{moe.top_k}, expert ffn {moe.ffn_hidden_size}, {moe.router} router"
+    dense = f"dense SwiGLU ffn {m.dense_ffn_hidden_size}"
+    flags = moe_layer_flags(m, moe)
+    if all(flags) or not any(flags):
+        return sparse if all(flags) else dense
+    dense_layers = [i for i, moe_layer in enumerate(flags) if not moe_layer]
+    which = f"layer{'s' if len(dense_layers) > 1 else ''} {index_ranges(dense_layers)}"
+    return f"{sparse} ({sum(flags)} MoE layers), {dense} in {which}"
+
+
+def index_ranges(indices: Iterable[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] → '0-2, 5, 7-8'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
+def table(cfg: DictConfig, s: dict) -> str:
+    m = cfg.model
+    ffn = ffn_text(cfg)
     lines = [
         f"{m.family} decoder: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} heads × {m.head_dim}"
         f"{f' ({m.num_kv_heads} kv heads)' if m.num_kv_heads not in (None, m.num_heads) else ''}, "

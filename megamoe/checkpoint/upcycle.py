@@ -25,8 +25,12 @@ SwiGLU FFN of width F, ``copies`` N, ``granularity`` G and ``top_k`` K:
   FFN(x)/2; the routed experts' ``w2`` is scaled by G/2 instead of G, so they add the other
   half. From the first step on, the gate learns per token how much the shared expert keeps.
 
+- ``layer_freq`` (``moe.layer_freq``, Megatron's meaning) picks the layers that become MoE; the
+  others keep their dense FFN as it is (DeepSeek-style dense first layers, or every other layer).
+
 Everything else (embedding, attention, norms, head) is passed through unchanged. The
-conversion streams: each dense FFN tensor is turned into its experts and dropped.
+conversion streams: each dense FFN tensor of a layer that becomes MoE is turned into its
+experts and dropped.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megamoe.checkpoint.names import expert_tensor_name, split_layer_name
+from megamoe.config.layers import KEY, LayerFreq, moe_layer_flags
 from megamoe.errors import ConfigError
 from megamoe.nn.moe.dispatcher import LocalExchange
 from megamoe.nn.moe.layer import MoELayer
@@ -46,9 +51,10 @@ DENSE_FFN = {"mlp.w1.weight": "w1", "mlp.w2.weight": "w2"}  # a dense layer's Sw
 
 
 def upcycled_config(dense_cfg: DictConfig, copies: int, granularity: int = 1, top_k: int = 2,
-                    shared_expert: bool = False) -> DictConfig:
+                    shared_expert: bool = False, layer_freq: LayerFreq | str = 1) -> DictConfig:
     """The MoE config of the upcycled model: ``dense_cfg`` with N·G experts of width F/G, top-K·G,
-    renormalised combine weights, and a gated shared expert of width F when ``shared_expert``."""
+    renormalised combine weights, and a gated shared expert of width F when ``shared_expert``, in
+    the layers ``layer_freq`` selects (``moe.layer_freq``; ConfigError names ``--layer-freq``)."""
     m = dense_cfg.model
     if m.ffn_type != "dense":
         raise ConfigError(f"model.ffn_type: the source checkpoint is '{m.ffn_type}', upcycling needs a dense one")
@@ -63,13 +69,18 @@ def upcycled_config(dense_cfg: DictConfig, copies: int, granularity: int = 1, to
                           f"model.dense_ffn_hidden_size={m.dense_ffn_hidden_size}")
     if top_k > copies:
         raise ConfigError(f"--top-k: {top_k} is more than the {copies} copies of the dense FFN (--num-experts)")
-    return OmegaConf.merge(dense_cfg, {  # type: ignore[return-value]
+    cfg = OmegaConf.merge(dense_cfg, {
         "model": {"ffn_type": "moe"},
         "moe": {"num_experts": copies * granularity, "ffn_hidden_size": m.dense_ffn_hidden_size // granularity,
                 "top_k": top_k * granularity, "norm_topk_prob": True, "num_shared_experts": int(shared_expert),
                 "shared_expert_ffn_hidden_size": m.dense_ffn_hidden_size if shared_expert else 0,
-                "shared_expert_gate": shared_expert},
+                "shared_expert_gate": shared_expert, "layer_freq": layer_freq},
     })
+    try:
+        moe_layer_flags(cfg.model, cfg.moe)
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace(f"{KEY}:", "--layer-freq:", 1)) from None
+    return cfg  # type: ignore[return-value]
 
 
 def fresh_router(cfg: DictConfig, layer_index: int, seed: int, granularity: int) -> dict[str, torch.Tensor]:
@@ -91,9 +102,10 @@ def upcycle(tensors: Tensors, cfg: DictConfig, granularity: int, seed: int) -> I
     num_experts, width = cfg.moe.num_experts, cfg.moe.ffn_hidden_size
     shared = cfg.moe.num_shared_experts > 0
     routed_scale = granularity * (0.5 if shared else 1.0)  # the routed experts' share of the FFN, sliced G ways
+    becomes_moe = moe_layer_flags(cfg.model, cfg.moe)
     for name, tensor in tensors:
         layer = split_layer_name(name)
-        if layer is None or layer[1] not in DENSE_FFN:
+        if layer is None or layer[1] not in DENSE_FFN or not becomes_moe[layer[0]]:
             yield name, tensor
             continue
         i, which = layer[0], DENSE_FFN[layer[1]]

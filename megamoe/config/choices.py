@@ -27,7 +27,7 @@ class Choice(str, enum.Enum):
 
 
 class FfnType(Choice):
-    MOE = "moe"
+    MOE = "moe"  # MoE FFNs in the layers moe.layer_freq selects, dense SwiGLUs in the others
     DENSE = "dense"  # a dense SwiGLU baseline, the upcycling source
 
 

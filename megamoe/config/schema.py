@@ -58,8 +58,8 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     tie_embeddings: bool = True
     use_lfa: bool = True  # Localized Filtering-based Attention on Q and K
-    ffn_type: str = choice(FfnType.MOE)
-    dense_ffn_hidden_size: int = 8192
+    ffn_type: str = choice(FfnType.MOE)  # moe: the layers moe.layer_freq selects are MoE (all by default)
+    dense_ffn_hidden_size: int = 8192  # the dense SwiGLU's width: every layer of a dense model, moe.layer_freq's 0s
     init_std: float = 0.02
 
 
@@ -87,6 +87,10 @@ class MoEConfig:
     shared_expert_ffn_hidden_size: int = 0  # 0 = same as ffn_hidden_size
     shared_expert_gate: bool = False  # scale the shared experts by sigmoid(w · x) per token (Qwen1.5-MoE)
     grouped_gemm: str = choice(Switch.AUTO)  # auto: the grouped GEMM on CUDA
+    # Which layers are MoE (megamoe.config.layers; Megatron's --moe-layer-freq): an int N, layer i when
+    # i % N == 0 (1: all); or one 0 / 1 per layer, also as Megatron's '([0]*3+[1]*9)'. The others get
+    # the dense SwiGLU of model.dense_ffn_hidden_size.
+    layer_freq: Any = 1
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig
 
 from megamoe.config.choices import V_SCHEDULES, Choice, RouterMode, Schedule, StageBalance
+from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import MegaMoEConfig, rotary_dim
 from megamoe.errors import ConfigError
 
@@ -75,6 +76,7 @@ def _validate_model(cfg: DictConfig) -> None:
 
 def _validate_moe(cfg: DictConfig) -> None:
     e = cfg.moe
+    moe_layer_flags(cfg.model, e)  # moe.layer_freq names the layers it makes MoE
     _check(e.top_k <= e.num_experts, "moe.top_k", f"{e.top_k} > moe.num_experts={e.num_experts}")
     _check(e.capacity_factor is None or e.capacity_factor > 0, "moe.capacity_factor",
            f"{e.capacity_factor} must be > 0, or null for dropless dispatch")

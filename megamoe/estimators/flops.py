@@ -9,10 +9,10 @@ model's training compute:
   plus top_k of the num_experts routed experts (shared experts are always active).
 * **forward FLOPs per token** = 2 × the active parameters used as matmul weights (one multiply
   and one add each): attention q/k/v/o, the LFA convolution kernels, the router, the active
-  experts (or the dense FFN), and the output head — a tied head counts the embedding matrix,
-  whose lookup is free. Norm weights, biases and element-wise work are left out (<0.01%).
-  The attention-score FLOPs (QKᵀ and PV) grow with the sequence length and are not in the
-  paper's 7.4; :func:`attention_flops_per_token` gives them separately, for MFU.
+  experts (or, in a dense layer, the dense FFN), and the output head — a tied head counts the
+  embedding matrix, whose lookup is free. Norm weights, biases and element-wise work are left
+  out (<0.01%). The attention-score FLOPs (QKᵀ and PV) grow with the sequence length and are
+  not in the paper's 7.4; :func:`attention_flops_per_token` gives them separately, for MFU.
 * **training FLOPs** = 3 × forward (the backward pass costs two forwards), and a dense model
   with the same total parameters spends 6 FLOPs per parameter per token, so
   ``compute_ratio_vs_dense`` = matmul-active / total (M32: 3.70B / 39.94B = 9.27%; the paper's
@@ -23,8 +23,11 @@ The counts are checked against models actually built on the meta device (tests/m
 
 from __future__ import annotations
 
+from collections import Counter
+
 from omegaconf import DictConfig
 
+from megamoe.config.layers import moe_layer_flags
 from megamoe.models import family_of
 from megamoe.models.family import Part
 
@@ -40,39 +43,49 @@ def _router_params(cfg: DictConfig) -> int:
     return (2 if moe.noisy_gating else 1) * moe.num_experts * hidden  # gate (+ noise) map
 
 
-def parameter_breakdown(cfg: DictConfig) -> dict[str, Part]:
-    """Rows in reading order: embedding, the family's attention rows (Yuan: attention, LFA;
-    Qwen-MoE: attention), router, experts, shared experts, dense FFN, norms, head — summed over
-    all layers; rows that do not apply are zero."""
-    m, moe = cfg.model, cfg.moe
-    layers, hidden = m.num_layers, m.hidden_size
-    vocab_matrix = m.vocab_size * hidden
+def layer_breakdown(cfg: DictConfig, moe_layer: bool) -> dict[str, Part]:
+    """One decoder layer's rows — the family's attention rows, router, experts, shared experts,
+    dense FFN, norms — for an MoE layer or a dense one (``moe_layer``); rows that do not apply are zero."""
+    m, moe, hidden = cfg.model, cfg.moe, cfg.model.hidden_size
 
-    def full(per_layer: int) -> Part:
-        return Part(layers * per_layer, layers * per_layer, layers * per_layer)
+    def full(params: int) -> Part:
+        return Part(params, params, params)
 
-    attention = {row: Part(layers * p.total, layers * p.active, layers * p.matmul)
-                 for row, p in family_of(cfg).attention_parts(m).items()}
     zero = Part(0, 0, 0)
     router = experts = shared = dense = zero
-    if m.ffn_type == "moe":
+    if moe_layer:
         router = full(_router_params(cfg))
         expert = _swiglu_params(hidden, moe.ffn_hidden_size)
-        experts = Part(layers * moe.num_experts * expert, layers * moe.top_k * expert, layers * moe.top_k * expert)
+        experts = Part(moe.num_experts * expert, moe.top_k * expert, moe.top_k * expert)
         shared_ffn = moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size
         gate = hidden if moe.shared_expert_gate and moe.num_shared_experts else 0  # sigmoid gate H → 1
         shared = full(moe.num_shared_experts * _swiglu_params(hidden, shared_ffn) + gate)
     else:
         dense = full(_swiglu_params(hidden, m.dense_ffn_hidden_size))
-    norms = layers * 2 * hidden + hidden  # input and post-attention norms, final norm
+    norms = 2 * hidden  # input and post-attention norms
+    return {**family_of(cfg).attention_parts(m), "router": router, "experts": experts, "shared_experts": shared,
+            "dense_ffn": dense, "norms": Part(norms, norms, 0)}
+
+
+def parameter_breakdown(cfg: DictConfig) -> dict[str, Part]:
+    """Rows in reading order: embedding, the family's attention rows (Yuan: attention, LFA;
+    Qwen-MoE: attention), router, experts, shared experts, dense FFN, norms, head — summed over
+    all layers, each counted as the MoE or dense layer ``moe.layer_freq`` makes it; rows that do
+    not apply are zero."""
+    m = cfg.model
+    vocab_matrix = m.vocab_size * m.hidden_size
+    kinds = Counter(moe_layer_flags(m, cfg.moe))
+    layers: dict[str, Part] = {}
+    for moe_layer, count in kinds.items():
+        for row, part in layer_breakdown(cfg, moe_layer).items():
+            before = layers.get(row, Part(0, 0, 0))
+            layers[row] = Part(before.total + count * part.total, before.active + count * part.active,
+                               before.matmul + count * part.matmul)
+    norms = layers.pop("norms").total + m.hidden_size  # + the final norm
     head_params = 0 if m.tie_embeddings else vocab_matrix
     return {
         "embedding": Part(vocab_matrix, vocab_matrix, 0),
-        **attention,
-        "router": router,
-        "experts": experts,
-        "shared_experts": shared,
-        "dense_ffn": dense,
+        **layers,
         "norms": Part(norms, norms, 0),
         "head": Part(head_params, head_params, vocab_matrix),
     }

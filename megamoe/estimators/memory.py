@@ -5,8 +5,12 @@ Accounting, per GPU, for the pipeline rank that needs the most:
 * **Model states, 16 B per parameter the rank holds.** We keep fp32 parameters and run bf16
   under autocast, so: fp32 weights 4 + fp32 gradients 4 + AdamW m 4 + v 4. (Megatron-Core's
   mixed precision instead stores bf16 weights 2 + fp32 main grads 4 + fp32 master weights 4 +
-  m 4 + v 4 = 18 B.) A rank holds its stage's layers and, of each MoE layer, num_experts / ep
+  m 4 + v 4 = 18 B.) A rank holds its stages' layers and, of each MoE layer, num_experts / ep
   experts. There is no ZeRO, so data parallelism shards nothing.
+* **Which layers**: a rank's estimate depends on how many of its layers are MoE and how many
+  dense (:class:`LayerMix`; ``moe.layer_freq`` mixes them): each kind has its own parameters,
+  weight copies and saved activations, and the working sets below are those of the largest
+  kind the rank holds.
 * **bf16 weight copies** (:func:`weight_copy_bytes`). The expert banks' copies are made once
   per step and shared by its micro-batches (megamoe.nn.casts). Autocast caches the casts
   of the attention projections and the shared / dense FFN for its region: the whole step in a
@@ -37,15 +41,16 @@ allocator fragmentation (together often 2–5 GiB): keep ~10% of the GPU free.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar, Iterable, Optional
 
 import torch
 from omegaconf import DictConfig
 
-from megamoe.config.choices import Schedule
+from megamoe.config.choices import FfnType, Schedule
+from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import rotary_dim
 from megamoe.config.validate import validate_layout
-from megamoe.estimators.flops import parameter_breakdown
+from megamoe.estimators.flops import layer_breakdown
 from megamoe.models import family_of
 from megamoe.nn.casts import autocast_dtype
 from megamoe.nn.loss import chunk_tokens
@@ -79,6 +84,40 @@ def is_bf16(cfg: DictConfig) -> bool:
     return autocast_dtype(cfg.train.precision, "cuda") == torch.bfloat16
 
 
+# ---- which layers ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerMix:
+    """The decoder layers a pipeline rank holds, by FFN kind."""
+
+    moe: int
+    dense: int
+
+    @property
+    def total(self) -> int:
+        return self.moe + self.dense
+
+    def kinds(self) -> tuple[bool, ...]:
+        """The kinds it holds (True: MoE), for the working sets of one layer of each."""
+        return tuple(kind for kind, count in ((True, self.moe), (False, self.dense)) if count)
+
+    def count(self, moe_layer: bool) -> int:
+        return self.moe if moe_layer else self.dense
+
+
+def layer_mix(cfg: DictConfig, layers: Iterable[int]) -> LayerMix:
+    """How many of the global layers ``layers`` are MoE and how many dense (``moe.layer_freq``)."""
+    flags, indices = moe_layer_flags(cfg.model, cfg.moe), list(layers)
+    moe = sum(flags[i] for i in indices)
+    return LayerMix(moe, len(indices) - moe)
+
+
+def model_kind(cfg: DictConfig, moe_layer: Optional[bool]) -> bool:
+    """``moe_layer``, or by default the kind model.ffn_type names (every layer of a model that does not mix them)."""
+    return cfg.model.ffn_type == FfnType.MOE if moe_layer is None else moe_layer
+
+
 # ---- parameters ------------------------------------------------------------------------------
 
 
@@ -94,22 +133,22 @@ class LayerParams:
     attention_router: int  # the Attention Router's q/k/v maps: concatenated in fp32 in every forward
 
 
-def layer_params(cfg: DictConfig, ep: int) -> LayerParams:
+def layer_params(cfg: DictConfig, ep: int, moe_layer: Optional[bool] = None) -> LayerParams:
+    """One MoE or dense layer's parameters (``moe_layer``; by default model.ffn_type's kind)."""
     m = cfg.model
+    moe_layer = model_kind(cfg, moe_layer)
     family = family_of(cfg)
     attention = family.attention_parts(m)
-    rows = parameter_breakdown(cfg)
-    per_layer = {row: rows[row].total // m.num_layers for row in (*FFN_ROWS, "experts")}
-    attention_router = m.ffn_type == "moe" and cfg.moe.router == "attention"
+    rows = {row: part.total for row, part in layer_breakdown(cfg, moe_layer).items()}
     per_forward = family.attention_cast_per_forward(m)
     return LayerParams(
-        dense=(sum(part.total for part in attention.values()) + sum(per_layer[row] for row in FFN_ROWS)
-               + 2 * m.hidden_size),  # + input / post-attention norms
-        experts=per_layer["experts"] // ep,
+        dense=(sum(part.total for part in attention.values()) + sum(rows[row] for row in FFN_ROWS)
+               + rows["norms"]),  # input / post-attention norms
+        experts=rows["experts"] // ep,
         attention_matmul=sum(part.matmul for part in attention.values()) - per_forward,
         attention_per_forward=per_forward,
-        ffn_matmul=per_layer["shared_experts"] + per_layer["dense_ffn"],
-        attention_router=per_layer["router"] if attention_router else 0,
+        ffn_matmul=rows["shared_experts"] + rows["dense_ffn"],
+        attention_router=rows["router"] if cfg.moe.router == "attention" else 0,
     )
 
 
@@ -142,23 +181,28 @@ def recomputed_blocks(cfg: DictConfig) -> tuple[str, ...]:
     return {"none": (), "selective": ("attention",), "full": ("attention", "ffn")}[cfg.train.activation_checkpointing]
 
 
-def weight_copy_bytes(cfg: DictConfig, grid: GridShape, layers: int, in_flight: float) -> float:
-    """Bytes of the weight copies of a rank with ``layers`` layers at its peak (module docstring).
+def weight_copy_bytes(cfg: DictConfig, grid: GridShape, layers: LayerMix, in_flight: float) -> float:
+    """Bytes of the weight copies of a rank holding ``layers`` at its peak (module docstring).
 
     A block's autocast-cached copies outlive its recompute in a pipeline, whose schedule runs in
     one autocast region; with pp = 1 the backward pass (and so the recompute) runs outside it.
+    A recompute makes one layer's copies at a time: the working set of the largest kind held.
     """
-    copies = weight_copies(layer_params(cfg, grid.ep), BF16 if is_bf16(cfg) else FP32)
-    held, working = layers * copies.experts, 0.0
-    blocks = {"attention": (copies.attention_cached, copies.attention_per_forward),
-              "ffn": (copies.ffn_cached, copies.ffn_per_forward)}
-    for block, (cached, per_forward) in blocks.items():
-        if block not in recomputed_blocks(cfg):
-            held += layers * (cached + in_flight * per_forward)
-        elif grid.pp > 1:
-            held, working = held + layers * cached, working + per_forward
-        else:
-            working += cached + per_forward
+    held, working = 0.0, 0.0
+    for kind in layers.kinds():
+        count = layers.count(kind)
+        copies = weight_copies(layer_params(cfg, grid.ep, kind), BF16 if is_bf16(cfg) else FP32)
+        held, layer_working = held + count * copies.experts, 0.0
+        blocks = {"attention": (copies.attention_cached, copies.attention_per_forward),
+                  "ffn": (copies.ffn_cached, copies.ffn_per_forward)}
+        for block, (cached, per_forward) in blocks.items():
+            if block not in recomputed_blocks(cfg):
+                held += count * (cached + in_flight * per_forward)
+            elif grid.pp > 1:
+                held, layer_working = held + count * cached, layer_working + per_forward
+            else:
+                layer_working += cached + per_forward
+        working = max(working, layer_working)
     return held + working
 
 
@@ -166,22 +210,22 @@ def weight_copy_bytes(cfg: DictConfig, grid: GridShape, layers: int, in_flight: 
 class StageParams:
     """What one pipeline rank stores: its layers, plus the embedding and / or head and final norm."""
 
-    layers: int
+    layers: LayerMix
     total: int
     holds_embedding: bool
     holds_head: bool  # final norm, head and loss (the last stage)
 
 
-def stage_params(cfg: DictConfig, pp_rank: int, ep: int, layers: int) -> StageParams:
-    """Parameters of pipeline rank ``pp_rank`` holding ``layers`` decoder layers over all its stages."""
+def stage_params(cfg: DictConfig, pp_rank: int, ep: int, layers: LayerMix) -> StageParams:
+    """Parameters of pipeline rank ``pp_rank`` holding the decoder layers ``layers`` over all its stages."""
     m, p = cfg.model, cfg.parallel
-    layer = layer_params(cfg, ep)
     first, last = rank_ends(cfg, pp_rank)  # both on rank 0 of a V schedule
     vocab_matrix = m.vocab_size * m.hidden_size
     single_stage = p.pp * p.virtual_stages == 1
     owns_head = last and not (m.tie_embeddings and single_stage)  # a tied model split in stages keeps a head copy
-    total = (layers * (layer.dense + layer.experts) + (first + owns_head) * vocab_matrix
-             + last * m.hidden_size)  # + the final norm
+    decoder = sum(layers.count(kind) * (params.dense + params.experts)
+                  for kind in layers.kinds() for params in [layer_params(cfg, ep, kind)])
+    total = decoder + (first + owns_head) * vocab_matrix + last * m.hidden_size  # + the final norm
     return StageParams(layers, total, first, last)
 
 
@@ -213,11 +257,12 @@ def _swiglu_bytes(rows: int, ffn: int, act: int) -> int:
     return rows * act * 4 * ffn
 
 
-def ffn_bytes(cfg: DictConfig, act: int) -> int:
-    """Saved per token by the FFN block: its norm, then the MoE layer or the dense SwiGLU."""
+def ffn_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None) -> int:
+    """Saved per token by the FFN block: its norm, then the MoE layer or the dense SwiGLU
+    (``moe_layer``; by default model.ffn_type's kind)."""
     m, moe = cfg.model, cfg.moe
     h = m.hidden_size
-    if m.ffn_type == "dense":
+    if not model_kind(cfg, moe_layer):
         return rms_norm_bytes(h) + act * h + _swiglu_bytes(1, m.dense_ffn_hidden_size, act)
     e, k = moe.num_experts, moe.top_k
     router = FP32 * h  # the fp32 router's input (the normed tokens)
@@ -244,12 +289,12 @@ def ffn_bytes(cfg: DictConfig, act: int) -> int:
     return rms_norm_bytes(h) + router + selection + permutation + experts + combine + z_loss + shared
 
 
-def layer_bytes(cfg: DictConfig, act: int) -> int:
-    """Everything one decoder layer saves per token without recompute."""
-    return family_of(cfg).attention_bytes(cfg.model, act) + ffn_bytes(cfg, act)
+def layer_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None) -> int:
+    """Everything one MoE or dense decoder layer saves per token without recompute."""
+    return family_of(cfg).attention_bytes(cfg.model, act) + ffn_bytes(cfg, act, moe_layer)
 
 
-def held_layer_bytes(cfg: DictConfig, act: int) -> int:
+def held_layer_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None) -> int:
     """What a layer keeps per token between its forward and backward, by train.activation_checkpointing.
 
     full: only the layer's input (the fp32 residual stream). selective: the attention block
@@ -260,8 +305,8 @@ def held_layer_bytes(cfg: DictConfig, act: int) -> int:
     if mode == "full":
         return FP32 * h
     if mode == "selective":
-        return rms_norm_bytes(h) + FP32 * h + ffn_bytes(cfg, act)
-    return layer_bytes(cfg, act)
+        return rms_norm_bytes(h) + FP32 * h + ffn_bytes(cfg, act, moe_layer)
+    return layer_bytes(cfg, act, moe_layer)
 
 
 def stage_input_bytes(cfg: DictConfig, first_stage: bool) -> int:
@@ -368,20 +413,22 @@ class RankMemory:
         return {**parts, "total": self.total / GIB}
 
 
-def rank_memory(cfg: DictConfig, grid: GridShape, pp_rank: int, layers: int) -> RankMemory:
-    """The estimate for pipeline rank ``pp_rank`` holding ``layers`` decoder layers (the config's
-    split: megamoe.estimators.balance.rank_memory); the module docstring gives the accounting."""
+def rank_memory(cfg: DictConfig, grid: GridShape, pp_rank: int, layers: LayerMix) -> RankMemory:
+    """The estimate for pipeline rank ``pp_rank`` holding the decoder layers ``layers`` (the
+    config's split: megamoe.estimators.balance.rank_memory); the module docstring gives the accounting."""
     act = BF16 if is_bf16(cfg) else FP32
     t = cfg.train
     tokens = t.micro_batch * t.seq_len
     stage = stage_params(cfg, pp_rank, grid.ep, layers)
     num_microbatches = t.global_batch // (t.micro_batch * grid.dp)
     in_flight = microbatches_in_flight(cfg, pp_rank, num_microbatches)
-    held = (in_flight * (stage.layers * held_layer_bytes(cfg, act) + stage_input_bytes(cfg, stage.holds_embedding))
+    layers_held = sum(layers.count(kind) * held_layer_bytes(cfg, act, kind) for kind in layers.kinds())
+    held = (in_flight * (layers_held + stage_input_bytes(cfg, stage.holds_embedding))
             + pipeline_buffer_bytes(cfg, pp_rank, in_flight, num_microbatches)
             + stage.holds_head * head_held_bytes(cfg))
-    # at work: one layer's backward, or the loss (which runs before the layers' backward passes)
-    working = max(tokens * layer_bytes(cfg, act), stage.holds_head * loss_working_bytes(cfg, act, tokens))
+    # at work: one layer's backward (of the largest kind held), or the loss (which runs before the layers' backward)
+    layer_working = max((layer_bytes(cfg, act, kind) for kind in layers.kinds()), default=0)
+    working = max(tokens * layer_working, stage.holds_head * loss_working_bytes(cfg, act, tokens))
     return RankMemory(
         pp_rank, in_flight,
         **{part: per_param * stage.total for part, per_param in MODEL_STATE_BYTES.items()},

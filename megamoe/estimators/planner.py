@@ -11,9 +11,9 @@ buffers and fragmentation). The step time adds, with no overlap between them:
 * **the pipeline's bubble**: a step runs ``m`` slots of the slowest rank's micro-batch time
   plus :func:`bubble_slots` idle ones (1F1B: pp − 1; interleaved 1F1B: (pp − 1) / v, Megatron's
   figures; the zero-bubble and V schedules' are smaller); ``m`` micro-batches per step;
-* **expert all-to-all**: top-k copies of each token's hidden state (bf16) go to other ep ranks
-  and come back, in the forward and the backward (and once more in a full recompute), over the
-  ep group's link;
+* **expert all-to-all**: in each MoE layer, top-k copies of each token's hidden state (bf16) go
+  to other ep ranks and come back, in the forward and the backward (and once more in a full
+  recompute), over the ep group's link;
 * **pipeline send / receive**: one hidden state per token across each stage boundary, forward
   and backward;
 * **gradient all-reduce**: a ring all-reduce of the fp32 gradients, dense over dp and experts
@@ -240,7 +240,7 @@ def step_time(cfg: DictConfig, lay: memory.GridShape, hw: Hardware, layers: list
     micro_batches = t.global_batch // (t.micro_batch * lay.dp)
     gpn = hw.gpus_per_node
     rank_flops = stages.rank_totals(cfg, balance.stage_costs(cfg, layers))  # training FLOPs per token
-    rank_layers = stages.rank_totals(cfg, layers)
+    rank_layers = [memory.layer_mix(cfg, held) for held in stages.rank_layer_indices(cfg, layers)]
 
     passes = 6 if t.activation_checkpointing == "full" else 4  # dispatch + combine, forward / backward (/ again)
     a2a_bytes = tokens * cfg.moe.top_k * m.hidden_size * BF16 * (lay.ep - 1) / lay.ep
@@ -248,7 +248,7 @@ def step_time(cfg: DictConfig, lay: memory.GridShape, hw: Hardware, layers: list
     boundary_s = 2 * tokens * m.hidden_size * BF16 / hw.bytes_per_s(lay.world_size <= gpn) if lay.pp > 1 else 0.0
 
     send_recv_s = p.virtual_stages * boundary_s  # every chunk of a rank receives and sends
-    per_rank = [(f * tokens / hw.sustained_flops, n * a2a_s) for f, n in zip(rank_flops, rank_layers)]
+    per_rank = [(f * tokens / hw.sustained_flops, n.moe * a2a_s) for f, n in zip(rank_flops, rank_layers)]
     compute_s, all_to_all_s = max(per_rank, key=sum)  # the slowest rank paces the pipeline
     slot = compute_s + all_to_all_s + send_recv_s
     fill = bubble_slots(p.schedule, lay.pp, p.virtual_stages, micro_batches)
@@ -256,7 +256,7 @@ def step_time(cfg: DictConfig, lay: memory.GridShape, hw: Hardware, layers: list
     grad_s = 0.0
     for r in range(lay.pp):
         params = memory.stage_params(cfg, r, lay.ep, rank_layers[r])
-        experts = params.layers * memory.layer_params(cfg, lay.ep).experts
+        experts = params.layers.moe * memory.layer_params(cfg, lay.ep, moe_layer=True).experts
         dense_s = _ring_all_reduce_s(FP32 * (params.total - experts), lay.dp, hw.bytes_per_s(lay.dp <= gpn))
         expert_s = _ring_all_reduce_s(FP32 * experts, lay.dp // lay.ep, hw.bytes_per_s(lay.dp <= gpn))
         grad_s = max(grad_s, dense_s + expert_s)

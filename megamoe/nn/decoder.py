@@ -1,4 +1,4 @@
-"""A pre-norm decoder with an MoE (or dense SwiGLU) FFN, buildable one pipeline stage at a time.
+"""A pre-norm decoder with MoE (or dense SwiGLU) FFNs, buildable one pipeline stage at a time.
 
 Both model families here share this skeleton — embedding, ``h = h + attn(norm(h)); h = h +
 mlp(norm(h))`` per layer, a final norm and the output head — and differ in the attention block
@@ -12,7 +12,9 @@ names and values are the same whatever the pipeline split.
 
 Tensor names are the families' common checkpoint layout: ``embed.weight``,
 ``layers.{i}.input_norm / attn.* / post_attn_norm / mlp.*``, ``final_norm.weight``,
-``lm_head.weight``; the MoE block's names come from megamoe.nn.moe.layer.
+``lm_head.weight``; the MoE block's names come from megamoe.nn.moe.layer, a dense layer's FFN is
+``mlp.w1.weight`` / ``mlp.w2.weight`` (megamoe.nn.ffn). Which layers are MoE: ``moe.layer_freq``
+(megamoe.config.layers), by global index, so every stage of a split agrees.
 
 ``forward(x, position_ids, cache)`` with a :class:`~megamoe.nn.kv_cache.KVCache` decodes
 incrementally (x continues the cached positions; megamoe.inference); without one it is the
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import ModelConfig, MoEConfig, rotary_dim
 from megamoe.nn.documents import Documents
 from megamoe.nn.ffn import SwiGLU
@@ -50,13 +53,14 @@ AttentionFactory = Callable[[ModelConfig], nn.Module]
 class DecoderLayer(nn.Module):
     """Pre-norm block: h = h + attn(input_norm(h)); h = h + mlp(post_attn_norm(h)).
 
-    ``mlp`` is the MoE layer (router + experts) or, for dense baselines, one SwiGLU FFN.
+    ``mlp`` is the MoE layer (router + experts) when ``moe_ffn``, else one dense SwiGLU FFN (a
+    dense model's layers, and the dense layers ``moe.layer_freq`` puts between MoE ones).
     ``recompute_attention`` (train.activation_checkpointing=selective) keeps only the attention
     block's input and recomputes it (projections, scores) in the backward pass.
     """
 
     def __init__(self, model: ModelConfig, moe: MoEConfig, attention: AttentionFactory, layer_index: int,
-                 recompute_attention: bool, exchange: Optional[TokenExchange] = None) -> None:
+                 moe_ffn: bool, recompute_attention: bool, exchange: Optional[TokenExchange] = None) -> None:
         super().__init__()
         self.layer_index = layer_index
         self.recompute_attention = recompute_attention
@@ -64,7 +68,7 @@ class DecoderLayer(nn.Module):
         self.attn = attention(model)
         self.post_attn_norm = RMSNorm(model.hidden_size, model.rms_norm_eps)
         self.mlp: nn.Module
-        if model.ffn_type == "moe":
+        if moe_ffn:
             self.mlp = MoELayer(model.hidden_size, moe, layer_index, exchange)
         else:
             self.mlp = SwiGLU(model.hidden_size, model.dense_ffn_hidden_size)
@@ -114,8 +118,10 @@ class Decoder(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         self.embed = nn.Embedding(model.vocab_size, model.hidden_size) if pre_process else None
         self.rotary = RotaryEmbedding(rotary_dim(model), model.rotary_base)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(model, moe, attention, i, recompute == "selective", exchange)
-                                     for i in layers})
+        moe_ffn = moe_layer_flags(model, moe)
+        self.layers = nn.ModuleDict({
+            str(i): DecoderLayer(model, moe, attention, i, moe_ffn[i], recompute == "selective", exchange)
+            for i in layers})
         self.final_norm = RMSNorm(model.hidden_size, model.rms_norm_eps) if post_process else None
         owns_head = post_process and not (model.tie_embeddings and pre_process)
         self.lm_head = nn.Linear(model.hidden_size, model.vocab_size, bias=False) if owns_head else None

@@ -49,6 +49,12 @@ def rank_totals(cfg: DictConfig, per_stage: Sequence[Number]) -> list[Number]:
     return [sum(per_stage[s] for s in stage_indices(cfg, r)) for r in range(cfg.parallel.pp)]
 
 
+def rank_layer_indices(cfg: DictConfig, per_stage: Sequence[int]) -> list[list[int]]:
+    """The global layers of each pipeline rank, in stage order, under the split ``per_stage`` (layers per stage)."""
+    ranges = layer_ranges(per_stage)
+    return [[i for s in stage_indices(cfg, r) for i in ranges[s]] for r in range(cfg.parallel.pp)]
+
+
 def layer_ranges(layers: Sequence[int]) -> list[range]:
     """The global layer indices of each stage: [3, 5] → [range(0, 3), range(3, 8)]."""
     ends = [sum(layers[:s + 1]) for s in range(len(layers))]

@@ -267,6 +267,28 @@ def test_tensors_are_stored_under_single_process_names(grid: ProcessGrid, tmp_pa
     assert_same_tensors({n: stored[n] for n in expected}, expected)
 
 
+def test_a_mixed_stack_is_stored_by_global_name_and_loads_into_another_split(grid: ProcessGrid,
+                                                                             tmp_path: Path) -> None:
+    """Dense and MoE layers (moe.layer_freq): a dense layer stores its SwiGLU, an MoE layer its router,
+    bias and one tensor per global expert; the checkpoint loads into two stages (layers 0-1 and
+    2-3, two pipeline chunks in this process) and saves back bit for bit, and both go on alike."""
+    mixed = ["moe.layer_freq=[0,1,1,0]", "model.dense_ffn_hidden_size=96"]
+    whole = _trainer(grid, tmp_path / "whole", *mixed)
+    _train(whole, 1)
+    saved = save_checkpoint(whole.state)
+    stored = checkpoint_tensors(saved)
+    assert {"layers.0.mlp.w1.weight", "layers.3.mlp.w2.weight", "layers.1.mlp.experts.7.w2",
+            "layers.2.mlp.expert_bias"} <= set(stored)
+    assert not any(name.startswith(("layers.0.mlp.router", "layers.3.mlp.experts")) for name in stored)
+    assert {n for n in stored if "/" not in n} == set(model_tensor_shapes(whole.cfg))
+    chunks = ["parallel.schedule=interleaved_1f1b", "parallel.virtual_stages=2"]
+    split = _trainer(grid, tmp_path / "split", *mixed, *chunks)
+    assert [list(module.model.layers) for module in split.modules] == [["0", "1"], ["2", "3"]]
+    load_checkpoint(split.state, saved)
+    assert_same_tensors(checkpoint_tensors(save_checkpoint(split.state)), stored)
+    torch.testing.assert_close(_train(split, 1), _train(whole, 1), rtol=1e-5, atol=0)
+
+
 def test_a_changed_global_batch_continues_at_the_same_sample(grid: ProcessGrid, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture) -> None:
     """Megatron's rule: the next step starts at the consumed-sample count; nothing is repeated or skipped."""

@@ -1,5 +1,5 @@
 """Upcycling: at step 0 the MoE computes what the dense model computes (with or without a gated
-shared expert); the router is a seeded fresh one."""
+shared expert, in every layer or in those moe.layer_freq selects); the router is a seeded fresh one."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from megamoe.checkpoint.store import model_tensor_shapes
 from megamoe.checkpoint.upcycle import upcycle, upcycled_config
 from megamoe.config import compose
+from megamoe.config.layers import moe_layer_flags
 from megamoe.errors import ConfigError
 from megamoe.models import build_stage
 from tests.models.helpers import load_model, model_tensors, random_model
@@ -19,30 +20,34 @@ DENSE = ["+exp=tiny", "model.ffn_type=dense", "model.dense_ffn_hidden_size=96"]
 QWEN_DENSE = ["+exp=qwen_moe_tiny", "model.ffn_type=dense"]
 
 
-@pytest.mark.parametrize(("dense_overrides", "copies", "granularity", "top_k", "shared"), [
-    (DENSE, 4, 1, 2, False),
-    (DENSE, 3, 2, 2, False),
-    (DENSE + ["moe.router_order=softmax_topk", "moe.aux_free_bias=true"], 2, 3, 1, False),
-    (QWEN_DENSE, 4, 1, 1, True),
-    (QWEN_DENSE, 2, 4, 1, True),
-    (DENSE + ["moe.router_order=softmax_topk", "moe.norm_topk_prob=false"], 3, 3, 1, True),
+@pytest.mark.parametrize(("dense_overrides", "copies", "granularity", "top_k", "shared", "layer_freq"), [
+    (DENSE, 4, 1, 2, False, 1),
+    (DENSE, 3, 2, 2, False, 1),
+    (DENSE + ["moe.router_order=softmax_topk", "moe.aux_free_bias=true"], 2, 3, 1, False, 1),
+    (QWEN_DENSE, 4, 1, 1, True, 1),
+    (QWEN_DENSE, 2, 4, 1, True, 1),
+    (DENSE + ["moe.router_order=softmax_topk", "moe.norm_topk_prob=false"], 3, 3, 1, True, 1),
+    (DENSE, 4, 2, 1, False, "([0]*2+[1]*2)"),  # DeepSeek-style dense first layers
+    (QWEN_DENSE, 2, 2, 1, True, 2),  # layers 0 and 2
 ])
 def test_upcycled_model_computes_the_dense_model(dense_overrides: list[str], copies: int, granularity: int,
-                                                 top_k: int, shared: bool) -> None:
+                                                 top_k: int, shared: bool, layer_freq: int | str) -> None:
     dense_cfg = compose(dense_overrides)
     dense = random_model(dense_cfg)
     width = dense_cfg.model.dense_ffn_hidden_size
-    cfg = upcycled_config(dense_cfg, copies, granularity, top_k, shared)
+    cfg = upcycled_config(dense_cfg, copies, granularity, top_k, shared, layer_freq)
     assert (cfg.moe.num_experts, cfg.moe.ffn_hidden_size, cfg.moe.top_k) == (copies * granularity, width // granularity,
                                                                                top_k * granularity)
     assert (cfg.moe.num_shared_experts, cfg.moe.shared_expert_gate) == (int(shared), shared)
     tensors = list(upcycle(model_tensors(dense), cfg, granularity, seed=7))
     assert sorted(name for name, _ in tensors) == sorted(model_tensor_shapes(cfg))  # every tensor, each once
+    kept = [name for name in dict(tensors) if name.endswith(".mlp.w1.weight")]  # the dense layers' FFNs, as they were
+    assert kept == [f"layers.{i}.mlp.w1.weight" for i, moe in enumerate(moe_layer_flags(cfg.model, cfg.moe)) if not moe]
     moe = load_model(cfg, tensors)
     ids = torch.randint(0, dense_cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected, got = dense(ids), moe(ids)
-        routing = moe.layers["0"].mlp.last_stats.tokens_per_expert
+        routing = next(moe.moe_layers()).last_stats.tokens_per_expert
     assert (routing > 0).sum() > top_k * granularity  # tokens really spread over the experts
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-6)
 
@@ -86,8 +91,10 @@ def test_router_is_a_fresh_seeded_one_in_virtual_groups() -> None:
     (DENSE, (4, 5, 2), "--granularity"),
     (DENSE, (2, 1, 3), "--top-k"),
     (DENSE, (0, 1, 1), "--num-experts"),
+    (DENSE, (4, 1, 2, False, "[1,1]"), "--layer-freq"),
+    (DENSE, (4, 1, 2, False, "[0,0,0,0]"), "--layer-freq"),
 ])
-def test_config_mistakes_name_the_key(overrides: list[str], args: tuple[int, int, int], key: str) -> None:
+def test_config_mistakes_name_the_key(overrides: list[str], args: tuple, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         upcycled_config(compose(overrides), *args)
     assert str(info.value).startswith(f"{key}: ")

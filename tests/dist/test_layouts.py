@@ -12,9 +12,11 @@ interleaved 1F1B and ZB-V; each run also reports the layers every stage built, c
 the config's split. After training, every layout evaluates (forward only) to the same loss.
 
 Features that change the MoE step with the layout in play — capacity mode (token dropping), the
-aux-free bias (updated from the dp-summed expert counts) and expert-choice routing (each ep rank
-picks among its own micro-batch's tokens, then exchanges) — run in a few layouts against one
-process with the same overrides; the bias buffers are compared with the weights. Attention
+aux-free bias (updated from the dp-summed expert counts), expert-choice routing (each ep rank
+picks among its own micro-batch's tokens, then exchanges) and dense layers between MoE ones
+(``moe.layer_freq``: a pipeline stage without experts beside one with them, under expert
+parallelism) — run in a few layouts against one process with the same overrides; the bias
+buffers are compared with the weights. Attention
 inside documents (``data.reset_attention_mask``, on a small real corpus whose rows hold several
 documents) runs through every kind of schedule: the stages pass the document ids along.
 
@@ -161,7 +163,9 @@ EXPERT_CHOICE = ["moe.router_mode=expert_choice", "moe.aux_loss_coeff=0"]  # its
 FEATURES = {"": [], "capacity": ["moe.capacity_factor=1.0"], "aux_free_bias": ["moe.aux_free_bias=true"],
             "expert_choice": EXPERT_CHOICE, "expert_choice_linear": [*EXPERT_CHOICE, "moe.router=linear"],
             "6_layers": ["model.num_layers=6"], "full_recompute": ["train.activation_checkpointing=full"],
-            "documents": ["data.reset_attention_mask=true"]}
+            "documents": ["data.reset_attention_mask=true"],
+            # dense first layers (moe.layer_freq): pp = 2 gives stage 0 no expert at all, stage 1 one MoE layer
+            "mixed": ["moe.layer_freq=[0,0,1,0]", "model.dense_ffn_hidden_size=96", "moe.aux_free_bias=true"]}
 DOCUMENT_FEATURES = {"documents"}  # trained on a real corpus (the fixture `features` adds it)
 # Cases whose every feature another case also runs (dp2 ⊂ dp2_ep2; pp2 ⊂ dp2_pp2_ep2 and pp2_uneven;
 # the pp = 2 interleaved / ZB-V / DualPipeV cases ⊂ their uneven, recompute and dp2_pp2_ep2
@@ -173,7 +177,8 @@ CASES = [pytest.param(layout, "", marks=pytest.mark.slow) if layout in COVERED_E
     ("dp2_ep2", "capacity"), pytest.param("dp2", "aux_free_bias", marks=pytest.mark.slow),
     ("dp2_ep2", "aux_free_bias"), ("dp2_ep2", "expert_choice"),
     pytest.param("dp2_ep2", "expert_choice_linear", marks=pytest.mark.slow),
-    ("pp2_zbv", "full_recompute")] + [  # recompute inside a split backward
+    ("pp2_zbv", "full_recompute"),  # recompute inside a split backward
+    ("dp2_pp2_ep2", "mixed")] + [
     (layout, "6_layers") for layout in sorted(SIX_LAYER_LAYOUTS)] + [
     # Attention inside documents: the stage protocol's hardest case (a V schedule, whose split
     # backward and forward-only evaluation pass the document ids too) by default; the others slow.
@@ -190,6 +195,9 @@ def test_layout_matches_single_process(layout: str, feature: str, references: Ca
     reference = references(feature)
     if feature == "capacity":  # the last micro-batch alone dropped some assignments
         assert reference["dropped"] > 0
+    if feature == "mixed":  # dense SwiGLUs where moe.layer_freq has 0s, experts (and their bias) where 1
+        assert {"layers.0.mlp.w1.weight", "layers.2.mlp.experts.w1", "layers.2.mlp.expert_bias"} <= set(
+            reference["weights"]) and "layers.3.mlp.router.query.weight" not in reference["weights"]
     results = _run(world_size, [*overrides, *features(feature)], torch.float64)
     cfg = compose([*BASE, *overrides, *FEATURES[feature]])
     ranges = stages.layer_ranges(balance.stage_layers(cfg))

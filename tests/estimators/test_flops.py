@@ -16,6 +16,9 @@ VARIANTS = {
     "moe_untied_no_lfa": ["model.tie_embeddings=false", "model.use_lfa=false"],
     "linear_noisy_shared": ["moe.router=linear", "moe.noisy_gating=true", "moe.num_shared_experts=2",
                             "moe.shared_expert_ffn_hidden_size=32"],
+    # dense and MoE layers (moe.layer_freq 2: layers 0, 2, …), the MoE ones with a gated shared expert
+    "mixed_shared": ["moe.layer_freq=2", "model.dense_ffn_hidden_size=96", "moe.num_shared_experts=1",
+                     "moe.shared_expert_ffn_hidden_size=32", "moe.shared_expert_gate=true"],
 }
 
 

@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig
 
 from megamoe.config import compose
+from megamoe.config.layers import moe_layer_flags
 from megamoe.errors import ConfigError
 from megamoe.estimators import balance, memory
 from megamoe.estimators.flops import total_params
@@ -28,6 +29,7 @@ VARIANTS = {
     "dense_ffn": ["model.ffn_type=dense", "model.dense_ffn_hidden_size=96"],
     "untied_top3": ["model.tie_embeddings=false", "moe.top_k=3"],
     "aux_loss": ["moe.aux_loss_coeff=0.01"],
+    "mixed": ["moe.layer_freq=[0,1,1,0]", "model.dense_ffn_hidden_size=96", "moe.aux_loss_coeff=0.01"],
 }
 
 
@@ -66,17 +68,19 @@ def saved_by_forward(cfg: DictConfig, seq_len: int, bf16: bool) -> int:
 def forward_estimate(cfg: DictConfig, act: int) -> tuple[int, int]:
     """(bytes per token, constant bytes) the estimate says one whole-model training forward keeps:
     the layers, the stage's inputs, the head's input and the loss's scalars; the weight copies
-    of the blocks that are not recomputed."""
-    m = cfg.model
-    per_token = (m.num_layers * memory.held_layer_bytes(cfg, act) + memory.stage_input_bytes(cfg, first_stage=True)
-                 + memory.head_held_bytes(cfg))
+    of the blocks that are not recomputed — each layer as the MoE or dense layer it is."""
+    kinds = moe_layer_flags(cfg.model, cfg.moe)
+    per_token = (sum(memory.held_layer_bytes(cfg, act, moe) for moe in kinds)
+                 + memory.stage_input_bytes(cfg, first_stage=True) + memory.head_held_bytes(cfg))
     if cfg.train.activation_checkpointing != "none":
         # checkpoint() keeps RoPE's cos / sin (no grad) by reference, outside autograd's saved tensors
         per_token -= memory.FP32 * 2 * memory.rotary_dim(cfg.model)
-    copies = memory.weight_copies(memory.layer_params(cfg, 1), act)
-    kept = {"attention": copies.attention_cached + copies.attention_per_forward,
-            "ffn": copies.ffn_cached + copies.ffn_per_forward + copies.experts}
-    constant = m.num_layers * sum(kept[block] for block in kept if block not in memory.recomputed_blocks(cfg))
+    constant = 0
+    for moe in kinds:
+        copies = memory.weight_copies(memory.layer_params(cfg, 1, moe), act)
+        kept = {"attention": copies.attention_cached + copies.attention_per_forward,
+                "ffn": copies.ffn_cached + copies.ffn_per_forward + copies.experts}
+        constant += sum(kept[block] for block in kept if block not in memory.recomputed_blocks(cfg))
     return per_token, constant
 
 
@@ -99,8 +103,8 @@ def test_saved_tensors_match_the_accounting(variant: str, recompute: str, precis
     assert per_token == expected_per_token
     # a Switch aux loss in use keeps a [num_experts] fp32 mean and a scalar per MoE layer (too small to model)
     # outside full recompute; with coefficient 0 its branch is dropped and keeps nothing
-    aux_kept = cfg.model.ffn_type == "moe" and recompute != "full" and cfg.moe.aux_loss_coeff > 0
-    aux = cfg.model.num_layers * memory.FP32 * (cfg.moe.num_experts + 1) * aux_kept
+    aux_kept = recompute != "full" and cfg.moe.aux_loss_coeff > 0
+    aux = sum(moe_layer_flags(cfg.model, cfg.moe)) * memory.FP32 * (cfg.moe.num_experts + 1) * aux_kept
     denominator = memory.FP32  # the loss's mean divides by the count of tokens it covers
     assert constant == expected_constant + aux + denominator
 
@@ -155,7 +159,8 @@ class ExpertSlice:
 
 
 @pytest.mark.parametrize("overrides",
-                         [[], ["model.tie_embeddings=false"], ["model.use_lfa=false", "moe.router=linear"]])
+                         [[], ["model.tie_embeddings=false"], ["model.use_lfa=false", "moe.router=linear"],
+                          ["moe.layer_freq=[0,0,1,0]", "model.dense_ffn_hidden_size=96"]])  # rank 0 of pp 2: no MoE
 @pytest.mark.parametrize(("pp", "ep"), [(1, 1), (2, 1), (4, 2), (2, 8)])
 def test_stage_parameters_match_built_stages(pp: int, ep: int, overrides: list[str]) -> None:
     cfg = tiny(*overrides, f"parallel.pp={pp}", f"parallel.ep={ep}")
@@ -179,7 +184,9 @@ def test_pipeline_and_expert_parallelism_divide_parameter_memory() -> None:
     assert stages[3] == 3 * (layer.dense + layer.experts)
     # ep = 4 keeps a quarter of each layer's experts
     cfg_ep = compose(["+exp=m32_2000b_paper_pp8", "parallel.ep=4"])
-    assert memory.stage_params(cfg8, 3, 1, 3).total - memory.stage_params(cfg_ep, 3, 4, 3).total == 3 * layer.experts * 3 // 4
+    three = memory.LayerMix(moe=3, dense=0)
+    assert memory.stage_params(cfg8, 3, 1, three).total - memory.stage_params(cfg_ep, 3, 4, three).total == \
+        3 * layer.experts * 3 // 4
 
 
 def test_1f1b_first_stage_holds_pp_microbatches() -> None:
@@ -219,6 +226,8 @@ MEASURED = {  # (overrides, pipeline rank): a stage of each kind as pp = 4 runs 
     "middle": (PIPELINE, 1),
     "last": ([*PIPELINE, *HEAD], 3),
     "last_bf16_full": ([*PIPELINE, "train.precision=bf16", "train.activation_checkpointing=full", *HEAD], 3),
+    # 8 layers, every other one dense (moe.layer_freq=2): a middle stage holding one of each kind
+    "middle_mixed": ([*PIPELINE, "model.num_layers=8", "moe.layer_freq=2", "model.dense_ffn_hidden_size=384"], 1),
 }
 
 

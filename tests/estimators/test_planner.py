@@ -71,6 +71,21 @@ def test_all_to_all_and_gradient_reduce_follow_the_group_links() -> None:
     assert slow_link.all_to_all == pytest.approx(2 * 4 * per_layer)  # 2 micro-batches per rank, 4 layers
 
 
+def test_only_moe_layers_exchange_tokens_and_reduce_experts() -> None:
+    """Layers 0 and 3 dense (moe.layer_freq): the all-to-all runs in the 2 MoE layers, and the
+    expert gradients reduced over edp (here 2) are those of 2 layers: 2 × 8 experts of 3·64·128,
+    fp32, a ring of 2 at 1 GB/s."""
+    layout = Layout(1, 2, 1, "1f1b", 2, "none", "even")
+    _, uniform = _step(tiny(), 4, layout)
+    _, mixed = _step(tiny("moe.layer_freq=[0,1,1,0]", "model.dense_ffn_hidden_size=96"), 4, layout)
+    assert mixed.all_to_all == pytest.approx(uniform.all_to_all / 2)
+    experts = 2 * 8 * 3 * 64 * 128 // 2  # this ep rank's half of each layer's experts
+    # tiny's parameters less its experts, and 2 routers (3·8·64) that became 2 dense FFNs
+    dense = 924_864 - 4 * 8 * 3 * 64 * 128 - 2 * 3 * 8 * 64 + 2 * 3 * 64 * 96
+    ring = 2 * (4 - 1) / 4 * 4 * dense / 1e9 + 2 * (2 - 1) / 2 * 4 * experts / 1e9
+    assert mixed.grad_reduce == pytest.approx(ring)
+
+
 def test_layouts_cover_every_shape_once() -> None:
     shapes = {(lay.pp, lay.ep, lay.virtual_stages) for lay in layouts(tiny(), 8)}
     assert {(pp, ep) for pp, ep, _ in shapes} == {(pp, ep) for pp in (1, 2, 4) for ep in (1, 2, 4, 8) if ep * pp <= 8}

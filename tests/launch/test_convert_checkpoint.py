@@ -75,7 +75,7 @@ def test_upcycle_then_export(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     out = capsys.readouterr().out
     written = sum(p.stat().st_size for p in (tmp_path / "moe").glob("model-*.safetensors"))
     assert out.startswith(f"upcycle: 8 experts per layer, about {format_bytes(written)} -> {tmp_path / 'moe'}\n")
-    assert "8 experts of width 128, top-2" in out
+    assert "8 experts of width 128, top-2 (4 copies x granularity 2), in 4 of 4 layers" in out
     cfg = read_config(tmp_path / "moe")
     assert (cfg.model.ffn_type, cfg.moe.num_experts, cfg.moe.ffn_hidden_size, cfg.moe.top_k) == ("moe", 8, 128, 2)
     convert.main(["to-hf", "--checkpoint", str(tmp_path / "moe"), "--output", str(tmp_path / "hf"), "--dtype", "bf16"])
@@ -181,6 +181,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (["upcycle", "--dense", "{root}/moe", "--output", "{tmp}/x", "--num-experts", "4"], "model.ffn_type: the source"),
     (["upcycle", "--dense", "{root}/dense", "--output", "{tmp}/x", "--num-experts", "4", "--granularity", "3"],
      "--granularity: 3 does not divide"),
+    (["upcycle", "--dense", "{root}/dense", "--output", "{tmp}/x", "--num-experts", "4", "--layer-freq", "[0,1]"],
+     "--layer-freq: [0, 1] has 2 entries, but model.num_layers=4 needs one per layer"),
 ])
 def test_mistakes_end_with_one_line(checkpoints: Path, tmp_path: Path, args: list[str], named: str,
                                     capsys: pytest.CaptureFixture) -> None:

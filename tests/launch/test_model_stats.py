@@ -143,6 +143,18 @@ def test_uneven_split_shows_its_layers_and_memory_follows_it(capsys: pytest.Capt
     assert stats["memory_per_gpu_gib"]["weights"] * 2**30 == 4 * (3 * 223_008 + 512 * 64)
 
 
+def test_a_mixed_stack_names_its_dense_layers_and_counts_them(capsys: pytest.CaptureFixture) -> None:
+    """Layers 0 and 1 dense (a SwiGLU of 96: 3·64·96 = 18,432 instead of the router and 8 experts)."""
+    model_stats.main(["+exp=tiny", "moe.layer_freq=[0,0,1,1]", "model.dense_ffn_hidden_size=96", "parallel.pp=2"])
+    out = capsys.readouterr().out
+    stats = last_json(out)
+    assert "(2 MoE layers), dense SwiGLU ffn 96 in layers 0-1" in out.splitlines()[0]
+    assert stats["layers"] == {"moe": 2, "dense": 2}
+    assert stats["total_params"] == 924_864 - 2 * (3 * 8 * 64 + 8 * 3 * 64 * 128) + 2 * 18_432
+    # the fullest GPU is rank 1 (2 MoE layers; rank 0 holds the dense ones and the embedding)
+    assert stats["memory_layout"]["pp_rank"] == 1
+
+
 @pytest.mark.parametrize(("exp", "world_size", "gpu_gib"), [("m32_2000b", 256, 80), ("m32_2000b_141gb", 64, 141e9 / 2**30)])
 def test_m32_configs_fit_their_gpus_and_the_paper_layout_does_not(exp: str, world_size: int, gpu_gib: float) -> None:
     """The planner's recommendations leave 10% of the GPU for what the estimate leaves out."""

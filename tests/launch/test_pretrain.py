@@ -52,14 +52,17 @@ def test_typo_is_one_line_and_exit_2_without_launcher() -> None:
 
 
 def test_two_process_pipeline_writes_metrics_and_eval(tmp_path: Path) -> None:
-    result = _launch([*TINY, "parallel.pp=2", f"run.dir={tmp_path}", "logging.tensorboard.enabled=true"], nproc=2)
+    """Layers 1 and 2 dense (moe.layer_freq): each stage reports its one MoE layer's expert load."""
+    mixed = ["moe.layer_freq=[1,0,0,1]", "model.dense_ffn_hidden_size=96"]
+    result = _launch([*TINY, *mixed, "parallel.pp=2", f"run.dir={tmp_path}", "logging.tensorboard.enabled=true"],
+                     nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("loss", "lr", "grad_norm", "tokens_per_s", "consumed_samples"):
         assert all(key in r for r in records), key
     assert records[-1]["consumed_samples"] == 16
-    assert "expert_fraction" in records[1]
+    assert set(records[1]["expert_fraction"]) == {"0", "3"}
     assert [json.loads(line)["step"] for line in (tmp_path / "eval.jsonl").read_text().splitlines()] == [4]
     assert "step 4/4" in result.stdout + result.stderr
     assert (tmp_path / "config.yaml").exists()

@@ -36,12 +36,15 @@ def _train(rank: int, world_size: int, args: tuple[str, list[str], torch.dtype])
 # The MoE model runs in float64: in fp32 the compiled kernels' rounding (~1e-7) flips near-ties in
 # the top-2 routing of this tiny random model within a few steps, and a flipped token changes the
 # loss by ~1e-4 (chaos, not a compile bug; tests/dist/test_layouts.py says the same of layouts).
-# The dense model shows the fp32 agreement directly (-m slow: it repeats the compile's cost).
-CASES = {"moe_float64": ([], torch.float64, 1e-9),
+# It has a dense layer too (moe.layer_freq), whose whole SwiGLU compiles beside the MoE layers'
+# routers and shared experts. The dense model shows the fp32 agreement directly (-m slow: it
+# repeats the compile's cost).
+MIXED = ["moe.layer_freq=[1,0,1,1]", "model.dense_ffn_hidden_size=96"]
+CASES = {"mixed_float64": (MIXED, torch.float64, 1e-9),
          "dense_fp32": (["model.ffn_type=dense", "moe.num_shared_experts=0"], torch.float32, 1e-6)}
 
 
-@pytest.mark.parametrize("case", ["moe_float64", pytest.param("dense_fp32", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("case", ["mixed_float64", pytest.param("dense_fp32", marks=pytest.mark.slow)])
 def test_compiled_blocks_train_like_eager_for_20_steps(case: str) -> None:
     overrides, dtype, rtol = CASES[case]
     (eager,), (compiled,) = (run_distributed(_train, 1, (mode, overrides, dtype), timeout_s=500, init_process_group=False)
@@ -51,9 +54,10 @@ def test_compiled_blocks_train_like_eager_for_20_steps(case: str) -> None:
 
 
 def test_the_moe_dispatch_and_the_experts_stay_eager() -> None:
-    model = build_stage(compose(BASE))
-    blocks = compiled_blocks(model)
-    assert not any(isinstance(m, ExpertBank) for block in blocks for m in block.modules())
-    layer = model.layers["0"]
-    assert {id(layer.attn), id(layer.input_norm), id(layer.mlp.router), id(layer.mlp.shared_experts)} <= set(map(id, blocks))
-    assert all(id(layer.mlp) != id(b) for b in blocks)
+    model = build_stage(compose([*BASE, *MIXED]))
+    blocks = set(map(id, compiled_blocks(model)))
+    assert not any(isinstance(m, ExpertBank) for block in compiled_blocks(model) for m in block.modules())
+    layer, dense = model.layers["0"], model.layers["1"]
+    assert {id(layer.attn), id(layer.input_norm), id(layer.mlp.router), id(layer.mlp.shared_experts)} <= blocks
+    assert id(layer.mlp) not in blocks
+    assert {id(dense.attn), id(dense.mlp)} <= blocks  # a dense layer's FFN has fixed shapes: all of it compiles

@@ -50,10 +50,14 @@ def _run(overrides: list[str], num_steps: int = 2, poison: bool = False, world_s
     return {**results[0], "counts": {i: c for r in results for i, c in r["counts"].items()}}
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
-def test_activation_checkpointing_changes_nothing_but_memory(mode: str) -> None:
-    plain = _run([])
-    recomputed = _run([f"train.activation_checkpointing={mode}"])
+MIXED = ["moe.layer_freq=[0,1,1,0]", "model.dense_ffn_hidden_size=96"]  # dense layers 0 and 3
+
+
+@pytest.mark.parametrize(("mode", "overrides"), [("full", []), ("selective", []), ("full", MIXED)],
+                         ids=["full", "selective", "full_mixed"])
+def test_activation_checkpointing_changes_nothing_but_memory(mode: str, overrides: list[str]) -> None:
+    plain = _run(overrides)
+    recomputed = _run([*overrides, f"train.activation_checkpointing={mode}"])
     for a, b in zip(plain["results"], recomputed["results"]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
@@ -61,12 +65,14 @@ def test_activation_checkpointing_changes_nothing_but_memory(mode: str) -> None:
     assert recomputed["counts"] == plain["counts"]
 
 
-@pytest.mark.parametrize("pp", [1, 2])
-def test_expert_counts_cover_every_routed_token(pp: int) -> None:
-    """Exactly top_k assignments per token on the first step too (no shape-inference pass counted)."""
-    result = _run([f"parallel.pp={pp}"], world_size=pp)
+@pytest.mark.parametrize(("pp", "overrides", "moe_layers"), [(1, [], [0, 1, 2, 3]), (2, [], [0, 1, 2, 3]),
+                                                             (2, MIXED, [1, 2])], ids=["pp1", "pp2", "pp2_mixed"])
+def test_expert_counts_cover_every_routed_token(pp: int, overrides: list[str], moe_layers: list[int]) -> None:
+    """Exactly top_k assignments per token on the first step too (no shape-inference pass counted),
+    in every MoE layer; a dense layer routes nothing and reports nothing."""
+    result = _run([f"parallel.pp={pp}", *overrides], world_size=pp)
     tokens_per_step = 4 * 32
-    assert result["counts"] == {i: tokens_per_step * 2 for i in range(4)}  # top-2: two assignments per token
+    assert result["counts"] == {i: tokens_per_step * 2 for i in moe_layers}  # top-2: two assignments per token
 
 
 def test_nonfinite_skip_keeps_weights_and_reports() -> None:

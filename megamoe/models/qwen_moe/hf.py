@@ -7,8 +7,14 @@ What the HF layout does differently from ours:
 
 - A SwiGLU's input weights are two tensors, ``gate_proj`` and ``up_proj``; ours are one, ``w1``
   = [gate rows; up rows] (megamoe.nn.ffn), and ``down_proj`` is our ``w2``. Export cuts each
-  routed expert's and the shared expert's ``w1`` in two; import joins the halves, holding the
-  first until its partner arrives — one expert's pair at most, in the files' order.
+  routed expert's, the shared expert's and a dense layer's ``w1`` in two; import joins the
+  halves, holding the first until its partner arrives — one pair at most, in the files' order.
+- Which layers are MoE: transformers makes layer i sparse when i is not in ``mlp_only_layers``
+  and (i + 1) % ``decoder_sparse_step`` == 0 (and ``num_experts`` > 0); the others are a dense
+  SwiGLU of ``intermediate_size`` (``model.layers.{i}.mlp.gate_proj`` …). Ours is
+  ``moe.layer_freq`` (Megatron's rule, i % N == 0: a different phase), so import writes the
+  layers as the shortest ``moe.layer_freq`` (an int where one selects them, else the 0 / 1
+  list) and export the ``decoder_sparse_step`` that leaves the fewest ``mlp_only_layers``.
 - The router is ``mlp.gate``, the shared expert ``mlp.shared_expert`` and its sigmoid gate
   ``mlp.shared_expert_gate``. Our ``moe.num_shared_experts`` experts of width F run as one
   SwiGLU of width N·F (megamoe.nn.moe.layer), which is HF's one shared expert of
@@ -19,11 +25,12 @@ What the HF layout does differently from ours:
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
 
+from megamoe.config.layers import layer_freq_of, moe_layer_flags
 from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, TokenIds, refuse_unexportable
 from megamoe.nn.attention import kv_heads
 
@@ -37,11 +44,13 @@ NAMES = NameTable(ARCHITECTURE, {
     "layers.{i}.mlp.experts.{e}.w2": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
     "layers.{i}.mlp.shared_experts.w2.weight": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
     "layers.{i}.mlp.shared_expert_gate.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
+    "layers.{i}.mlp.w2.weight": "model.layers.{i}.mlp.down_proj.weight",  # a dense layer's SwiGLU
 })
 # Our fused SwiGLU input weight → the HF module that holds its two halves as HALVES.
 GATE_UP = NameTable(ARCHITECTURE, {
     "layers.{i}.mlp.experts.{e}.w1": "model.layers.{i}.mlp.experts.{e}",
     "layers.{i}.mlp.shared_experts.w1.weight": "model.layers.{i}.mlp.shared_expert",
+    "layers.{i}.mlp.w1.weight": "model.layers.{i}.mlp",
 })
 HALVES = ("gate_proj.weight", "up_proj.weight")
 
@@ -107,7 +116,7 @@ def check_exportable(cfg: DictConfig) -> None:
     hf_head_dim = m.hidden_size // m.num_heads
     refuse_unexportable(ARCHITECTURE, [
         (m.ffn_type != "moe", "model.ffn_type", f"'{m.ffn_type}'",
-         "every layer there is MoE (upcycle a dense checkpoint first)"),
+         "a Qwen2-MoE model has MoE layers (upcycle a dense checkpoint first)"),
         (m.head_dim != hf_head_dim, "model.head_dim", str(m.head_dim),
          f"its heads are hidden_size / num_heads = {hf_head_dim} wide: train with model.head_dim={hf_head_dim}"),
         (m.rotary_percent != 1.0, "model.rotary_percent", str(m.rotary_percent),
@@ -129,11 +138,13 @@ def hf_config(cfg: DictConfig, tokens: TokenIds) -> dict[str, Any]:
 
     Routing there is softmax over all experts → top-k → divided by their sum when
     ``norm_topk_prob``; our "topk_softmax" order equals it with ``norm_topk_prob`` true.
-    ``intermediate_size`` (the width of dense layers, of which there are none) records
-    ``model.dense_ffn_hidden_size``. The token ids are the run's tokenizer's.
+    ``intermediate_size`` is the width of the dense layers (``model.dense_ffn_hidden_size``,
+    recorded also where there are none), ``decoder_sparse_step`` and ``mlp_only_layers`` say
+    which they are (:func:`sparse_layout`). The token ids are the run's tokenizer's.
     """
     check_exportable(cfg)
     m, moe = cfg.model, cfg.moe
+    step, mlp_only = sparse_layout(moe_layer_flags(m, moe))
     return {
         "architectures": ["Qwen2MoeForCausalLM"],
         "model_type": "qwen2_moe",
@@ -152,8 +163,8 @@ def hf_config(cfg: DictConfig, tokens: TokenIds) -> dict[str, Any]:
         "tie_word_embeddings": m.tie_embeddings,
         "use_sliding_window": False,
         "attention_dropout": 0.0,
-        "decoder_sparse_step": 1,
-        "mlp_only_layers": [],
+        "decoder_sparse_step": step,
+        "mlp_only_layers": mlp_only,
         "num_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "moe_intermediate_size": moe.ffn_hidden_size,
@@ -173,17 +184,14 @@ def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[
     ``router_aux_loss_coef``) when it has them.
 
     Returned as nested sections, ready for ``OmegaConf.merge``. Raises UserError naming the
-    config.json key when it is missing or describes something megamoe does not build: dense
-    layers between the MoE ones, sliding-window attention, scaled RoPE, heads of another width.
+    config.json key when it is missing or describes something megamoe does not build:
+    sliding-window attention, scaled RoPE, heads of another width, no MoE layer at all.
     """
     read = HFConfigReader(config, source, ARCHITECTURE)
     get = read.get
     if get("model_type", None) != "qwen2_moe":
         read.refuse("model_type", f"is {get('model_type', None)!r}, not 'qwen2_moe'")
     read.expect("hidden_act", "silu", "megamoe's experts are SwiGLU")
-    read.expect("decoder_sparse_step", 1, "megamoe builds an MoE FFN in every layer, no dense ones between")
-    if get("mlp_only_layers", None):
-        read.refuse("mlp_only_layers", f"is {get('mlp_only_layers')!r}: megamoe builds an MoE FFN in every layer")
     read.expect("use_sliding_window", False, "megamoe's attention is full causal attention")
     if any(kind != "full_attention" for kind in get("layer_types", None) or []):
         read.refuse("layer_types", f"is {get('layer_types')!r}: megamoe's attention is full causal attention")
@@ -227,6 +235,38 @@ def config_from_hf(config: dict[str, Any], source: str = "config.json") -> dict[
         "num_shared_experts": 1,
         "shared_expert_ffn_hidden_size": get("shared_expert_intermediate_size"),
         "shared_expert_gate": True,
+        "layer_freq": layer_freq_of(_sparse_layers(read, get("num_hidden_layers"))),
         **read.present({"router_aux_loss_coef": "aux_loss_coeff"}),
     }
     return {"model": model, "moe": moe}
+
+
+def _sparse_layers(read: HFConfigReader, num_layers: int) -> list[bool]:
+    """transformers' rule: layer i is sparse when i is not in mlp_only_layers, num_experts > 0 and
+    (i + 1) % decoder_sparse_step == 0. UserError naming the key for values it cannot apply, or
+    for a model without MoE layers (a dense Qwen2 model)."""
+    step, mlp_only = read.get("decoder_sparse_step", 1), read.get("mlp_only_layers", None) or []
+    if type(step) is not int or step < 1:
+        read.refuse("decoder_sparse_step", f"is {step!r}: it must be a whole number >= 1")
+    if not isinstance(mlp_only, list) or any(type(i) is not int or not 0 <= i < num_layers for i in mlp_only):
+        read.refuse("mlp_only_layers", f"is {mlp_only!r}: it lists layer indices in [0, {num_layers})")
+    if read.get("num_experts") <= 0:
+        read.refuse("num_experts", f"is {read.get('num_experts')}: a Qwen2-MoE model without experts is dense")
+    sparse = [i not in mlp_only and (i + 1) % step == 0 for i in range(num_layers)]
+    if not any(sparse):
+        read.refuse("mlp_only_layers", f"is {mlp_only} with decoder_sparse_step {step}: no layer of the "
+                                       f"{num_layers} is MoE (a dense model)")
+    return sparse
+
+
+def sparse_layout(flags: Sequence[bool]) -> tuple[int, list[int]]:
+    """(decoder_sparse_step, mlp_only_layers) that make transformers build MoE layers where ``flags``
+    are true: the step whose every multiple (i + 1) holds the MoE layers and leaves the fewest
+    dense ones to list (the smallest such step on a tie)."""
+    candidates = []
+    for step in range(1, len(flags) + 1):
+        sparse = [(i + 1) % step == 0 for i in range(len(flags))]
+        if all(s or not flag for s, flag in zip(sparse, flags)):
+            candidates.append((sum(sparse) - sum(flags), step))
+    _, step = min(candidates)
+    return step, [i for i, flag in enumerate(flags) if (i + 1) % step == 0 and not flag]

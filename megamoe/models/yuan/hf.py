@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from megamoe.checkpoint.names import split_layer_name
+from megamoe.config.layers import is_mixed, shown
 from megamoe.config.schema import rotary_dim
 from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, TokenIds, refuse_unexportable
 
@@ -133,6 +134,8 @@ def check_exportable(cfg: DictConfig) -> None:
     problems = [
         (m.ffn_type != "moe", "model.ffn_type", f"'{m.ffn_type}'",
          "every layer there is MoE (upcycle a dense checkpoint first)"),
+        (is_mixed(m, moe), "moe.layer_freq", shown(moe.layer_freq),
+         "every layer there is MoE (its config.json has no key for dense layers): train with moe.layer_freq=1"),
         (not m.use_lfa, "model.use_lfa", "false", "its modeling code always applies LFA"),
         (rotary_dim(m) != hf_rotary, "model.rotary_percent", f"{m.rotary_percent} (rotary dim {rotary_dim(m)})",
          f"its code rotates hidden_size / num_heads = {hf_rotary} dims of each head; {_rotary_fix(m, hf_rotary)}"),

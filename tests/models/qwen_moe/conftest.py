@@ -46,10 +46,24 @@ class Release:
     checkpoint: Path
 
 
-@pytest.fixture(scope="session")
-def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
-    root = tmp_path_factory.mktemp("qwen_release")
-    model = random_hf_model()
+def saved_release(root: Path, **config: object) -> Release:
+    """A random transformers model saved under ``root`` and imported by from-hf."""
+    model = random_hf_model(**config)
     model.save_pretrained(root / "hf")  # safetensors, experts one tensor each, as transformers writes them
     convert.main(["from-hf", "--hf", str(root / "hf"), "--output", str(root / "imported"), "+exp=qwen_moe_tiny"])
     return Release(model, root / "hf", root / "imported")
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    return saved_release(tmp_path_factory.mktemp("qwen_release"))
+
+
+# Dense layers between the MoE ones, each way transformers' config says so: every second layer
+# sparse (layers 1 and 3), and layers listed as dense (0 and 3; layers 1 and 2 sparse).
+MIXED = {"decoder_sparse_step": {"decoder_sparse_step": 2}, "mlp_only_layers": {"mlp_only_layers": [0, 3]}}
+
+
+@pytest.fixture(scope="session", params=sorted(MIXED))
+def mixed_release(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Release:
+    return saved_release(tmp_path_factory.mktemp(f"qwen_{request.param}"), **MIXED[request.param])

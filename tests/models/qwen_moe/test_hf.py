@@ -5,6 +5,7 @@ carries over, streaming, and one-line refusals."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2MoeForCausalL
 
 from megamoe.checkpoint import hf_files, iter_model_tensors, read_config, write_model_checkpoint
 from megamoe.config import compose
+from megamoe.config.layers import layer_freq_of, moe_layer_flags
 from megamoe.errors import ConfigError, UserError
 from megamoe.models.hf_mapping import TokenIds
 from megamoe.models.qwen_moe import hf
@@ -25,6 +27,7 @@ from tests.models.helpers import Tracker, load_model, model_tensors, random_mode
 from tests.models.qwen_moe.conftest import Release, token_ids
 
 TINY = ["+exp=qwen_moe_tiny"]
+MIXED_KEYS = ("decoder_sparse_step", "mlp_only_layers")
 
 # Qwen/Qwen1.5-MoE-A2.7B's config.json on the Hugging Face hub (transformers 4.40's Qwen2MoeConfig keys).
 RELEASE_CONFIG = {
@@ -58,6 +61,35 @@ def test_imported_model_computes_transformers_logits(release: Release) -> None:
     torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
 
 
+def test_dense_layers_between_moe_ones_import_and_export_exactly(mixed_release: Release, tmp_path: Path) -> None:
+    """decoder_sparse_step / mlp_only_layers become moe.layer_freq (with transformers' phase: step 2
+    makes layers 1 and 3 sparse), the imported model computes transformers' logits, and to-hf /
+    from-hf reproduce the files and the checkpoint bit for bit."""
+    sparse = tuple(type(layer.mlp).__name__ == "Qwen2MoeSparseMoeBlock" for layer in mixed_release.model.model.layers)
+    cfg = read_config(mixed_release.checkpoint)
+    assert moe_layer_flags(cfg.model, cfg.moe) == sparse and 0 < sum(sparse) < 4
+    ids = token_ids()
+    with torch.no_grad():
+        reference, ours = mixed_release.model(ids).logits, imported_model(mixed_release.checkpoint)(ids)
+    assert reference.abs().max() > 1.0
+    torch.testing.assert_close(ours, reference, rtol=0, atol=1e-4)
+
+    convert.main(["to-hf", "--checkpoint", str(mixed_release.checkpoint), "--output", str(tmp_path / "hf")])
+    original, exported = hf_tensors(mixed_release.hf_dir), hf_tensors(tmp_path / "hf")
+    assert sorted(exported) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    release_keys = {key: getattr(mixed_release.model.config, key) for key in MIXED_KEYS}
+    assert {key: config[key] for key in MIXED_KEYS} == release_keys
+
+    convert.main(["from-hf", "--hf", str(tmp_path / "hf"), "--output", str(tmp_path / "back"), *TINY])
+    imported, back = dict(iter_model_tensors(mixed_release.checkpoint)), dict(iter_model_tensors(tmp_path / "back"))
+    assert sorted(back) == sorted(imported)
+    for name, tensor in imported.items():
+        assert torch.equal(back[name], tensor), name
+
+
 def test_imported_config_is_the_architecture(release: Release) -> None:
     cfg = read_config(release.checkpoint)
     m, moe = cfg.model, cfg.moe
@@ -89,6 +121,7 @@ def test_export_reproduces_the_files_and_import_reproduces_the_checkpoint(releas
     ["model.tie_embeddings=true", "moe.router_order=topk_softmax"],
     ["model.num_kv_heads=1", "moe.norm_topk_prob=true", "moe.num_shared_experts=2",
      "moe.shared_expert_ffn_hidden_size=16", "model.rotary_base=10000"],
+    ["moe.layer_freq=2"],  # Megatron's phase, layers 0 and 2: decoder_sparse_step 1, mlp_only_layers [1, 3]
 ])
 def test_our_export_runs_in_transformers(overrides: list[str], tmp_path: Path) -> None:
     cfg = compose(TINY + overrides)
@@ -211,6 +244,24 @@ def test_mapping_streams_holding_at_most_one_pair(direction: str) -> None:
     assert tracker.peak_count <= 2  # the tensor just passed on, and a gate_proj waiting for its up_proj
 
 
+@pytest.mark.parametrize("layers", [4, 5])
+def test_every_mix_of_layers_maps_to_transformers_rule_and_back(layers: int) -> None:
+    """Each pattern of MoE and dense layers: config.json's decoder_sparse_step / mlp_only_layers
+    make transformers build exactly those (its rule), and reading them back gives a
+    moe.layer_freq that selects them again."""
+    for pattern in itertools.product([False, True], repeat=layers):
+        if not any(pattern):
+            continue
+        step, mlp_only = hf.sparse_layout(pattern)
+        assert tuple(i not in mlp_only and (i + 1) % step == 0 for i in range(layers)) == pattern
+        config = {**RELEASE_CONFIG, "num_hidden_layers": layers, "decoder_sparse_step": step,
+                  "mlp_only_layers": mlp_only}
+        freq = hf.config_from_hf(config)["moe"]["layer_freq"]
+        assert freq == layer_freq_of(pattern)
+        cfg = compose(TINY + [f"model.num_layers={layers}", f"moe.layer_freq={json.dumps(freq).replace(' ', '')}"])
+        assert moe_layer_flags(cfg.model, cfg.moe) == pattern
+
+
 def test_an_incomplete_pair_names_the_expert() -> None:
     cfg = compose(TINY)
     tensors = [(n, t) for n, t in hf.to_hf(model_tensors(random_model(cfg)), cfg)
@@ -250,8 +301,10 @@ def test_a_refusal_names_the_setting_that_exports() -> None:
 @pytest.mark.parametrize(("change", "key"), [
     (lambda c: c.pop("num_experts"), "num_experts"),
     (lambda c: c.update(model_type="qwen2"), "model_type"),
-    (lambda c: c.update(decoder_sparse_step=2), "decoder_sparse_step"),
-    (lambda c: c.update(mlp_only_layers=[0]), "mlp_only_layers"),
+    (lambda c: c.update(decoder_sparse_step=0), "decoder_sparse_step"),
+    (lambda c: c.update(mlp_only_layers=[24]), "mlp_only_layers"),
+    (lambda c: c.update(mlp_only_layers=list(range(24))), "mlp_only_layers"),  # no MoE layer left: a dense model
+    (lambda c: c.update(num_experts=0), "num_experts"),
     (lambda c: c.update(use_sliding_window=True), "use_sliding_window"),
     (lambda c: c.update(rope_scaling={"type": "yarn", "factor": 4.0}), "rope_scaling"),
     (lambda c: c.update(hidden_act="gelu"), "hidden_act"),

@@ -200,6 +200,7 @@ def test_tensor_round_trip_is_bitwise() -> None:
 
 @pytest.mark.parametrize(("override", "key"), [
     ("model.ffn_type=dense", "model.ffn_type"),
+    ("moe.layer_freq=[0,1,1,1]", "moe.layer_freq"),  # no config.json key says which layers are dense
     ("model.use_lfa=false", "model.use_lfa"),
     ("model.rotary_percent=1.0", "model.rotary_percent"),
     ("moe.router=linear", "moe.router"),
@@ -210,6 +211,14 @@ def test_refuses_what_the_format_cannot_express(override: str, key: str) -> None
     with pytest.raises(ConfigError) as info:
         hf.hf_config(compose(TINY_HF + [override]), TokenIds(256))
     assert str(info.value).startswith(f"{key}: ") and "\n" not in str(info.value)
+
+
+def test_a_mixed_stack_is_refused_naming_the_setting_that_exports() -> None:
+    with pytest.raises(ConfigError) as info:
+        hf.check_exportable(compose(TINY_HF + ["moe.layer_freq=2"]))
+    assert str(info.value) == ("moe.layer_freq: 2 cannot be exported to the Yuan2-M32 Hugging Face format: every "
+                               "layer there is MoE (its config.json has no key for dense layers): train with "
+                               "moe.layer_freq=1")
 
 
 def test_a_rotary_dim_it_cannot_run_names_the_settings_that_would() -> None:

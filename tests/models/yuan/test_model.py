@@ -124,6 +124,9 @@ def test_ffn_type_and_moe_layers() -> None:
     dense = built(tiny("model.ffn_type=dense"))
     assert isinstance(dense.layers["0"].mlp, SwiGLU)
     assert list(dense.moe_layers()) == []
+    mixed = built(tiny("moe.layer_freq=[0,1,1,0]", "model.dense_ffn_hidden_size=96"))
+    assert [layer.layer_index for layer in mixed.moe_layers()] == [1, 2]
+    assert mixed.layers["3"].mlp.w2.weight.shape == (64, 96)
 
 
 def reference_lm_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
