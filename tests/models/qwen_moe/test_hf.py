@@ -157,7 +157,7 @@ def test_an_export_generates_our_greedy_text_in_transformers(tmp_path: Path, cap
             new.pop()
         assert max(new) < 262  # the suppressed padding rows were never chosen
         theirs = prompt + tokenizer.decode(new)
-        assert ours == theirs.rstrip(generate_script.INCOMPLETE) + "\n", prompt
+        assert ours == theirs + "\n", prompt  # both print an incomplete UTF-8 tail as U+FFFD
 
 
 def test_from_hf_needs_no_training_key_and_carries_the_training_settings(release: Release, tmp_path: Path,
