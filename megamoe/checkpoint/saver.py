@@ -52,6 +52,7 @@ from megamoe.checkpoint.state import (
     layout_of,
     log,
     model_pieces,
+    optimizer_kind,
     optimizer_pieces,
     placements,
     rng_bytes,
@@ -118,6 +119,7 @@ def take_snapshot(state: TrainingState, save_id: int, host_buffers: Optional[dic
         "global_batch": state.cfg.train.global_batch,
         "data_stream": state.data_stream,  # a resume that changes it would read other samples
         "optimizer_group_steps": [group.get("step") for group in state.optimizer.param_groups],  # apex keeps it here
+        **optimizer_kind(state.cfg),  # what the optim-* state is: only the same optimizer resumes from it
     }
     return Snapshot(save_id, step, model, optim, rng_bytes(), checked, int(needed.item()), counters, layout_of(state),
                     OmegaConf.to_yaml(state.cfg))

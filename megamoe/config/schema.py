@@ -129,8 +129,20 @@ class SpikeConfig:
 
 
 @dataclass
+class MuonConfig:
+    """Muon for the hidden weight matrices (train.optimizer=muon; megamoe.train.muon, docs/optimizer.md)."""
+
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton–Schulz iterations per update
+    # The update's scale per A×B matrix: "match_rms_adamw" (Moonlight: 0.2·√max(A, B), so AdamW's lr and
+    # weight decay carry over) | "original" (Keller Jordan: √max(1, A/B), for a Muon-tuned lr) | "none" (1)
+    adjust_lr: str = "match_rms_adamw"
+
+
+@dataclass
 class TrainConfig:
-    """Optimisation: batch, schedule, AdamW, precision, and what to do with non-finite steps."""
+    """Optimisation: batch, schedule, optimizer, precision, and what to do with non-finite steps."""
 
     steps: int = 318000
     global_batch: int = 1536
@@ -146,6 +158,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    # "adamw" | "muon": Muon on the hidden matrices, AdamW (beta1, beta2, eps above) on embeddings, head, norms, biases
+    optimizer: str = "adamw"
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    optimizer_state_dtype: str = "fp32"  # "fp32" | "bf16": AdamW's moments / Muon's momentum (weights stay fp32)
     clip_grad: float = 1.0
     precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "fp32"
     activation_checkpointing: str = "none"  # "none" | "full" | "selective"

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig
 
+from megamoe.config.schema import MuonConfig
 from megamoe.errors import ConfigError
 from megamoe.nn.rope import rotary_dim
 
@@ -26,6 +27,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": ("indexed", "mock"),
     "data.tokenizer.type": ("ByteTokenizer", "HuggingFaceTokenizer", "SentencePieceTokenizer"),
     "train.decay": ("cosine", "linear", "constant"),
+    "train.optimizer": ("adamw", "muon"),
+    "train.muon.adjust_lr": ("match_rms_adamw", "original", "none"),
+    "train.optimizer_state_dtype": ("fp32", "bf16"),
     "train.precision": ("auto", "bf16", "fp32"),
     "train.activation_checkpointing": ("none", "full", "selective"),
     "train.compile": ("none", "block"),
@@ -44,7 +48,8 @@ POSITIVE: tuple[str, ...] = (
     "parallel.virtual_stages", "parallel.grad_bucket_mb", "parallel.collective_timeout_s", "train.steps",
     "train.global_batch", "train.micro_batch", "train.seq_len", "train.lr", "train.log_interval", "train.eval_interval",
     "train.eval_iters", "train.max_skipped_steps", "train.spike.window", "train.spike.sigmas", "train.spike.patience",
-    "train.spike.max_rollbacks", "checkpoint.interval", "checkpoint.keep", "eval.downstream_max_new_tokens",
+    "train.spike.max_rollbacks", "train.muon.ns_steps", "checkpoint.interval", "checkpoint.keep",
+    "eval.downstream_max_new_tokens",
 )
 
 NON_NEGATIVE: tuple[str, ...] = (
@@ -148,6 +153,19 @@ def _validate_train(cfg: DictConfig) -> None:
     _check(t.warmup_steps <= t.steps, "train.warmup_steps", f"{t.warmup_steps} > train.steps={t.steps}")
     _check(t.global_batch % t.micro_batch == 0, "train.global_batch",
            f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
+    _validate_muon(cfg)
+
+
+def _validate_muon(cfg: DictConfig) -> None:
+    """Muon's keys mean something only under train.optimizer=muon: set under adamw, they are a mistake."""
+    t = cfg.train
+    if t.optimizer != "muon":
+        for key, default in vars(MuonConfig()).items():
+            value = getattr(t.muon, key)
+            _check(value == default, f"train.muon.{key}", f"{value} has no meaning with train.optimizer={t.optimizer} "
+                   "(it is Muon's); set train.optimizer=muon, or remove the key")
+        return
+    _check(0 <= t.muon.momentum < 1, "train.muon.momentum", f"{t.muon.momentum} must be in [0, 1)")
 
 
 def _validate_data(cfg: DictConfig) -> None:

@@ -139,18 +139,23 @@ SIX_LAYER_LAYOUTS = {
 EXPERT_CHOICE = ["moe.router_mode=expert_choice", "moe.aux_loss_coeff=0"]  # its Switch loss is constant
 FEATURES = {"": [], "capacity": ["moe.capacity_factor=1.0"], "aux_free_bias": ["moe.aux_free_bias=true"],
             "expert_choice": EXPERT_CHOICE, "expert_choice_linear": [*EXPERT_CHOICE, "moe.router=linear"],
-            "6_layers": ["model.num_layers=6"], "full_recompute": ["train.activation_checkpointing=full"]}
+            "6_layers": ["model.num_layers=6"], "full_recompute": ["train.activation_checkpointing=full"],
+            "muon": ["train.optimizer=muon"],
+            "muon_bf16_state": ["train.optimizer=muon", "train.optimizer_state_dtype=bf16"]}
 # Cases whose every feature another case also runs (dp2 ⊂ dp2_ep2; pp2 ⊂ dp2_pp2_ep2 and pp2_uneven;
 # the pp = 2 interleaved / ZB-V / DualPipeV cases ⊂ their uneven, recompute and dp2_pp2_ep2
 # variants; aux-free bias at dp2 ⊂ dp2_ep2; expert choice with the linear router ⊂ the attention
-# router's): marked slow to keep the suite within CI's budget.
+# router's; Muon beyond dp2_pp2_ep2): marked slow to keep the suite within CI's budget.
 COVERED_ELSEWHERE = {"dp2", "pp2", "pp2_interleaved", "pp2_zbv", "pp2_dualpipev"}
 CASES = [pytest.param(layout, "", marks=pytest.mark.slow) if layout in COVERED_ELSEWHERE else (layout, "")
          for layout in sorted(LAYOUTS)] + [
     ("dp2_ep2", "capacity"), pytest.param("dp2", "aux_free_bias", marks=pytest.mark.slow),
     ("dp2_ep2", "aux_free_bias"), ("dp2_ep2", "expert_choice"),
     pytest.param("dp2_ep2", "expert_choice_linear", marks=pytest.mark.slow),
-    ("pp2_zbv", "full_recompute")] + [  # recompute inside a split backward
+    ("pp2_zbv", "full_recompute"),  # recompute inside a split backward
+    ("dp2_pp2_ep2", "muon"),  # Muon's per-matrix update sees whole matrices whatever the layout
+    pytest.param("pp2_dualpipev", "muon", marks=pytest.mark.slow),
+    pytest.param("dp4_ep4", "muon_bf16_state", marks=pytest.mark.slow)] + [
     (layout, "6_layers") for layout in sorted(SIX_LAYER_LAYOUTS)]
 
 
