@@ -112,3 +112,13 @@ def muon_(params: list[Tensor], buffers: list[Tensor], matrices: list[Matrices],
     for param, o, m in zip(params, orthogonal, matrices):
         param.mul_(1 - lr * weight_decay)
         param.add_(o.reshape(param.shape), alpha=-lr * m.scale(adjust_lr))
+
+
+def newton_schulz_flops(matrices: Iterable[Matrices], steps: int) -> int:
+    """Matmul FLOPs of orthogonalising each of ``matrices`` once: per iteration on an A × B matrix
+    (A ≤ B after orienting it) XXᵀ costs 2A²B, the Gram polynomial 2A³, its product with X 2A²B."""
+    total = 0
+    for m in matrices:
+        short, long = sorted((m.rows, m.cols))
+        total += m.count * steps * (4 * short * short * long + 2 * short**3)
+    return total

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from megamoe.train.muon import Matrices, muon_, orthogonalize, shape_batches
+from megamoe.train.muon import Matrices, muon_, newton_schulz_flops, orthogonalize, shape_batches
 
 COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic, as Moonlight and torch use it
 
@@ -119,3 +119,9 @@ def test_matches_torch_muon_on_matrices(nesterov: bool) -> None:
     moved = (theirs.weight - start).detach()
     torch.testing.assert_close((ours.weight - start).detach(), moved, rtol=0, atol=0.04 * float(moved.abs().max()))
     torch.testing.assert_close(buffer, reference.state[theirs.weight]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+
+
+def test_newton_schulz_flops_count_the_matmuls() -> None:
+    """One iteration on 4 × 8 (and on its transpose): XXᵀ 2·4·4·8, G² 2·4·4·4, (bG + cG²)X 2·4·4·8."""
+    per_iteration = 2 * 4 * 4 * 8 + 2 * 4 * 4 * 4 + 2 * 4 * 4 * 8
+    assert newton_schulz_flops([Matrices(3, 4, 8), Matrices(1, 8, 4)], steps=5) == 4 * 5 * per_iteration
