@@ -30,6 +30,9 @@ from megamoe.nn.moe.experts import ExpertBank, expert_parameters
 from megamoe.train.muon import Matrices, muon_, shape_batches
 
 STATE_DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # None: the weights' own dtype
+# Elements AdamW updates at a time: its fp32 temporaries (the moments read from bf16, the
+# denominator) stay at 64 MiB each, not the size of the largest parameter (M32's embedding: 1 GiB).
+ELEMENTWISE_CHUNK = 1 << 24
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool,
@@ -66,16 +69,15 @@ def muon_matrices(model: nn.Module, embeddings: Collection[nn.Parameter] = ()) -
             for p in model.parameters() if p.requires_grad and p.ndim >= 2 and id(p) not in embedding_ids}
 
 
-def adamw_(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *, lr: float, betas: tuple[float, float],
-           eps: float, weight_decay: float) -> None:
-    """One AdamW step of ``param`` (gradient in ``.grad``) in its dtype: Loshchilov & Hutter's
-    decoupled decay, then the bias-corrected Adam update, in torch's arithmetic."""
+def adamw_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int, *, lr: float,
+           betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """One AdamW step of ``param`` in its dtype: Loshchilov & Hutter's decoupled decay, then the
+    bias-corrected Adam update, in torch's arithmetic."""
     beta1, beta2 = betas
-    grad = param.grad
     param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2**step)).add_(eps)
     param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
 
 
@@ -120,14 +122,17 @@ class HybridOptimizer(torch.optim.Optimizer):
                 self._adamw(group, params)
 
     def _adamw(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """AdamW over pieces of each parameter (it is elementwise), so that its temporaries stay small."""
+        settings = {key: group[key] for key in ("lr", "betas", "eps", "weight_decay")}
         for p in params:
             state = self.state[p]
             if not state:
                 state.update(step=torch.tensor(0.0), exp_avg=self._zeros(p), exp_avg_sq=self._zeros(p))
             state["step"] += 1
-            with _in_dtype([state["exp_avg"], state["exp_avg_sq"]], p.dtype) as (exp_avg, exp_avg_sq):
-                adamw_(p, exp_avg, exp_avg_sq, int(state["step"]), lr=group["lr"], betas=group["betas"],
-                       eps=group["eps"], weight_decay=group["weight_decay"])
+            updated = (t.view(-1).split(ELEMENTWISE_CHUNK) for t in (p, state["exp_avg"], state["exp_avg_sq"]))
+            for param, *moments, grad in zip(*updated, p.grad.reshape(-1).split(ELEMENTWISE_CHUNK)):
+                with _in_dtype(moments, p.dtype) as (exp_avg, exp_avg_sq):
+                    adamw_(param, grad, exp_avg, exp_avg_sq, int(state["step"]), **settings)
 
     def _muon(self, group: dict[str, Any], params: list[Tensor]) -> None:
         settings = {key: group[key] for key in ("lr", "weight_decay", "momentum", "nesterov", "ns_steps", "adjust_lr")}

@@ -16,6 +16,7 @@ from megamoe.models import build_stage
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.moe.experts import ExpertBank
 from megamoe.parallel.mesh import init_grid, shutdown
+from megamoe.train import optim
 from megamoe.train.loop import build_trainer, train_step
 from megamoe.train.muon import Matrices
 from megamoe.train.optim import HybridOptimizer, build_optimizer, param_groups
@@ -239,6 +240,15 @@ def test_muon_update_matches_its_definition() -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, msg=name)
         assert name in matrices or set(opt.state[dict(trained.named_parameters())[name]]) == {"step", "exp_avg",
                                                                                              "exp_avg_sq"}
+
+
+def test_adamw_in_pieces_equals_adamw_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The AdamW rule runs over pieces of each parameter (bounded temporaries): same bits as whole."""
+    whole = _train_muon(2, optimizer_state_dtype="bf16")[0]
+    monkeypatch.setattr(optim, "ELEMENTWISE_CHUNK", 7)
+    pieces = _train_muon(2, optimizer_state_dtype="bf16")[0]
+    for (name, a), b in zip(whole.named_parameters(), pieces.parameters()):
+        assert torch.equal(a, b), name
 
 
 def test_muon_is_deterministic_on_cpu() -> None:
