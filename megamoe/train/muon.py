@@ -90,12 +90,15 @@ def shape_batches(params: Iterable[Tensor], matrices: dict[Tensor, Matrices],
     """``params`` in batches whose matrices share one shape, each within ``budget`` elements (a larger
     parameter is a batch of its own), in a fixed order: a run and its resumed copy batch alike."""
     by_shape: dict[tuple[int, int], list[list[Tensor]]] = {}
+    filled: dict[tuple[int, int], int] = {}  # elements in each shape's last batch
     for param in params:
-        m = matrices[param]
-        batches = by_shape.setdefault((m.rows, m.cols), [[]])
-        if batches[-1] and sum(p.numel() for p in batches[-1]) + param.numel() > budget:
+        shape = (matrices[param].rows, matrices[param].cols)
+        batches = by_shape.setdefault(shape, [[]])
+        if batches[-1] and filled[shape] + param.numel() > budget:
             batches.append([])
+            filled[shape] = 0
         batches[-1].append(param)
+        filled[shape] = filled.get(shape, 0) + param.numel()
     return [batch for batches in by_shape.values() for batch in batches]
 
 
