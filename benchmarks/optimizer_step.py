@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 from omegaconf import DictConfig
 
-from benchmarks.train_step import add_model_arguments, overrides, time_steps
+from benchmarks.train_step import add_model_arguments, median_step_times, overrides
 from megamoe.config import compose, validate
 from megamoe.models import build_stage
 from megamoe.nn.moe.experts import expert_parameters
-from megamoe.parallel.mesh import init_grid, shutdown
 from megamoe.parallel.planner import model_flops_per_token
-from megamoe.train.loop import build_trainer
 from megamoe.train.muon import newton_schulz_flops
 from megamoe.train.optim import muon_matrices
 
@@ -65,26 +62,6 @@ def timed_overrides(args: argparse.Namespace, optimizer: str) -> list[str]:
             *OPTIMIZERS[optimizer]]
 
 
-def step_times(args: argparse.Namespace) -> dict[str, float]:
-    """Median seconds per training step of each optimizer, over interleaved rounds."""
-    cfgs = {name: compose(timed_overrides(args, name)) for name in args.optimizers}
-    for cfg in cfgs.values():
-        validate(cfg, world_size=1)
-    grid = init_grid(pp=1, ep=1, timeout_s=600)
-    try:
-        trainers = {name: build_trainer(cfg, grid) for name, cfg in cfgs.items()}
-        batches = {name: iter(t.loader) for name, t in trainers.items()}
-        for name in trainers:  # warm-up: allocator, optimizer state
-            time_steps(trainers[name], batches[name], 1)
-        times: dict[str, list[float]] = {name: [] for name in trainers}
-        for _ in range(args.rounds):
-            for name in trainers:
-                times[name].append(time_steps(trainers[name], batches[name], args.steps))
-    finally:
-        shutdown()
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def newton_schulz_share(cfg: DictConfig, world_size: int) -> dict[str, float]:
     """Newton–Schulz FLOPs per step of ``cfg`` under Muon: the whole model's (each matrix once) and
     one GPU's at its layout on ``world_size`` GPUs, each ÷ the training FLOPs of the same scope."""
@@ -107,7 +84,7 @@ def newton_schulz_share(cfg: DictConfig, world_size: int) -> dict[str, float]:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    median = step_times(args)
+    median = median_step_times({name: compose(timed_overrides(args, name)) for name in args.optimizers}, args)
     tokens = args.batch * args.seq_len
     for name, seconds in median.items():
         print(f"{name:>17}: {seconds * 1e3:8.1f} ms/step  {tokens / seconds:10,.0f} tokens/s")
