@@ -12,12 +12,14 @@ then the last line is one JSON object with every figure:
    with LFA on: the layer's forward succeeds with only those backends allowed.
 4. ``fused_adamw`` — the optimizer the trainer builds (apex FusedAdam when importable, else
    torch's fused AdamW) makes the same update as torch's reference AdamW.
-5. ``memory_vs_estimate`` — the peak memory of 2 proxy steps against megamoe.estimators.memory's
+5. ``muon`` — a Muon step of one ep-8 rank's share of an M32 expert bank (bf16 Newton–Schulz,
+   the bank as one batch) equals the float64 step within bf16 tolerance; the iteration's TFLOP/s.
+6. ``memory_vs_estimate`` — the peak memory of 2 proxy steps against megamoe.estimators.memory's
    estimate: within 15%.
-6. ``mfu`` — MFU of an M32-shaped slice (hidden 2048, 16 heads × 256, 32 experts top-2, expert
+7. ``mfu`` — MFU of an M32-shaped slice (hidden 2048, 16 heads × 256, 32 experts top-2, expert
    FFN 8192, seq 4096, bf16) with as many layers as fit the GPU and the recompute mode the
    estimator and planner advise; target ≥ 45% on H100 / H200.
-7. ``document_attention`` — attention inside documents (``data.reset_attention_mask``) at M32's
+8. ``document_attention`` — attention inside documents (``data.reset_attention_mask``) at M32's
    shape (16 heads × 256, 4096 tokens of ~4 documents, bf16): the flex-attention path equals SDPA
    under the dense mask, forward and gradients, and is not slower than torch's varlen
    (FlashAttention) kernel by more than 10% — the choice megamoe.nn.documents made; its time
@@ -49,6 +51,7 @@ from megamoe.models import build_stage
 from megamoe.nn.moe import ExpertBank
 from megamoe.parallel.mesh import init_grid, shutdown
 from megamoe.train.metrics import detect_peak_flops
+from megamoe.train.muon import newton_schulz_dtype, newton_schulz_flops, orthogonalize
 from megamoe.train.optim import build_optimizer, param_groups
 from megamoe.train.peak_memory import cpu_peak_bytes
 from megamoe.train.step import train_step
@@ -213,6 +216,35 @@ def check_fused_adamw(sizes: Sizes, device: torch.device) -> Check:
                  {"optimizer": type(fused).__name__, "max_relative_difference": error})
 
 
+def check_muon(sizes: Sizes, device: torch.device) -> Check:
+    """One Muon step of an expert bank (on a GPU, one ep-8 rank's share of an M32 layer: 4 experts,
+    8 gate / up matrices of 8192 × 2048 and 4 down ones) — bf16 Newton–Schulz, the bank's matrices
+    as one batch — against the same step in float64 matrix by matrix; and the iteration's rate."""
+    experts, _, hidden, ffn = sizes.experts
+    bank = ExpertBank(max(experts // 8, 1), 0, hidden, ffn).to(device)
+    bank.reset_parameters(0.02, 0, 0)
+    t = compose(["+exp=tiny", "train.optimizer=muon"]).train
+    optimizer = build_optimizer(bank, t)
+    generator = torch.Generator().manual_seed(0)
+    for p in bank.parameters():
+        p.grad = torch.randn(p.shape, generator=generator).to(device)
+    before = [p.detach().double() for p in bank.parameters()]
+    optimizer.step()  # the first step's update is NS of the gradient itself (Nesterov of a zero momentum)
+    error = 0.0
+    for p, w in zip(bank.parameters(), before):
+        m = optimizer.matrices[p]
+        exact = torch.stack([orthogonalize(x[None], t.muon.ns_steps)[0] for x in m.view(p.grad.double())])
+        expected = w * (1 - t.lr * t.weight_decay) - t.lr * m.scale(t.muon.adjust_lr) * exact.reshape(p.shape)
+        error = max(error, _relative_error(p.double() - w, expected - w))
+    batch = optimizer.matrices[bank.w1].view(bank.w1.grad).to(newton_schulz_dtype(bank.w1))
+    seconds = _timed(lambda: orthogonalize(batch, t.muon.ns_steps), device)
+    rate = newton_schulz_flops([optimizer.matrices[bank.w1]], t.muon.ns_steps) / seconds
+    return Check("muon", error <= 3e-2, f"{batch.dtype} Newton–Schulz of {batch.shape[0]} matrices "
+                 f"{list(batch.shape[1:])} in one batch: relative error of the step {error:.1e} vs float64 (≤ 3e-2); "
+                 f"{1e3 * seconds:.1f} ms, {rate / 1e12:.1f} TFLOP/s",
+                 {"max_relative_error": error, "ms": 1e3 * seconds, "tflops": rate / 1e12})
+
+
 def check_memory(sizes: Sizes, device: torch.device) -> Check:
     cfg = compose([*sizes.proxy, "data=mock", "train.steps=2", "train.precision=bf16"])
     estimate = balance.memory_per_gpu(cfg, 1)[1].total
@@ -347,8 +379,8 @@ def _varlen_documents(ids: torch.Tensor) -> Callable[..., torch.Tensor]:
     return attend
 
 
-CHECKS = (check_bf16_tracks_fp32, check_grouped_gemm, check_flash_sdpa, check_fused_adamw, check_memory, check_mfu,
-          check_document_attention)
+CHECKS = (check_bf16_tracks_fp32, check_grouped_gemm, check_flash_sdpa, check_fused_adamw, check_muon, check_memory,
+          check_mfu, check_document_attention)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+from omegaconf import DictConfig
 
 from megamoe.config import compose
 from megamoe.models import validate_config
@@ -67,10 +68,9 @@ def time_steps(trainer: Trainer, batches, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    cfgs = {name: compose(overrides(args, name == "dense")) for name in ("moe", "dense")}
+def median_step_times(cfgs: dict[str, DictConfig], args: argparse.Namespace) -> dict[str, float]:
+    """Median seconds per training step of each config's trainer, after one warm-up step each,
+    over ``args.rounds`` interleaved rounds of ``args.steps`` steps (one process, mock data)."""
     for cfg in cfgs.values():
         validate_config(cfg, world_size=1)
     grid = init_grid(pp=1, ep=1, timeout_s=600)
@@ -85,8 +85,14 @@ def main() -> None:
                 times[name].append(time_steps(trainers[name], batches[name], args.steps))
     finally:
         shutdown()
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    median = median_step_times({name: compose(overrides(args, name == "dense")) for name in ("moe", "dense")}, args)
     tokens = args.batch * args.seq_len
-    median = {name: statistics.median(t) for name, t in times.items()}
     for name, seconds in median.items():
         print(f"{name:>6}: {seconds * 1e3:8.1f} ms/step  {tokens / seconds:10,.0f} tokens/s")
     ratio = median["moe"] / median["dense"]

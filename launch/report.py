@@ -131,7 +131,7 @@ def _figure(width: float = 7.0, height: float = 4.0) -> tuple[Any, Any]:
     return fig, ax
 
 
-def _si(value: float, _position: object = None) -> str:
+def si_label(value: float, _position: object = None) -> str:
     """Axis labels for token counts: 1.5M, 2B."""
     for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(value) >= scale:
@@ -148,7 +148,7 @@ def loss_figure(run: Run) -> Any:
         at = [(run.tokens_at_step(step), loss) for step, loss in points]
         at = [(tokens, loss) for tokens, loss in at if tokens is not None]
         ax.plot([t for t, _ in at], [loss for _, loss in at], marker="o", ms=4, label=f"validation: {source}")
-    ax.xaxis.set_major_formatter(FuncFormatter(_si))
+    ax.xaxis.set_major_formatter(FuncFormatter(si_label))
     ax.set(xlabel="tokens", ylabel="loss (nats / token)", title="loss")
     ax.legend()
     return fig

@@ -60,6 +60,7 @@ from megamoe.checkpoint.state import (
     layout_of,
     log,
     model_pieces,
+    optimizer_kind,
     optimizer_pieces,
     placements,
     rng_bytes,
@@ -132,6 +133,7 @@ def take_snapshot(state: TrainingState, save_id: int, host_buffers: Optional[dic
         "data_stream": state.data_stream,  # a resume that changes it would read other samples
         "reset_attention_mask": state.cfg.data.reset_attention_mask,  # a resume may flip it: said in the log
         "optimizer_group_steps": [group.get("step") for group in state.optimizer.param_groups],  # apex keeps it here
+        **optimizer_kind(state.cfg),  # what the optim-* state is: only the same optimizer resumes from it
     }
     return Snapshot(save_id, step, model, optim, rng_bytes(), checked, int(needed.item()), counters, layout_of(state),
                     OmegaConf.to_yaml(state.cfg))

@@ -46,6 +46,11 @@ from megamoe.nn.init import init_key_seed
 from megamoe.parallel.expert import expert_range
 from megamoe.parallel.mesh import ProcessGrid, first_error
 
+# The train.* settings that decide what a checkpoint's optimizer state is → (their value in checkpoints
+# from before the setting existed, why a run with another value cannot resume from it).
+OPTIMIZER_KIND = {"optimizer": ("adamw", "AdamW keeps two moments per matrix, Muon one momentum"),
+                  "optimizer_state_dtype": ("fp32", "the state would change precision in the middle of the run")}
+
 
 class Stateful(Protocol):
     """A part of the job that saves and restores its own position (the data loader)."""
@@ -166,14 +171,19 @@ def model_pieces(places: list[Placement], mine: set[str]) -> list[tuple[str, Ten
 
 def optimizer_pieces(optimizer: torch.optim.Optimizer, places: list[Placement],
                      mine: set[str]) -> list[tuple[str, Tensor]]:
-    """AdamW's exp_avg / exp_avg_sq / step (whatever state it keeps) as ``{key}/{global name}``,
-    for the tensors this rank writes."""
+    """The optimizer's state (AdamW's exp_avg / exp_avg_sq / step, Muon's momentum_buffer: whatever
+    it keeps) as ``{key}/{global name}``, for the tensors this rank writes."""
     pieces = []
     for place in (place for place in places if not place.copy):  # as model_pieces
         for key, value in optimizer.state.get(place.tensor, {}).items():
             if torch.is_tensor(value):
                 pieces += [(f"{key}/{name}", piece) for name, piece in place.pieces(value.detach()) if name in mine]
     return pieces
+
+
+def optimizer_kind(cfg: DictConfig) -> dict[str, str]:
+    """The settings that decide what a checkpoint's optimizer state is (recorded in its manifest)."""
+    return {key: cfg.train[key] for key in OPTIMIZER_KIND}
 
 
 def rng_bytes() -> bytes:
@@ -279,6 +289,17 @@ def _load_optimizer(state: TrainingState, ckpt_dir: Path, manifest: Manifest, pl
     optimizer.load_state_dict(packed)
 
 
+def _check_optimizer(state: TrainingState, ckpt_dir: Path, manifest: Manifest) -> None:
+    """The optimizer state resumes only into the optimizer, and the state dtype, that wrote it."""
+    wanted = optimizer_kind(state.cfg)
+    for key, (default, why) in OPTIMIZER_KIND.items():
+        saved = manifest.state.get(key, default)
+        if saved != wanted[key]:
+            raise SharedError(f"{ckpt_dir}: its optimizer state was written with train.{key}={saved}, which "
+                              f"train.{key}={wanted[key]} cannot continue from ({why}); set train.{key}={saved} "
+                              "to resume this run, or start a new one (checkpoint.resume=none, or another run.dir)")
+
+
 def _check_data_stream(state: TrainingState, ckpt_dir: Path, manifest: Manifest) -> None:
     """Resume only into the same sample stream, unless checkpoint.allow_data_change says otherwise.
 
@@ -326,6 +347,8 @@ def load_checkpoint(state: TrainingState, ckpt_dir: Path) -> Manifest:
     """
     manifest = read_manifest(ckpt_dir)
     _check_names(manifest, state, ckpt_dir)
+    if manifest.has_optimizer:
+        _check_optimizer(state, ckpt_dir, manifest)
     places = placements(state)
     with torch.no_grad():
         _load_model(state, ckpt_dir, manifest, places)

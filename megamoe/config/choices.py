@@ -92,6 +92,22 @@ class Decay(Choice):
     CONSTANT = "constant"
 
 
+class Optimizer(Choice):
+    ADAMW = "adamw"
+    MUON = "muon"  # Muon on the hidden matrices, AdamW on embeddings, head, norms, biases (docs/optimizer.md)
+
+
+class MuonAdjustLr(Choice):
+    MATCH_RMS_ADAMW = "match_rms_adamw"  # Moonlight's 0.2·√max(A, B): AdamW's lr and weight decay carry over
+    ORIGINAL = "original"  # Keller Jordan's √max(1, A/B), for a Muon-tuned lr
+    NONE = "none"
+
+
+class StateDtype(Choice):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
 class Precision(Choice):
     AUTO = "auto"  # bf16 on CUDA, fp32 on CPU
     BF16 = "bf16"

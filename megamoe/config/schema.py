@@ -20,8 +20,10 @@ from megamoe.config.choices import (
     DataKind,
     Decay,
     FfnType,
+    MuonAdjustLr,
     OnError,
     OnNonFinite,
+    Optimizer,
     Precision,
     Recompute,
     Router,
@@ -29,6 +31,7 @@ from megamoe.config.choices import (
     RouterOrder,
     Schedule,
     StageBalance,
+    StateDtype,
     Switch,
     TokenizerType,
     WandbMode,
@@ -159,8 +162,18 @@ class SpikeConfig:
 
 
 @dataclass
+class MuonConfig:
+    """Muon for the hidden weight matrices (train.optimizer=muon; megamoe.train.muon, docs/optimizer.md)."""
+
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton–Schulz iterations per update
+    adjust_lr: str = choice(MuonAdjustLr.MATCH_RMS_ADAMW)  # the update's scale per A×B matrix
+
+
+@dataclass
 class TrainConfig:
-    """Optimisation: batch, schedule, AdamW, precision, and what to do with non-finite steps."""
+    """Optimisation: batch, schedule, optimizer, precision, and what to do with non-finite steps."""
 
     steps: int = 318000
     global_batch: int = 1536
@@ -176,6 +189,10 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    # muon: Muon on the hidden matrices, AdamW (beta1, beta2, eps above) on embeddings, head, norms, biases
+    optimizer: str = choice(Optimizer.ADAMW)
+    muon: MuonConfig = field(default_factory=MuonConfig)
+    optimizer_state_dtype: str = choice(StateDtype.FP32)  # AdamW's moments / Muon's momentum (weights stay fp32)
     clip_grad: float = 1.0
     precision: str = choice(Precision.AUTO)  # auto: bf16 on CUDA, fp32 on CPU
     activation_checkpointing: str = choice(Recompute.NONE)

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from megamoe.config.choices import V_SCHEDULES, Choice, RouterMode, Schedule, StageBalance
 from megamoe.config.layers import moe_layer_flags
-from megamoe.config.schema import MegaMoEConfig, rotary_dim
+from megamoe.config.schema import MegaMoEConfig, MuonConfig, rotary_dim
 from megamoe.errors import ConfigError
 
 
@@ -39,7 +39,8 @@ POSITIVE: tuple[str, ...] = (
     "parallel.virtual_stages", "parallel.grad_bucket_mb", "parallel.collective_timeout_s", "train.steps",
     "train.global_batch", "train.micro_batch", "train.seq_len", "train.lr", "train.log_interval", "train.eval_interval",
     "train.eval_iters", "train.max_skipped_steps", "train.spike.window", "train.spike.sigmas", "train.spike.patience",
-    "train.spike.max_rollbacks", "checkpoint.interval", "checkpoint.keep", "eval.downstream_max_new_tokens",
+    "train.spike.max_rollbacks", "train.muon.ns_steps", "checkpoint.interval", "checkpoint.keep",
+    "eval.downstream_max_new_tokens",
 )
 
 NON_NEGATIVE: tuple[str, ...] = (
@@ -135,6 +136,19 @@ def _validate_train(cfg: DictConfig) -> None:
     _check(t.warmup_steps <= t.steps, "train.warmup_steps", f"{t.warmup_steps} > train.steps={t.steps}")
     _check(t.global_batch % t.micro_batch == 0, "train.global_batch",
            f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
+    _validate_muon(cfg)
+
+
+def _validate_muon(cfg: DictConfig) -> None:
+    """Muon's keys mean something only under train.optimizer=muon: set under adamw, they are a mistake."""
+    t = cfg.train
+    if t.optimizer != "muon":
+        for key, default in vars(MuonConfig()).items():
+            value = getattr(t.muon, key)
+            _check(value == default, f"train.muon.{key}", f"{value} has no meaning with train.optimizer={t.optimizer} "
+                   "(it is Muon's); set train.optimizer=muon, or remove the key")
+        return
+    _check(0 <= t.muon.momentum < 1, "train.muon.momentum", f"{t.muon.momentum} must be in [0, 1)")
 
 
 def _validate_data(cfg: DictConfig) -> None:

@@ -16,13 +16,14 @@ def test_the_dry_run_passes_every_check() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     summary = json.loads(lines[-1])
-    names = ["bf16_tracks_fp32", "grouped_gemm", "flash_sdpa", "fused_adamw", "memory_vs_estimate", "mfu",
+    names = ["bf16_tracks_fp32", "grouped_gemm", "flash_sdpa", "fused_adamw", "muon", "memory_vs_estimate", "mfu",
              "document_attention"]
     assert list(summary["checks"]) == names and summary["passed"] and summary["dry_run"]
     assert [line.split()[1] for line in lines if line.startswith(("PASS", "FAIL"))] == names
     checks = summary["checks"]
     assert checks["grouped_gemm"]["max_relative_error"] <= 2e-2  # the comparisons ran, not only the code
     assert checks["fused_adamw"]["max_relative_difference"] <= 1e-5
+    assert checks["muon"]["max_relative_error"] <= 1e-5  # on the CPU the iteration runs in fp32
     assert checks["memory_vs_estimate"]["relative_gap"] <= 0.15
     assert checks["document_attention"]["max_relative_error"] <= 1e-5  # fp32 on the CPU
 

@@ -1,5 +1,6 @@
-"""Save / resume in one process: bit-identical continuation, fallback from damaged checkpoints,
-model-only checkpoints, resume=none, retention."""
+"""Save / resume in one process: bit-identical continuation (AdamW, Muon, bf16 optimizer state),
+fallback from damaged checkpoints, model-only checkpoints, resume=none, retention, and the
+changes a resume refuses (optimizer, state dtype, sample stream)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 
 from megamoe.checkpoint import iter_model_tensors, model_tensor_shapes, write_model_checkpoint
 from megamoe.checkpoint.saver import save_checkpoint
-from megamoe.checkpoint.state import checkpoint_before, load_checkpoint, resume
-from megamoe.checkpoint.store import complete_checkpoints
+from megamoe.checkpoint.state import OPTIMIZER_KIND, checkpoint_before, load_checkpoint, resume
+from megamoe.checkpoint.store import complete_checkpoints, read_manifest
 from megamoe.config import compose
 from megamoe.errors import CheckpointError, SharedError
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
@@ -51,22 +52,35 @@ def _train(trainer: Trainer, steps: int, save_at: tuple[int, ...] = ()) -> list[
     return losses
 
 
-@pytest.mark.parametrize("documents", [False, True], ids=["mock", "documents"])
-def test_resume_continues_bit_identically(grid: ProcessGrid, tmp_path: Path, documents: bool) -> None:
-    masked = [*blend_overrides(tmp_path / "data"), "data.reset_attention_mask=true"] if documents else []
+OPTIMIZERS = {"adamw": [], "muon": ["train.optimizer=muon"],
+              "muon_bf16_state": ["train.optimizer=muon", "train.optimizer_state_dtype=bf16"],
+              "adamw_bf16_state": ["train.optimizer_state_dtype=bf16"]}
+
+
+@pytest.mark.parametrize("variant", [*sorted(OPTIMIZERS), "documents"])
+def test_resume_continues_bit_identically(grid: ProcessGrid, tmp_path: Path, variant: str) -> None:
+    """Every optimizer and state dtype, and attention inside documents (on a real corpus)."""
+    masked = [*blend_overrides(tmp_path / "data"), "data.reset_attention_mask=true"] if variant == "documents" else []
+    overrides = [*OPTIMIZERS.get(variant, []), *masked]
     torch.manual_seed(0)
-    uninterrupted = _trainer(grid, tmp_path / "a", *masked)
+    uninterrupted = _trainer(grid, tmp_path / "a", *overrides)
     losses = _train(uninterrupted, 5, save_at=(2, 5))
     rng_after = torch.get_rng_state()
 
     torch.manual_seed(123)  # the resumed process starts from other RNG states; the checkpoint restores them
-    resumed = _trainer(grid, tmp_path / "b", *masked)
+    resumed = _trainer(grid, tmp_path / "b", *overrides)
     load_checkpoint(resumed.state, tmp_path / "a/checkpoints/step_2")
     assert resumed.step == 2 and resumed.loader.consumed_samples == 2 * 4
     assert _train(resumed, 3, save_at=(5,)) == losses[2:]
     assert torch.equal(torch.get_rng_state(), rng_after)
-    assert_same_tensors(checkpoint_tensors(tmp_path / "b/checkpoints/step_5"),
-                        checkpoint_tensors(tmp_path / "a/checkpoints/step_5"))
+    stored = checkpoint_tensors(tmp_path / "b/checkpoints/step_5")
+    assert_same_tensors(stored, checkpoint_tensors(tmp_path / "a/checkpoints/step_5"))
+    # the comparison covered the optimizer's state, in the kinds and the dtype it keeps
+    muon, adamw = variant.startswith("muon"), {"exp_avg", "exp_avg_sq", "step"}
+    assert {name.split("/")[0] for name in stored if "/" in name} == ({"momentum_buffer", *adamw} if muon else adamw)
+    state_dtype = torch.bfloat16 if variant.endswith("bf16_state") else torch.float32
+    expert_state = f"{'momentum_buffer' if muon else 'exp_avg'}/layers.1.mlp.experts.3.w1"
+    assert stored["exp_avg/embed.weight"].dtype == stored[expert_state].dtype == state_dtype
     moe = resumed.modules[0].model.layers["0"].mlp
     assert moe.expert_bias.abs().sum() > 0  # the buffer really moved, so the comparison covered it
 
@@ -287,6 +301,30 @@ def test_a_mixed_stack_is_stored_by_global_name_and_loads_into_another_split(gri
     load_checkpoint(split.state, saved)
     assert_same_tensors(checkpoint_tensors(save_checkpoint(split.state)), stored)
     torch.testing.assert_close(_train(split, 1), _train(whole, 1), rtol=1e-5, atol=0)
+
+
+def test_resume_under_another_optimizer_or_state_dtype_is_refused(grid: ProcessGrid, tmp_path: Path) -> None:
+    """AdamW's moments cannot drive Muon (or back), nor fp32 state continue as bf16: one line each,
+    before anything is loaded; the manifest records what the state is."""
+    _train(_trainer(grid, tmp_path / "adamw"), 1, save_at=(1,))
+    _train(_trainer(grid, tmp_path / "muon", *OPTIMIZERS["muon_bf16_state"]), 1, save_at=(1,))
+    assert [read_manifest(tmp_path / run / "checkpoints/step_1").state[key] for run in ("adamw", "muon")
+            for key in ("optimizer", "optimizer_state_dtype")] == ["adamw", "fp32", "muon", "bf16"]
+    for run, wrote, key, saved, wanted in [
+        ("adamw", "adamw", "optimizer", "adamw", "muon"),
+        ("muon", "muon_bf16_state", "optimizer", "muon", "adamw"),
+        ("muon", "muon", "optimizer_state_dtype", "bf16", "fp32"),
+    ]:
+        ckpt = tmp_path / run / "checkpoints/step_1"
+        trainer = _trainer(grid, tmp_path / run, *OPTIMIZERS[wrote], f"train.{key}={wanted}")
+        before = trainer.modules[0].model.embed.weight.detach().clone()
+        with pytest.raises(SharedError) as info:
+            resume(trainer.state)
+        assert str(info.value) == (
+            f"{ckpt}: its optimizer state was written with train.{key}={saved}, which train.{key}={wanted} cannot "
+            f"continue from ({OPTIMIZER_KIND[key][1]}); set train.{key}={saved} to resume this run, or start a new "
+            "one (checkpoint.resume=none, or another run.dir)")
+        assert trainer.step == 0 and torch.equal(trainer.modules[0].model.embed.weight, before)
 
 
 def test_a_changed_global_batch_continues_at_the_same_sample(grid: ProcessGrid, tmp_path: Path,

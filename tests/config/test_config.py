@@ -80,10 +80,26 @@ def test_unknown_key_or_wrong_type_names_the_key(overrides: list[str], expected:
         (["model.vocab_size=0"], "model.vocab_size"),
         (["moe.aux_loss_coeff=-1"], "moe.aux_loss_coeff"),
         (["data=mock", "data.reset_attention_mask=true"], "data.reset_attention_mask"),
+        (["train.optimizer=sgd"], "train.optimizer"),
+        (["train.optimizer_state_dtype=fp8"], "train.optimizer_state_dtype"),
+        (["train.optimizer=muon", "train.muon.adjust_lr=spectral"], "train.muon.adjust_lr"),
+        (["train.optimizer=muon", "train.muon.momentum=1.0"], "train.muon.momentum"),
+        (["train.optimizer=muon", "train.muon.ns_steps=0"], "train.muon.ns_steps"),
     ],
 )
 def test_impossible_combination_names_the_key(overrides: list[str], key: str) -> None:
     assert _error(["+exp=tiny", *overrides]).startswith(key + ":")
+
+
+@pytest.mark.parametrize("override", ["train.muon.momentum=0.9", "train.muon.nesterov=false",
+                                      "train.muon.ns_steps=3", "train.muon.adjust_lr=original"])
+def test_muon_keys_under_adamw_are_one_error(override: str) -> None:
+    """A Muon setting with train.optimizer=adamw would silently do nothing: it is a mistake to name."""
+    key, value = override.split("=")
+    assert _error(["+exp=tiny", override]) == (f"{key}: {value.replace('false', 'False')} has no meaning with "
+                                               "train.optimizer=adamw (it is Muon's); set train.optimizer=muon, "
+                                               "or remove the key")
+    validate_config(compose(["+exp=tiny", override, "train.optimizer=muon"]))
 
 
 @pytest.mark.parametrize(

@@ -165,12 +165,14 @@ FEATURES = {"": [], "capacity": ["moe.capacity_factor=1.0"], "aux_free_bias": ["
             "6_layers": ["model.num_layers=6"], "full_recompute": ["train.activation_checkpointing=full"],
             "documents": ["data.reset_attention_mask=true"],
             # dense first layers (moe.layer_freq): pp = 2 gives stage 0 no expert at all, stage 1 one MoE layer
-            "mixed": ["moe.layer_freq=[0,0,1,0]", "model.dense_ffn_hidden_size=96", "moe.aux_free_bias=true"]}
+            "mixed": ["moe.layer_freq=[0,0,1,0]", "model.dense_ffn_hidden_size=96", "moe.aux_free_bias=true"],
+            "muon": ["train.optimizer=muon"],
+            "muon_bf16_state": ["train.optimizer=muon", "train.optimizer_state_dtype=bf16"]}
 DOCUMENT_FEATURES = {"documents"}  # trained on a real corpus (the fixture `features` adds it)
 # Cases whose every feature another case also runs (dp2 ⊂ dp2_ep2; pp2 ⊂ dp2_pp2_ep2 and pp2_uneven;
 # the pp = 2 interleaved / ZB-V / DualPipeV cases ⊂ their uneven, recompute and dp2_pp2_ep2
 # variants; aux-free bias at dp2 ⊂ dp2_ep2; expert choice with the linear router ⊂ the attention
-# router's): marked slow to keep the suite within CI's budget.
+# router's; Muon beyond dp2_pp2_ep2): marked slow to keep the suite within CI's budget.
 COVERED_ELSEWHERE = {"dp2", "pp2", "pp2_interleaved", "pp2_zbv", "pp2_dualpipev"}
 CASES = [pytest.param(layout, "", marks=pytest.mark.slow) if layout in COVERED_ELSEWHERE else (layout, "")
          for layout in sorted(LAYOUTS)] + [
@@ -178,7 +180,10 @@ CASES = [pytest.param(layout, "", marks=pytest.mark.slow) if layout in COVERED_E
     ("dp2_ep2", "aux_free_bias"), ("dp2_ep2", "expert_choice"),
     pytest.param("dp2_ep2", "expert_choice_linear", marks=pytest.mark.slow),
     ("pp2_zbv", "full_recompute"),  # recompute inside a split backward
-    ("dp2_pp2_ep2", "mixed")] + [
+    ("dp2_pp2_ep2", "mixed"),
+    ("dp2_pp2_ep2", "muon"),  # Muon's per-matrix update sees whole matrices whatever the layout
+    pytest.param("pp2_dualpipev", "muon", marks=pytest.mark.slow),
+    pytest.param("dp4_ep4", "muon_bf16_state", marks=pytest.mark.slow)] + [
     (layout, "6_layers") for layout in sorted(SIX_LAYER_LAYOUTS)] + [
     # Attention inside documents: the stage protocol's hardest case (a V schedule, whose split
     # backward and forward-only evaluation pass the document ids too) by default; the others slow.

@@ -1,4 +1,5 @@
-"""Multi-process checkpoints: exact resume on (dp, pp, ep) = (2, 2, 2), and resharding to other layouts.
+"""Multi-process checkpoints: exact resume on (dp, pp, ep) = (2, 2, 2), and resharding to other layouts
+(with AdamW's state and with Muon's).
 
 A checkpoint saved by the 4-process (2, 2, 2) run is loaded by (1, 1, 1), (4, 1, 4), (1, 2, 1) and
 (1, 2, 1) under ZB-V, whose V layout puts the first and the last stage on pipeline rank 0.
@@ -67,27 +68,36 @@ RESHARD = {"1x1x1": (1, []), "4x1x4": (4, ["parallel.ep=4"]), "1x2x1": (2, ["par
            "1x2x1_zbv": (2, ["parallel.pp=2", "parallel.schedule=zbv_zero_bubble", "parallel.virtual_stages=2"])}
 
 
-def reshard_phase(root: Path, layout: str) -> dict[str, Any]:
+def reshard_phase(root: Path, layout: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Load the (2, 2, 2) checkpoint of step 2 into ``layout``, save it at once, train one step."""
-    return {"layout": RESHARD[layout][1], "run_dir": str(root / layout), "until": SAVED_STEP + 1,
+    return {"layout": [*RESHARD[layout][1], *extra], "run_dir": str(root / layout), "until": SAVED_STEP + 1,
             "save_after_load": True, "load": str(root / f"original/checkpoints/step_{SAVED_STEP}")}
+
+
+MUON = ("train.optimizer=muon",)
 
 
 @pytest.fixture(scope="module")
 def original(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """4 processes: (2, 2, 2) trains 4 steps saving at 2 and 4; a fresh (2, 2, 2) trainer resumes
-    from step 2 to 4; then the same processes reshard step 2 to (4, 1, 4)."""
+    from step 2 to 4; then the same processes reshard step 2 to (4, 1, 4). Then the same under Muon
+    (in ``["muon"]``): (2, 2, 2) trains 3 steps saving at 2, and step 2 reshards to (4, 1, 4)."""
     root = tmp_path_factory.mktemp("resume")
+    muon_root = root / "muon"
     phases = [
         {"layout": ORIGINAL, "run_dir": str(root / "original"), "until": LAST_STEP, "save_at": (SAVED_STEP, LAST_STEP)},
         {"layout": ORIGINAL, "run_dir": str(root / "resumed"), "until": LAST_STEP, "save_at": (LAST_STEP,),
          "load": str(root / f"original/checkpoints/step_{SAVED_STEP}")},
         reshard_phase(root, "4x1x4"),
+        {"layout": [*ORIGINAL, *MUON], "run_dir": str(muon_root / "original"), "until": SAVED_STEP + 1,
+         "save_at": (SAVED_STEP,)},
+        reshard_phase(muon_root, "4x1x4", MUON),
     ]
     results = run_distributed(run_phases, 4, phases, timeout_s=300, init_process_group=False)
     assert all(r == results[0] for r in results)  # every rank reports the world-reduced loss
-    uninterrupted, resumed, resharded = results[0]
-    return {"root": root, "losses": uninterrupted, "resumed": resumed, "4x1x4": resharded}
+    uninterrupted, resumed, resharded, muon, muon_resharded = results[0]
+    return {"root": root, "losses": uninterrupted, "resumed": resumed, "4x1x4": resharded,
+            "muon": {"root": muon_root, "losses": muon, "4x1x4": muon_resharded, "extra": MUON}}
 
 
 def test_resume_on_2x2x2_is_bit_identical(original: dict[str, Any]) -> None:
@@ -124,20 +134,28 @@ def test_each_rank_writes_its_share_and_nothing_twice(original: dict[str, Any]) 
         assert any(".attn." in t for t in by_rank[r]), f"rank {r} writes no dense tensor"
 
 
-@pytest.mark.parametrize("layout", sorted(RESHARD))
-def test_reshard_to_another_layout(layout: str, original: dict[str, Any]) -> None:
-    root = original["root"]
+# Muon's momentum reshards by parameter name like AdamW's moments: (2, 2, 2) → (4, 1, 4) and (1, 1, 1)
+# cover a changed dp, pp and ep; the 2-process pipeline layouts add nothing Muon-specific (slow).
+RESHARD_CASES = [pytest.param(layout, "adamw", id=layout) for layout in sorted(RESHARD)] + [
+    pytest.param(layout, "muon", id=f"{layout}-muon", marks=() if layout in ("4x1x4", "1x1x1") else pytest.mark.slow)
+    for layout in sorted(RESHARD)]
+
+
+@pytest.mark.parametrize(("layout", "optimizer"), RESHARD_CASES)
+def test_reshard_to_another_layout(layout: str, optimizer: str, original: dict[str, Any]) -> None:
+    run = original if optimizer == "adamw" else original["muon"]
+    root, phase = run["root"], reshard_phase(run["root"], layout, run.get("extra", ()))
     world_size = RESHARD[layout][0]
-    if layout in original:
-        next_losses = original[layout]
+    if layout in run:
+        next_losses = run[layout]
     elif world_size == 1:
-        (next_losses,) = run_phases(0, 1, [reshard_phase(root, layout)])  # in this process: no spawn
+        (next_losses,) = run_phases(0, 1, [phase])  # in this process: no spawn
     else:
-        (next_losses,) = run_distributed(run_phases, world_size, [reshard_phase(root, layout)], timeout_s=300,
-                                         init_process_group=False)[0]
-    assert_same_tensors(checkpoint_tensors(root / f"{layout}/checkpoints/step_{SAVED_STEP}"),
-                        checkpoint_tensors(root / f"original/checkpoints/step_{SAVED_STEP}"))
-    torch.testing.assert_close(next_losses[0], original["losses"][SAVED_STEP], rtol=1e-5, atol=0)
+        (next_losses,) = run_distributed(run_phases, world_size, [phase], timeout_s=300, init_process_group=False)[0]
+    resaved = checkpoint_tensors(root / f"{layout}/checkpoints/step_{SAVED_STEP}")
+    assert_same_tensors(resaved, checkpoint_tensors(root / f"original/checkpoints/step_{SAVED_STEP}"))
+    assert ("momentum_buffer/layers.3.mlp.experts.7.w2" in resaved) == (optimizer == "muon")
+    torch.testing.assert_close(next_losses[0], run["losses"][SAVED_STEP], rtol=1e-5, atol=0)
 
 
 # 6 layers on pp 2 with a head worth ~2.3 layers (vocab 2048): stage_balance=auto moves a layer off the last stage.
