@@ -179,11 +179,11 @@ def precision(cfg: DictConfig, device: torch.device) -> str:
 
 def build_trainer(cfg: DictConfig, grid: ProcessGrid) -> Trainer:
     exchange = AllToAllExchange(cfg.moe.num_experts, grid.ep_group) if grid.ep > 1 else None
-    modules = build_stage_modules(cfg, grid.pp_rank, exchange)
+    with torch.device(grid.device):  # built in place: no host copy of the weights (and fake tensors cannot move)
+        modules = build_stage_modules(cfg, grid.pp_rank, exchange)
     models = [module.model for module in modules]
     for model in models:
         model.reset_parameters(cfg.seed)
-        model.to(grid.device)
         if cfg.train.compile == "block":
             compile_blocks(model)
     chunks = [grad_chunk(model) for model in reversed(models)]  # the order their backward ends

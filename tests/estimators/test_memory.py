@@ -133,7 +133,11 @@ def test_tiny_by_hand() -> None:
     # (2 + 4 + 2)·512·64, grad of the hidden states 4·128·64, fp32 softmax and its bf16 cast 6·128·512
     loss = max(2 * 32_768 + 8 * 65_536, 8 * 32_768 + 4 * 128 * 64 + 6 * 65_536)
     assert memory.loss_working_bytes(tiny(), memory.BF16, tokens) == loss == 688_128
-    assert loss < tokens * layer  # the working set at the peak is one layer's backward
+    # the experts' w1 gradient on its way to .grad, the gradient of its bf16 copy and its fp32 cast,
+    # (2 + 4)·8 experts·(2·128)·64, is smaller than the layer's activations
+    weight_gradient = 6 * 8 * 256 * 64
+    assert memory.weight_gradient_bytes(tiny(), 1, memory.BF16) == weight_gradient
+    assert max(loss, weight_gradient) < tokens * layer  # the working set at the peak is one layer's backward
     assert rank.activations == tokens * (4 * layer + rope_and_ids + head) + tokens * layer
 
 
