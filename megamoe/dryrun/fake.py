@@ -10,8 +10,7 @@ receive buffer already has.
 
 Values the program reads back on the host are data fake tensors do not have.
 :class:`FakeStepMode` answers them: the routing counts come from the assumed routing
-(megamoe.dryrun.routing) and everything else the step reads (the loss, the gradient norm, torch's
-pipeline vote) from :data:`HOST_VALUE`.
+(megamoe.dryrun.routing), everything else the step reads from :func:`host_value`.
 """
 
 from __future__ import annotations
@@ -28,10 +27,19 @@ from megamoe.estimators.routing import ExpertLoads
 
 aten = torch.ops.aten
 
-# A host read of a fake scalar (the loss, the gradient norm, a timing, torch's pipeline vote
-# whose 1 means "every stage gave its shapes", as ours do): 1, so no step is skipped as
-# non-finite and the pipeline takes its static-shape path, as on the cluster.
-HOST_VALUE = 1
+
+
+def host_value(dtype: torch.dtype) -> float | int:
+    """The answer to a host read of a fake scalar (``.item()``, ``float(t)``), by its dtype.
+
+    A step reads floats (the loss, the gradient norm: 1.0, finite, so the step is neither
+    skipped nor stopped), one int32 (torch's pipeline vote, the product of every stage's 1 for
+    "my shapes are given", as ours are: 1, so the pipeline takes its static path as on the
+    cluster) and int64 indices (the slowest rank: 0, valid in any world).
+    """
+    if dtype.is_floating_point:
+        return 1.0
+    return 1 if dtype == torch.int32 else 0
 
 
 @contextlib.contextmanager
@@ -47,7 +55,7 @@ def fake_process_group(world_size: int, rank: int) -> Iterator[None]:
 class FakeStepMode(FakeTensorMode):
     """Fake tensors that answer the data-dependent ops of a training step (module docstring):
 
-    - ``aten._local_scalar_dense`` (``.item()``, ``float(t)``): :data:`HOST_VALUE`;
+    - ``aten._local_scalar_dense`` (``.item()``, ``float(t)``): :func:`host_value`;
     - ``aten.bincount``: the router's counts per expert, a fake tensor of ``minlength``
       (their values reach the program only through the exchange, which takes the assumption);
     - a boolean mask over the assignments of a capacity-limited dispatch
@@ -64,7 +72,7 @@ class FakeStepMode(FakeTensorMode):
     def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         if func is aten._local_scalar_dense.default:
-            return float(HOST_VALUE) if args[0].is_floating_point() else HOST_VALUE
+            return host_value(args[0].dtype)
         if func is aten.bincount.default:
             length = kwargs.get("minlength", args[2] if len(args) > 2 else 0)
             return self._empty(types, [length], torch.int64, args[0].device)

@@ -95,8 +95,8 @@ class DryRun:
             "expert_imbalance": self.loads.imbalance,
             "ranks": [rank.summary() for rank in self.ranks],
             "max_measured_gib": round(self.max_measured_gib, 4),
-            "gpu": self.hardware.name, "gpu_memory_gib": round(self.hardware.memory_gib, 2),
-            "usable_gib": round(self.hardware.usable_gib, 2), "fits": self.fits,
+            "gpu": self.hardware.name, "gpu_memory_gib": round(self.hardware.memory_gib, 4),
+            "usable_gib": round(self.hardware.usable_gib, 4), "fits": self.fits,
             "seconds": round(self.seconds, 1),
         }
 
