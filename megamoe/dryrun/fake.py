@@ -28,7 +28,6 @@ from megamoe.estimators.routing import ExpertLoads
 aten = torch.ops.aten
 
 
-
 def host_value(dtype: torch.dtype) -> float | int:
     """The answer to a host read of a fake scalar (``.item()``, ``float(t)``), by its dtype.
 

@@ -11,7 +11,7 @@ to any of them shows up here. The dry run adds only what fake tensors need, all 
 * the config a CUDA run resolves (:func:`as_on_gpu`), with mock data (nothing is read) and
   eager blocks;
 * the exchanges take their split sizes from the assumed routing (megamoe.dryrun.routing), and
-  :class:`~megamoe.dryrun.fake.HostValues` answers the values the step reads back;
+  :class:`~megamoe.dryrun.fake.FakeStepMode` answers the values the step reads back;
 * the micro-batches are the trainer's loader's, as fake tensors;
 * AdamW's state is made before the measured step, as a running job holds it (torch makes it
   at the first update, after the first step's peak); what else lives from step to step (the

@@ -50,8 +50,8 @@ class CastCache:
     hands it on to ``weight.grad`` as soon as that pass's backward reaches it. (One
     ``ToCopyBackward`` node shared by every pass would be the oldest node of each backward: the
     autograd engine runs the ready node made last first, so it would run only at the end of each
-    backward, holding every layer's copy-sized weight gradient until then — the dry run measured
-    9 GiB of them per M32 stage of 32 experts.) The copy is made again if the weight is replaced
+    backward, holding every layer's copy-sized weight gradient until then: 4.9 GiB more at the
+    peak of an M32 stage with all 32 experts, as the dry run measured.) The copy is made again if the weight is replaced
     or changed in place (a new storage or ``_version``). In the weight's own dtype (fp32
     training) the "copy" is the weight itself.
     """

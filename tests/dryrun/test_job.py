@@ -12,6 +12,7 @@ from megamoe.estimators.planner import GPUS
 H100, H200 = GPUS["h100-80gb"], GPUS["h200-141gb"]
 
 
+@pytest.mark.slow  # the same run_rank in spawned processes: 2 imports of torch
 def test_worker_processes_measure_what_this_process_does() -> None:
     cfg = compose(["+exp=tiny", "parallel.pp=2"])
     here, workers = (dry_run(cfg, 2, H100, jobs=jobs) for jobs in (1, 2))

@@ -15,6 +15,7 @@ import pytest
 from megamoe.config import compose, validate
 from megamoe.dryrun.step import as_on_gpu, make_optimizer_state, measure_step, run_rank
 from megamoe.dryrun.watch import MemoryWatch
+from megamoe.estimators import balance, memory
 from megamoe.estimators.routing import ExpertLoads
 from megamoe.parallel.mesh import init_grid
 from megamoe.train.loop import build_trainer
@@ -60,11 +61,26 @@ def test_fake_step_peak_is_within_10_percent_of_the_real_one(layout: str) -> Non
 
 
 def test_a_background_checkpoint_snapshot_is_host_memory() -> None:
-    cfg = as_on_gpu(compose(["+exp=tiny", "checkpoint.async=true"]))
-    in_place = run_rank(as_on_gpu(compose(["+exp=tiny"])), 1, 0, ExpertLoads.of(cfg.moe))
+    one_microbatch = ["+exp=tiny", "train.global_batch=2"]
+    cfg = as_on_gpu(compose([*one_microbatch, "checkpoint.async=true"]))
+    in_place = run_rank(as_on_gpu(compose(one_microbatch)), 1, 0, ExpertLoads.of(cfg.moe))
     background = run_rank(cfg, 1, 0, ExpertLoads.of(cfg.moe))
     params = 924_864  # tests/launch/test_model_stats.py counts them
     weights_and_adam = 3 * 4 * params  # fp32 weights, m and v
     assert weights_and_adam < background.host_snapshot_bytes < weights_and_adam + 1024  # + AdamW's step counts
     assert in_place.host_snapshot_bytes is None
     assert background.memory.peak_bytes == in_place.memory.peak_bytes  # the device holds none of it
+
+
+@pytest.mark.parametrize("overrides", [
+    ["moe.capacity_factor=1.25"],  # token choice with drops: the capacity mask answered from the loads
+    ["moe.router_mode=expert_choice"],
+    ["model.ffn_type=dense", "model.dense_ffn_hidden_size=96"],
+], ids=["capacity", "expert_choice", "dense"])
+def test_every_routing_runs_and_matches_the_estimate(overrides: list[str]) -> None:
+    cfg = as_on_gpu(compose(["+exp=tiny", "parallel.ep=2", *overrides]))
+    validate(cfg, world_size=2)
+    loads = ExpertLoads.of(cfg.moe, 3.0 if cfg.moe.capacity_factor else 1.0)
+    step = run_rank(cfg, 2, 0, loads)
+    estimate = balance.rank_memory(cfg, memory.grid_shape(cfg, 2), 0, loads.imbalance).total
+    assert abs(estimate / step.memory.peak_bytes - 1) < 0.1
