@@ -35,7 +35,7 @@ from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
 from megamoe.errors import UserError
 from megamoe.parallel.mesh import init_grid, shutdown
-from megamoe.train.loop import Trainer, build_trainer
+from megamoe.train.trainer import Trainer, build_trainer
 
 CHUNK = 64 << 20
 

@@ -36,7 +36,8 @@ import torch
 from megamoe.checkpoint.saver import CheckpointSaver
 from megamoe.config import compose
 from megamoe.parallel.mesh import init_grid, read_launch_env, shutdown
-from megamoe.train.loop import build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import build_trainer
 
 MODEL = ["+exp=tiny", "model.hidden_size=256", "model.num_heads=4", "model.head_dim=64", "model.num_layers=4",
          "moe.num_experts=8", "moe.ffn_hidden_size=1024", "model.vocab_size=8192", "train.seq_len=64",
@@ -73,7 +74,7 @@ def stalls(run_dir: Path, steps: int, interval: int, background: bool) -> list[t
             if saves and saves[-1].disturbed is None and not saver.writing:  # its write ended: the steps
                 saves[-1].disturbed = len(step_s) - saves[-1].before + 1  # since ran alongside it; this one is after
             start = time.perf_counter()
-            train_step(trainer, next(batches), report_expert_load=False)
+            train_step(trainer, next(batches), report_routing=False)
             step_s.append(time.perf_counter() - start)
             if trainer.step % interval == 0 and trainer.step + BASELINE_STEPS < steps:
                 start = time.perf_counter()
@@ -120,7 +121,7 @@ def save_times(run_dir: Path, repeats: int) -> list[float]:
     grid = init_grid(1, 1, timeout_s=600)
     try:
         trainer = build_trainer(cfg, grid)
-        train_step(trainer, next(iter(trainer.loader)), report_expert_load=False)
+        train_step(trainer, next(iter(trainer.loader)), report_routing=False)
         saver, times = CheckpointSaver(trainer.state), []
         for _ in range(repeats):
             if env.world_size > 1:

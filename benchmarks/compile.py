@@ -22,7 +22,7 @@ import torch
 from benchmarks.train_step import add_model_arguments, overrides, time_steps
 from megamoe.config import compose, validate
 from megamoe.parallel.mesh import init_grid, shutdown
-from megamoe.train.loop import build_trainer
+from megamoe.train.trainer import build_trainer
 
 
 def parse_args() -> argparse.Namespace:

@@ -42,10 +42,11 @@ from megamoe.estimators.planner import Hardware, Layout, evaluate
 from megamoe.models import build_stage
 from megamoe.nn.moe import ExpertBank
 from megamoe.parallel.mesh import init_grid, shutdown
-from megamoe.train.loop import build_trainer, train_step
 from megamoe.train.metrics import detect_peak_flops
 from megamoe.train.optim import build_optimizer, param_groups
 from megamoe.train.peak_memory import cpu_peak_bytes
+from megamoe.train.step import train_step
+from megamoe.train.trainer import build_trainer
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,7 @@ def _proxy_losses(sizes: Sizes, precision: str) -> list[float]:
     try:
         trainer = build_trainer(cfg, grid)
         batches = iter(trainer.loader)
-        return [train_step(trainer, next(batches), report_expert_load=False)["loss"] for _ in range(sizes.proxy_steps)]
+        return [train_step(trainer, next(batches), report_routing=False).loss for _ in range(sizes.proxy_steps)]
     finally:
         shutdown()
 
@@ -229,7 +230,7 @@ def _train_steps(cfg: Any, steps: int) -> list[float]:
     try:
         trainer = build_trainer(cfg, grid)
         batches = iter(trainer.loader)
-        return [train_step(trainer, next(batches), report_expert_load=False)["loss"] for _ in range(steps)]
+        return [train_step(trainer, next(batches), report_routing=False).loss for _ in range(steps)]
     finally:
         shutdown()
 
@@ -273,11 +274,11 @@ def check_mfu(sizes: Sizes, device: torch.device) -> Check:
         trainer = build_trainer(cfg, grid)
         batches = iter(trainer.loader)
         for _ in range(2):  # warm-up: kernels chosen, caches filled
-            train_step(trainer, next(batches), report_expert_load=False)
+            train_step(trainer, next(batches), report_routing=False)
         _sync(device)
         start = time.perf_counter()
         for _ in range(sizes.timed_steps):
-            train_step(trainer, next(batches), report_expert_load=False)
+            train_step(trainer, next(batches), report_routing=False)
         _sync(device)
         step_s = (time.perf_counter() - start) / sizes.timed_steps
     finally:

@@ -23,7 +23,8 @@ import torch
 
 from megamoe.config import compose, validate
 from megamoe.parallel.mesh import init_grid, shutdown
-from megamoe.train.loop import Trainer, build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import Trainer, build_trainer
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,7 +67,7 @@ def run(trainer: Trainer, timer: Timed, batches: Iterator, steps: int) -> tuple[
     timer.waited = 0.0
     started = time.perf_counter()
     for _ in range(steps):
-        train_step(trainer, next(batches), report_expert_load=False)
+        train_step(trainer, next(batches), report_routing=False)
     return (time.perf_counter() - started) / steps, timer.waited / steps
 
 

@@ -29,7 +29,8 @@ from megamoe.config import compose, validate
 from megamoe.estimators import balance
 from megamoe.parallel import stages
 from megamoe.parallel.mesh import init_grid, read_launch_env, shutdown
-from megamoe.train.loop import build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import build_trainer
 
 M32 = ["+exp=m32_2000b"]
 
@@ -102,14 +103,14 @@ def measured(args: argparse.Namespace, world_size: int) -> dict:
     trainers = {split: build_trainer(cfg, grid) for split, cfg in cfgs.items()}
     batches = {split: iter(trainer.loader) for split, trainer in trainers.items()}
     for split, trainer in trainers.items():  # warm-up: builds each schedule
-        train_step(trainer, next(batches[split]), report_expert_load=False)
+        train_step(trainer, next(batches[split]), report_routing=False)
     times: dict[str, list[float]] = {split: [] for split in trainers}
     for round_ in range(args.rounds):
         for split in sorted(trainers, reverse=round_ % 2 == 1):  # alternate the order against drift
             dist.barrier()
             start = time.perf_counter()
             for _ in range(args.steps):
-                train_step(trainers[split], next(batches[split]), report_expert_load=False)
+                train_step(trainers[split], next(batches[split]), report_routing=False)
             dist.barrier()
             times[split].append((time.perf_counter() - start) / args.steps)
     step = {split: statistics.median(t) for split, t in times.items()}

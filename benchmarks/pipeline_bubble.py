@@ -27,7 +27,8 @@ from megamoe.config import compose, validate
 from megamoe.config.validate import CHOICES
 from megamoe.estimators.planner import bubble_slots
 from megamoe.parallel.mesh import init_grid, read_launch_env, shutdown
-from megamoe.train.loop import build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import build_trainer
 
 SCHEDULES = CHOICES["parallel.schedule"]
 CHUNK_WORK = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")

@@ -32,7 +32,8 @@ import torch
 from launch.demo import prepare_data
 from megamoe.config import compose, validate
 from megamoe.parallel.mesh import init_grid, shutdown
-from megamoe.train.loop import build_trainer, evaluate, train_step
+from megamoe.train.step import train_step, validation_loss
+from megamoe.train.trainer import build_trainer
 
 ROUTERS = {
     "attention": ["moe.router=attention"],
@@ -71,9 +72,9 @@ def train_one(router: str, seed: int, steps: int, threads: int) -> dict:
         for step in range(steps):
             result = train_step(trainer, next(batches))
             if step >= steps - BALANCE_WINDOW:
-                counts.append(result["expert_counts"])
+                counts.append({i: layer.tokens_per_expert for i, layer in result.routing.items()})
         elapsed = time.perf_counter() - start
-        return {"router": router, "seed": seed, "train_loss": result["loss"], "valid": evaluate(trainer),
+        return {"router": router, "seed": seed, "train_loss": result.loss, "valid": validation_loss(trainer),
                 "balance": load_balance(counts), "seconds": elapsed}
     finally:
         shutdown()

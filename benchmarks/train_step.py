@@ -22,7 +22,8 @@ import torch
 
 from megamoe.config import compose, validate
 from megamoe.parallel.mesh import init_grid, shutdown
-from megamoe.train.loop import Trainer, build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import Trainer, build_trainer
 
 
 def parse_args() -> argparse.Namespace:

@@ -58,6 +58,7 @@ from megamoe.checkpoint.state import (
     written_names,
 )
 from megamoe.checkpoint.store import CONFIG, FileEntry, Manifest, commit, prune, set_latest, write_bytes, write_shards
+from megamoe.compat import default_store
 from megamoe.errors import SharedError, write_error
 from megamoe.parallel.mesh import first_error
 
@@ -131,7 +132,7 @@ class _Board:
     """This save's keys in the job's store: how ranks tell rank 0 their files and learn the outcome."""
 
     def __init__(self, save_id: int) -> None:
-        self.store = dist.distributed_c10d._get_default_store()
+        self.store = default_store()
         self.prefix = f"megamoe/checkpoint/{save_id}"
 
     def post(self, key: str, value: Any) -> None:

@@ -20,9 +20,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.testing._internal.distributed import fake_pg  # registers the "fake" backend
 
+from megamoe.compat import FakeTensorMode, init_fake_process_group
 from megamoe.estimators.routing import ExpertLoads
 
 aten = torch.ops.aten
@@ -44,7 +43,7 @@ def host_value(dtype: torch.dtype) -> float | int:
 @contextlib.contextmanager
 def fake_process_group(world_size: int, rank: int) -> Iterator[None]:
     """torch.distributed initialised as global rank ``rank`` of ``world_size`` on the fake backend."""
-    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=rank, world_size=world_size)
+    init_fake_process_group(world_size, rank)
     try:
         yield
     finally:

@@ -1,8 +1,9 @@
 """One pipeline rank's training step on fake tensors — the trainer's own code; the dry run's boundary with it.
 
-megamoe.train.loop does all the work: :func:`build_trainer` builds the rank (its stages, the
-expert-parallel exchange, the gradient sync and its buckets, AdamW, the data loader) and
-:func:`train_step` runs one step (the configured pipeline schedule with every micro-batch,
+megamoe.train does all the work: :func:`~megamoe.train.trainer.build_trainer` builds the rank
+(its stages, the expert-parallel exchange, the gradient sync and its buckets, AdamW, the data
+loader, the runner) and :func:`~megamoe.train.step.train_step` runs one step (the runner's
+forward and backward of every micro-batch — the configured pipeline schedule when pp > 1 —,
 the MoE dispatch through the all-to-all, the gradient sync with its overlap, the tied
 embedding's sum, the gradient norm, clipping, the optimizer step); with ``checkpoint.async``
 the checkpoint saver's :func:`take_snapshot` copies the rank's share to host buffers. A change
@@ -34,11 +35,12 @@ from megamoe.dryrun.fake import FakeStepMode, fake_process_group
 from megamoe.dryrun.overflow import IndexWidths, WideTensor
 from megamoe.dryrun.routing import assume_routing
 from megamoe.dryrun.watch import MemoryWatch, StepMemory
-from megamoe.estimators.memory import is_bf16
 from megamoe.estimators.routing import ExpertLoads
+from megamoe.nn.casts import autocast_dtype
 from megamoe.nn.moe.experts import uses_grouped_gemm
 from megamoe.parallel.mesh import LaunchEnv, init_grid
-from megamoe.train.loop import Trainer, build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import Trainer, build_trainer
 
 DEVICE = torch.device("cpu")  # where the fake tensors live; the kernels and dtypes chosen are a CUDA run's
 
@@ -52,9 +54,8 @@ def as_on_gpu(cfg: DictConfig) -> DictConfig:
     OmegaConf.set_readonly(gpu, False)
     gpu.data.kind = "mock"
     gpu.train.compile = "none"
-    if gpu.train.precision == "auto":
-        gpu.train.precision = "bf16"
-    dtype = torch.bfloat16 if is_bf16(gpu) else torch.float32
+    dtype = autocast_dtype(cfg.train.precision, "cuda") or torch.float32
+    gpu.train.precision = "bf16" if dtype == torch.bfloat16 else "fp32"
     grouped = uses_grouped_gemm(gpu.moe.grouped_gemm, dtype, True, gpu.model.hidden_size, gpu.moe.ffn_hidden_size)
     gpu.moe.grouped_gemm = "on" if grouped else "off"
     OmegaConf.set_readonly(gpu, True)

@@ -33,8 +33,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
+
+from megamoe.compat import TorchDispatchMode, in_backward_pass
 
 KINDS = ("weights", "gradients", "optimizer", "weight_copies", "persistent_buffers", "activations", "temporaries")
 _FROM_WEIGHTS = ("weights", "weight_copies")
@@ -128,7 +129,7 @@ class MemoryWatch(TorchDispatchMode):
                 (record := self._storages.get(t.untyped_storage())) is not None and record.kind in _FROM_WEIGHTS
                 for t in inputs):
             return "weight_copies"
-        return "temporaries" if torch._C._current_graph_task_id() != -1 else "activations"
+        return "temporaries" if in_backward_pass() else "activations"
 
     def _add(self, tensor: torch.Tensor, kind: str, func: Any) -> None:
         storage = tensor.untyped_storage()

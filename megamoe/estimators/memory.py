@@ -43,12 +43,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
+import torch
 from omegaconf import DictConfig
 
 from megamoe.config.validate import validate_layout
 from megamoe.estimators.flops import parameter_breakdown
 from megamoe.estimators.routing import ExpertLoads
 from megamoe.models import family_of
+from megamoe.nn.casts import autocast_dtype
 from megamoe.nn.loss import chunk_tokens
 from megamoe.nn.rope import rotary_dim
 from megamoe.parallel.stages import rank_ends
@@ -77,8 +79,8 @@ def grid_shape(cfg: DictConfig, world_size: Optional[int] = None) -> GridShape:
 
 
 def is_bf16(cfg: DictConfig) -> bool:
-    """On a GPU, train.precision=auto means bf16 autocast."""
-    return cfg.train.precision != "fp32"
+    """Does a GPU run of ``cfg`` compute in bf16 (train.precision auto or bf16)?"""
+    return autocast_dtype(cfg.train.precision, "cuda") == torch.bfloat16
 
 
 # ---- parameters ------------------------------------------------------------------------------

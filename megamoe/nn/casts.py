@@ -20,6 +20,23 @@ import torch
 _filled: Optional[list["CastCache"]] = None  # the caches holding a copy in the open shared_casts() scope
 
 
+def autocast_dtype(precision: str, device_type: str) -> Optional[torch.dtype]:
+    """What ``train.precision`` means on a device: the autocast dtype, or None for plain fp32.
+
+    ``auto`` is bf16 autocast on CUDA and fp32 on CPU (where bf16 matmuls are slow and the tests
+    compare layouts in fp32). The one place precision is resolved: the trainer asks with its
+    device, the estimators with ``"cuda"`` (they model a GPU run).
+    """
+    if precision == "auto":
+        precision = "bf16" if device_type == "cuda" else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` on ``device`` (nothing when None)."""
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     """The dtype a matmul on ``tensor`` runs in here: autocast's when it is on, else the tensor's own."""
     device = tensor.device.type

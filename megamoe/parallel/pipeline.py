@@ -20,31 +20,22 @@ same math without any point-to-point traffic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.distributed.pipelining import (
-    PipelineStage,
     Schedule1F1B,
     ScheduleDualPipeV,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
 )
-from torch.distributed.pipelining.schedules import (
-    FORWARD,
-    OVERLAP_F_B,
-    RECV_F,
-    SEND_F,
-    PipelineScheduleMulti,
-    _Action,
-    _PipelineSchedule,
-    _PipelineScheduleRuntime,
-)
+from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 
+from megamoe.compat import HookedPipelineStage, PipelineSchedule, PipelineScheduleRuntime, forwards_only
 from megamoe.config.validate import V_SCHEDULES
 from megamoe.estimators.balance import stage_layers
 from megamoe.models import build_stage
@@ -151,39 +142,17 @@ def _example_io(cfg: DictConfig, module: StageModule, stage: int,
 class Schedules(NamedTuple):
     """The schedule a training step runs, and the one whose ``eval()`` runs its forward passes."""
 
-    train: _PipelineSchedule
-    evaluate: _PipelineSchedule
-
-
-class GradReducingStage(PipelineStage):
-    """A PipelineStage that tells the gradient sync when its gradients become final: it arms
-    the stage's chunk for its last backward (a full backward, or the weight pass where the
-    first stage runs its whole backward), and flushes the chunk at the schedule's REDUCE_GRAD
-    action, which torch places right after a stage's last backward-like action."""
-
-    def __init__(self, module: StageModule, grad_sync: GradSync, **kwargs: object) -> None:
-        super().__init__(module, **kwargs)
-        self.grad_sync = grad_sync
-
-    def backward_one_chunk(self, bwd_chunk_id: int, loss: Optional[Tensor] = None, full_backward: bool = True,
-                           last_backward: bool = False) -> None:
-        if last_backward:
-            self.grad_sync.arm(self.submod.model)
-        super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward, last_backward=last_backward)
-
-    def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False) -> None:
-        if last_backward:
-            self.grad_sync.arm(self.submod.model)
-        super().backward_weight_one_chunk(bwd_chunk_id, last_backward=last_backward)
-
-    def perform_reduce_grad(self, grad_scale_factor: int) -> None:
-        super().perform_reduce_grad(grad_scale_factor)
-        self.grad_sync.flush(self.submod.model)
+    train: PipelineSchedule
+    evaluate: PipelineSchedule
 
 
 def build_schedules(cfg: DictConfig, grid: ProcessGrid, modules: list[StageModule], num_microbatches: int,
                     grad_sync: GradSync) -> Schedules:
-    """Wrap the stage modules in PipelineStages (:class:`GradReducingStage`) and the configured schedule.
+    """Wrap the stage modules in PipelineStages and the configured schedule.
+
+    Each stage arms its chunk of ``grad_sync`` for its last backward (a full backward, or the
+    weight pass where the first stage runs its whole backward) and flushes the chunk when the
+    schedule reduces its gradients (:class:`megamoe.compat.HookedPipelineStage`).
 
     ``scale_grads=False``: the micro-batch gradients stay summed and ``grad_sync`` divides them
     by the micro-batch count with the data-parallel average (torch would divide in place at the
@@ -195,40 +164,18 @@ def build_schedules(cfg: DictConfig, grid: ProcessGrid, modules: list[StageModul
     stages = []
     for module, s in zip(modules, stage_indices(cfg, grid.pp_rank)):
         inputs, outputs = _example_io(cfg, module, s, num_stages)
-        stages.append(GradReducingStage(module, grad_sync, stage_index=s, num_stages=num_stages, device=grid.device,
-                                        input_args=inputs, output_args=outputs, group=grid.pp_group))
+        stages.append(HookedPipelineStage(module, lambda stage: grad_sync.arm(stage.model),
+                                          lambda stage: grad_sync.flush(stage.model), stage_index=s,
+                                          num_stages=num_stages, device=grid.device, input_args=inputs,
+                                          output_args=outputs, group=grid.pp_group))
     loss_fn = modules[-1].loss
     if cfg.parallel.schedule == "1f1b":
         schedule = Schedule1F1B(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False)
         return Schedules(schedule, schedule)
 
-    def schedule() -> _PipelineScheduleRuntime:
+    def schedule() -> PipelineScheduleRuntime:
         return SCHEDULES[cfg.parallel.schedule](stages, n_microbatches=num_microbatches, loss_fn=loss_fn,
                                                 scale_grads=False)
 
     train = schedule()
-    return Schedules(train, _forwards_only(schedule()) if cfg.parallel.schedule in V_SCHEDULES else train)
-
-
-def _forwards_only(schedule: _PipelineScheduleRuntime) -> _PipelineScheduleRuntime:
-    """``schedule`` reduced to its forwards and their sends and receives, in its order (free of
-    deadlocks, and so with fewer waits): what evaluating a V schedule runs.
-
-    torch's V schedules hand the input gradient from a rank's second stage to its first even in
-    ``eval()``, where there is none (an AssertionError). Both schedules drive the same stages:
-    a receive buffer's requires_grad is set at each use, so they take turns safely.
-    """
-    schedule.pipeline_order_with_comms = {rank: list(_forward_actions(actions))
-                                          for rank, actions in schedule.pipeline_order_with_comms.items()}
-    return schedule
-
-
-_FORWARD_ACTIONS = {FORWARD, SEND_F, RECV_F}
-
-
-def _forward_actions(actions: Sequence[_Action]) -> Iterator[_Action]:
-    """The forwards, forward sends and receives of a lowered action list (an overlapped forward
-    and backward pair gives its forward)."""
-    for action in actions:
-        parts = action.sub_actions if action.computation_type == OVERLAP_F_B else (action,)
-        yield from (part for part in parts if part.computation_type in _FORWARD_ACTIONS)
+    return Schedules(train, forwards_only(schedule()) if cfg.parallel.schedule in V_SCHEDULES else train)

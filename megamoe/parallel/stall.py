@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from megamoe.compat import default_store
+
 # What gloo's errors say when a peer timed out, vanished, or closed the pair after its own timeout.
 _GLOO_FAILURES = ("Timed out waiting", "pair closure", "Connection closed by peer", "Connection reset by peer",
                   "Broken pipe", "Socket Timeout")
@@ -71,7 +73,7 @@ class Progress:
 
 
 def _store() -> dist.Store:
-    return dist.distributed_c10d._get_default_store()
+    return default_store()
 
 
 def _key(*parts: object) -> str:

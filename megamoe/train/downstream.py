@@ -18,7 +18,7 @@ every layout; its cost is ``max_new_tokens`` forwards per batch.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -31,9 +31,8 @@ from megamoe.evaluation.scoring import Request, evaluate_task, new_tokens, pack,
 from megamoe.evaluation.tasks import GENERATION, Task, load_tasks, prepare
 from megamoe.nn.casts import compute_dtype, shared_casts
 from megamoe.nn.loss import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from megamoe.train.loop import Trainer
+from megamoe.train.step import evaluating
+from megamoe.train.trainer import Trainer
 
 Scores = dict[str, dict[str, float]]  # task → metric → value
 
@@ -42,11 +41,11 @@ class PipelineBackend:
     """:class:`megamoe.evaluation.scoring.Backend` over a training run's stages (collective: every
     rank calls it with the same requests)."""
 
-    def __init__(self, trainer: "Trainer", tokenizer: Tokenizer) -> None:
+    def __init__(self, trainer: Trainer, tokenizer: Tokenizer) -> None:
         self.trainer, self.tokenizer = trainer, tokenizer
         self.rows = trainer.num_microbatches * trainer.cfg.train.micro_batch
         self.length = trainer.cfg.train.seq_len
-        self.holds_last = trainer.modules[-1].is_last
+        self.holds_last = trainer.runner.holds_last
         self.device = trainer.grid.device
 
     def _batches(self, count: int) -> list[list[int]]:
@@ -59,19 +58,8 @@ class PipelineBackend:
 
     def _hidden(self, tokens: Tensor, labels: Tensor) -> Optional[Tensor]:
         """The last stage's final-normed hidden states of ``tokens`` [rows, length]; None elsewhere."""
-        from megamoe.train.loop import _forward_local  # the loop imports this module
-
-        trainer = self.trainer
-        tokens = tokens.to(self.device)
         positions = torch.arange(self.length, device=self.device).repeat(len(tokens), 1)  # sent on: contiguous
-        if trainer.grid.pp == 1:
-            micro = trainer.cfg.train.micro_batch
-            return torch.cat([_forward_local(trainer, t, p) for t, p in zip(tokens.split(micro), positions.split(micro))])
-        if trainer.schedules is None:
-            raise RuntimeError("downstream evaluation runs after a training step, which builds the pipeline schedules")
-        args = (tokens, positions) if trainer.modules[0].is_first else ()
-        target = labels.to(self.device) if self.holds_last else None  # torch's schedules need one for their loss
-        return trainer.schedules.evaluate.eval(*args, target=target, return_outputs=True)
+        return self.trainer.runner.hidden_states(tokens.to(self.device), positions, labels.to(self.device))
 
     def _share(self, values: Tensor) -> Tensor:
         """Every rank's copy of ``values``, which the last stage's replicas filled in disjoint parts."""
@@ -147,19 +135,10 @@ class DownstreamEval:
         interval = self.cfg.eval.downstream_interval
         return interval > 0 and (step % interval == 0 or step == self.cfg.train.steps)
 
-    def run(self, trainer: "Trainer") -> Scores:
+    def run(self, trainer: Trainer) -> Scores:
         """Every task's metrics (collective). Modules in eval mode meanwhile (no router noise), the
         expert load not recorded, the weights' cast copies made once for all the passes."""
-        trainer.progress.at("downstream evaluation")
-        trainer.expert_load.recording = False
-        for module in trainer.modules:
-            module.eval()
         backend = PipelineBackend(trainer, self.tokenizer)
-        try:
-            with torch.no_grad(), trainer.autocast(), shared_casts():
-                return {task.name: evaluate_task(task, self.tokenizer, backend, self.cfg.train.seq_len,
-                                                 self.cfg.eval.downstream_max_new_tokens) for task in self.tasks}
-        finally:
-            for module in trainer.modules:
-                module.train()
-            trainer.expert_load.recording = True
+        with evaluating(trainer, "downstream evaluation"), trainer.runner.autocast(), shared_casts():
+            return {task.name: evaluate_task(task, self.tokenizer, backend, self.cfg.train.seq_len,
+                                             self.cfg.eval.downstream_max_new_tokens) for task in self.tasks}

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from megamoe.errors import UserError, naming, write_error
+from megamoe.train.router_stats import LayerRouting
 
 # Dense (no sparsity) bf16 tensor-core peak per GPU in TFLOP/s, from NVIDIA's datasheets (SXM
 # parts unless the name says otherwise). Matched as a substring of torch.cuda.get_device_name,
@@ -75,6 +76,25 @@ def expert_load_summary(tokens_per_expert_by_layer: dict[int, torch.Tensor]) -> 
         fractions[str(layer)] = frac.tolist()
         relative += (frac * counts.numel()).tolist()
     return {"expert_fraction": fractions, "expert_load_max": max(relative), "expert_load_min": min(relative)}
+
+
+def routing_summary(layers: dict[int, LayerRouting]) -> dict[str, Any]:
+    """metrics.jsonl's routing fields from every MoE layer's step summary (none for a dense model):
+    the expert load (:func:`expert_load_summary`), the aux loss and z-loss averaged over layers
+    and forward passes (unscaled by their coefficients, as Megatron logs them), the share of
+    assignments dropped by the capacity limit, and the share of tokens that reached no expert."""
+    if not layers:
+        return {}
+    forwards = sum(layer.forwards for layer in layers.values())
+    assignments = sum(float(layer.tokens_per_expert.sum()) for layer in layers.values())
+    tokens = sum(layer.tokens for layer in layers.values())
+    return {
+        **expert_load_summary({index: layer.tokens_per_expert for index, layer in layers.items()}),
+        "router_aux_loss": sum(layer.aux_loss for layer in layers.values()) / forwards,
+        "router_z_loss": sum(layer.z_loss for layer in layers.values()) / forwards,
+        "dropped_fraction": sum(layer.dropped for layer in layers.values()) / max(assignments, 1.0),
+        "unrouted_fraction": sum(layer.unrouted for layer in layers.values()) / max(tokens, 1.0),
+    }
 
 
 def expert_load_figure(fractions: dict[str, list[float]], step: int) -> Any:
@@ -139,6 +159,9 @@ def _format_step_line(step: int, total_steps: int, record: dict[str, Any], eta_s
         fields.append(f"MFU {100 * record['mfu']:.1f}%")
     if "expert_load_max" in record:
         fields.append(f"expert load max {record['expert_load_max']:.2f} min {record['expert_load_min']:.2f}")
+    if record.get("dropped_fraction") or record.get("unrouted_fraction"):
+        fields.append(f"dropped {100 * record['dropped_fraction']:.1f}% (unrouted tokens "
+                      f"{100 * record['unrouted_fraction']:.1f}%)")
     if record.get("skipped"):
         fields.append("SKIPPED: non-finite loss or grad norm, no update")
     if eta_s is not None:
@@ -239,3 +262,19 @@ def _start_wandb(run_dir: Path, wandb_cfg: DictConfig, config_dict: dict) -> Any
     os.environ.setdefault("WANDB_MODE", wandb_cfg.mode)
     os.environ.setdefault("WANDB_DIR", str(run_dir))
     return wandb.init(project=wandb_cfg.project, name=config_dict.get("run", {}).get("name"), config=config_dict)
+
+
+def forget_steps_after(run_dir: Path, step: int) -> None:
+    """Drop the metrics an interrupted run logged past the step this run starts from (all of them
+    on a fresh start), so that metrics.jsonl / eval.jsonl read as one run whose steps continue."""
+    def logged_until(line: str) -> bool:
+        try:
+            return json.loads(line)["step"] <= step
+        except ValueError:  # a line torn by a kill in mid-write
+            return False
+
+    for path in (run_dir / "metrics.jsonl", run_dir / "eval.jsonl", run_dir / "downstream.jsonl"):
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if logged_until(line)]
+            path.with_suffix(".tmp").write_text("".join(kept))
+            os.replace(path.with_suffix(".tmp"), path)

@@ -17,7 +17,8 @@ from megamoe.checkpoint.state import load_checkpoint, resume
 from megamoe.config import compose
 from megamoe.errors import CheckpointError, SharedError
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
-from megamoe.train.loop import Trainer, build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import Trainer, build_trainer
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
 from tests.data.helpers import blend_overrides
 
@@ -41,7 +42,7 @@ def _train(trainer: Trainer, steps: int, save_at: tuple[int, ...] = ()) -> list[
     batches = iter(trainer.loader)
     losses = []
     for _ in range(steps):
-        losses.append(train_step(trainer, next(batches))["loss"])
+        losses.append(train_step(trainer, next(batches)).loss)
         if trainer.step in save_at:
             save_checkpoint(trainer.state)
     return losses

@@ -23,7 +23,8 @@ from megamoe.checkpoint.state import placements, resume, written_names
 from megamoe.config import compose
 from megamoe.errors import SharedError
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
-from megamoe.train.loop import Trainer, build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import Trainer, build_trainer
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
 from tests.dist.launcher import run_distributed
 from tests.faults import full_disk_writes, small_filesystem

@@ -36,7 +36,8 @@ from megamoe.estimators import balance
 from megamoe.parallel import stages
 from megamoe.parallel.expert import expert_range
 from megamoe.parallel.mesh import init_grid
-from megamoe.train.loop import build_trainer, evaluate, train_step
+from megamoe.train.step import validation_loss, train_step
+from megamoe.train.trainer import build_trainer
 from tests.dist.launcher import run_distributed
 
 STEPS = 5
@@ -54,15 +55,15 @@ def train_layout(rank: int, world_size: int, args: tuple[list[str], torch.dtype]
     trainer = build_trainer(cfg, grid)
     batches = iter(trainer.loader)
     steps = [train_step(trainer, next(batches)) for _ in range(STEPS)]
-    eval_losses = list(evaluate(trainer).values())
+    eval_losses = list(validation_loss(trainer).values())
     experts = expert_range(cfg.moe.num_experts, grid.ep, grid.ep_rank)
     weights = {}
     for module in trainer.modules:
         for name, tensor in [*module.model.named_parameters(), *module.model.named_buffers()]:  # buffers: expert bias
             weights[name] = (tensor.detach().clone(), experts.start if ".mlp.experts." in name else None)
-    dropped = sum(int(layer.last_stats.dropped) for layer in trainer.expert_load.layers.values())
+    dropped = sum(int(layer.last_stats.dropped) for layer in trainer.router_stats.layers.values())
     torch.distributed.destroy_process_group()
-    return {"losses": [s["loss"] for s in steps], "grad_norms": [s["grad_norm"] for s in steps], "weights": weights,
+    return {"losses": [s.loss for s in steps], "grad_norms": [s.grad_norm for s in steps], "weights": weights,
             "eval_losses": eval_losses,
             "dropped": dropped, "pp_rank": grid.pp_rank,
             "layers": [[int(i) for i in module.model.layers] for module in trainer.modules]}

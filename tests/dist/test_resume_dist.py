@@ -27,7 +27,8 @@ from megamoe.checkpoint.store import read_manifest
 from megamoe.config import compose, validate
 from megamoe.estimators import balance
 from megamoe.parallel.mesh import init_grid
-from megamoe.train.loop import build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import build_trainer
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
 from tests.dist.launcher import run_distributed
 
@@ -53,7 +54,7 @@ def run_phases(rank: int, world_size: int, phases: list[dict[str, Any]]) -> list
         batches = iter(trainer.loader)
         losses = []
         while trainer.step < phase["until"]:
-            losses.append(train_step(trainer, next(batches))["loss"])
+            losses.append(train_step(trainer, next(batches)).loss)
             if trainer.step in phase.get("save_at", ()):
                 save_checkpoint(trainer.state)
         results.append(losses)

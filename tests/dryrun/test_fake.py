@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from megamoe.compat import TorchDispatchMode
 from megamoe.config import compose
 from megamoe.config.schema import as_object
 from megamoe.dryrun.fake import FakeStepMode, fake_process_group

@@ -18,7 +18,7 @@ from megamoe.dryrun.watch import MemoryWatch
 from megamoe.estimators import balance, memory
 from megamoe.estimators.routing import ExpertLoads
 from megamoe.parallel.mesh import init_grid
-from megamoe.train.loop import build_trainer
+from megamoe.train.trainer import build_trainer
 from tests.dist.launcher import run_distributed
 
 LAYOUTS = {  # name: (overrides, world size)

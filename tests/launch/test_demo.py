@@ -19,8 +19,8 @@ from data_tools import preprocess_data
 from data_tools.make_demo_corpus import make_corpus
 from megamoe.config import compose, validate
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
-from megamoe.train import loop
-from megamoe.train.loop import Trainer, build_trainer, evaluate, train_step
+from megamoe.train.step import train_step, validation_loss
+from megamoe.train.trainer import Trainer, build_trainer
 
 LANGS = ("zh", "en")
 STEPS = 8
@@ -67,11 +67,11 @@ def test_demo_config_trains_on_indexed_data_with_validation_per_language(
     trainer = demo_trainer(grid, demo_sources, tmp_path)
     assert trainer.cfg.data.kind == "indexed" and trainer.cfg.model.vocab_size == 384  # the demo's, not mock
     batches = iter(trainer.loader)
-    losses = [train_step(trainer, next(batches))["loss"] for _ in range(STEPS)]
+    losses = [train_step(trainer, next(batches)).loss for _ in range(STEPS)]
     assert all(math.isfinite(loss) for loss in losses), losses
     assert abs(losses[0] - math.log(384)) < 0.3, losses  # a fresh model is near-uniform over the vocabulary
     assert losses[-1] < losses[0] - 0.5, losses  # bytes of real text are learnable in a few steps
-    validation = evaluate(trainer)
+    validation = validation_loss(trainer)
     assert list(validation) == list(LANGS), validation
     assert all(math.isfinite(v) and v < losses[0] for v in validation.values()), validation
 
@@ -82,16 +82,16 @@ def test_reset_position_ids_reaches_train_and_eval_batches(
     """data.reset_position_ids → the trainer's loader and evaluate(): positions restart after each eod."""
     trainer = demo_trainer(grid, demo_sources, tmp_path, f"data.reset_position_ids={str(reset).lower()}")
     seen: list[dict[str, torch.Tensor]] = []
-    run_microbatches = loop._run_microbatches
+    run_microbatches = trainer.runner.run
 
-    def recording(trainer: Trainer, microbatches: list[dict[str, torch.Tensor]], train: bool) -> Any:
+    def recording(microbatches: list[dict[str, torch.Tensor]], train: bool) -> Any:
         seen.extend(microbatches)
-        return run_microbatches(trainer, microbatches, train)
+        return run_microbatches(microbatches, train)
 
     batches = iter(trainer.loader)
     train_batches = [mb for _ in range(STEPS) for mb in next(batches)]
-    monkeypatch.setattr(loop, "_run_microbatches", recording)
-    evaluate(trainer)
+    monkeypatch.setattr(trainer.runner, "run", recording)
+    validation_loss(trainer)
     assert len(seen) == len(LANGS) * 2  # one global batch of two micro-batches per language
     eod = trainer.eod_id
     assert eod == 256  # ByteTokenizer's

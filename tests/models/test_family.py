@@ -27,7 +27,8 @@ from megamoe.models.family import HFAdapter, ModelFamily, Part
 from megamoe.nn.init import seeded_normal_
 from megamoe.nn.rope import apply_rotary
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
-from megamoe.train.loop import build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import build_trainer
 
 
 class PlainAttention(nn.Module):
@@ -96,7 +97,7 @@ def test_a_family_from_one_module_trains_saves_resumes_and_is_counted(toy_family
 
     trainer = build_trainer(cfg, grid)
     batches = iter(trainer.loader)
-    losses = [train_step(trainer, next(batches))["loss"] for _ in range(3)]
+    losses = [train_step(trainer, next(batches)).loss for _ in range(3)]
     assert losses[-1] < losses[0]
     save_checkpoint(trainer.state)
     resumed = build_trainer(cfg, grid)

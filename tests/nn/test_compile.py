@@ -13,7 +13,8 @@ from megamoe.models import build_stage
 from megamoe.nn.compile import compiled_blocks
 from megamoe.nn.moe.experts import ExpertBank
 from megamoe.parallel.mesh import init_grid
-from megamoe.train.loop import build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import build_trainer
 from tests.dist.launcher import run_distributed
 
 STEPS = 20
@@ -28,7 +29,7 @@ def _train(rank: int, world_size: int, args: tuple[str, list[str], torch.dtype])
     validate(cfg, world_size)
     trainer = build_trainer(cfg, init_grid(1, 1, timeout_s=60))
     batches = iter(trainer.loader)
-    losses = [train_step(trainer, next(batches), report_expert_load=False)["loss"] for _ in range(STEPS)]
+    losses = [train_step(trainer, next(batches), report_routing=False).loss for _ in range(STEPS)]
     return {"losses": losses, "graphs": counters["stats"]["unique_graphs"]}
 
 

@@ -19,7 +19,8 @@ from megamoe.evaluation.scoring import choice_requests, evaluate_task, generatio
 from megamoe.evaluation.tasks import prepare
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
 from megamoe.train.downstream import DownstreamEval, PipelineBackend
-from megamoe.train.loop import Trainer, build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import Trainer, build_trainer
 from tests.dist.launcher import run_distributed
 
 SEQ_LEN = 48

@@ -11,7 +11,8 @@ import torch
 from megamoe.config import compose
 from megamoe.errors import NonFiniteError
 from megamoe.parallel.mesh import init_grid
-from megamoe.train.loop import build_trainer, evaluate, train_step
+from megamoe.train.step import train_step, validation_loss
+from megamoe.train.trainer import build_trainer
 from tests.dist.launcher import run_distributed
 from tests.pretrain import run_pretrain
 
@@ -35,10 +36,10 @@ def steps(rank: int, world_size: int, args: tuple[list[str], int, bool]) -> dict
     except NonFiniteError as exc:
         results, error = [], str(exc)
     after = {n: p.detach().clone() for n, p in trainer.modules[0].model.named_parameters()}
-    counts = {i: c.sum().item() for i, c in results[0]["expert_counts"].items()} if results else {}
-    evals = evaluate(trainer) if results else {}
+    counts = {i: layer.tokens_per_expert.sum().item() for i, layer in results[0].routing.items()} if results else {}
+    evals = validation_loss(trainer) if results else {}
     torch.distributed.destroy_process_group()
-    return {"results": [{k: v for k, v in r.items() if k != "expert_counts"} for r in results], "error": error,
+    return {"results": [{k: v for k, v in vars(r).items() if k != "routing"} for r in results], "error": error,
             "changed": [n for n in before if not torch.allclose(before[n], after[n], rtol=0, atol=0, equal_nan=True)], "counts": counts, "evals": evals}
 
 
@@ -87,10 +88,10 @@ def unreported_then_reported(rank: int, world_size: int, _: None) -> list[dict[i
     cfg = compose(BASE)
     trainer = build_trainer(cfg, init_grid(1, 1, timeout_s=60))
     batches = iter(trainer.loader)
-    quiet = train_step(trainer, next(batches), report_expert_load=False)["expert_counts"]
-    loud = train_step(trainer, next(batches), report_expert_load=True)["expert_counts"]
+    quiet = train_step(trainer, next(batches), report_routing=False).routing
+    loud = train_step(trainer, next(batches), report_routing=True).routing
     torch.distributed.destroy_process_group()
-    return [{i: c.sum().item() for i, c in counts.items()} for counts in (quiet, loud)]
+    return [{i: layer.tokens_per_expert.sum().item() for i, layer in routing.items()} for routing in (quiet, loud)]
 
 
 def test_unreported_steps_skip_the_reduction_and_do_not_accumulate() -> None:
@@ -145,7 +146,7 @@ def straggling(rank: int, world_size: int, _: None) -> list[tuple[int, float]]:
     batches = iter(trainer.loader)
     results = [train_step(trainer, next(batches)) for _ in range(2)]
     torch.distributed.destroy_process_group()
-    return [(r["slowest_rank"], r["slowest_rank_s"]) for r in results]
+    return [(r.slowest_rank, r.slowest_rank_s) for r in results]
 
 
 def test_the_heartbeat_names_the_straggling_rank() -> None:

@@ -15,9 +15,10 @@ from omegaconf import OmegaConf
 from megamoe.checkpoint.state import resume
 from megamoe.config import compose
 from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
-from megamoe.train.loop import Trainer, _steps, build_trainer
+from megamoe.train.loop import train
 from megamoe.train.metrics import MetricsLogger
 from megamoe.train.spikes import SpikeGuard
+from megamoe.train.trainer import Trainer, build_trainer
 from tests.pretrain import logged
 
 STEPS, BAD_STEP, BATCH, SEQ = 20, 13, 4, 16
@@ -73,7 +74,7 @@ def _trainer(grid: ProcessGrid, run_dir: Path, *overrides: str) -> Trainer:
 
 def _train(trainer: Trainer) -> None:
     cfg = trainer.cfg
-    _steps(trainer, MetricsLogger(Path(cfg.run.dir), True, cfg.logging.wandb, cfg.train.steps, OmegaConf.to_container(cfg)))
+    train(trainer, MetricsLogger(Path(cfg.run.dir), True, cfg.logging.wandb, cfg.train.steps, OmegaConf.to_container(cfg)))
 
 
 def test_a_bad_batch_is_rolled_back_and_skipped_and_a_resume_reproduces_the_run(grid: ProcessGrid,

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.compat import grouped_mm, has_grouped_mm
 from megamoe.errors import ConfigError
 from megamoe.nn.casts import CastCache, compute_dtype
 from megamoe.nn.ffn import swiglu
@@ -24,18 +25,13 @@ GROUPED_GEMM_ROW_ALIGN = 8
 GROUPED_GEMM_MAX_ELEMENTS = 2**31 - 1
 
 
-def grouped_gemm_available() -> bool:
-    """``torch._grouped_mm`` exists from torch 2.8; older builds run the per-expert loop."""
-    return hasattr(torch, "_grouped_mm")
-
-
 def uses_grouped_gemm(setting: str, dtype: torch.dtype, on_cuda: bool, hidden_size: int, ffn_hidden_size: int) -> bool:
     """Whether the experts run as grouped GEMMs: ``moe.grouped_gemm`` on / off, or with auto on
     CUDA in bf16 when both widths are 16-byte aligned (the dry run asks what a GPU would run)."""
     if setting != "auto":
         return setting == "on"
     aligned = all(size * dtype.itemsize % 16 == 0 for size in (hidden_size, ffn_hidden_size))
-    return grouped_gemm_available() and on_cuda and dtype == torch.bfloat16 and aligned
+    return has_grouped_mm() and on_cuda and dtype == torch.bfloat16 and aligned
 
 
 class ExpertBank(nn.Module):
@@ -56,7 +52,7 @@ class ExpertBank(nn.Module):
     def __init__(self, num_local_experts: int, first_expert: int, hidden_size: int, ffn_hidden_size: int,
                  grouped_gemm: str = "auto") -> None:
         super().__init__()
-        if grouped_gemm == "on" and not grouped_gemm_available():
+        if grouped_gemm == "on" and not has_grouped_mm():
             raise ConfigError(f"moe.grouped_gemm: 'on' needs torch._grouped_mm, which torch {torch.__version__} "
                               "lacks; use moe.grouped_gemm=auto or off")
         self.num_local_experts = num_local_experts
@@ -138,8 +134,8 @@ def row_chunks(group_ends: list[int], limit: int) -> list[tuple[int, int]]:
 def _grouped_swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, group_ends: list[int]) -> torch.Tensor:
     """w2[g] · swiglu(w1[g] · x) for the rows of each group g (``group_ends``: cumulative row counts)."""
     offs = torch.tensor(group_ends, dtype=torch.int32, device=x.device)
-    h = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)
-    return torch._grouped_mm(swiglu(h), w2.transpose(-2, -1), offs=offs)
+    h = grouped_mm(x, w1.transpose(-2, -1), offs)
+    return grouped_mm(swiglu(h), w2.transpose(-2, -1), offs)
 
 
 def _grouped_rows(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, group_ends: list[int], start: int,

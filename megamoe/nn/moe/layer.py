@@ -12,7 +12,7 @@ from torch import nn
 from megamoe.config.schema import MoEConfig
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.init import seeded_normal_
-from megamoe.nn.moe.dispatcher import LocalExchange, TokenExchange, expert_capacity, permute, unpermute
+from megamoe.nn.moe.dispatcher import LocalExchange, Permutation, TokenExchange, expert_capacity, permute, unpermute
 from megamoe.nn.moe.experts import ExpertBank
 from megamoe.nn.moe.router import Routing, build_router, router_z_loss, select_experts, select_tokens, switch_aux_loss
 
@@ -52,6 +52,7 @@ class MoEStats:
     aux_loss: torch.Tensor  # Switch loss (unscaled by its coefficient)
     z_loss: torch.Tensor  # router z-loss (unscaled)
     dropped: torch.Tensor  # int64: assignments dropped by the capacity limit (0 when dropless)
+    unrouted: torch.Tensor  # int64: tokens left with no expert (all dropped, or taken by none under expert choice)
 
 
 class MoELayer(nn.Module):
@@ -144,5 +145,13 @@ class MoELayer(nn.Module):
                 if coeff > 0:
                     out = MoEAuxLossBackward.apply(out, coeff * loss)
         self.last_stats = MoEStats(routing.tokens_per_expert.detach(), aux_loss.detach(), z_loss.detach(),
-                                   permutation.dropped.detach())
+                                   permutation.dropped.detach(), self._unrouted(permutation, tokens.shape[0]))
         return out.view(x.shape)
+
+    def _unrouted(self, permutation: Permutation, num_tokens: int) -> torch.Tensor:
+        """Tokens that reach no expert: none under dropless token choice; else those no kept
+        assignment names (marked without a host sync, unlike a bincount or unique)."""
+        if self.moe.capacity_factor is None and self.moe.router_mode == "token_choice":
+            return permutation.dropped.new_zeros(())
+        reached = torch.zeros(num_tokens, dtype=torch.bool, device=permutation.source_token.device)
+        return (~reached.index_fill_(0, permutation.source_token, True)).sum()

@@ -12,7 +12,8 @@ import torch
 from megamoe.checkpoint.state import resume
 from megamoe.config import compose, validate
 from megamoe.parallel.mesh import init_grid
-from megamoe.train.loop import build_trainer, train_step
+from megamoe.train.step import train_step
+from megamoe.train.trainer import build_trainer
 from tests.dist.launcher import run_distributed
 
 if TYPE_CHECKING:  # the spawned workers import this module: keep transformers out of them
@@ -31,7 +32,7 @@ def losses_from(rank: int, world_size: int, args: tuple[list[str], str]) -> list
     trainer = build_trainer(cfg, init_grid(cfg.parallel.pp, cfg.parallel.ep, timeout_s=60))
     assert resume(trainer.state) is not None and trainer.step == 0
     batches = iter(trainer.loader)
-    losses = [train_step(trainer, next(batches))["loss"] for _ in range(STEPS)]
+    losses = [train_step(trainer, next(batches)).loss for _ in range(STEPS)]
     torch.distributed.destroy_process_group()
     return losses
 
