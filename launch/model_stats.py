@@ -1,19 +1,20 @@
 """Parameters, FLOPs and memory per GPU of an MoE run (any model family), before launching it:
-`python launch/model_stats.py +exp=NAME [--world-size N] [key=value ...]`.
+`python launch/model_stats.py +exp=NAME [--world-size N] [--expert-imbalance F] [key=value ...]`.
 
 The model is built on the meta device (no memory, so the 40B M32 is instant) and its parameter
 count is checked against the analytic breakdown of megamoe.estimators.flops, whose conventions are
 stated there. Memory per GPU (megamoe.estimators.memory) is for the config's layout on N GPUs
 (default: the fewest it allows, pp × ep) and the pipeline rank that needs the most, under the
-config's stage split, whose layers per stage and compute balance the table also shows. Prints
-a table, then, as the last line, one JSON object with the figures.
+config's stage split, whose layers per stage and compute balance the table also shows, with
+routing at --expert-imbalance (the busiest expert's load ÷ the mean, default 1.0: balanced).
+Prints a table, then, as the last line, one JSON object with the figures.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from typing import Iterable
+from typing import Callable, Iterable, Optional, TypeVar
 
 import torch
 from omegaconf import DictConfig
@@ -23,6 +24,7 @@ from megamoe.config import compose
 from megamoe.config.layers import moe_layer_flags
 from megamoe.errors import UserError
 from megamoe.estimators import balance, flops, memory
+from megamoe.estimators.routing import ExpertLoads
 from megamoe.models import build_stage, validate_config
 from megamoe.parallel import stages
 
@@ -31,13 +33,14 @@ LABELS = {
     "experts": "routed experts", "shared_experts": "shared experts", "dense_ffn": "dense FFN",
     "norms": "RMSNorms", "head": "output head",
 }
-USAGE = ("usage: python launch/model_stats.py +exp=NAME [--world-size N] [key=value ...]   "
+USAGE = ("usage: python launch/model_stats.py +exp=NAME [--world-size N] [--expert-imbalance F] [key=value ...]   "
          "(e.g. +exp=m32_2000b --world-size 64 moe.top_k=4)")
 MEMORY_LABELS = {
     "weights": "weights (fp32)", "gradients": "gradients (fp32)", "optimizer": "AdamW m, v (fp32)",
     "weight_copies": "bf16 weight copies", "activations": "activations",
 }
 GPU_GIB = 80  # the memory of the GPUs the table compares against (A100 / H100 80 GB)
+T = TypeVar("T")
 
 
 def scaled(n: float, billion: str) -> tuple[float, str]:
@@ -82,21 +85,21 @@ def pipeline_stats(cfg: DictConfig) -> dict:
     }
 
 
-def memory_stats(cfg: DictConfig, world_size: int | None) -> dict:
+def memory_stats(cfg: DictConfig, world_size: int | None, imbalance: float = 1.0) -> dict:
     """The memory estimate of the fullest GPU, in GiB by part, and the layout it assumes."""
-    lay, rank = balance.memory_per_gpu(cfg, world_size)
+    lay, rank = balance.memory_per_gpu(cfg, world_size, imbalance)
     return {
         "memory_per_gpu_gib": rank.gib(),
         "memory_layout": {
             "world_size": lay.world_size, "pp": lay.pp, "dp": lay.dp, "ep": lay.ep, "pp_rank": rank.pp_rank,
             "microbatches_in_flight": rank.in_flight, "micro_batch": cfg.train.micro_batch,
             "precision": "bf16" if memory.is_bf16(cfg) else "fp32",
-            "activation_checkpointing": cfg.train.activation_checkpointing,
+            "activation_checkpointing": cfg.train.activation_checkpointing, "expert_imbalance": imbalance,
         },
     }
 
 
-def stats(cfg: DictConfig, world_size: int | None = None) -> dict:
+def stats(cfg: DictConfig, world_size: int | None = None, imbalance: float = 1.0) -> dict:
     """Everything the table and the JSON line show."""
     breakdown = flops.parameter_breakdown(cfg)
     total, built = flops.total_params(cfg), built_params(cfg)
@@ -115,7 +118,7 @@ def stats(cfg: DictConfig, world_size: int | None = None) -> dict:
         "compute_ratio_vs_dense": flops.compute_ratio_vs_dense(cfg),
         "params": {row: {"total": part.total, "active": part.active} for row, part in breakdown.items()},
         "pipeline": pipeline_stats(cfg),
-        **memory_stats(cfg, world_size),
+        **memory_stats(cfg, world_size, imbalance),
     }
 
 
@@ -203,7 +206,8 @@ def memory_table(s: dict) -> list[str]:
     lines = [
         f"memory per GPU on {gpus} (pp {lay['pp']} × dp {lay['dp']}, ep {lay['ep']}), {stage}: "
         f"micro-batch {lay['micro_batch']} × {s['seq_len']} tokens, {lay['microbatches_in_flight']:g} in flight, "
-        f"{lay['precision']}, recompute {lay['activation_checkpointing']}",
+        f"{lay['precision']}, recompute {lay['activation_checkpointing']}, busiest expert at "
+        f"{lay['expert_imbalance']:g} × the mean load",
     ]
     lines += [f"  {MEMORY_LABELS[part]:<22}{gib[part]:>9.2f} GiB" for part in MEMORY_LABELS]
     spare = GPU_GIB - gib["total"]
@@ -213,18 +217,30 @@ def memory_table(s: dict) -> list[str]:
     return lines
 
 
-def split_world_size(args: list[str]) -> tuple[int | None, list[str]]:
-    """Take `--world-size N` / `--world-size=N` out of the arguments; the rest are Hydra overrides."""
-    rest, world, it = [], None, iter(args)
+def take_option(args: list[str], flag: str, parse: Callable[[str], T]) -> tuple[Optional[T], list[str]]:
+    """Take `FLAG VALUE` / `FLAG=VALUE` out of the arguments, its value read by ``parse`` (which
+    raises a UserError); the rest are Hydra overrides."""
+    rest, found, it = [], None, iter(args)
     for arg in it:
-        if arg == "--world-size" or arg.startswith("--world-size="):
-            value = arg.partition("=")[2] if "=" in arg else next(it, "")
-            if not value.isdigit() or int(value) < 1:
-                raise UserError(f"--world-size: '{value}' is not a positive number of GPUs (e.g. --world-size 8)")
-            world = int(value)
+        if arg == flag or arg.startswith(f"{flag}="):
+            found = parse(arg.partition("=")[2] if "=" in arg else next(it, ""))
         else:
             rest.append(arg)
-    return world, rest
+    return found, rest
+
+
+def gpus(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise UserError(f"--world-size: '{value}' is not a positive number of GPUs (e.g. --world-size 8)")
+    return int(value)
+
+
+def imbalance(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise UserError(f"--expert-imbalance: '{value}' is not a number (the busiest expert's load ÷ the mean, "
+                        "e.g. --expert-imbalance 1.5)") from None
 
 
 @exit_on_user_error
@@ -233,10 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     if any(arg in ("-h", "--help") for arg in overrides):
         print(__doc__.strip() + "\n\n" + USAGE)
         return
-    world_size, overrides = split_world_size(overrides)
+    world_size, overrides = take_option(overrides, "--world-size", gpus)
+    expert_imbalance, overrides = take_option(overrides, "--expert-imbalance", imbalance)
     cfg = compose(overrides)
     validate_config(cfg)
-    s = stats(cfg, world_size)
+    if expert_imbalance is not None and cfg.model.ffn_type == "moe":
+        ExpertLoads.of(cfg.moe, expert_imbalance)  # a UserError naming the flag when impossible
+    s = stats(cfg, world_size, 1.0 if expert_imbalance is None else expert_imbalance)
     print(table(cfg, s))
     print(json.dumps(s))
 

@@ -1,5 +1,6 @@
 """Find a layout before renting the cluster:
-`python launch/plan.py +exp=m32_2000b --gpus 256 --gpu h100-80gb [--top N] [key=value ...]`.
+`python launch/plan.py +exp=m32_2000b --gpus 256 --gpu h100-80gb [--top N] [--expert-imbalance F]
+[--verify N] [key=value ...]`.
 
 Enumerates every valid (pp, dp, ep, virtual stages, schedule, micro-batch, recompute, stage
 split) of the config on ``--gpus`` GPUs, estimates each one's memory per GPU (the fullest
@@ -10,6 +11,11 @@ not valid, and last one JSON object for scripts. No layout fits: exit 2, naming 
 memory found. Other hardware: --gpu-memory (GiB), --tflops (dense bf16 peak), --gpus-per-node,
 --intra-node-gbps / --inter-node-gbps (per GPU, each way), --efficiency (share of peak the
 matmuls sustain).
+
+Memory assumes the routing of --expert-imbalance (the busiest expert's load ÷ the mean, default
+1.0: balanced), and the best layout's line says the largest imbalance at which it still fits.
+--verify N dry-runs the N best layouts (launch/dry_run.py: every pipeline rank's real step on
+fake tensors, --jobs at once) and prints each one's measured memory next to the estimate.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from omegaconf import DictConfig
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
 from megamoe.errors import UserError
-from megamoe.estimators.planner import GPUS, Hardware, Plan, PlanResult, Rejection, plan
+from megamoe.estimators.planner import GPUS, Hardware, Plan, PlanResult, Rejection, max_imbalance, plan
+from megamoe.estimators.routing import ExpertLoads
 from megamoe.models import validate_config
 
 
@@ -41,12 +48,18 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--inter-node-gbps", type=float, help="per GPU, each way, in Gb/s (NDR: 400)")
     parser.add_argument("--efficiency", type=float, help="share of peak the matmuls sustain (default 0.6)")
     parser.add_argument("--top", type=int, default=10, help="rows of the table (default 10)")
+    parser.add_argument("--expert-imbalance", type=float, default=1.0,
+                        help="the busiest expert's load ÷ the mean that memory assumes (default 1.0)")
+    parser.add_argument("--verify", type=int, default=0, metavar="N", help="dry-run the N best layouts")
+    parser.add_argument("--jobs", type=int, default=1, help="pipeline ranks a dry run steps at once (--verify)")
     args, overrides = parser.parse_known_args(argv)
     unknown = [arg for arg in overrides if arg.startswith("-")]
     if unknown:
         raise UserError(f"{unknown[0]}: unknown option (see --help)")
-    if args.gpus < 1 or args.top < 1:
-        raise UserError(f"--gpus and --top must be at least 1 (got {args.gpus} and {args.top})")
+    if args.gpus < 1 or args.top < 1 or args.jobs < 1:
+        raise UserError(f"--gpus, --top and --jobs must be at least 1 (got {args.gpus}, {args.top} and {args.jobs})")
+    if args.verify < 0:
+        raise UserError(f"--verify must be a number of layouts, 0 or more (got {args.verify})")
     return args, overrides
 
 
@@ -115,7 +128,7 @@ def rejection_lines(result: PlanResult) -> list[str]:
     return lines
 
 
-def report(cfg: DictConfig, result: PlanResult, hw: Hardware, gpus: int, top: int) -> dict:
+def report(cfg: DictConfig, result: PlanResult, hw: Hardware, gpus: int, top: int, imbalance: float) -> dict:
     """Print the table and the rejections; return the JSON summary."""
     t = cfg.train
     total_tokens = t.steps * t.global_batch * t.seq_len
@@ -133,7 +146,40 @@ def report(cfg: DictConfig, result: PlanResult, hw: Hardware, gpus: int, top: in
     print(f"\nbest: {best.layout.short()} — step {step.total:.3f} s = compute {step.compute:.3f} + bubble "
           f"{step.bubble:.3f} + all-to-all {step.all_to_all:.3f} + send/recv {step.send_recv:.3f} "
           f"+ gradient all-reduce {step.grad_reduce:.3f}")
-    return {**best.summary(), "gpus": gpus, "gpu": hw.name, "top": [p.summary() for p in result.plans[:top]]}
+    most = max_imbalance(cfg, best.layout, gpus, hw)
+    if most is not None:
+        print(f"routing: memory assumes the busiest expert at {imbalance:g} × the mean load; the best layout fits up "
+              f"to {most:g} × (--expert-imbalance)")
+    return {**best.summary(), "gpus": gpus, "gpu": hw.name, "expert_imbalance": imbalance,
+            "max_expert_imbalance": most, "top": [p.summary() for p in result.plans[:top]]}
+
+
+def layout_overrides(plan_: Plan) -> list[str]:
+    """The command-line overrides that select ``plan_``'s layout (its split set explicitly)."""
+    def value(v: object) -> str:
+        return "null" if v is None else json.dumps(v) if isinstance(v, (list, bool)) else str(v)
+
+    return [f"{key}={value(v)}" for key, v in plan_.summary()["layout"].items()]
+
+
+def verify(overrides: list[str], plans: list[Plan], hw: Hardware, gpus: int, imbalance: float, jobs: int) -> list[dict]:
+    """Dry-run each of ``plans`` (megamoe.dryrun) and print its measured memory next to the estimate."""
+    from megamoe.dryrun.job import dry_run  # torch and the trainer: only when asked
+
+    rows = []
+    for p in plans:
+        cfg = compose([*overrides, *layout_overrides(p)])
+        validate_config(cfg, world_size=gpus)
+        run = dry_run(cfg, gpus, hw, imbalance, jobs)
+        rows.append({"layout": p.summary()["layout"], "estimated_gib": round(p.memory_gib, 4),
+                     "measured_gib": round(run.max_measured_gib, 4),
+                     "estimated_over_measured": round(p.memory_gib / run.max_measured_gib, 4), "fits": run.fits})
+    print(f"\nverified by dry runs (every pipeline rank's step on fake tensors, expert imbalance {imbalance:g}):")
+    print(f"{'layout':<60} {'estimate GiB':>12} {'measured GiB':>12} {'est/meas':>8}  fits")
+    for p, row in zip(plans, rows):
+        print(f"{p.layout.short():<60} {row['estimated_gib']:>12.2f} {row['measured_gib']:>12.2f} "
+              f"{row['estimated_over_measured']:>8.3f}  {'yes' if row['fits'] else 'NO'}")
+    return rows
 
 
 @exit_on_user_error
@@ -142,14 +188,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = compose(overrides)
     validate_config(cfg)
     hw = hardware(args)
-    result = plan(cfg, args.gpus, hw)
+    if cfg.model.ffn_type == "moe":
+        ExpertLoads.of(cfg.moe, args.expert_imbalance)  # a UserError naming the flag when impossible
+    result = plan(cfg, args.gpus, hw, args.expert_imbalance)
     if not result.plans:
         sizes = [r.memory_gib for r in result.rejected if r.memory_gib is not None]
         if not sizes:
             raise UserError(f"no valid layout: {why_none_is_valid(cfg, result, args.gpus)}")
         raise UserError(f"no layout of {args.gpus} × {hw.name} fits ({hw.usable_gib:.1f} GiB usable): the smallest "
                         f"needs {min(sizes):.1f} GiB per GPU; add GPUs or choose larger ones")
-    summary = report(cfg, result, hw, args.gpus, args.top)
+    summary = report(cfg, result, hw, args.gpus, args.top, args.expert_imbalance)
+    if args.verify:
+        summary["verified"] = verify(overrides, result.plans[:args.verify], hw, args.gpus, args.expert_imbalance,
+                                     args.jobs)
     print(json.dumps(summary))
     return summary
 

@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch._subclasses import fake_tensor
 from torch.distributed.pipelining import PipelineStage
 
 # torch.distributed.pipelining.schedules: the action lists a schedule runs, and the multi-stage
@@ -26,9 +27,16 @@ from torch.distributed.pipelining.schedules import (
     _PipelineSchedule,
     _PipelineScheduleRuntime,
 )
+from torch.utils import _python_dispatch
 
 PipelineSchedule = _PipelineSchedule  # the type of Schedule1F1B and the multi-stage schedules
 PipelineScheduleRuntime = _PipelineScheduleRuntime
+
+# The dry run (megamoe.dryrun): tensors with shapes, dtypes and devices but no memory or values,
+# and a mode that sees every op dispatched. Public replacements: none (torchtitan's memory
+# estimation builds on the same two).
+FakeTensorMode = fake_tensor.FakeTensorMode
+TorchDispatchMode = _python_dispatch.TorchDispatchMode
 
 
 def in_backward_pass() -> bool:
@@ -38,6 +46,17 @@ def in_backward_pass() -> bool:
     ``torch.is_grad_enabled`` is true in both.
     """
     return torch._C._current_graph_task_id() != -1
+
+
+def init_fake_process_group(world_size: int, rank: int) -> None:
+    """torch.distributed initialised as global rank ``rank`` of ``world_size`` on torch's ``fake``
+    backend, which answers every collective and point-to-point operation at once, talking to no one.
+
+    Public replacement: none; the backend is registered by a module of torch's test utilities.
+    """
+    from torch.testing._internal.distributed import fake_pg
+
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=rank, world_size=world_size)
 
 
 def default_store() -> dist.Store:

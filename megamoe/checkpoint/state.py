@@ -193,7 +193,7 @@ def rng_bytes() -> bytes:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "numpy": (kind, keys.tolist(), pos, has_gauss, cached),  # plain ints, like Python's (and a fake step's)
     }
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -207,7 +207,7 @@ def _restore_rng(data: bytes) -> None:
         torch.cuda.set_rng_state(state["cuda"])
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))  # a list, or a tensor
 
 
 def layout_of(state: TrainingState) -> dict[str, int]:

@@ -70,16 +70,19 @@ def _rank_mixes(cfg: DictConfig, layers: Sequence[int]) -> list[memory.LayerMix]
     return [memory.layer_mix(cfg, held) for held in rank_layer_indices(cfg, layers)]
 
 
-def rank_memory(cfg: DictConfig, grid: memory.GridShape, pp_rank: int) -> memory.RankMemory:
-    """memory.rank_memory's estimate of pipeline rank ``pp_rank`` under the config's split."""
-    return memory.rank_memory(cfg, grid, pp_rank, rank_layers(cfg, pp_rank))
+def rank_memory(cfg: DictConfig, grid: memory.GridShape, pp_rank: int, imbalance: float = 1.0) -> memory.RankMemory:
+    """memory.rank_memory's estimate of pipeline rank ``pp_rank`` under the config's split
+    (and the expert imbalance, megamoe.estimators.routing)."""
+    return memory.rank_memory(cfg, grid, pp_rank, rank_layers(cfg, pp_rank), imbalance)
 
 
-def memory_per_gpu(cfg: DictConfig, world_size: Optional[int] = None) -> tuple[memory.GridShape, memory.RankMemory]:
+def memory_per_gpu(cfg: DictConfig, world_size: Optional[int] = None,
+                   imbalance: float = 1.0) -> tuple[memory.GridShape, memory.RankMemory]:
     """The grid and the estimate of its fullest GPU (the pipeline rank with the largest total)
-    under the config's split, on ``world_size`` GPUs (by default the fewest the config allows)."""
+    under the config's split, on ``world_size`` GPUs (by default the fewest the config allows),
+    with expert imbalance ``imbalance``."""
     grid = memory.grid_shape(cfg, world_size)
-    ranks = [rank_memory(cfg, grid, r) for r in range(grid.pp)]
+    ranks = [rank_memory(cfg, grid, r, imbalance) for r in range(grid.pp)]
     return grid, max(ranks, key=lambda r: r.total)
 
 

@@ -25,17 +25,21 @@ Accounting, per GPU, for the pipeline rank that needs the most:
   the last stage also the head's input and the loss's per-token scalars
   (:func:`head_held_bytes`); in a pipeline, the buffers torch's PipelineStage allocates for
   every micro-batch of the step (:func:`pipeline_buffer_bytes`). Plus the larger of two
-  working sets: one layer's backward pass (its activations again, a conservative bound for
-  the recomputed activations and their gradients), or the chunked loss's (one chunk of
+  working sets: one layer's backward pass — its activations again, a conservative bound for
+  the recomputed activations and their gradients, or, when larger, its widest weight's
+  gradient on the way to ``.grad`` (:func:`weight_gradient_bytes`) — or the chunked loss's (one chunk of
   logits, the head weight's bf16 copy and fp32 gradient: :func:`loss_working_bytes`; no
   micro-batch's logits are ever whole), which runs before the layers' backward passes.
 
 tests/estimators/test_memory.py also runs stages of a tiny model the way 1F1B runs them and checks
 the estimate against the peak of the bytes the CPU allocator really handed out.
 
-Dropless routing with balanced load is assumed (every expert-parallel rank receives its
-average k·tokens). Not counted: the CUDA context, NCCL and gradient-bucket buffers and
-allocator fragmentation (together often 2–5 GiB): keep ~10% of the GPU free.
+Routing is an assumption (megamoe.estimators.routing): the busiest expert's load ÷ the mean,
+``imbalance`` (1 by default: every expert-parallel rank receives its average k·tokens); the rank
+holding the busiest expert receives :func:`busiest_rank_share` × that, and its experts' rows
+grow with it. Not counted: the CUDA context, NCCL and gradient-bucket buffers and allocator
+fragmentation (together often 2–5 GiB): keep ~10% of the GPU free. launch/dry_run.py measures
+the real step of every pipeline rank on fake tensors against this estimate (docs/dry_run.md).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import rotary_dim
 from megamoe.config.validate import validate_layout
 from megamoe.estimators.flops import layer_breakdown
+from megamoe.estimators.routing import ExpertLoads
 from megamoe.models import family_of
 from megamoe.nn.casts import autocast_dtype
 from megamoe.nn.loss import chunk_tokens
@@ -257,9 +262,10 @@ def _swiglu_bytes(rows: int, ffn: int, act: int) -> int:
     return rows * act * 4 * ffn
 
 
-def ffn_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None) -> int:
+def ffn_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None, share: float = 1.0) -> float:
     """Saved per token by the FFN block: its norm, then the MoE layer or the dense SwiGLU
-    (``moe_layer``; by default model.ffn_type's kind)."""
+    (``moe_layer``; by default model.ffn_type's kind); the experts' rows on the rank that
+    receives ``share`` × a balanced routing's (:func:`busiest_rank_share`)."""
     m, moe = cfg.model, cfg.moe
     h = m.hidden_size
     if not model_kind(cfg, moe_layer):
@@ -276,7 +282,7 @@ def ffn_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None) -> in
         weights = FP32 * (k + 1) if moe.norm_topk_prob else 0
     selection = FP32 * e + INT64 * k + weights  # softmax over experts, chosen ids, combine weights
     permutation = 2 * INT64 * k  # source-token indices of the sorted assignments
-    experts = k * act * h + _swiglu_bytes(k, moe.ffn_hidden_size, act)  # each assignment's input row, then its SwiGLU
+    experts = share * (k * act * h + _swiglu_bytes(k, moe.ffn_hidden_size, act))  # each row received, its SwiGLU
     combine = k * (2 * act * h + act)  # expert outputs, weighted outputs, weights
     z_loss = FP32  # logsumexp of the logits
     shared = 0
@@ -289,12 +295,12 @@ def ffn_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None) -> in
     return rms_norm_bytes(h) + router + selection + permutation + experts + combine + z_loss + shared
 
 
-def layer_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None) -> int:
+def layer_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None, share: float = 1.0) -> float:
     """Everything one MoE or dense decoder layer saves per token without recompute."""
-    return family_of(cfg).attention_bytes(cfg.model, act) + ffn_bytes(cfg, act, moe_layer)
+    return family_of(cfg).attention_bytes(cfg.model, act) + ffn_bytes(cfg, act, moe_layer, share)
 
 
-def held_layer_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None) -> int:
+def held_layer_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None, share: float = 1.0) -> float:
     """What a layer keeps per token between its forward and backward, by train.activation_checkpointing.
 
     full: only the layer's input (the fp32 residual stream). selective: the attention block
@@ -305,8 +311,8 @@ def held_layer_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None
     if mode == "full":
         return FP32 * h
     if mode == "selective":
-        return rms_norm_bytes(h) + FP32 * h + ffn_bytes(cfg, act, moe_layer)
-    return layer_bytes(cfg, act, moe_layer)
+        return rms_norm_bytes(h) + FP32 * h + ffn_bytes(cfg, act, moe_layer, share)
+    return layer_bytes(cfg, act, moe_layer, share)
 
 
 def stage_input_bytes(cfg: DictConfig, first_stage: bool) -> int:
@@ -335,6 +341,22 @@ def loss_working_bytes(cfg: DictConfig, act: int, tokens: int) -> int:
     forward = cast * weight + 2 * FP32 * chunk
     backward = (2 * cast + FP32) * weight + FP32 * tokens * m.hidden_size + (FP32 + cast) * chunk
     return max(forward, backward)
+
+
+def weight_gradient_bytes(cfg: DictConfig, ep: int, act: int, moe_layer: Optional[bool] = None) -> int:
+    """What a layer's backward holds of one weight's gradient before it reaches ``.grad``: under
+    bf16 the gradient of the weight's bf16 copy and that gradient cast to fp32 (2 + 4 B per
+    parameter; megamoe.nn.casts), in fp32 the fp32 gradient (4 B). The largest weight of a layer
+    is the FFN's first matrix: the routed experts' w1 on this rank (num_experts / ep of
+    [2·ffn, hidden]), or the dense or shared FFN's (``moe_layer``: the layer's kind, by default
+    model.ffn_type's). (The dry run measured it: 6 GiB at M32's 32 experts on one rank.)"""
+    m, moe = cfg.model, cfg.moe
+    if not model_kind(cfg, moe_layer):
+        widest = 2 * m.dense_ffn_hidden_size * m.hidden_size
+    else:
+        shared = moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size or moe.ffn_hidden_size)
+        widest = max(moe.num_experts // ep * 2 * moe.ffn_hidden_size, 2 * shared) * m.hidden_size
+    return ((BF16 if act == BF16 else 0) + FP32) * widest
 
 
 def pipeline_buffer_bytes(cfg: DictConfig, pp_rank: int, in_flight: float, num_microbatches: int) -> float:
@@ -413,22 +435,35 @@ class RankMemory:
         return {**parts, "total": self.total / GIB}
 
 
-def rank_memory(cfg: DictConfig, grid: GridShape, pp_rank: int, layers: LayerMix) -> RankMemory:
+def busiest_rank_share(cfg: DictConfig, ep: int, imbalance: float) -> float:
+    """Rows the expert-parallel rank with the busiest expert receives ÷ a balanced routing's, for
+    a micro-batch of the config (1 without routed experts)."""
+    if cfg.model.ffn_type != "moe":
+        return 1.0
+    tokens = cfg.train.micro_batch * cfg.train.seq_len
+    return ExpertLoads.of(cfg.moe, imbalance).busiest_rank_share(ep, tokens)
+
+
+def rank_memory(cfg: DictConfig, grid: GridShape, pp_rank: int, layers: LayerMix,
+                imbalance: float = 1.0) -> RankMemory:
     """The estimate for pipeline rank ``pp_rank`` holding the decoder layers ``layers`` (the
-    config's split: megamoe.estimators.balance.rank_memory); the module docstring gives the accounting."""
+    config's split: megamoe.estimators.balance.rank_memory) under expert imbalance ``imbalance``;
+    the module docstring gives the accounting."""
     act = BF16 if is_bf16(cfg) else FP32
     t = cfg.train
     tokens = t.micro_batch * t.seq_len
+    share = busiest_rank_share(cfg, grid.ep, imbalance)
     stage = stage_params(cfg, pp_rank, grid.ep, layers)
     num_microbatches = t.global_batch // (t.micro_batch * grid.dp)
     in_flight = microbatches_in_flight(cfg, pp_rank, num_microbatches)
-    layers_held = sum(layers.count(kind) * held_layer_bytes(cfg, act, kind) for kind in layers.kinds())
+    layers_held = sum(layers.count(kind) * held_layer_bytes(cfg, act, kind, share) for kind in layers.kinds())
     held = (in_flight * (layers_held + stage_input_bytes(cfg, stage.holds_embedding))
             + pipeline_buffer_bytes(cfg, pp_rank, in_flight, num_microbatches)
             + stage.holds_head * head_held_bytes(cfg))
     # at work: one layer's backward (of the largest kind held), or the loss (which runs before the layers' backward)
-    layer_working = max((layer_bytes(cfg, act, kind) for kind in layers.kinds()), default=0)
-    working = max(tokens * layer_working, stage.holds_head * loss_working_bytes(cfg, act, tokens))
+    backward = max((max(tokens * layer_bytes(cfg, act, kind, share), weight_gradient_bytes(cfg, grid.ep, act, kind))
+                    for kind in layers.kinds()), default=0)
+    working = max(backward, stage.holds_head * loss_working_bytes(cfg, act, tokens))
     return RankMemory(
         pp_rank, in_flight,
         **{part: per_param * stage.total for part, per_param in MODEL_STATE_BYTES.items()},

@@ -1,9 +1,11 @@
 """Which layout to rent: every valid (pp, dp, ep, virtual stages, schedule, micro-batch,
 recompute, stage split) of a config on N GPUs, its memory per GPU and its predicted step time.
 
-Memory is megamoe.estimators.memory's estimate for the fullest pipeline rank; a layout fits when it
-stays under ``(1 - reserve)`` of the GPU (the estimate leaves out the CUDA context, NCCL
-buffers and fragmentation). The step time adds, with no overlap between them:
+Memory is megamoe.estimators.memory's estimate for the fullest pipeline rank at an assumed expert
+imbalance (megamoe.estimators.routing; 1 by default); a layout fits when it stays under
+``(1 - reserve)`` of the GPU (the estimate leaves out the CUDA context, NCCL buffers and
+fragmentation), and :func:`max_imbalance` says how much routing imbalance a layout still fits
+at. The step time adds, with no overlap between them:
 
 * **compute**: each pipeline rank's FLOPs per micro-batch (its stages' layers, head and loss,
   recompute included; megamoe.estimators.balance) ÷ the sustained throughput
@@ -23,8 +25,8 @@ A group stays inside a node when its ranks do (ranks are laid out pp-major, then
 ep groups are consecutive ranks, a dp group is dp consecutive ranks); otherwise it runs at the
 inter-node bandwidth per GPU. Ignored: the optimizer step and other memory-bound kernels,
 kernel launch and Python overheads, overlap of communication with compute (the gradient
-all-reduce that parallel.overlap_grad_reduce hides behind the last backward counts in full), routing imbalance
-(balanced dropless routing assumed), link contention between groups, and NCCL's hierarchical
+all-reduce that parallel.overlap_grad_reduce hides behind the last backward counts in full), routing
+imbalance in the time (balanced routing assumed), link contention between groups, and NCCL's hierarchical
 algorithms. docs/benchmarks.md records how its predictions compare with measured steps.
 """
 
@@ -41,6 +43,7 @@ from megamoe.config.choices import V_SCHEDULES, Schedule
 from megamoe.config.schema import MegaMoEConfig, as_object
 from megamoe.errors import ConfigError
 from megamoe.estimators import balance, flops, memory
+from megamoe.estimators.routing import ExpertLoads
 from megamoe.models import validate_config
 from megamoe.parallel import stages
 
@@ -269,11 +272,12 @@ def model_flops_per_token(cfg: DictConfig) -> float:
     return 3 * (flops.fwd_flops_per_token(cfg) + flops.attention_flops_per_token(cfg, cfg.train.seq_len))
 
 
-def evaluate_layout(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware) -> Plan | Rejection:
-    """One candidate: a Plan if it is valid and fits, else why not."""
+def evaluate_layout(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware,
+                    imbalance: float = 1.0) -> Plan | Rejection:
+    """One candidate: a Plan if it is valid and fits at expert imbalance ``imbalance``, else why not."""
     try:
         candidate = with_layout(cfg, layout)
-        lay, rank = balance.memory_per_gpu(candidate, gpus)
+        lay, rank = balance.memory_per_gpu(candidate, gpus, imbalance)
     except ConfigError as exc:
         return Rejection(layout, f"not valid: {exc}")
     gib = rank.total / memory.GIB
@@ -289,11 +293,33 @@ def evaluate_layout(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware) ->
     return Plan(layout, lay.dp, gib, step, tokens_per_s, mfu, days, days * 24 * gpus, tuple(layers))
 
 
-def plan(cfg: DictConfig, gpus: int, hw: Hardware) -> PlanResult:
-    """Every candidate on ``gpus`` GPUs of kind ``hw``: the ones that fit, fastest first, and the rest."""
+def plan(cfg: DictConfig, gpus: int, hw: Hardware, imbalance: float = 1.0) -> PlanResult:
+    """Every candidate on ``gpus`` GPUs of kind ``hw``: the ones that fit at expert imbalance
+    ``imbalance``, fastest first, and the rest."""
     result, plain = PlanResult(), as_object(cfg)
     for layout in layouts(plain, gpus):
-        outcome = evaluate_layout(plain, layout, gpus, hw)
+        outcome = evaluate_layout(plain, layout, gpus, hw, imbalance)
         (result.plans if isinstance(outcome, Plan) else result.rejected).append(outcome)
     result.plans.sort(key=lambda p: (p.step.total, p.memory_gib))
     return result
+
+
+def max_imbalance(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware,
+                  resolution: float = 0.01) -> Optional[float]:
+    """The largest expert imbalance (megamoe.estimators.routing) at which ``layout`` still fits,
+    to ``resolution``; None for a model without routed experts. Memory grows with the
+    imbalance, so a bisection finds it; the most there is (num_experts / top_k) when it always fits."""
+    if cfg.model.ffn_type != "moe":
+        return None
+    candidate = with_layout(cfg, layout)
+
+    def fits(imbalance: float) -> bool:
+        return balance.memory_per_gpu(candidate, gpus, imbalance)[1].total / memory.GIB <= hw.usable_gib
+
+    low, high = 1.0, ExpertLoads.of(candidate.moe).max_imbalance
+    if fits(high):
+        return high
+    while high - low > resolution:
+        middle = (low + high) / 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return round(low, 2)

@@ -91,14 +91,12 @@ class AllToAllExchange:
         ``tokens`` [n, H] is sorted by global expert id with ``tokens_per_expert`` [E] rows per
         expert. Returns the received rows, contiguous per local expert, and their counts.
         """
-        ep, local = self.ep_size, self.num_local_experts
+        ep = self.ep_size
         # recv[s, e]: how many rows source rank s sends to our local expert e.
         recv = torch.empty_like(tokens_per_expert)
         dist.all_to_all_single(recv, tokens_per_expert.contiguous(), group=self.group)
-        recv = recv.view(ep, local)
-        # One host sync for every size this exchange needs.
-        send_per_rank = tokens_per_expert.view(ep, local).sum(1)
-        sizes = torch.cat([send_per_rank, recv.sum(1), recv.sum(0)]).tolist()
+        recv = recv.view(ep, self.num_local_experts)
+        sizes = self.split_sizes(tokens_per_expert, recv)
         self._send_splits, self._recv_splits = sizes[:ep], sizes[ep : 2 * ep]
         per_local_expert = sizes[2 * ep :]
 
@@ -106,6 +104,12 @@ class AllToAllExchange:
         total = sum(self._recv_splits)
         self._inverse = source_major_to_expert_major(recv.t(), total)
         return received.index_select(0, source_major_to_expert_major(recv, total)), per_local_expert
+
+    def split_sizes(self, tokens_per_expert: Tensor, recv: Tensor) -> list[int]:
+        """Rows sent to each ep rank, received from each, and received per local expert, as one
+        list: the exchange's one host sync (the dry run, whose counts are not data, overrides it)."""
+        send_per_rank = tokens_per_expert.view(self.ep_size, self.num_local_experts).sum(1)
+        return torch.cat([send_per_rank, recv.sum(1), recv.sum(0)]).tolist()
 
     def combine(self, expert_output: Tensor) -> Tensor:
         """Return expert outputs to their source ranks, in the order ``dispatch`` received them."""

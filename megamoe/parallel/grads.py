@@ -18,6 +18,10 @@ from torch.nn import Parameter
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 BYTES_PER_FP32 = 4
+# A flat gradient buffer stays below 2^31 elements, the reach of a 32-bit index (the dry run,
+# megamoe.dryrun.overflow, flags any tensor beyond it): M32's experts on one rank of its paper
+# layout (ep 1, 3 layers per stage) would otherwise share one buffer of 4.8 × 10^9 elements.
+MAX_BUFFER_ELEMENTS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,8 @@ class _Queue:
 class GradSync:
     """Average gradients over data parallelism: dense over ``dp_group``, experts over ``edp_group``.
 
-    Each chunk's dense (and expert) gradients live in one flat buffer (the parameters' dtype):
+    Each chunk's dense (and expert) gradients live in one flat buffer (the parameters' dtype;
+    split where it would reach :data:`MAX_BUFFER_ELEMENTS`):
     ``param.grad`` is a view into it, so autograd accumulates in place and a bucket is a
     contiguous slice reduced with no copy (Megatron's grad buffer). Parameters are laid out in
     reverse order, the order backward finishes them, and cut into buckets of ``bucket_mb``.
@@ -109,11 +114,21 @@ class GradSync:
                     p.register_post_accumulate_grad_hook(self._hook(chunk.key, holding))
 
     def _lay_out(self, params: list[Parameter], bucket_numel: int) -> list[_Bucket]:
-        """One flat buffer for ``params`` (views become their gradients), cut into buckets."""
-        if not params:
-            return []
+        """Flat buffers for ``params`` (views become their gradients), cut into buckets: one
+        buffer, or consecutive runs of the parameters below :data:`MAX_BUFFER_ELEMENTS` each."""
         if len({p.dtype for p in params}) > 1:
-            raise TypeError("GradSync keeps one buffer per chunk: its parameters must share a dtype")
+            raise TypeError("GradSync keeps flat buffers of one dtype per chunk: its parameters must share it")
+        runs: list[list[Parameter]] = []
+        filled = MAX_BUFFER_ELEMENTS
+        for p in params:
+            if filled + p.numel() > MAX_BUFFER_ELEMENTS:
+                runs.append([])
+                filled = 0
+            runs[-1].append(p)
+            filled += p.numel()
+        return [bucket for run in runs for bucket in self._lay_out_buffer(run, bucket_numel)]
+
+    def _lay_out_buffer(self, params: list[Parameter], bucket_numel: int) -> list[_Bucket]:
         buffer = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
         self._buffers.append(buffer)
         offsets = [0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
+import torch
 from omegaconf import DictConfig
 from torch import nn
 
@@ -72,11 +73,11 @@ def build_trainer(cfg: DictConfig, grid: ProcessGrid) -> Trainer:
     """Build this rank's stages (initialised by global name, so any layout starts alike), the
     gradient sync, the optimizer, the data and the runner."""
     exchange = AllToAllExchange(cfg.moe.num_experts, grid.ep_group) if grid.ep > 1 else None
-    modules = build_stage_modules(cfg, grid.pp_rank, exchange)
+    with torch.device(grid.device):  # built in place: no host copy of the weights (and fake tensors cannot move)
+        modules = build_stage_modules(cfg, grid.pp_rank, exchange)
     models = [module.model for module in modules]
     for model in models:
         model.reset_parameters(cfg.seed)
-        model.to(grid.device)
         if cfg.train.compile == "block":
             compile_blocks(model)
     chunks = [grad_chunk(model) for model in reversed(models)]  # the order their backward ends

@@ -6,7 +6,8 @@ launch/deepspeed/README.md:
 - `launch/pretrain.py` commands: the config is composed and validated at the world size their
   launcher implies (torchrun --nproc_per_node, deepspeed --num_gpus or hostfile slots, sbatch
   --nodes × 8 GPUs); the tiny ones also train in other tests;
-- `launch/model_stats.py` commands run;
+- `launch/model_stats.py` commands run; `launch/dry_run.py` ones are parsed and their configs
+  validated at their world size;
 - `launch/slurm/preprocess.sbatch` arrays: each task's and the merge's preprocess_data arguments
   are parsed as the script builds them;
 - data_tools, convert_checkpoint, generate, evaluate and report commands are parsed by the tool's own parser
@@ -97,6 +98,16 @@ def check_model_stats(argv: list[str]) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def check_dry_run(argv: list[str]) -> None:
+    """Parsed by its own parser, its config validated at its world size (the dry runs themselves
+    take minutes: tests/dryrun, docs/benchmarks.md)."""
+    from launch import dry_run
+
+    args, overrides = dry_run.parse_args(argv[argv.index("launch/dry_run.py") + 1:])
+    dry_run.hardware(args.gpu, args.gpu_memory)
+    validate_config(compose(overrides), args.world_size)
+
+
 def check_parsed_by(module: str, function: str) -> Callable[[list[str]], None]:
     def check(argv: list[str]) -> None:
         start = next(i for i, a in enumerate(argv) if a == module or a.endswith(module.replace(".", "/") + ".py"))
@@ -152,6 +163,7 @@ HANDLERS: list[tuple[Callable[[list[str]], bool], Callable[[list[str]], None]]] 
     (lambda a: "launch/evaluate.py" in a, check_parsed_by("launch.evaluate", "parser")),
     (lambda a: "launch/generate.py" in a, check_parsed_by("launch.generate", "parser")),
     (lambda a: "launch/plan.py" in a, check_parsed_by("launch.plan", "parse_args")),
+    (lambda a: "launch/dry_run.py" in a, check_dry_run),
     (lambda a: "launch/report.py" in a, check_parsed_by("launch.report", "main")),
     *[(lambda a, m=m: f"data_tools.{m}" in a, check_parsed_by(f"data_tools.{m}", "parse_args"))
       for m in ("preprocess_data", "merge_datasets", "train_tokenizer", "make_demo_corpus", "inspect_data")],

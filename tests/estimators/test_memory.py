@@ -137,7 +137,11 @@ def test_tiny_by_hand() -> None:
     # (2 + 4 + 2)·512·64, grad of the hidden states 4·128·64, fp32 softmax and its bf16 cast 6·128·512
     loss = max(2 * 32_768 + 8 * 65_536, 8 * 32_768 + 4 * 128 * 64 + 6 * 65_536)
     assert memory.loss_working_bytes(tiny(), memory.BF16, tokens) == loss == 688_128
-    assert loss < tokens * layer  # the working set at the peak is one layer's backward
+    # the experts' w1 gradient on its way to .grad, the gradient of its bf16 copy and its fp32 cast,
+    # (2 + 4)·8 experts·(2·128)·64, is smaller than the layer's activations
+    weight_gradient = 6 * 8 * 256 * 64
+    assert memory.weight_gradient_bytes(tiny(), 1, memory.BF16) == weight_gradient
+    assert max(loss, weight_gradient) < tokens * layer  # the working set at the peak is one layer's backward
     assert rank.activations == tokens * (4 * layer + rope_and_ids + head) + tokens * layer
 
 
@@ -287,3 +291,19 @@ def test_estimate_is_within_15_percent_of_the_measured_peak(name: str) -> None:
     estimate = balance.rank_memory(cfg, memory.grid_shape(cfg), pp_rank).total
     assert abs(estimate - measured) <= 0.15 * measured, \
         f"estimate {estimate / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB"
+
+
+def test_imbalance_scales_the_rows_the_busiest_rank_receives() -> None:
+    """Only the experts' rows grow, by the busiest rank's share of them (megamoe.estimators.routing):
+    tiny at ep 2, expert 0 at 2 × the mean: of a micro-batch's 256 assignments its rank's 4 experts
+    receive 64 + 3 × 28 (the other 7 share 192), not 4 × 32."""
+    cfg = tiny("parallel.ep=2")
+    grid = memory.grid_shape(cfg, 2)
+    balanced, skewed = (balance.rank_memory(cfg, grid, 0, f) for f in (1.0, 2.0))
+    share = memory.busiest_rank_share(cfg, 2, 2.0)
+    assert share == (64 + 3 * 28) / 128
+    per_token = 2 * (2 * 64 + 4 * 2 * 128)  # top-2 assignments: the bf16 input row and the SwiGLU of each
+    held_and_working = 2 * 64 * (4 + 1)  # the layers' held activations (4 layers) and one layer's backward
+    assert skewed.activations - balanced.activations == pytest.approx((share - 1) * per_token * held_and_working)
+    assert (skewed.weights, skewed.weight_copies) == (balanced.weights, balanced.weight_copies)
+    assert balance.rank_memory(cfg, grid, 0).total == balanced.total  # balanced by default

@@ -14,6 +14,7 @@ from megamoe.estimators.planner import (
     Layout,
     evaluate_layout,
     layouts,
+    max_imbalance,
     plan,
     schedules,
     step_time,
@@ -115,3 +116,18 @@ def test_m32_on_80gb_needs_expert_parallelism() -> None:
     assert best.memory_gib <= GPUS["h100-80gb"].usable_gib and best.layout.ep > 1
     assert not any(p.layout.pp == 8 and p.layout.ep == 1 for p in result.plans)
     assert 0.2 < best.mfu < GPUS["h100-80gb"].efficiency  # the bubble and the communication cost something
+
+
+def test_imbalance_grows_the_memory_and_the_best_layout_says_how_much_it_takes() -> None:
+    """M32 on 256 H100s: the estimate grows with the expert imbalance (the busiest ep rank receives
+    more rows); the planner's best layout fits up to the largest imbalance it reports, and not
+    past it."""
+    cfg, hw = compose(["+exp=m32_2000b"]), GPUS["h100-80gb"]
+    best = plan(cfg, 256, hw).plans[0]
+    at = {f: evaluate_layout(cfg, best.layout, 256, hw, f).memory_gib for f in (1.0, 1.5)}
+    assert at[1.5] > at[1.0] == pytest.approx(best.memory_gib)
+    most = max_imbalance(cfg, best.layout, 256, hw)
+    assert 1.0 < most < 16
+    assert evaluate_layout(cfg, best.layout, 256, hw, most).memory_gib <= hw.usable_gib
+    assert evaluate_layout(cfg, best.layout, 256, hw, most + 0.02).reason.startswith("out of memory")
+    assert max_imbalance(compose(["+exp=tiny"]), Layout(1, 1, 1, "1f1b", 2, "none", "even"), 1, TOY) == 4.0  # E / k

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from megamoe.config import CONFIG_DIR, compose
+from megamoe.estimators import balance
 from megamoe.models import validate_config
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "model_stats.py"
@@ -68,6 +69,8 @@ def test_m32_from_the_command_line_gives_the_paper_numbers() -> None:
         (["+exp=tiny", "--world-size", "0"], "--world-size"),  # not a number of GPUs
         (["+exp=tiny", "--world-size"], "--world-size"),  # no value
         (["+exp=tiny", "parallel.pp=2", "--world-size=3"], "parallel.pp"),  # no layout for that world
+        (["+exp=tiny", "--expert-imbalance", "5"], "--expert-imbalance: 5 is outside [1, 4]"),
+        (["+exp=tiny", "--expert-imbalance=much"], "--expert-imbalance: 'much' is not a number"),
     ],
 )
 def test_a_bad_override_exits_2_with_one_line(args: list[str], named: str, capsys: pytest.CaptureFixture) -> None:
@@ -94,7 +97,7 @@ def test_tiny_memory_per_gpu(capsys: pytest.CaptureFixture) -> None:
                                                                "activations")))
     assert stats["memory_layout"] == {
         "world_size": 1, "pp": 1, "dp": 1, "ep": 1, "pp_rank": 0, "microbatches_in_flight": 1.0,
-        "micro_batch": 2, "precision": "bf16", "activation_checkpointing": "none",
+        "micro_batch": 2, "precision": "bf16", "activation_checkpointing": "none", "expert_imbalance": 1.0,
     }
     for label in ("weights (fp32)", "gradients (fp32)", "AdamW m, v (fp32)", "bf16 weight copies", "activations"):
         assert label in out
@@ -106,6 +109,17 @@ def test_world_size_flag_sets_data_parallelism(capsys: pytest.CaptureFixture) ->
         layout = last_json(capsys.readouterr().out)["memory_layout"]
         assert (layout["world_size"], layout["pp"], layout["dp"], layout["ep"]) == (8, 2, 4, 2)
         assert layout["pp_rank"] in (0, 1)
+
+
+def test_expert_imbalance_flag_is_the_estimate_s(capsys: pytest.CaptureFixture) -> None:
+    model_stats.main(["+exp=m32_2000b", "--world-size", "256", "--expert-imbalance", "2"])
+    out = capsys.readouterr().out
+    stats = last_json(out)
+    assert stats["memory_layout"]["expert_imbalance"] == 2.0 and "busiest expert at 2 × the mean load" in out
+    cfg = compose(["+exp=m32_2000b"])
+    expected = balance.memory_per_gpu(cfg, 256, 2.0)[1].total / 2**30
+    assert stats["memory_per_gpu_gib"]["total"] == pytest.approx(expected)
+    assert expected > balance.memory_per_gpu(cfg, 256)[1].total / 2**30
 
 
 # The ladder between tiny and m32_2000b, with the GPUs each is meant for.

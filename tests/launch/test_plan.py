@@ -82,3 +82,19 @@ def test_no_valid_layout_says_why_instead_of_asking_for_gpus(gpus: int, line: st
     with pytest.raises(SystemExit) as info:
         plan_script.main(["+exp=tiny", "--gpus", str(gpus)])
     assert info.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
+
+
+def test_the_best_layout_names_the_imbalance_it_fits_and_verify_dry_runs_it() -> None:
+    result = _plan("+exp=tiny", "--gpus", "2", "parallel.ep=2", "--top", "2", "--expert-imbalance", "1.5",
+                   "--verify", "1")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.splitlines()[-1])
+    assert (summary["expert_imbalance"], summary["max_expert_imbalance"]) == (1.5, 4.0)  # tiny fits any routing
+    assert "the best layout fits up to 4 × (--expert-imbalance)" in result.stdout
+    (verified,) = summary["verified"]
+    assert verified["layout"] == summary["layout"] and verified["fits"]
+    assert verified["estimated_gib"] == pytest.approx(summary["memory_gib"], abs=0.01)
+    assert 0.8 < verified["estimated_gib"] / verified["measured_gib"] < 1.25
+    assert "verified by dry runs" in result.stdout
+    bad = _plan("+exp=tiny", "--gpus", "2", "--expert-imbalance", "0.5")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --expert-imbalance: 0.5 is outside [1, 4]")

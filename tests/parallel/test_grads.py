@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.nn import Parameter
 
+from megamoe.parallel import grads
 from megamoe.parallel.grads import GradChunk, GradSync, clip_grads_, global_grad_norm
 
 
@@ -59,6 +60,20 @@ def test_bucketed_path_moves_every_element_back(world_of_one: dist.ProcessGroup,
     dense, expert = _params([(3, 4), (5,), (2, 2, 2)], seed=3), _params([(2, 3, 3), (1,)], seed=4)
     expected = [p.grad / 4 for p in dense + expert]
     _sync(dense, expert, world_of_one, divisor=4, bucket_numel=bucket_numel).finish()
+    for p, e in zip(dense + expert, expected):
+        assert torch.equal(p.grad, e)
+
+
+def test_buffers_stay_below_the_int32_limit(world_of_one: dist.ProcessGroup, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk whose gradients would reach the limit gets several buffers, each below it, split at
+    parameter boundaries (the limit stands in for 2^31 − 1 elements); every element still goes back."""
+    monkeypatch.setattr(grads, "MAX_BUFFER_ELEMENTS", 20)
+    dense, expert = _params([(3, 4), (5,), (2, 2, 2)], seed=3), _params([(2, 3, 3), (1,), (4, 4)], seed=4)
+    expected = [p.grad / 4 for p in dense + expert]
+    sync = _sync(dense, expert, world_of_one, divisor=4, bucket_numel=7)
+    # laid out in reverse (backward's order): dense 8 + 5 | 12, experts 16 + 1 | 18
+    assert [buffer.numel() for buffer in sync._buffers] == [13, 12, 17, 18]
+    sync.finish()
     for p, e in zip(dense + expert, expected):
         assert torch.equal(p.grad, e)
 

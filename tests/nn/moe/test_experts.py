@@ -1,4 +1,5 @@
-"""The expert bank's bf16 weight copies: one per optimizer step, shared by every micro-batch."""
+"""The expert bank: its bf16 weight copies (one per optimizer step, shared by every micro-batch, each
+pass's weight gradient handed on at once) and its grouped GEMMs in chunks below the int32 limit."""
 
 import contextlib
 
@@ -8,6 +9,8 @@ import torch
 from megamoe.config import compose
 from megamoe.nn.casts import shared_casts
 from megamoe.nn.moe import ExpertBank
+from megamoe.nn.moe import experts as experts_module
+from megamoe.nn.moe.experts import row_chunks
 from megamoe.train.optim import build_optimizer
 
 HIDDEN, FFN, COUNTS = 16, 16, [3, 0, 9, 4]  # an empty expert; groups the grouped GEMM must pad
@@ -99,3 +102,50 @@ def test_fp32_uses_the_parameters_themselves() -> None:
     with shared_casts():
         w1, w2 = experts._weights(torch.float32)
     assert w1 is experts.w1 and w2 is experts.w2
+
+
+def test_row_chunks_cut_inside_a_group_only_when_it_alone_is_too_long() -> None:
+    ends = [16, 16, 56, 64]  # groups of 16, 0, 40 and 8 padded rows
+    assert row_chunks(ends, 32) == [(0, 16), (16, 48), (48, 64)]  # the 40-row group is cut once
+    assert row_chunks(ends, 64) == [(0, 64)]
+    assert row_chunks([8, 16, 24], 16) == [(0, 16), (16, 24)]
+
+
+@pytest.mark.parametrize(("counts", "exact_weight_gradients"), [([3, 0, 9, 4], True), ([3, 0, 40, 4], False)])
+def test_grouped_gemm_beyond_the_int32_limit_runs_in_row_chunks(counts: list[int], exact_weight_gradients: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same outputs and input gradients with 16 rows per chunk as in one GEMM; so are the weight
+    gradients, unless an expert's rows are cut (then its gradient sums two bf16 products)."""
+    results = []
+    for limit in (experts_module.GROUPED_GEMM_MAX_ELEMENTS, 16 * 2 * FFN):
+        monkeypatch.setattr(experts_module, "GROUPED_GEMM_MAX_ELEMENTS", limit)
+        experts = bank("on")
+        x = torch.randn(sum(counts), HIDDEN, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        with bf16():
+            y = experts(x, counts)
+        y.float().square().sum().backward()
+        results.append((y, x.grad, experts.w1.grad, experts.w2.grad))
+    (y, x_grad, *weight_grads), (y_chunked, x_grad_chunked, *weight_grads_chunked) = results
+    torch.testing.assert_close((y_chunked, x_grad_chunked), (y, x_grad), rtol=0, atol=0)
+    for chunked, whole in zip(weight_grads_chunked, weight_grads):  # bf16 rounding of the largest entry at most
+        atol = 0 if exact_weight_gradients else 2**-7 * whole.abs().max().item()
+        torch.testing.assert_close(chunked, whole, rtol=0, atol=atol)
+
+
+def test_each_pass_hands_its_weight_gradient_on_as_its_backward_reaches_it() -> None:
+    """Two banks in a row, two micro-batches sharing the casts: in the second micro-batch's backward
+    the second bank's w1 gradient reaches .grad before the gradient reaches the first bank (a copy
+    shared through one autograd node would deliver it only at the end of each backward)."""
+    first, second = bank(), bank()
+    events: list[str] = []
+    second.w1.register_post_accumulate_grad_hook(lambda _: events.append("second bank's w1.grad"))
+    with shared_casts():
+        outputs = []
+        for x in microbatches(2):
+            with bf16():
+                hidden = first(x, COUNTS)
+                hidden.register_hook(lambda grad: events.append("first bank's output gradient"))
+                outputs.append(second(hidden, COUNTS))
+        events.clear()
+        outputs[1].float().sum().backward()
+    assert events == ["second bank's w1.grad", "first bank's output gradient"]
