@@ -1,54 +1,84 @@
-"""Fake CUDA tensors on a CPU-only torch, for forward passes that check shapes and devices.
+"""Fake CUDA tensors on a CPU-only torch: what a forward needs that such a build lacks.
 
-Under ``FakeTensorMode`` a tensor can live on ``cuda:0`` without a GPU: every aten op computes
-only its output's metadata. A few of the Python bindings, though, set up a device guard before
-anything reaches aten — indexing ``x[...]``, ``~x``, ``x.contiguous()`` — and a CPU-only torch
-has no CUDA guard to set up. :class:`FakeCuda` sends those calls to the aten ops directly.
-Backward through fake CUDA tensors still aborts, so tests run forwards only (``no_grad``).
-
-    model = model.requires_grad_(False)
-    with FakeTensorMode(allow_non_fake_inputs=True), FakeCuda(), torch.no_grad():
-        out = model.to("cuda:0")(torch.zeros(2, 64, dtype=torch.long, device="cuda"))
+A CPU-only build has no CUDA device guard, which a few things ask for even on fake tensors:
+Python indexing (``x[..., :n]``, ``x[i] = y``: the binding guards the device), ``~x`` and
+``x.contiguous()``, nn.init's default initialisers (they draw on the device's generator) and
+``torch.autocast("cuda")`` (it turns itself off without a GPU). :class:`CudaShims` routes
+indexing through the equivalent view ops and ``aten.index`` / ``aten.index_put_``, the other
+bindings to their aten ops, skips nn.init, and :func:`cuda_autocast` sets CUDA autocast's state
+directly. Autograd's graph wants the guard
+too (the process aborts), so forwards run without gradients.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Iterator, Optional
 
 import torch
-from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 aten = torch.ops.aten
 
 
-def basic_index(x: Tensor, index: Any) -> Tensor:
-    """``x[index]`` for ints, slices, ``None`` and ``...`` (the indexing model code uses), as aten views."""
+def _basic(x: torch.Tensor, index: Any) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """``x[index]``'s ints, slices, None and Ellipsis as view ops; its tensor indices by the dim they index."""
     index = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, (Tensor, list, bool)) for i in index):
-        raise NotImplementedError(f"FakeCuda: advanced indexing {index!r}")
-    out, dim = x, 0
+    named = sum(1 for i in index if i is not None and i is not Ellipsis)
+    dim, tensors = 0, {}
     for i in index:
-        if i is None:
-            out, dim = aten.unsqueeze.default(out, dim), dim + 1
-        elif i is Ellipsis:
-            dim += x.dim() - sum(1 for j in index if j is not None and j is not Ellipsis)
+        if i is Ellipsis:
+            dim += x.dim() - named
+        elif i is None:
+            x, dim = x.unsqueeze(dim), dim + 1
         elif isinstance(i, int):
-            out = aten.select.int(out, dim, i)
+            x = x.select(dim, i)
+        elif isinstance(i, slice):
+            start, stop, step = i.indices(x.shape[dim])
+            x, dim = aten.slice(x, dim, start, stop, step), dim + 1
         else:
-            out, dim = aten.slice.Tensor(out, dim, i.start, i.stop, i.step or 1), dim + 1
-    return out
+            tensors[dim], dim = i, dim + 1
+    return x, tensors
 
 
-ROUTED: dict[Callable[..., Any], Callable[..., Any]] = {
-    Tensor.__getitem__: basic_index,
-    Tensor.__invert__: aten.bitwise_not.default,
-    Tensor.contiguous: aten.contiguous.default,
-}
+def _advanced(tensors: dict[int, torch.Tensor]) -> list[Optional[torch.Tensor]]:
+    return [tensors.get(d) for d in range(max(tensors) + 1)]
 
 
-class FakeCuda(TorchFunctionMode):
-    """Routes the Python bindings that need a real CUDA device guard to their aten ops."""
+# Bindings that guard the device before reaching aten, sent to their aten ops.
+ROUTED = {torch.Tensor.__invert__: aten.bitwise_not.default, torch.Tensor.contiguous: aten.contiguous.default}
 
-    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        return ROUTED.get(func, func)(*args, **(kwargs or {}))
+
+class CudaShims(TorchFunctionMode):
+    """Indexing and the bindings above without the device guard, and no nn.init (module docstring)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        if func is torch.Tensor.__getitem__:
+            view, tensors = _basic(*args)
+            return aten.index(view, _advanced(tensors)) if tensors else view
+        if func is torch.Tensor.__setitem__:
+            target, index, value = args
+            view, tensors = _basic(target, index)
+            if not isinstance(value, torch.Tensor):
+                value = torch.full((), value, dtype=target.dtype, device=target.device)
+            return aten.index_put_(view, _advanced(tensors), value) if tensors else aten.copy_(view, value)
+        return ROUTED.get(func, func)(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def cuda_autocast(dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
+    """``torch.autocast("cuda", dtype)`` without asking whether a GPU is there."""
+    before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    torch.autocast_increment_nesting()
+    try:
+        yield
+    finally:
+        if torch.autocast_decrement_nesting() == 0:
+            torch.clear_autocast_cache()
+        torch.set_autocast_enabled("cuda", before[0])
+        torch.set_autocast_dtype("cuda", before[1])

@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 
 from megamoe.compat import TorchDispatchMode
 from megamoe.config import compose
-from megamoe.config.schema import as_object
+from megamoe.config.schema import as_object, rotary_dim
 from megamoe.dryrun.fake import FakeStepMode, fake_process_group
 from megamoe.dryrun.routing import AssumedLocalExchange
 from megamoe.estimators.routing import ExpertLoads
@@ -22,9 +22,9 @@ from megamoe.nn.decoder import DecoderLayer
 from megamoe.nn.loss import chunked_lm_loss
 from megamoe.nn.moe.dispatcher import permute
 from megamoe.nn.moe.router import select_experts
-from megamoe.nn.rope import RotaryEmbedding, rotary_dim
+from megamoe.nn.rope import RotaryEmbedding
 from tests.dist.launcher import run_distributed
-from tests.dryrun.fake_cuda import CudaShims, cuda_autocast
+from tests.fake_cuda import CudaShims, cuda_autocast
 
 
 def test_one_process_is_any_rank_of_a_large_world() -> None:
@@ -102,7 +102,7 @@ def m32_layer_and_loss_on_fake_cuda(rank: int, world_size: int, tokens: int) -> 
     loads = ExpertLoads.of(cfg.moe)
     calls, ops = _Calls(), _Ops()
     with FakeStepMode(loads), torch.device("cuda"), CudaShims(), torch.no_grad():
-        layer = DecoderLayer(as_object(cfg.model), as_object(cfg.moe), family_of(cfg).attention, 0, False,
+        layer = DecoderLayer(as_object(cfg.model), as_object(cfg.moe), family_of(cfg).attention, 0, True, False,
                              AssumedLocalExchange(loads.rows(tokens))).requires_grad_(False)
         rope = RotaryEmbedding(rotary_dim(cfg.model), cfg.model.rotary_base)(torch.arange(tokens).expand(1, -1))
         hidden = torch.empty(1, tokens, cfg.model.hidden_size)

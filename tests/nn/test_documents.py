@@ -22,7 +22,7 @@ from megamoe.models import build_stage
 from megamoe.nn import documents as documents_module
 from megamoe.nn.documents import Documents, block_mask, dense_mask
 from megamoe.nn.kv_cache import KVCache
-from tests.fake_cuda import FakeCuda
+from tests.fake_cuda import CudaShims
 from tests.models.helpers import random_model
 
 EOD = 256  # ByteTokenizer's, inside the tiny vocabulary
@@ -134,7 +134,7 @@ def test_the_cuda_path_builds_on_fake_cuda_tensors(monkeypatch: pytest.MonkeyPat
     cfg = compose(["+exp=tiny", "model.ffn_type=dense", "model.dense_ffn_hidden_size=64"])  # Yuan, LFA on
     model = build_stage(cfg).requires_grad_(False)  # (the experts' dispatch has data-dependent shapes)
     cuda = torch.device("cuda:0")
-    with FakeTensorMode(allow_non_fake_inputs=True), FakeCuda(), torch.no_grad():
+    with FakeTensorMode(allow_non_fake_inputs=True), CudaShims(), torch.no_grad():
         model = model.to(cuda)
         tokens = torch.zeros(2, 256, dtype=torch.long, device=cuda)
         logits = model(tokens, document_ids=torch.zeros_like(tokens))
