@@ -36,9 +36,10 @@ LABELS = {
 USAGE = ("usage: python launch/model_stats.py +exp=NAME [--world-size N] [--expert-imbalance F] [key=value ...]   "
          "(e.g. +exp=m32_2000b --world-size 64 moe.top_k=4)")
 MEMORY_LABELS = {
-    "weights": "weights (fp32)", "gradients": "gradients (fp32)", "optimizer": "AdamW m, v (fp32)",
+    "weights": "weights (fp32)", "gradients": "gradients (fp32)", "optimizer": "optimizer state",
     "weight_copies": "bf16 weight copies", "activations": "activations",
 }
+OPTIMIZER_LABELS = {"adamw": "AdamW m, v", "muon": "Muon + AdamW"}  # the optimizer row, by train.optimizer
 GPU_GIB = 80  # the memory of the GPUs the table compares against (A100 / H100 80 GB)
 T = TypeVar("T")
 
@@ -95,6 +96,7 @@ def memory_stats(cfg: DictConfig, world_size: int | None, imbalance: float = 1.0
             "microbatches_in_flight": rank.in_flight, "micro_batch": cfg.train.micro_batch,
             "precision": "bf16" if memory.is_bf16(cfg) else "fp32",
             "activation_checkpointing": cfg.train.activation_checkpointing, "expert_imbalance": imbalance,
+            "optimizer": cfg.train.optimizer, "optimizer_state_dtype": cfg.train.optimizer_state_dtype,
         },
     }
 
@@ -209,7 +211,9 @@ def memory_table(s: dict) -> list[str]:
         f"{lay['precision']}, recompute {lay['activation_checkpointing']}, busiest expert at "
         f"{lay['expert_imbalance']:g} × the mean load",
     ]
-    lines += [f"  {MEMORY_LABELS[part]:<22}{gib[part]:>9.2f} GiB" for part in MEMORY_LABELS]
+    labels = {**MEMORY_LABELS,
+              "optimizer": f"{OPTIMIZER_LABELS[lay['optimizer']]} ({lay['optimizer_state_dtype']})"}
+    lines += [f"  {label:<22}{gib[part]:>9.2f} GiB" for part, label in labels.items()]
     spare = GPU_GIB - gib["total"]
     verdict = (f"leaves {spare:.1f} GiB of {GPU_GIB} for the CUDA context, NCCL buffers and fragmentation"
                if spare > 0 else f"does not fit {GPU_GIB} GiB")

@@ -391,15 +391,20 @@ class CheckpointSaver:
     def abandon(self) -> Optional[Path]:
         """Give the background save in progress up, without waiting for other ranks (the run is
         failing or was interrupted). Returns the checkpoint if it was complete all the same, else
-        None: rank 0 removes the partial files if it notices within ABANDON_WAIT_S, else the next
-        start does, and ``latest`` stays where it was."""
+        None, and ``latest`` stays where it was. Rank 0's writer removes the partial files when it
+        notices; if it is still busy after ABANDON_WAIT_S (a loaded machine, a slow file system),
+        rank 0 removes them under its feet, and its next write fails."""
         if self._pending is None:
             return None
         save, self._pending = self._pending, None
         self._abandoned.set()
         save.thread.join(ABANDON_WAIT_S)
+        if save.thread.is_alive():
+            if self.state.grid.rank == 0:
+                shutil.rmtree(checkpoint_root(self.state) / f"step_{save.snap.step}.tmp", ignore_errors=True)
+            return None
         board = save.board
-        if save.thread.is_alive() or save.failure is not None or not board.posted("outcome"):
+        if save.failure is not None or not board.posted("outcome"):
             return None
         outcome = board.read("outcome", sender=0)
         return Path(outcome["path"]) if outcome["error"] is None else None

@@ -2,11 +2,15 @@
 
 Accounting, per GPU, for the pipeline rank that needs the most:
 
-* **Model states, 16 B per parameter the rank holds.** We keep fp32 parameters and run bf16
-  under autocast, so: fp32 weights 4 + fp32 gradients 4 + AdamW m 4 + v 4. (Megatron-Core's
+* **Model states, 16 B per parameter the rank holds** with AdamW. We keep fp32 parameters and run
+  bf16 under autocast, so: fp32 weights 4 + fp32 gradients 4 + AdamW m 4 + v 4. (Megatron-Core's
   mixed precision instead stores bf16 weights 2 + fp32 main grads 4 + fp32 master weights 4 +
-  m 4 + v 4 = 18 B.) A rank holds its stages' layers and, of each MoE layer, num_experts / ep
-  experts. There is no ZeRO, so data parallelism shards nothing.
+  m 4 + v 4 = 18 B.) The optimizer's part follows ``train.optimizer`` and
+  ``train.optimizer_state_dtype`` (:func:`optimizer_state_bytes`): Muon keeps one momentum per
+  hidden matrix's element (12 B per parameter in fp32, 10 B in bf16) while the vocabulary
+  matrices, norms and biases keep AdamW's two moments; bf16 state halves either. A rank holds
+  its stages' layers and, of each MoE layer, num_experts / ep experts. There is no ZeRO, so data
+  parallelism shards nothing.
 * **Which layers**: a rank's estimate depends on how many of its layers are MoE and how many
   dense (:class:`LayerMix`; ``moe.layer_freq`` mixes them): each kind has its own parameters,
   weight copies and saved activations, and the working sets below are those of the largest
@@ -50,7 +54,7 @@ from typing import ClassVar, Iterable, Optional
 import torch
 from omegaconf import DictConfig
 
-from megamoe.config.choices import FfnType, Schedule
+from megamoe.config.choices import FfnType, Optimizer, Schedule, StateDtype
 from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import rotary_dim
 from megamoe.config.validate import validate_layout
@@ -63,7 +67,7 @@ from megamoe.parallel.stages import rank_ends
 
 GIB = 2**30
 FP32, BF16, INT64 = 4, 2, 8
-MODEL_STATE_BYTES = {"weights": FP32, "gradients": FP32, "optimizer": 2 * FP32}  # AdamW m and v
+STATE_BYTES = {StateDtype.FP32: FP32, StateDtype.BF16: BF16}  # one optimizer-state element (train.optimizer_state_dtype)
 FFN_ROWS = ("router", "shared_experts", "dense_ffn")  # a layer's parameters besides its attention block
 
 
@@ -219,6 +223,7 @@ class StageParams:
     total: int
     holds_embedding: bool
     holds_head: bool  # final norm, head and loss (the last stage)
+    adamw_only: int  # what Muon leaves to AdamW: the vocabulary matrices, norms and biases
 
 
 def stage_params(cfg: DictConfig, pp_rank: int, ep: int, layers: LayerMix) -> StageParams:
@@ -230,8 +235,27 @@ def stage_params(cfg: DictConfig, pp_rank: int, ep: int, layers: LayerMix) -> St
     owns_head = last and not (m.tie_embeddings and single_stage)  # a tied model split in stages keeps a head copy
     decoder = sum(layers.count(kind) * (params.dense + params.experts)
                   for kind in layers.kinds() for params in [layer_params(cfg, ep, kind)])
-    total = decoder + (first + owns_head) * vocab_matrix + last * m.hidden_size  # + the final norm
-    return StageParams(layers, total, first, last)
+    vectors = sum(layers.count(kind) * layer_vector_params(cfg, kind) for kind in layers.kinds())
+    vocab = (first + owns_head) * vocab_matrix
+    total = decoder + vocab + last * m.hidden_size  # + the final norm
+    return StageParams(layers, total, first, last, adamw_only=vocab + vectors + last * m.hidden_size)
+
+
+def layer_vector_params(cfg: DictConfig, moe_layer: bool) -> int:
+    """One layer's parameters of fewer than two dimensions (norms, biases): those a matrix
+    optimizer leaves to AdamW. Within a family's attention rows, what is not a matmul weight."""
+    rows = layer_breakdown(cfg, moe_layer)
+    attention = family_of(cfg).attention_parts(cfg.model)
+    return rows["norms"].total + sum(part.total - part.matmul for part in attention.values())
+
+
+def optimizer_state_bytes(cfg: DictConfig, stage: StageParams) -> float:
+    """The optimizer state of one rank's parameters: AdamW's m and v for each, or, with Muon, one
+    momentum for each hidden-matrix element and AdamW's two for the rest, in the state's dtype."""
+    element = STATE_BYTES[StateDtype(cfg.train.optimizer_state_dtype)]
+    if cfg.train.optimizer == Optimizer.MUON:
+        return element * (stage.total + stage.adamw_only)
+    return 2 * element * stage.total
 
 
 # ---- activations -----------------------------------------------------------------------------
@@ -466,7 +490,7 @@ def rank_memory(cfg: DictConfig, grid: GridShape, pp_rank: int, layers: LayerMix
     working = max(backward, stage.holds_head * loss_working_bytes(cfg, act, tokens))
     return RankMemory(
         pp_rank, in_flight,
-        **{part: per_param * stage.total for part, per_param in MODEL_STATE_BYTES.items()},
+        weights=FP32 * stage.total, gradients=FP32 * stage.total, optimizer=optimizer_state_bytes(cfg, stage),
         weight_copies=weight_copy_bytes(cfg, grid, stage.layers, in_flight),
         activations=tokens * held + working,
     )

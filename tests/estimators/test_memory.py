@@ -175,6 +175,30 @@ def test_stage_parameters_match_built_stages(pp: int, ep: int, overrides: list[s
         assert memory.stage_params(cfg, rank, ep, balance.rank_layers(cfg, rank)).total == built, f"pp rank {rank}"
 
 
+@pytest.mark.parametrize("overrides", [[], ["model.family=qwen_moe", "model.qkv_bias=true", "moe.router=linear"]])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("state", ["fp32", "bf16"])
+def test_optimizer_state_matches_the_built_optimizer(optimizer: str, state: str, overrides: list[str]) -> None:
+    """The estimate's optimizer bytes equal the state the trainer's optimizer really allocates
+    (one step on CPU), on every pipeline rank: Muon's one momentum per hidden-matrix element,
+    AdamW's two for the vocabulary matrices, norms and biases, in fp32 or bf16."""
+    cfg = tiny(*overrides, "parallel.pp=2", f"train.optimizer={optimizer}", f"train.optimizer_state_dtype={state}")
+    for rank in range(2):
+        modules = build_stage_modules(cfg, rank, ExpertSlice(cfg.moe.num_experts, 1, 0))
+        for p in (p for m in modules for p in m.parameters()):
+            p.grad = torch.zeros_like(p)
+        embeddings = [p for m in modules for p in m.model.embedding_parameters()]
+        optimizer_ = build_optimizer(torch.nn.ModuleList(modules), cfg.train, embeddings)
+        optimizer_.step()
+        allocated = sum(v.numel() * v.element_size() for state_ in optimizer_.state.values()
+                        for key, v in state_.items() if key != "step")
+        stage = memory.stage_params(cfg, rank, 1, balance.rank_layers(cfg, rank))
+        assert memory.optimizer_state_bytes(cfg, stage) == allocated, f"pp rank {rank}"
+    per_param = {("adamw", "fp32"): 8, ("adamw", "bf16"): 4}
+    if (optimizer, state) in per_param:
+        assert memory.optimizer_state_bytes(cfg, stage) == per_param[optimizer, state] * stage.total
+
+
 def test_pipeline_and_expert_parallelism_divide_parameter_memory() -> None:
     cfg = compose(["+exp=m32_2000b_paper_pp8", "parallel.pp=1"])
     vocab_matrix = cfg.model.vocab_size * cfg.model.hidden_size

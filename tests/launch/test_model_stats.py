@@ -98,9 +98,21 @@ def test_tiny_memory_per_gpu(capsys: pytest.CaptureFixture) -> None:
     assert stats["memory_layout"] == {
         "world_size": 1, "pp": 1, "dp": 1, "ep": 1, "pp_rank": 0, "microbatches_in_flight": 1.0,
         "micro_batch": 2, "precision": "bf16", "activation_checkpointing": "none", "expert_imbalance": 1.0,
+        "optimizer": "adamw", "optimizer_state_dtype": "fp32",
     }
     for label in ("weights (fp32)", "gradients (fp32)", "AdamW m, v (fp32)", "bf16 weight copies", "activations"):
         assert label in out
+
+
+def test_the_optimizer_row_follows_the_config(capsys: pytest.CaptureFixture) -> None:
+    """Muon with bf16 state: the row says so and holds less than AdamW's (a quarter to a half)."""
+    model_stats.main(["+exp=tiny"])
+    adamw = last_json(capsys.readouterr().out)["memory_per_gpu_gib"]["optimizer"]
+    model_stats.main(["+exp=tiny", "train.optimizer=muon", "train.optimizer_state_dtype=bf16"])
+    out = capsys.readouterr().out
+    muon = last_json(out)["memory_per_gpu_gib"]["optimizer"]
+    assert "Muon + AdamW (bf16)" in out and "AdamW m, v" not in out
+    assert adamw / 4 < muon < adamw / 2
 
 
 def test_world_size_flag_sets_data_parallelism(capsys: pytest.CaptureFixture) -> None:
