@@ -7,9 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.pretrain import ROOT
 
 
+@pytest.mark.slow
 def test_the_dry_run_passes_every_check() -> None:
     result = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)

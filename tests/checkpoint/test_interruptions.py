@@ -124,6 +124,7 @@ def test_kill9_during_a_save_with_two_processes(tmp_path: Path, writes: str) -> 
     assert_same_run(tmp_path / "run", tmp_path / "reference")
 
 
+@pytest.mark.slow
 def test_kill9_at_a_random_moment_then_sigterm_then_resume(tmp_path: Path) -> None:
     rng = random.Random(SEED)
     kill_after, fraction = rng.randint(1, 6), rng.random()

@@ -96,6 +96,7 @@ def test_a_rank_stopped_during_a_save_is_named_and_the_run_fails(tmp_path: Path,
     assert_previous_checkpoint_stays_latest(tmp_path / "checkpoints", tmp)
 
 
+@pytest.mark.slow
 def test_sigterm_ends_a_rank_whose_save_waits_for_a_killed_rank(tmp_path: Path) -> None:
     """A plain launch (ranks from the environment, as srun starts them): rank 1 is killed with -9
     in the middle of a save and rank 0, waiting for its files, is sent SIGTERM, as a scheduler's

@@ -169,27 +169,24 @@ FEATURES = {"": [], "capacity": ["moe.capacity_factor=1.0"], "aux_free_bias": ["
             "muon": ["train.optimizer=muon"],
             "muon_bf16_state": ["train.optimizer=muon", "train.optimizer_state_dtype=bf16"]}
 DOCUMENT_FEATURES = {"documents"}  # trained on a real corpus (the fixture `features` adds it)
-# Cases whose every feature another case also runs (dp2 ⊂ dp2_ep2; pp2 ⊂ dp2_pp2_ep2 and pp2_uneven;
-# the pp = 2 interleaved / ZB-V / DualPipeV cases ⊂ their uneven, recompute and dp2_pp2_ep2
-# variants; aux-free bias at dp2 ⊂ dp2_ep2; expert choice with the linear router ⊂ the attention
-# router's; Muon beyond dp2_pp2_ep2): marked slow to keep the suite within CI's budget.
-COVERED_ELSEWHERE = {"dp2", "pp2", "pp2_interleaved", "pp2_zbv", "pp2_dualpipev"}
-CASES = [pytest.param(layout, "", marks=pytest.mark.slow) if layout in COVERED_ELSEWHERE else (layout, "")
-         for layout in sorted(LAYOUTS)] + [
-    ("dp2_ep2", "capacity"), pytest.param("dp2", "aux_free_bias", marks=pytest.mark.slow),
-    ("dp2_ep2", "aux_free_bias"), ("dp2_ep2", "expert_choice"),
-    pytest.param("dp2_ep2", "expert_choice_linear", marks=pytest.mark.slow),
+# One representative per class runs by default — the 3-D layout (dp × pp × ep, 1F1B), a
+# zero-bubble interleaved schedule, a V schedule with an uneven split; CI's slow set
+# (`make test-slow`) runs every other layout and every feature (capacity, expert choice, aux-free
+# bias, recompute, mixed dense / MoE layers, Muon, documents) against its single-process run.
+DEFAULT = {("dp2_pp2_ep2", ""), ("pp2_interleaved_zero_bubble", ""), ("pp2_zbv_uneven", "6_layers")}
+ALL_CASES = [(layout, "") for layout in sorted(LAYOUTS)] + [
+    ("dp2_ep2", "capacity"), ("dp2", "aux_free_bias"), ("dp2_ep2", "aux_free_bias"), ("dp2_ep2", "expert_choice"),
+    ("dp2_ep2", "expert_choice_linear"),
     ("pp2_zbv", "full_recompute"),  # recompute inside a split backward
     ("dp2_pp2_ep2", "mixed"),
     ("dp2_pp2_ep2", "muon"),  # Muon's per-matrix update sees whole matrices whatever the layout
-    pytest.param("pp2_dualpipev", "muon", marks=pytest.mark.slow),
-    pytest.param("dp4_ep4", "muon_bf16_state", marks=pytest.mark.slow)] + [
+    ("pp2_dualpipev", "muon"), ("dp4_ep4", "muon_bf16_state")] + [
     (layout, "6_layers") for layout in sorted(SIX_LAYER_LAYOUTS)] + [
-    # Attention inside documents: the stage protocol's hardest case (a V schedule, whose split
-    # backward and forward-only evaluation pass the document ids too) by default; the others slow.
-    ("pp2_zbv", "documents")] + [
-    pytest.param(layout, "documents", marks=pytest.mark.slow)
-    for layout in ("pp2", "pp1_virtual", "pp2_interleaved_zero_bubble", "dp2_pp2_ep2_dualpipev")]
+    # attention inside documents: the stage protocol's hardest case is a V schedule, whose split
+    # backward and forward-only evaluation pass the document ids too
+    (layout, "documents") for layout in ("pp2_zbv", "pp2", "pp1_virtual", "pp2_interleaved_zero_bubble",
+                                         "dp2_pp2_ep2_dualpipev")]
+CASES = [case if case in DEFAULT else pytest.param(*case, marks=pytest.mark.slow) for case in ALL_CASES]
 
 
 @pytest.mark.parametrize(("layout", "feature"), CASES,
@@ -230,7 +227,7 @@ def test_fp32_losses_match_single_process() -> None:
 
 
 @pytest.mark.parametrize("layout", ["dp2_ep2", pytest.param("dp2_pp2_ep2", marks=pytest.mark.slow),
-                                    "dp2_pp2_ep2_dualpipev"])
+                                    pytest.param("dp2_pp2_ep2_dualpipev", marks=pytest.mark.slow)])
 def test_overlapped_grad_reduce_is_bit_identical(layout: str) -> None:
     """parallel.overlap_grad_reduce launches the same buckets with the same bytes, only earlier:
     fp32 losses, grad norms and weights equal the non-overlapped run bit for bit (at dp = 2 a

@@ -181,6 +181,7 @@ def across_splits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"root": root, "even": even, "balanced": balanced, "back": back}
 
 
+@pytest.mark.slow
 def test_resume_across_pipeline_splits_is_bit_identical(across_splits: dict[str, Any]) -> None:
     assert [balance.stage_layers(compose([*BASE, *layout])) for layout in (EVEN, BALANCED)] == [[3, 3], [4, 2]]
     assert across_splits["balanced"] == across_splits["even"][2:4]

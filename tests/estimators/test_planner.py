@@ -108,6 +108,7 @@ def test_memory_is_the_estimator_s_and_too_much_is_rejected() -> None:
     assert evaluate_layout(cfg, Layout(2, 1, 8, "interleaved_1f1b", 2, "none", "even"), 2, TOY).reason.startswith("not valid")
 
 
+@pytest.mark.slow
 def test_m32_on_80gb_needs_expert_parallelism() -> None:
     """The paper's layout (pp 8, ep 1) does not fit an 80 GiB GPU; the best layout spreads the experts."""
     cfg = compose(["+exp=m32_2000b"])

@@ -329,6 +329,7 @@ def manager(task_files: TaskFiles) -> TaskManager:
     return harness.task_manager(task_files.yamls)
 
 
+@pytest.mark.slow
 def test_an_unknown_task_names_the_closest(manager: TaskManager) -> None:
     harness.check_tasks(manager, ["harness_mc", "arc_easy", "mmlu_*"])  # a local task, a built-in one, a glob
     with pytest.raises(TaskError, match=r"^harness task 'harness_mcc' not found among lm-evaluation-harness's \d+ "

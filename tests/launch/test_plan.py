@@ -50,6 +50,7 @@ def test_nothing_fits_is_one_line_naming_the_smallest_memory() -> None:
     assert line.endswith(" GiB per GPU; add GPUs or choose larger ones")
 
 
+@pytest.mark.slow
 def test_described_hardware_and_bad_flags() -> None:
     slow = json.loads(_plan("+exp=tiny", "--gpus", "2", "--tflops", "1", "--top", "1").stdout.splitlines()[-1])
     fast = json.loads(_plan("+exp=tiny", "--gpus", "2", "--tflops", "1000", "--top", "1").stdout.splitlines()[-1])
@@ -84,6 +85,7 @@ def test_no_valid_layout_says_why_instead_of_asking_for_gpus(gpus: int, line: st
     assert info.value.code == 2 and capsys.readouterr().err.splitlines() == [line]
 
 
+@pytest.mark.slow
 def test_the_best_layout_names_the_imbalance_it_fits_and_verify_dry_runs_it() -> None:
     result = _plan("+exp=tiny", "--gpus", "2", "parallel.ep=2", "--top", "2", "--expert-imbalance", "1.5",
                    "--verify", "1")

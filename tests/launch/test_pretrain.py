@@ -152,6 +152,7 @@ def test_runs_under_slurm_environment(tmp_path: Path) -> None:
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4
 
 
+@pytest.mark.slow
 def test_runs_under_deepspeed_launcher(tmp_path: Path) -> None:
     """`deepspeed --num_gpus N launch/pretrain.py ...` (the launcher only; CPU accelerator here)."""
     pytest.importorskip("deepspeed")

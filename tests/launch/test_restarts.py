@@ -64,6 +64,7 @@ def test_a_worker_killed_with_kill9_is_restarted_and_nothing_is_lost(tmp_path: P
     assert records(tmp_path) == reference  # bit for bit, each step once
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_is_named_killed_and_the_group_restarts(tmp_path: Path, reference: list[tuple]) -> None:
     stop_after = random.Random(SEED + 1).randint(4, STEPS - 2)
     run = start_pretrain(tmp_path, *LAYOUT, nproc=4, torchrun=["--standalone", "--max-restarts=1"],
@@ -84,6 +85,7 @@ def test_a_stopped_rank_is_named_killed_and_the_group_restarts(tmp_path: Path, r
     assert records(tmp_path) == reference
 
 
+@pytest.mark.slow
 def test_two_agents_on_one_machine_train_like_one(tmp_path: Path, reference: list[tuple]) -> None:
     endpoint = f"127.0.0.1:{free_port()}"
     rendezvous = ["--nnodes=2", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=two-agents"]

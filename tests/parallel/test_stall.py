@@ -71,6 +71,7 @@ def _late_first_step(rank: int, world_size: int, _: None) -> tuple[str, bool]:
     raise AssertionError("the late rank's collective did not time out")
 
 
+@pytest.mark.slow
 def test_a_slow_first_step_is_named_as_the_likely_cause() -> None:
     """Both ranks arrive (the slow one late): no rank is missing, and before any step finished the
     report points at the first step's compile instead of only at the transport."""

@@ -93,6 +93,7 @@ def float64() -> Iterator[None]:
     torch.set_default_dtype(torch.float32)
 
 
+@pytest.mark.slow
 def test_every_layout_scores_alike(float64: None) -> None:
     """pp 2 × dp 2 × ep 2 (requests split over replicas whose experts exchange tokens) and ZB-V
     (the last stage on pipeline rank 0) against one process; every rank holds every score."""

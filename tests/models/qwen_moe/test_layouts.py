@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
 import torch
 
 from megamoe.checkpoint.state import resume
@@ -38,6 +39,7 @@ def losses_from(rank: int, world_size: int, args: tuple[list[str], str]) -> list
     return losses
 
 
+@pytest.mark.slow
 def test_imported_checkpoint_trains_alike_on_any_layout(release: Release, tmp_path: Path) -> None:
     start = [f"checkpoint.resume={release.checkpoint}"]
     layout = start + ["parallel.pp=2", "parallel.ep=2"]  # with 4 processes: dp 2
