@@ -211,7 +211,8 @@ class EvalConfig:
     validation loss has its own keys, train.eval_interval and train.eval_iters."""
 
     downstream_interval: int = 0  # score every this many steps and at the last; 0 = off
-    downstream_tasks: list[str] = field(default_factory=list)  # built-in names (demo-zh, ...), .jsonl files, directories
+    # built-in names (demo-zh, ...), .jsonl files, directories
+    downstream_tasks: list[str] = field(default_factory=list)
     downstream_limit: Optional[int] = None  # the first N items of each task; null = all
     downstream_fewshot: int = 0  # solved examples put before each item, drawn from the task's other items by seed
     downstream_max_new_tokens: int = 256  # greedy tokens for generation items that set no max_new_tokens

@@ -67,7 +67,8 @@ from megamoe.parallel.stages import rank_ends
 
 GIB = 2**30
 FP32, BF16, INT64 = 4, 2, 8
-STATE_BYTES = {StateDtype.FP32: FP32, StateDtype.BF16: BF16}  # one optimizer-state element (train.optimizer_state_dtype)
+# one optimizer-state element (train.optimizer_state_dtype)
+STATE_BYTES = {StateDtype.FP32: FP32, StateDtype.BF16: BF16}
 FFN_ROWS = ("router", "shared_experts", "dense_ffn")  # a layer's parameters besides its attention block
 
 

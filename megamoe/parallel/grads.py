@@ -231,7 +231,8 @@ def global_grad_norm(
     A non-finite norm is returned as is: the loop decides what to do with the step.
     """
     exclude_ids = {id(p) for p in exclude}
-    total = _sum_of_squares(params_dense, exclude_ids) / dp_size + _sum_of_squares(params_expert, exclude_ids) / edp_size
+    total = (_sum_of_squares(params_dense, exclude_ids) / dp_size
+             + _sum_of_squares(params_expert, exclude_ids) / edp_size)
     if world_group is not None:
         dist.all_reduce(total, group=world_group)
     return total.sqrt()

@@ -60,7 +60,8 @@ def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
         except Exception as exc:
             if grid.world_size == 1 or not is_communication_failure(exc):
                 raise
-            raise diagnose(grid.rank, grid.world_size, trainer.progress, cfg.parallel.collective_timeout_s, exc) from exc
+            timeout_s = cfg.parallel.collective_timeout_s
+            raise diagnose(grid.rank, grid.world_size, trainer.progress, timeout_s, exc) from exc
         logger.finish()
     finally:
         if lock is not None:
