@@ -27,10 +27,14 @@ from torch.distributed.pipelining.schedules import (
     _PipelineSchedule,
     _PipelineScheduleRuntime,
 )
+
+# The type the schedules take their stages as (PipelineStage is one).
+from torch.distributed.pipelining.stage import _PipelineStageBase
 from torch.utils import _python_dispatch
 
 PipelineSchedule = _PipelineSchedule  # the type of Schedule1F1B and the multi-stage schedules
 PipelineScheduleRuntime = _PipelineScheduleRuntime
+PipelineStageBase = _PipelineStageBase
 
 # The dry run (megamoe.dryrun): tensors with shapes, dtypes and devices but no memory or values,
 # and a mode that sees every op dispatched. Public replacements: none (torchtitan's memory
@@ -132,5 +136,8 @@ def _forward_actions(actions: Sequence[_Action]) -> Iterator[_Action]:
     """The forwards, forward sends and receives of a lowered action list (an overlapped forward
     and backward pair gives its forward)."""
     for action in actions:
-        parts = action.sub_actions if action.computation_type == OVERLAP_F_B else (action,)
+        parts: tuple[_Action, ...] = (action,)
+        if action.computation_type == OVERLAP_F_B:
+            assert action.sub_actions is not None  # an overlapped pair lists its forward and backward
+            parts = action.sub_actions
         yield from (part for part in parts if part.computation_type in _FORWARD_ACTIONS)

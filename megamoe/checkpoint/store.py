@@ -99,7 +99,7 @@ class _Crc32:
 def _raw_bytes(tensor: Tensor) -> memoryview:
     """The tensor's bytes without a copy (after a device-to-host copy when it is not on the CPU)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,7 +135,9 @@ def write_shard(path: Path, tensors: list[tuple[str, Tensor]], kind: str) -> Fil
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
     crc = _Crc32()
     with naming(path), open(path, "wb") as f:
-        for chunk in (len(blob).to_bytes(8, "little") + blob, *(_raw_bytes(t) for _, t in ordered)):
+        chunks: tuple[bytes | memoryview, ...] = (len(blob).to_bytes(8, "little") + blob,
+                                                  *(_raw_bytes(t) for _, t in ordered))
+        for chunk in chunks:
             crc.update(chunk)
             f.write(chunk)
         f.flush()
@@ -176,7 +178,7 @@ def read_verified(path: Path, entry: FileEntry) -> Tensor:
     if size != entry.bytes:
         raise CheckpointError(f"{path}: truncated or overwritten ({size} bytes, the manifest says {entry.bytes})")
     buffer = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
+    view = buffer.numpy().data
     crc = _Crc32()
     with open(path, "rb", buffering=0) as f:
         for start in range(0, size, READ_CHUNK_BYTES):

@@ -25,8 +25,8 @@ def _choice_keys(schema: type, prefix: str = "") -> dict[str, type[Choice]]:
     for f in dataclasses.fields(schema):
         if "choices" in f.metadata:
             keys[prefix + f.name] = f.metadata["choices"]
-        elif dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
-            keys.update(_choice_keys(f.default_factory, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+        elif dataclasses.is_dataclass(f.default_factory):
+            keys.update(_choice_keys(f.default_factory, f"{prefix}{f.name}."))
     return keys
 
 

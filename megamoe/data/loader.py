@@ -235,4 +235,4 @@ def fim_sentinels(tokenizer: Tokenizer, where: str) -> FIMSentinels:
     if missing:
         raise UserError(f"{where}.fim_rate > 0, but tokenizer {tokenizer.name} has no fim_{missing[0]} token "
                         f"(e.g. <fim_{missing[0]}>); add the FIM special tokens or set fim_rate to 0")
-    return FIMSentinels(**ids)
+    return FIMSentinels(**{role: token_id for role, token_id in ids.items() if token_id is not None})

@@ -202,7 +202,9 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def spelling(self, token_id: int) -> str:
-        return self._tok.id_to_token(token_id)
+        spelling = self._tok.id_to_token(token_id)
+        assert spelling is not None, f"token id {token_id} is outside the vocabulary"
+        return spelling
 
     def hf_vocabulary(self) -> tuple[str, dict[str, bytes]]:
         """The tokenizer.json, without a post-processor that adds tokens (a BOS, say): training
@@ -242,7 +244,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         # Decode between special pieces and spell those out: sentencepiece would drop control pieces.
-        out, run = [], []
+        out: list[str] = []
+        run: list[int] = []
         for i in map(int, ids):
             if self._sp.is_control(i):
                 out.append(self._sp.decode(run))

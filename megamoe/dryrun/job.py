@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -86,7 +86,7 @@ class DryRun:
         """The JSON line: the layout, each rank, and whether it fits."""
         return {
             "world_size": self.grid.world_size,
-            "layout": {**OmegaConf.to_container(self.cfg.parallel), "dp": self.grid.dp,
+            "layout": {**cast(dict[str, Any], OmegaConf.to_container(self.cfg.parallel)), "dp": self.grid.dp,
                        "micro_batch": self.cfg.train.micro_batch,
                        "activation_checkpointing": self.cfg.train.activation_checkpointing,
                        "layers_per_stage": balance.stage_layers(self.cfg)},

@@ -169,7 +169,7 @@ class RankBytes:
             return estimate(count, 0) if kind else estimate(0, count)
 
         slope = {kind: of_kind(kind, 2) - of_kind(kind, 1) for kind in kinds}
-        fixed = {(kind,): of_kind(kind, 1) - slope[kind] for kind in kinds}
+        fixed: dict[tuple[bool, ...], float] = {(kind,): of_kind(kind, 1) - slope[kind] for kind in kinds}
         if len(kinds) == 2:
             fixed[(True, False)] = estimate(1, 1) - slope[True] - slope[False]
         return cls(slope.get(True, 0.0), slope.get(False, 0.0), fixed)
@@ -189,7 +189,7 @@ def rank_bytes(cfg: DictConfig, layers: Sequence[int]) -> list[float]:
 # ---- the balanced split ---------------------------------------------------------------------
 
 
-def _cap(values: list[float], limit: float) -> int:
+def _cap(values: Sequence[float], limit: float) -> int:
     """The most layers with ``values[n] <= limit`` (values grow with n; -1 when even 0 layers exceed it)."""
     return bisect.bisect_right(values, limit) - 1
 
@@ -210,7 +210,7 @@ def _fits(low: list[int], high: list[int], rank_caps: list[int], ranks: list[lis
     return total_low <= num_layers <= total_high
 
 
-def _tighten(table: list[list[float]], caps: list[int], feasible: Callable[[list[int]], bool]) -> list[int]:
+def _tighten(table: Sequence[Sequence[float]], caps: list[int], feasible: Callable[[list[int]], bool]) -> list[int]:
     """``caps`` lowered by the smallest limit on ``table``'s values (a row per stage or rank, a
     value per layer count) that still leaves a feasible split."""
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 from omegaconf import DictConfig
 
-from megamoe.config.schema import as_object
+from megamoe.config.schema import ModelConfig, MoEConfig, as_object
 from megamoe.config.validate import validate
 from megamoe.errors import ConfigError
 from megamoe.models.family import ModelFamily
@@ -58,5 +58,5 @@ def build_stage(cfg: DictConfig, layers: Optional[range] = None, pre_process: bo
     when ``pre_process`` and the final norm and head when ``post_process``; parameters uninitialised
     (call ``reset_parameters(seed)``, or load a checkpoint)."""
     family = family_of(cfg)
-    return Decoder(as_object(cfg.model), as_object(cfg.moe), family.attention, cfg.train.activation_checkpointing,
-                   layers, pre_process, post_process, exchange)
+    return Decoder(as_object(cfg.model, ModelConfig), as_object(cfg.moe, MoEConfig), family.attention,
+                   cfg.train.activation_checkpointing, layers, pre_process, post_process, exchange)

@@ -91,6 +91,7 @@ class CastCache:
                 self._key, self._copy = key, weight.to(dtype)
         if torch.is_grad_enabled() and weight.requires_grad:
             return _CopyUse.apply(weight, self._copy)
+        assert self._copy is not None  # made with self._key
         return self._copy
 
 

@@ -50,7 +50,8 @@ class _Queue:
     in a different order (an expert without tokens on one of them) still pair their collectives."""
 
     def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
-        self.group, self.buckets, self.launched = group, [], 0
+        self.group, self.launched = group, 0
+        self.buckets: list[_Bucket] = []
 
     def launch_ready(self, adopt: Callable[[list[Parameter]], None]) -> None:
         while self.launched < len(self.buckets) and self.buckets[self.launched].waiting == 0:

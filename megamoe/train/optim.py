@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Collection, Iterator, Optional
+from typing import Any, Callable, Collection, Iterator, Optional, overload
 
 import torch
 from omegaconf import DictConfig
@@ -111,8 +111,12 @@ class HybridOptimizer(torch.optim.Optimizer):
     def _zeros(self, param: Tensor) -> Tensor:
         return torch.zeros_like(param, dtype=self.state_dtype or param.dtype, memory_format=torch.preserve_format)
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         assert closure is None, "the trainer computes the loss itself"
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -120,11 +124,13 @@ class HybridOptimizer(torch.optim.Optimizer):
                 self._muon(group, params)
             else:
                 self._adamw(group, params)
+        return None
 
     def _adamw(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """AdamW over pieces of each parameter (it is elementwise), so that its temporaries stay small."""
         settings = {key: group[key] for key in ("lr", "betas", "eps", "weight_decay")}
         for p in params:
+            assert p.grad is not None  # step() passes the parameters that have gradients
             state = self.state[p]
             if not state:
                 state.update(step=torch.tensor(0.0), exp_avg=self._zeros(p), exp_avg_sq=self._zeros(p))
@@ -134,7 +140,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                 with _in_dtype(moments, p.dtype) as (exp_avg, exp_avg_sq):
                     adamw_(param, grad, exp_avg, exp_avg_sq, int(state["step"]), **settings)
 
-    def _muon(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _muon(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
         settings = {key: group[key] for key in ("lr", "weight_decay", "momentum", "nesterov", "ns_steps", "adjust_lr")}
         for batch in shape_batches(params, self.matrices):
             buffers = [self.state[p].setdefault("momentum_buffer", self._zeros(p)) for p in batch]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -77,12 +77,15 @@ class MoELayer(nn.Module):
     :class:`MoEAuxLossBackward`; ``last_stats`` holds the routing summary of the last forward.
     """
 
+    expert_bias: Optional[torch.Tensor]  # a buffer: DeepSeek-V3's aux-loss-free routing bias, or None
+
     def __init__(self, hidden_size: int, moe: Union[DictConfig, MoEConfig], layer_index: int,
                  exchange: Optional[TokenExchange] = None) -> None:
         super().__init__()
         # a plain dataclass: cheap attribute reads in forward, and nothing torch.compile trips on
-        self.moe = moe if isinstance(moe, MoEConfig) else MoEConfig(**OmegaConf.to_container(moe, resolve=True))
-        moe = self.moe
+        if not isinstance(moe, MoEConfig):
+            moe = MoEConfig(**cast(dict[str, Any], OmegaConf.to_container(moe, resolve=True)))
+        self.moe = moe
         self.layer_index = layer_index
         self.exchange = exchange if exchange is not None else LocalExchange(moe.num_experts)
         self.router = build_router(moe, hidden_size)
@@ -115,6 +118,7 @@ class MoELayer(nn.Module):
         Call once per optimizer step with the GLOBAL counts (summed over micro-batches and
         data-parallel ranks) so every replica moves its bias identically.
         """
+        assert self.expert_bias is not None, "moe.aux_free_bias is off"
         load = tokens_per_expert.to(self.expert_bias.device, torch.float32)
         self.expert_bias += self.moe.aux_free_bias_update_rate * torch.sign(load.mean() - load)
 

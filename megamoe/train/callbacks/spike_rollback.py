@@ -39,6 +39,7 @@ class SpikeRollback:
             raise SharedError(f"train.spike.max_rollbacks: loss spike at step {detected_at} "
                               f"after {spike.max_rollbacks} rollbacks in this run: it is not one bad batch; "
                               "lower train.lr or inspect the data")
+        assert guard.spike_start is not None  # observe() called for a rollback: a spike is running
         target = checkpoint_before(state, guard.spike_start)
         if target is None:
             raise SharedError(f"train.spike: loss spike at step {detected_at}, but no checkpoint before step "
