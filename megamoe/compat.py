@@ -7,7 +7,7 @@ Nothing else in megamoe imports a name starting with an underscore from torch.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -96,8 +96,8 @@ class HookedPipelineStage(PipelineStage):
     """
 
     def __init__(self, module: nn.Module, before_last_backward: Callable[[nn.Module], None],
-                 after_reduce_grad: Callable[[nn.Module], None], **kwargs: object) -> None:
-        super().__init__(module, **kwargs)  # type: ignore[arg-type]
+                 after_reduce_grad: Callable[[nn.Module], None], **kwargs: Any) -> None:
+        super().__init__(module, **kwargs)  # PipelineStage's own arguments
         self._before_last_backward, self._after_reduce_grad = before_last_backward, after_reduce_grad
 
     def backward_one_chunk(self, bwd_chunk_id: int, loss: Optional[Tensor] = None, full_backward: bool = True,

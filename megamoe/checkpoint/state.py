@@ -474,7 +474,9 @@ def _resume_plan(state: TrainingState) -> ResumePlan:
     plan = [_plan(state.cfg, checkpoint_root(state)) if state.grid.rank == 0 else None]
     if state.grid.world_size > 1:
         dist.broadcast_object_list(plan, src=0)
-    return plan[0]  # type: ignore[return-value]
+    received = plan[0]
+    assert received is not None  # rank 0's plan, broadcast to every rank
+    return received
 
 
 def checkpoint_before(state: TrainingState, step: int) -> Optional[Path]:

@@ -36,7 +36,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -396,12 +396,13 @@ def read_config(ckpt_dir: Path | str) -> DictConfig:
         if isinstance(section, DictConfig) and leaf in section:
             section.pop(leaf)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(MegaMoEConfig), saved)
+        # merging into a structured DictConfig gives a DictConfig (OmegaConf types a merge as either kind)
+        cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(MegaMoEConfig), saved))
     except OmegaConfBaseException as exc:
         raise CheckpointError(f"{path}: {exc.full_key}: {str(exc).splitlines()[0]}; the checkpoint was written by "
                               "a megamoe version with another config schema: read it with that version") from None
     OmegaConf.set_readonly(cfg, True)
-    return cfg  # type: ignore[return-value]
+    return cfg
 
 
 def iter_model_tensors(ckpt_dir: Path | str) -> Iterator[tuple[str, Tensor]]:

@@ -273,6 +273,9 @@ class MegaMoEConfig:
     seed: int = 1234
 
 
+# What code that only reads a config takes: the composed config (a DictConfig over the schema)
+# or its plain copy (as_object), which reads faster.
+Config = DictConfig | MegaMoEConfig
 SectionT = TypeVar("SectionT")
 
 
