@@ -68,6 +68,7 @@ from megamoe.checkpoint.state import (
 )
 from megamoe.checkpoint.store import CONFIG, FileEntry, Manifest, commit, prune, set_latest, write_bytes, write_shards
 from megamoe.compat import default_store
+from megamoe.config.choices import OnError
 from megamoe.errors import SharedError, write_error
 from megamoe.parallel.mesh import first_error
 from megamoe.parallel.stall import SilentRanks
@@ -438,7 +439,7 @@ class CheckpointSaver:
             reason = write_error(OSError(error["errno"], error["strerror"], error["filename"]),
                                  "free space or choose another run.dir", snap.needed_bytes)
         message = f"checkpoint: cannot save step {snap.step}: {reason}"
-        if state.cfg.checkpoint.on_error == "stop":
+        if state.cfg.checkpoint.on_error == OnError.STOP:
             raise SharedError(f"{message}; the run stopped (checkpoint.on_error=stop), earlier checkpoints are intact")
         then = ("it was the run's last save, nothing retries it" if save.last
                 else "training goes on (checkpoint.on_error=continue), the next interval tries again")

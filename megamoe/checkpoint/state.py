@@ -40,6 +40,7 @@ from megamoe.checkpoint.store import (
     set_aside,
     step_of,
 )
+from megamoe.config.choices import FfnType
 from megamoe.data.loader import stream_change
 from megamoe.errors import CheckpointError, SharedError, UserError
 from megamoe.nn.decoder import Decoder
@@ -405,7 +406,7 @@ def _model_change(cfg: DictConfig, ckpt_dir: Path) -> tuple[Optional[str], Optio
     listed = ", ".join(changes)
     if model_tensor_shapes(saved_cfg) != model_tensor_shapes(cfg):
         upcycle = (" (a dense checkpoint becomes an MoE one with launch/convert_checkpoint.py upcycle)"
-                   if saved_cfg.model.ffn_type == "dense" and cfg.model.ffn_type == "moe" else "")
+                   if saved_cfg.model.ffn_type == FfnType.DENSE and cfg.model.ffn_type == FfnType.MOE else "")
         refusal = (f"checkpoint: {ckpt_dir} holds another model than the one configured ({listed}); the model "
                    f"changed, the checkpoint is fine: restore these settings to resume it, or choose another "
                    f"run.dir{upcycle}")

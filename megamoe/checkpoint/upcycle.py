@@ -41,6 +41,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megamoe.checkpoint.names import expert_tensor_name, split_layer_name
+from megamoe.config.choices import FfnType, RouterMode
 from megamoe.config.layers import KEY, LayerFreq, moe_layer_flags
 from megamoe.errors import ConfigError
 from megamoe.nn.moe.dispatcher import LocalExchange
@@ -56,9 +57,9 @@ def upcycled_config(dense_cfg: DictConfig, copies: int, granularity: int = 1, to
     renormalised combine weights, and a gated shared expert of width F when ``shared_expert``, in
     the layers ``layer_freq`` selects (``moe.layer_freq``; ConfigError names ``--layer-freq``)."""
     m = dense_cfg.model
-    if m.ffn_type != "dense":
+    if m.ffn_type != FfnType.DENSE:
         raise ConfigError(f"model.ffn_type: the source checkpoint is '{m.ffn_type}', upcycling needs a dense one")
-    if dense_cfg.moe.router_mode != "token_choice":
+    if dense_cfg.moe.router_mode != RouterMode.TOKEN_CHOICE:
         raise ConfigError(f"moe.router_mode: '{dense_cfg.moe.router_mode}' gives each token a varying number of "
                           "experts, so the upcycled model could not start equal to the dense one; use token_choice")
     for flag, value in (("--num-experts", copies), ("--granularity", granularity), ("--top-k", top_k)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from megamoe.config.choices import V_SCHEDULES, Choice, RouterMode, Schedule, StageBalance
+from megamoe.config.choices import V_SCHEDULES, Choice, DataKind, Optimizer, Router, RouterMode, Schedule, StageBalance
 from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import Config, MegaMoEConfig, MuonConfig, rotary_dim
 from megamoe.errors import ConfigError
@@ -79,7 +79,7 @@ def _validate_moe(cfg: Config) -> None:
     _check(e.top_k <= e.num_experts, "moe.top_k", f"{e.top_k} > moe.num_experts={e.num_experts}")
     _check(e.capacity_factor is None or e.capacity_factor > 0, "moe.capacity_factor",
            f"{e.capacity_factor} must be > 0, or null for dropless dispatch")
-    _check(not (e.noisy_gating and e.router != "linear"), "moe.noisy_gating",
+    _check(not (e.noisy_gating and e.router != Router.LINEAR), "moe.noisy_gating",
            "noisy top-k gating applies to the linear router only; set moe.router=linear")
     _check(not e.shared_expert_gate or e.num_shared_experts > 0, "moe.shared_expert_gate",
            "true gates the shared experts, but moe.num_shared_experts=0; set it >= 1 or the gate to false")
@@ -140,7 +140,7 @@ def _validate_train(cfg: Config) -> None:
 def _validate_muon(cfg: Config) -> None:
     """Muon's keys mean something only under train.optimizer=muon: set under adamw, they are a mistake."""
     t = cfg.train
-    if t.optimizer != "muon":
+    if t.optimizer != Optimizer.MUON:
         for key, default in vars(MuonConfig()).items():
             value = getattr(t.muon, key)
             _check(value == default, f"train.muon.{key}", f"{value} has no meaning with train.optimizer={t.optimizer} "
@@ -151,13 +151,13 @@ def _validate_muon(cfg: Config) -> None:
 
 def _validate_data(cfg: Config) -> None:
     d = cfg.data
-    if d.kind == "indexed":
+    if d.kind == DataKind.INDEXED:
         _check(len(d.sources) > 0, "data.sources",
                "is empty; list [{path, weight, lang}] entries, or use data=mock for random tokens")
     for i, src in enumerate(d.sources):
         _check(src.weight > 0, f"data.sources[{i}].weight", f"{src.weight} must be > 0")
         _check(0.0 <= src.fim_rate <= 1.0, f"data.sources[{i}].fim_rate", f"{src.fim_rate} must be in [0, 1]")
-    _check(not (d.reset_attention_mask and d.kind == "mock"), "data.reset_attention_mask",
+    _check(not (d.reset_attention_mask and d.kind == DataKind.MOCK), "data.reset_attention_mask",
            "true needs end-of-document tokens to find the documents, but data.kind=mock has none; "
            "train on indexed data or set it to false")
     parts = d.split.replace("/", ",").split(",")

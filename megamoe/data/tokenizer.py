@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from megamoe.config.choices import TokenizerType
 from megamoe.errors import UserError
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "ByteTokenizer")
@@ -279,7 +280,7 @@ def build_tokenizer(type: str, model: Optional[str] = None, eod_token: Optional[
     """The tokenizer named by ``type`` (one of TOKENIZER_TYPES); every user mistake is one UserError line."""
     if type not in TOKENIZER_TYPES:
         raise UserError(f"unknown tokenizer type {type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
-    if type == "ByteTokenizer":
+    if type == TokenizerType.BYTE:
         if model is not None:
             raise UserError(f"ByteTokenizer needs no model file, but got {model!r}; drop --tokenizer-model "
                             f"(data.tokenizer.model) or choose another tokenizer type")
@@ -288,7 +289,7 @@ def build_tokenizer(type: str, model: Optional[str] = None, eod_token: Optional[
         raise UserError(f"{type} needs a model file: pass --tokenizer-model (data.tokenizer.model)")
     if not os.path.isfile(model):
         raise UserError(f"tokenizer model not found: {model}")
-    cls = HuggingFaceTokenizer if type == "HuggingFaceTokenizer" else SentencePieceTokenizer
+    cls = HuggingFaceTokenizer if type == TokenizerType.HUGGING_FACE else SentencePieceTokenizer
     return cls(model, eod_token)
 
 

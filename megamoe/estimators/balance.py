@@ -43,6 +43,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from megamoe.config.choices import StageBalance
 from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import Config
 from megamoe.estimators import flops, memory
@@ -55,7 +56,7 @@ def stage_layers(cfg: Config) -> list[int]:
     p = cfg.parallel
     if p.layers_per_stage is not None:
         return list(p.layers_per_stage)
-    if p.stage_balance == "auto":
+    if p.stage_balance == StageBalance.AUTO:
         return balanced_split(cfg)
     return [cfg.model.num_layers // num_stages(cfg)] * num_stages(cfg)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+from megamoe.config.choices import Router
 from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import Config
 from megamoe.models import family_of
@@ -37,7 +38,7 @@ def _swiglu_params(hidden: int, ffn: int) -> int:
 
 def _router_params(cfg: Config) -> int:
     moe, hidden = cfg.moe, cfg.model.hidden_size
-    if moe.router == "attention":
+    if moe.router == Router.ATTENTION:
         return 3 * moe.num_experts * hidden  # query, key, value maps, each H → N
     return (2 if moe.noisy_gating else 1) * moe.num_experts * hidden  # gate (+ noise) map
 

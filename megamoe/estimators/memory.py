@@ -53,7 +53,7 @@ from typing import ClassVar, Iterable, Optional
 
 import torch
 
-from megamoe.config.choices import FfnType, Optimizer, Schedule, StateDtype
+from megamoe.config.choices import FfnType, Optimizer, Recompute, Router, RouterOrder, Schedule, StateDtype
 from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import Config, rotary_dim
 from megamoe.config.validate import validate_layout
@@ -157,7 +157,7 @@ def layer_params(cfg: Config, ep: int, moe_layer: Optional[bool] = None) -> Laye
         attention_matmul=sum(part.matmul for part in attention.values()) - per_forward,
         attention_per_forward=per_forward,
         ffn_matmul=rows["shared_experts"] + rows["dense_ffn"],
-        attention_router=rows["router"] if cfg.moe.router == "attention" else 0,
+        attention_router=rows["router"] if cfg.moe.router == Router.ATTENTION else 0,
     )
 
 
@@ -296,11 +296,11 @@ def ffn_bytes(cfg: Config, act: int, moe_layer: Optional[bool] = None, share: fl
         return rms_norm_bytes(h) + act * h + _swiglu_bytes(1, m.dense_ffn_hidden_size, act)
     e, k = moe.num_experts, moe.top_k
     router = FP32 * h  # the fp32 router's input (the normed tokens)
-    if moe.router == "attention":
+    if moe.router == Router.ATTENTION:
         router += FP32 * 5 * e  # q/k/v logits, the expert-attention output and its logsumexp
     else:
         router += FP32 * (3 if moe.noisy_gating else 1) * e  # logits (noisy: + the noise logits' softplus, the noise)
-    if moe.router_order == "topk_softmax":
+    if moe.router_order == RouterOrder.TOPK_SOFTMAX:
         weights = FP32 * k  # the softmax over the k chosen logits
     else:  # gathering the probabilities keeps only the ids; renormalising keeps the k and their sum
         weights = FP32 * (k + 1) if moe.norm_topk_prob else 0
@@ -332,9 +332,9 @@ def held_layer_bytes(cfg: Config, act: int, moe_layer: Optional[bool] = None, sh
     """
     h = cfg.model.hidden_size
     mode = cfg.train.activation_checkpointing
-    if mode == "full":
+    if mode == Recompute.FULL:
         return FP32 * h
-    if mode == "selective":
+    if mode == Recompute.SELECTIVE:
         return rms_norm_bytes(h) + FP32 * h + ffn_bytes(cfg, act, moe_layer, share)
     return layer_bytes(cfg, act, moe_layer, share)
 
@@ -462,7 +462,7 @@ class RankMemory:
 def busiest_rank_share(cfg: Config, ep: int, imbalance: float) -> float:
     """Rows the expert-parallel rank with the busiest expert receives ÷ a balanced routing's, for
     a micro-batch of the config (1 without routed experts)."""
-    if cfg.model.ffn_type != "moe":
+    if cfg.model.ffn_type != FfnType.MOE:
         return 1.0
     tokens = cfg.train.micro_batch * cfg.train.seq_len
     return ExpertLoads.of(cfg.moe, imbalance).busiest_rank_share(ep, tokens)

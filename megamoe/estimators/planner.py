@@ -37,7 +37,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from megamoe.config.choices import V_SCHEDULES, Schedule
+from megamoe.config.choices import V_SCHEDULES, FfnType, Recompute, Schedule, StageBalance
 from megamoe.config.schema import Config, MegaMoEConfig, as_object
 from megamoe.errors import ConfigError
 from megamoe.estimators import balance, flops, memory
@@ -172,7 +172,7 @@ def layouts(cfg: Config | MegaMoEConfig, gpus: int) -> Iterator[Layout]:
         if pp > m.num_layers:
             break
         for ep in _divisors(gpus // pp):
-            if cfg.moe.num_experts % ep or (m.ffn_type != "moe" and ep > 1):
+            if cfg.moe.num_experts % ep or (m.ffn_type != FfnType.MOE and ep > 1):
                 continue
             chunks = range(1, min(MAX_VIRTUAL_STAGES, m.num_layers // pp) + 1) if pp > 1 else [1]  # ≥ 1 layer each
             for v, mb, recompute in itertools.product(chunks, MICRO_BATCHES, RECOMPUTE):
@@ -197,7 +197,7 @@ def with_layout(cfg: Config | MegaMoEConfig, layout: Layout) -> MegaMoEConfig:
     train = dataclasses.replace(plain.train, micro_batch=layout.micro_batch, activation_checkpointing=layout.recompute)
     candidate = dataclasses.replace(plain, parallel=parallel, train=train)
     validate_config(candidate)
-    if layout.split == "auto":
+    if layout.split == StageBalance.AUTO:
         split = dataclasses.replace(parallel, stage_balance="even", layers_per_stage=balance.balanced_split(candidate))
         candidate = dataclasses.replace(candidate, parallel=split)
     return candidate
@@ -244,9 +244,10 @@ def step_time(cfg: Config, lay: memory.GridShape, hw: Hardware, layers: list[int
     rank_flops = stages.rank_totals(cfg, balance.stage_costs(cfg, layers))  # training FLOPs per token
     rank_layers = [memory.layer_mix(cfg, held) for held in stages.rank_layer_indices(cfg, layers)]
 
-    passes = 6 if t.activation_checkpointing == "full" else 4  # dispatch + combine, forward / backward (/ again)
+    # dispatch + combine, forward / backward (/ again)
+    passes = 6 if t.activation_checkpointing == Recompute.FULL else 4
     a2a_bytes = tokens * cfg.moe.top_k * m.hidden_size * BF16 * (lay.ep - 1) / lay.ep
-    a2a_s = passes * a2a_bytes / hw.bytes_per_s(lay.ep <= gpn) if m.ffn_type == "moe" else 0.0
+    a2a_s = passes * a2a_bytes / hw.bytes_per_s(lay.ep <= gpn) if m.ffn_type == FfnType.MOE else 0.0
     boundary_s = 2 * tokens * m.hidden_size * BF16 / hw.bytes_per_s(lay.world_size <= gpn) if lay.pp > 1 else 0.0
 
     send_recv_s = p.virtual_stages * boundary_s  # every chunk of a rank receives and sends
@@ -311,7 +312,7 @@ def max_imbalance(cfg: Config, layout: Layout, gpus: int, hw: Hardware,
     """The largest expert imbalance (megamoe.estimators.routing) at which ``layout`` still fits,
     to ``resolution``; None for a model without routed experts. Memory grows with the
     imbalance, so a bisection finds it; the most there is (num_experts / top_k) when it always fits."""
-    if cfg.model.ffn_type != "moe":
+    if cfg.model.ffn_type != FfnType.MOE:
         return None
     candidate = with_layout(cfg, layout)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megamoe.config.choices import Recompute
 from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import ModelConfig, MoEConfig, rotary_dim
 from megamoe.nn.attention import AttentionBlock
@@ -115,13 +116,13 @@ class Decoder(nn.Module):
         if not 0 <= layers.start <= layers.stop <= model.num_layers:
             raise ValueError(f"layer range [{layers.start}, {layers.stop}) is not inside [0, {model.num_layers})")
         self.init_std, self.tie_embeddings = model.init_std, model.tie_embeddings
-        self.recompute_layers = recompute == "full"
+        self.recompute_layers = recompute == Recompute.FULL
         self.pre_process, self.post_process = pre_process, post_process
         self.embed = nn.Embedding(model.vocab_size, model.hidden_size) if pre_process else None
         self.rotary = RotaryEmbedding(rotary_dim(model), model.rotary_base)
         moe_ffn = moe_layer_flags(model, moe)
         self.layers = nn.ModuleDict({
-            str(i): DecoderLayer(model, moe, attention, i, moe_ffn[i], recompute == "selective", exchange)
+            str(i): DecoderLayer(model, moe, attention, i, moe_ffn[i], recompute == Recompute.SELECTIVE, exchange)
             for i in layers})
         self.final_norm = RMSNorm(model.hidden_size, model.rms_norm_eps) if post_process else None
         owns_head = post_process and not (model.tie_embeddings and pre_process)

@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from megamoe.config.choices import Optimizer
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.moe.experts import ExpertBank, expert_parameters
 from megamoe.train.muon import Matrices, muon_, shape_batches
@@ -174,10 +175,10 @@ def build_optimizer(model: nn.Module, train_cfg: DictConfig,
     version on the MoE's many expert parameters). Muon, or bf16 state: :class:`HybridOptimizer`.
     """
     adamw = {"lr": train_cfg.lr, "betas": (train_cfg.beta1, train_cfg.beta2), "eps": train_cfg.eps}
-    matrices = muon_matrices(model, embeddings) if train_cfg.optimizer == "muon" else {}
+    matrices = muon_matrices(model, embeddings) if train_cfg.optimizer == Optimizer.MUON else {}
     groups = param_groups(model, train_cfg.weight_decay, train_cfg.decay_embeddings, embeddings, exclude=matrices)
     state_dtype = STATE_DTYPES[train_cfg.optimizer_state_dtype]
-    if train_cfg.optimizer == "adamw" and state_dtype is None:
+    if train_cfg.optimizer == Optimizer.ADAMW and state_dtype is None:
         on_cuda = all(p.is_cuda for g in groups for p in g["params"])
         fused_adam = _apex_fused_adam() if on_cuda else None
         if fused_adam is not None:
@@ -188,5 +189,5 @@ def build_optimizer(model: nn.Module, train_cfg: DictConfig,
                   "weight_decay": train_cfg.weight_decay, "momentum": muon.momentum, "nesterov": muon.nesterov,
                   "ns_steps": muon.ns_steps, "adjust_lr": muon.adjust_lr}
     adamw_groups = [{**group, "rule": "adamw", **adamw} for group in groups]
-    muon_groups = [muon_group] if train_cfg.optimizer == "muon" else []  # also when empty: one group layout
+    muon_groups = [muon_group] if train_cfg.optimizer == Optimizer.MUON else []  # also when empty: one group layout
     return HybridOptimizer(muon_groups + adamw_groups, matrices, state_dtype)

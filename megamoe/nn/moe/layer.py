@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from megamoe.config.choices import RouterMode
 from megamoe.config.schema import MoEConfig
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.init import seeded_normal_
@@ -133,7 +134,7 @@ class MoELayer(nn.Module):
         """
         moe, num_tokens = self.moe, tokens.shape[0]
         logits = self.router(tokens)
-        if moe.router_mode == "expert_choice":
+        if moe.router_mode == RouterMode.EXPERT_CHOICE:
             factor = 1.0 if moe.capacity_factor is None else moe.capacity_factor
             return select_tokens(logits, expert_capacity(num_tokens, moe.top_k, moe.num_experts, factor)), None
         routing = select_experts(logits, moe.top_k, moe.router_order, moe.norm_topk_prob, self.expert_bias)
@@ -166,7 +167,7 @@ class MoELayer(nn.Module):
     def _unrouted(self, permutation: Permutation, num_tokens: int) -> torch.Tensor:
         """Tokens that reach no expert: none under dropless token choice; else those no kept
         assignment names (marked without a host sync, unlike a bincount or unique)."""
-        if self.moe.capacity_factor is None and self.moe.router_mode == "token_choice":
+        if self.moe.capacity_factor is None and self.moe.router_mode == RouterMode.TOKEN_CHOICE:
             return permutation.dropped.new_zeros(())
         reached = torch.zeros(num_tokens, dtype=torch.bool, device=permutation.source_token.device)
         return (~reached.index_fill_(0, permutation.source_token, True)).sum()
