@@ -19,6 +19,8 @@ demo: $(VENV)/.installed
 	$(PY) launch/demo.py
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy megamoe
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 # The tests marked slow: further layouts and fault moments of classes `make test` already covers.

@@ -127,7 +127,8 @@ def main() -> None:
         nbytes = sum(f.stat().st_size for f in files)
         shutil.rmtree(ckpt)
         for repeat in tqdm(range(args.repeats), desc="save / load / raw", unit="round"):
-            writes = [("save", lambda: save_checkpoint(trainer.state)), ("raw_write", lambda: raw_write(raw_file, nbytes))]
+            writes = [("save", lambda: save_checkpoint(trainer.state)),
+                      ("raw_write", lambda: raw_write(raw_file, nbytes))]
             reads = [("load", lambda: load_checkpoint(trainer.state, ckpt)), ("raw_read", lambda: raw_read(raw_file))]
             order = slice(None, None, 1 if repeat % 2 == 0 else -1)  # alternate who goes first
             for key, fn in writes[order]:
@@ -146,10 +147,13 @@ def main() -> None:
     params = sum(p.numel() for p in trainer.parameters())
     print(f"checkpoint: {gb:.2f} GB ({params / 1e6:.0f}M fp32 parameters + AdamW state), {len(files)} files, "
           f"best of {args.repeats}")
-    print(f"save {rates['save']:.2f} GB/s vs raw write {rates['raw_write']:.2f} GB/s → {rates['save'] / rates['raw_write']:.2f}×")
-    print(f"load {rates['load']:.2f} GB/s vs raw read  {rates['raw_read']:.2f} GB/s → {rates['load'] / rates['raw_read']:.2f}×")
+    print(f"save {rates['save']:.2f} GB/s vs raw write {rates['raw_write']:.2f} GB/s → "
+          f"{rates['save'] / rates['raw_write']:.2f}×")
+    print(f"load {rates['load']:.2f} GB/s vs raw read  {rates['raw_read']:.2f} GB/s → "
+          f"{rates['load'] / rates['raw_read']:.2f}×")
     print(json.dumps({
-        "checkpoint_gb": round(gb, 3), "save_gbps": round(rates["save"], 3), "raw_write_gbps": round(rates["raw_write"], 3),
+        "checkpoint_gb": round(gb, 3),
+        "save_gbps": round(rates["save"], 3), "raw_write_gbps": round(rates["raw_write"], 3),
         "load_gbps": round(rates["load"], 3), "raw_read_gbps": round(rates["raw_read"], 3),
         "save_vs_raw_write": round(rates["save"] / rates["raw_write"], 3),
         "load_vs_raw_read": round(rates["load"] / rates["raw_read"], 3),

@@ -99,7 +99,8 @@ def stall(args: argparse.Namespace, root: Path) -> dict:
     for repeat in range(args.repeats):  # alternating, so machine noise hits both alike
         for mode in runs:
             runs[mode].append(stalls(root / f"{mode}_{repeat}", args.steps, args.interval, mode == "background"))
-    later = {mode: [save for run in saves for save in run[1:]] for mode, saves in runs.items()}  # each run's first left out
+    # each run's first left out
+    later = {mode: [save for run in saves for save in run[1:]] for mode, saves in runs.items()}
     held = {mode: statistics.median(s for s, _ in saves) for mode, saves in later.items()}
     with_interference = {mode: statistics.median(s + i for s, i in saves) for mode, saves in later.items()}
     first = statistics.median(sum(run[0]) for run in runs["background"])

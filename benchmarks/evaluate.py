@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
             backend.loglikelihoods(requests, f"batch {batch_size}")
             times.append(time.perf_counter() - start)
         rates[batch_size] = len(requests) / statistics.median(times)
-        print(f"batch {batch_size:>4}: {rates[batch_size]:>9,.0f} choices/s  {rates[batch_size] * tokens / len(requests):>11,.0f}"
-              f" tokens/s  (median of {args.repeats})")
+        print(f"batch {batch_size:>4}: {rates[batch_size]:>9,.0f} choices/s  "
+              f"{rates[batch_size] * tokens / len(requests):>11,.0f} tokens/s  (median of {args.repeats})")
     best = max(rates, key=rates.__getitem__)
     print(json.dumps({"choices": len(requests), "tokens": tokens, "parameters": params, "device": args.device,
                       "choices_per_s": {str(b): round(r, 1) for b, r in rates.items()},

@@ -101,7 +101,8 @@ def main() -> None:
 
     print(f"generation: {' '.join(args.overrides)}, {args.new_tokens} new tokens, batch {args.batch}, "
           f"on {device} ({args.threads} threads)")
-    print(f"{'prefix':>7}{'cached tok/s':>14}{'uncached tok/s':>16}{'cached ms/tok':>15}{'uncached ms/tok':>17}{'speedup':>9}")
+    print(f"{'prefix':>7}{'cached tok/s':>14}{'uncached tok/s':>16}"
+          f"{'cached ms/tok':>15}{'uncached ms/tok':>17}{'speedup':>9}")
     for prefix, r in results.items():
         cached, uncached = r["cached"], r["uncached"]
         print(f"{prefix:>7}{cached['tokens_per_s']:>14.1f}{uncached['tokens_per_s']:>16.1f}{cached['ms_per_token']:>15.2f}"
@@ -112,8 +113,10 @@ def main() -> None:
            for mode in ("cached", "uncached")},
         **{f"{mode}_ms_per_token": {str(p): round(r[mode]["ms_per_token"], 3) for p, r in results.items()}
            for mode in ("cached", "uncached")},
-        "speedup": {str(p): round(r["uncached"]["ms_per_token"] / r["cached"]["ms_per_token"], 2) for p, r in results.items()},
-        **{f"{mode}_growth_{short}_to_{long}": round(results[long][mode]["ms_per_token"] / results[short][mode]["ms_per_token"], 2)
+        "speedup": {str(p): round(r["uncached"]["ms_per_token"] / r["cached"]["ms_per_token"], 2)
+                    for p, r in results.items()},
+        **{f"{mode}_growth_{short}_to_{long}":
+           round(results[long][mode]["ms_per_token"] / results[short][mode]["ms_per_token"], 2)
            for mode in ("cached", "uncached")},
         "same_ids": all(r["cached"]["ids"] == r["uncached"]["ids"] for r in results.values()),
         "new_tokens": args.new_tokens, "batch": args.batch, "device": str(device), "threads": args.threads,

@@ -161,7 +161,8 @@ def check_grouped_gemm(sizes: Sizes, device: torch.device) -> Check:
     passed = error <= 2e-2 and (device.type != "cuda" or speedup > 1)
     return Check("grouped_gemm", passed, f"max relative error {error:.1e} (≤ 2e-2, bf16); loop {1e3 * loop_s:.1f} ms, "
                  f"grouped {1e3 * grouped_s:.1f} ms: {speedup:.2f}× (> 1)",
-                 {"max_relative_error": error, "loop_ms": 1e3 * loop_s, "grouped_ms": 1e3 * grouped_s, "speedup": speedup})
+                 {"max_relative_error": error, "loop_ms": 1e3 * loop_s, "grouped_ms": 1e3 * grouped_s,
+                  "speedup": speedup})
 
 
 def _counts(experts: int, tokens: int) -> list[int]:
@@ -399,7 +400,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         checks.append(result)
         print(result.line(), flush=True)
     summary = {"device": name, "dry_run": args.dry_run, "seconds": round(time.perf_counter() - started, 1),
-               "passed": all(c.passed for c in checks), "checks": {c.name: {"passed": c.passed, **c.figures} for c in checks}}
+               "passed": all(c.passed for c in checks),
+               "checks": {c.name: {"passed": c.passed, **c.figures} for c in checks}}
     print(json.dumps(summary))
     return summary
 

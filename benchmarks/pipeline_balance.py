@@ -26,6 +26,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from megamoe.config import compose
+from megamoe.config.choices import StageBalance
 from megamoe.estimators import balance
 from megamoe.models import validate_config
 from megamoe.parallel import stages
@@ -53,7 +54,7 @@ def m32_case(pp: int, v: int) -> dict:
     case: dict = {"pp": pp, "virtual_stages": v}
     for split in ("even", "auto"):
         cfg = compose([*M32, *split_overrides(pp, v), f"parallel.stage_balance={split}"])
-        if split == "even" and cfg.model.num_layers % stages.num_stages(cfg):
+        if split == StageBalance.EVEN and cfg.model.num_layers % stages.num_stages(cfg):
             case[split] = None  # no even split of 24 layers
             continue
         layers = balance.stage_layers(cfg)

@@ -62,7 +62,7 @@ class ComputeClock:
 
 def virtual_stages(schedule: str) -> int:
     """Two stages per rank for every schedule that can run them (the V ones must)."""
-    return 1 if schedule == "1f1b" else 2
+    return 1 if schedule == Schedule.ONE_F_ONE_B else 2
 
 
 def measure(args: argparse.Namespace, schedule: str, microbatches: int, world_size: int) -> list[float]:

@@ -27,6 +27,7 @@ from data_tools import make_demo_corpus, preprocess_data, train_tokenizer
 from data_tools.preprocess import encoder, pipeline, pool
 from data_tools.preprocess.parsers import parse_chunk
 from data_tools.preprocess.readers import read_chunks
+from megamoe.config.choices import TokenizerType
 from megamoe.data.tokenizer import build_tokenizer
 
 
@@ -83,7 +84,7 @@ def prepare_corpus(args: argparse.Namespace, tmp: str) -> tuple[Path, tuple[str,
         for name in make_demo_corpus.SHARES:
             out.write((corpus / f"{name}.jsonl").read_bytes())
     model = args.tokenizer_model
-    if model is None and args.tokenizer_type == "HuggingFaceTokenizer":
+    if model is None and args.tokenizer_type == TokenizerType.HUGGING_FACE:
         sample = Path(tmp, "sample")
         make_demo_corpus.make_corpus(str(sample), 0.2 if args.quick else 4.0, seed=1)
         model = str(Path(tmp, "tokenizer.json"))

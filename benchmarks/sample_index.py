@@ -126,7 +126,8 @@ def main() -> None:
                       "peak_rss_gib": round(c["peak_rss_gib"], 3), "index_gib": round(c["index_gib"], 2),
                       "seq_len": args.seq_len, "scale": args.scale,
                       **{k: round(v, 2) for k, v in growth.items()},
-                      "sizes": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in results]}))
+                      "sizes": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                                for r in results]}))
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def summarise() -> None:
     first, last = steps[0], steps[-1]
     tokens_per_s = sum(s["tokens_per_s"] for s in steps) / len(steps)
     print("\n== megamoe demo: tiny Yuan MoE, pp=2 × dp=2 × ep=2 on 4 CPU processes ==")
-    print(f"train loss  step {first['step']:>4}: {first['loss']:.3f}   step {last['step']:>4}: {last['loss']:.3f}  (nats/token)")
+    print(f"train loss  step {first['step']:>4}: {first['loss']:.3f}   "
+          f"step {last['step']:>4}: {last['loss']:.3f}  (nats/token)")
     for lang, loss in evals[-1]["loss"].items():
         print(f"validation loss [{lang}]: {loss:.3f} nats/token  (unigram entropy {entropy[lang]:.3f})")
     print(f"mean throughput: {tokens_per_s:,.0f} tokens/s;  metrics: {RUN_DIR}/metrics.jsonl")

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
+from megamoe.config.choices import FfnType
 from megamoe.config.layers import moe_layer_flags
 from megamoe.errors import UserError
 from megamoe.estimators import balance, flops, memory
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     expert_imbalance, overrides = take_option(overrides, "--expert-imbalance", imbalance)
     cfg = compose(overrides)
     validate_config(cfg)
-    if expert_imbalance is not None and cfg.model.ffn_type == "moe":
+    if expert_imbalance is not None and cfg.model.ffn_type == FfnType.MOE:
         ExpertLoads.of(cfg.moe, expert_imbalance)  # a UserError naming the flag when impossible
     s = stats(cfg, world_size, 1.0 if expert_imbalance is None else expert_imbalance)
     print(table(cfg, s))

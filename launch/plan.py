@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
+from megamoe.config.choices import FfnType
 from megamoe.errors import UserError
 from megamoe.estimators.planner import GPUS, Hardware, Plan, PlanResult, Rejection, max_imbalance, plan
 from megamoe.estimators.routing import ExpertLoads
@@ -188,7 +189,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cfg = compose(overrides)
     validate_config(cfg)
     hw = hardware(args)
-    if cfg.model.ffn_type == "moe":
+    if cfg.model.ffn_type == FfnType.MOE:
         ExpertLoads.of(cfg.moe, args.expert_imbalance)  # a UserError naming the flag when impossible
     result = plan(cfg, args.gpus, hw, args.expert_imbalance)
     if not result.plans:

@@ -4,24 +4,25 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, TypeVar
+from typing import Callable, ParamSpec, TypeVar
 
 from megamoe.errors import ConfigError, UserError
 
-F = TypeVar("F", bound=Callable[..., object])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 USER_ERROR_EXIT = 2
 
 
-def exit_on_user_error(main: F) -> F:
+def exit_on_user_error(main: Callable[P, R]) -> Callable[P, R]:
     """Run ``main``; print a ConfigError/UserError as ``error: ...`` and exit 2 instead of a traceback."""
 
     @functools.wraps(main)
-    def wrapper(*args: object, **kwargs: object) -> object:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return main(*args, **kwargs)
         except (ConfigError, UserError) as exc:
             print(f"error: {exc}", file=sys.stderr, flush=True)
             sys.exit(USER_ERROR_EXIT)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper

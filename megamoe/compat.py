@@ -7,7 +7,7 @@ Nothing else in megamoe imports a name starting with an underscore from torch.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -27,10 +27,14 @@ from torch.distributed.pipelining.schedules import (
     _PipelineSchedule,
     _PipelineScheduleRuntime,
 )
+
+# The type the schedules take their stages as (PipelineStage is one).
+from torch.distributed.pipelining.stage import _PipelineStageBase
 from torch.utils import _python_dispatch
 
 PipelineSchedule = _PipelineSchedule  # the type of Schedule1F1B and the multi-stage schedules
 PipelineScheduleRuntime = _PipelineScheduleRuntime
+PipelineStageBase = _PipelineStageBase
 
 # The dry run (megamoe.dryrun): tensors with shapes, dtypes and devices but no memory or values,
 # and a mode that sees every op dispatched. Public replacements: none (torchtitan's memory
@@ -92,8 +96,8 @@ class HookedPipelineStage(PipelineStage):
     """
 
     def __init__(self, module: nn.Module, before_last_backward: Callable[[nn.Module], None],
-                 after_reduce_grad: Callable[[nn.Module], None], **kwargs: object) -> None:
-        super().__init__(module, **kwargs)  # type: ignore[arg-type]
+                 after_reduce_grad: Callable[[nn.Module], None], **kwargs: Any) -> None:
+        super().__init__(module, **kwargs)  # PipelineStage's own arguments
         self._before_last_backward, self._after_reduce_grad = before_last_backward, after_reduce_grad
 
     def backward_one_chunk(self, bwd_chunk_id: int, loss: Optional[Tensor] = None, full_backward: bool = True,
@@ -132,5 +136,8 @@ def _forward_actions(actions: Sequence[_Action]) -> Iterator[_Action]:
     """The forwards, forward sends and receives of a lowered action list (an overlapped forward
     and backward pair gives its forward)."""
     for action in actions:
-        parts = action.sub_actions if action.computation_type == OVERLAP_F_B else (action,)
+        parts: tuple[_Action, ...] = (action,)
+        if action.computation_type == OVERLAP_F_B:
+            assert action.sub_actions is not None  # an overlapped pair lists its forward and backward
+            parts = action.sub_actions
         yield from (part for part in parts if part.computation_type in _FORWARD_ACTIONS)

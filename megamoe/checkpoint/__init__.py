@@ -7,6 +7,6 @@ from megamoe.checkpoint.store import iter_model_tensors, read_config, write_mode
 from megamoe.errors import CheckpointError
 
 __all__ = [
-    "CheckpointError", "CheckpointSaver", "TrainingState", "expert_tensor_name", "iter_model_tensors", "load_checkpoint",
-    "model_tensor_shapes", "read_config", "resume", "save_checkpoint", "write_model_checkpoint",
+    "CheckpointError", "CheckpointSaver", "TrainingState", "expert_tensor_name", "iter_model_tensors",
+    "load_checkpoint", "model_tensor_shapes", "read_config", "resume", "save_checkpoint", "write_model_checkpoint",
 ]

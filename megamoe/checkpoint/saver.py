@@ -68,6 +68,7 @@ from megamoe.checkpoint.state import (
 )
 from megamoe.checkpoint.store import CONFIG, FileEntry, Manifest, commit, prune, set_latest, write_bytes, write_shards
 from megamoe.compat import default_store
+from megamoe.config.choices import OnError
 from megamoe.errors import SharedError, write_error
 from megamoe.parallel.mesh import first_error
 from megamoe.parallel.stall import SilentRanks
@@ -308,6 +309,12 @@ class _Save:
     thread: Optional[threading.Thread] = None  # the background writer
     failure: Optional[Exception] = None  # what ended the background writer, if not the outcome
 
+    @property
+    def writer(self) -> threading.Thread:
+        """The background writer of a save in the background (CheckpointSaver's pending one)."""
+        assert self.thread is not None, "not a background save"
+        return self.thread
+
 
 class CheckpointSaver:
     """Saves ``TrainingState``s — in the background with ``checkpoint.async`` — and reports how
@@ -376,7 +383,7 @@ class CheckpointSaver:
     @property
     def writing(self) -> bool:
         """A background save is still being written."""
-        return self._pending is not None and self._pending.thread.is_alive()
+        return self._pending is not None and self._pending.writer.is_alive()
 
     def wait(self, last: bool = False) -> Optional[Path]:
         """Finish the save in progress, if any: the checkpoint it made, or None (``last``: as for
@@ -385,7 +392,7 @@ class CheckpointSaver:
             return None
         save, self._pending = self._pending, None
         save.last = save.last or last
-        save.thread.join()
+        save.writer.join()
         return self._settle(save)
 
     def abandon(self) -> Optional[Path]:
@@ -398,8 +405,8 @@ class CheckpointSaver:
             return None
         save, self._pending = self._pending, None
         self._abandoned.set()
-        save.thread.join(ABANDON_WAIT_S)
-        if save.thread.is_alive():
+        save.writer.join(ABANDON_WAIT_S)
+        if save.writer.is_alive():
             if self.state.grid.rank == 0:
                 shutil.rmtree(checkpoint_root(self.state) / f"step_{save.snap.step}.tmp", ignore_errors=True)
             return None
@@ -432,7 +439,7 @@ class CheckpointSaver:
             reason = write_error(OSError(error["errno"], error["strerror"], error["filename"]),
                                  "free space or choose another run.dir", snap.needed_bytes)
         message = f"checkpoint: cannot save step {snap.step}: {reason}"
-        if state.cfg.checkpoint.on_error == "stop":
+        if state.cfg.checkpoint.on_error == OnError.STOP:
             raise SharedError(f"{message}; the run stopped (checkpoint.on_error=stop), earlier checkpoints are intact")
         then = ("it was the run's last save, nothing retries it" if save.last
                 else "training goes on (checkpoint.on_error=continue), the next interval tries again")

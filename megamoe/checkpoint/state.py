@@ -16,13 +16,13 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, Sequence, cast
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 
 from megamoe.checkpoint.names import expert_bank_names, expert_tensor_name, model_tensor_shapes
 from megamoe.checkpoint.store import (
@@ -40,8 +40,10 @@ from megamoe.checkpoint.store import (
     set_aside,
     step_of,
 )
+from megamoe.config.choices import FfnType
 from megamoe.data.loader import stream_change
 from megamoe.errors import CheckpointError, SharedError, UserError
+from megamoe.nn.decoder import Decoder
 from megamoe.nn.init import init_key_seed
 from megamoe.parallel.expert import expert_range
 from megamoe.parallel.mesh import ProcessGrid, first_error
@@ -67,7 +69,7 @@ class TrainingState:
 
     cfg: DictConfig
     grid: ProcessGrid
-    models: list[nn.Module]
+    models: Sequence[Decoder]
     optimizer: torch.optim.Optimizer
     data: Stateful
     data_stream: dict[str, Any]  # what fixes the sample order (megamoe.data.loader.data_stream)
@@ -130,7 +132,8 @@ def placements(state: TrainingState) -> list[Placement]:
 def _share(sizes: dict[str, int], replicas: int) -> list[set[str]]:
     """Names split over ``replicas`` writers: largest first, each to the least-loaded (ties: the
     lowest index) — the same on every replica, which all hold the same names and sizes."""
-    loads, shares = [0] * replicas, [set() for _ in range(replicas)]
+    loads = [0] * replicas
+    shares: list[set[str]] = [set() for _ in range(replicas)]
     for name, size in sorted(sizes.items(), key=lambda item: (-item[1], item[0])):
         writer = loads.index(min(loads))
         loads[writer] += size
@@ -188,7 +191,8 @@ def optimizer_kind(cfg: DictConfig) -> dict[str, str]:
 
 def rng_bytes() -> bytes:
     """This rank's RNG states (torch CPU and CUDA, Python, NumPy), as a weights-only torch file."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    # the legacy (MT19937) state tuple: numpy types get_state() as that tuple or a dict
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -402,7 +406,7 @@ def _model_change(cfg: DictConfig, ckpt_dir: Path) -> tuple[Optional[str], Optio
     listed = ", ".join(changes)
     if model_tensor_shapes(saved_cfg) != model_tensor_shapes(cfg):
         upcycle = (" (a dense checkpoint becomes an MoE one with launch/convert_checkpoint.py upcycle)"
-                   if saved_cfg.model.ffn_type == "dense" and cfg.model.ffn_type == "moe" else "")
+                   if saved_cfg.model.ffn_type == FfnType.DENSE and cfg.model.ffn_type == FfnType.MOE else "")
         refusal = (f"checkpoint: {ckpt_dir} holds another model than the one configured ({listed}); the model "
                    f"changed, the checkpoint is fine: restore these settings to resume it, or choose another "
                    f"run.dir{upcycle}")
@@ -471,7 +475,9 @@ def _resume_plan(state: TrainingState) -> ResumePlan:
     plan = [_plan(state.cfg, checkpoint_root(state)) if state.grid.rank == 0 else None]
     if state.grid.world_size > 1:
         dist.broadcast_object_list(plan, src=0)
-    return plan[0]  # type: ignore[return-value]
+    received = plan[0]
+    assert received is not None  # rank 0's plan, broadcast to every rank
+    return received
 
 
 def checkpoint_before(state: TrainingState, step: int) -> Optional[Path]:

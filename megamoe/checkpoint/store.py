@@ -36,7 +36,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -99,7 +99,7 @@ class _Crc32:
 def _raw_bytes(tensor: Tensor) -> memoryview:
     """The tensor's bytes without a copy (after a device-to-host copy when it is not on the CPU)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def _fsync_dir(path: Path) -> None:
@@ -135,7 +135,9 @@ def write_shard(path: Path, tensors: list[tuple[str, Tensor]], kind: str) -> Fil
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
     crc = _Crc32()
     with naming(path), open(path, "wb") as f:
-        for chunk in (len(blob).to_bytes(8, "little") + blob, *(_raw_bytes(t) for _, t in ordered)):
+        chunks: tuple[bytes | memoryview, ...] = (len(blob).to_bytes(8, "little") + blob,
+                                                  *(_raw_bytes(t) for _, t in ordered))
+        for chunk in chunks:
             crc.update(chunk)
             f.write(chunk)
         f.flush()
@@ -176,7 +178,7 @@ def read_verified(path: Path, entry: FileEntry) -> Tensor:
     if size != entry.bytes:
         raise CheckpointError(f"{path}: truncated or overwritten ({size} bytes, the manifest says {entry.bytes})")
     buffer = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(buffer.numpy())
+    view = buffer.numpy().data
     crc = _Crc32()
     with open(path, "rb", buffering=0) as f:
         for start in range(0, size, READ_CHUNK_BYTES):
@@ -394,12 +396,13 @@ def read_config(ckpt_dir: Path | str) -> DictConfig:
         if isinstance(section, DictConfig) and leaf in section:
             section.pop(leaf)
     try:
-        cfg = OmegaConf.merge(OmegaConf.structured(MegaMoEConfig), saved)
+        # merging into a structured DictConfig gives a DictConfig (OmegaConf types a merge as either kind)
+        cfg = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(MegaMoEConfig), saved))
     except OmegaConfBaseException as exc:
         raise CheckpointError(f"{path}: {exc.full_key}: {str(exc).splitlines()[0]}; the checkpoint was written by "
                               "a megamoe version with another config schema: read it with that version") from None
     OmegaConf.set_readonly(cfg, True)
-    return cfg  # type: ignore[return-value]
+    return cfg
 
 
 def iter_model_tensors(ckpt_dir: Path | str) -> Iterator[tuple[str, Tensor]]:

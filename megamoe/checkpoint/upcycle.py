@@ -35,12 +35,13 @@ experts and dropped.
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from megamoe.checkpoint.names import expert_tensor_name, split_layer_name
+from megamoe.config.choices import FfnType, RouterMode
 from megamoe.config.layers import KEY, LayerFreq, moe_layer_flags
 from megamoe.errors import ConfigError
 from megamoe.nn.moe.dispatcher import LocalExchange
@@ -56,9 +57,9 @@ def upcycled_config(dense_cfg: DictConfig, copies: int, granularity: int = 1, to
     renormalised combine weights, and a gated shared expert of width F when ``shared_expert``, in
     the layers ``layer_freq`` selects (``moe.layer_freq``; ConfigError names ``--layer-freq``)."""
     m = dense_cfg.model
-    if m.ffn_type != "dense":
+    if m.ffn_type != FfnType.DENSE:
         raise ConfigError(f"model.ffn_type: the source checkpoint is '{m.ffn_type}', upcycling needs a dense one")
-    if dense_cfg.moe.router_mode != "token_choice":
+    if dense_cfg.moe.router_mode != RouterMode.TOKEN_CHOICE:
         raise ConfigError(f"moe.router_mode: '{dense_cfg.moe.router_mode}' gives each token a varying number of "
                           "experts, so the upcycled model could not start equal to the dense one; use token_choice")
     for flag, value in (("--num-experts", copies), ("--granularity", granularity), ("--top-k", top_k)):
@@ -69,18 +70,19 @@ def upcycled_config(dense_cfg: DictConfig, copies: int, granularity: int = 1, to
                           f"model.dense_ffn_hidden_size={m.dense_ffn_hidden_size}")
     if top_k > copies:
         raise ConfigError(f"--top-k: {top_k} is more than the {copies} copies of the dense FFN (--num-experts)")
-    cfg = OmegaConf.merge(dense_cfg, {
+    # merging into a DictConfig gives a DictConfig (OmegaConf types any merge as DictConfig | ListConfig)
+    cfg = cast(DictConfig, OmegaConf.merge(dense_cfg, {
         "model": {"ffn_type": "moe"},
         "moe": {"num_experts": copies * granularity, "ffn_hidden_size": m.dense_ffn_hidden_size // granularity,
                 "top_k": top_k * granularity, "norm_topk_prob": True, "num_shared_experts": int(shared_expert),
                 "shared_expert_ffn_hidden_size": m.dense_ffn_hidden_size if shared_expert else 0,
                 "shared_expert_gate": shared_expert, "layer_freq": layer_freq},
-    })
+    }))
     try:
         moe_layer_flags(cfg.model, cfg.moe)
     except ConfigError as exc:
         raise ConfigError(str(exc).replace(f"{KEY}:", "--layer-freq:", 1)) from None
-    return cfg  # type: ignore[return-value]
+    return cfg
 
 
 def fresh_router(cfg: DictConfig, layer_index: int, seed: int, granularity: int) -> dict[str, torch.Tensor]:
@@ -90,7 +92,8 @@ def fresh_router(cfg: DictConfig, layer_index: int, seed: int, granularity: int)
     ``reset_parameters`` draws the router exactly as a from-scratch model with N experts would.
     """
     copies = cfg.moe.num_experts // granularity
-    moe = OmegaConf.merge(cfg.moe, {"num_experts": copies, "num_shared_experts": 0, "shared_expert_gate": False})
+    moe = cast(DictConfig, OmegaConf.merge(cfg.moe, {"num_experts": copies, "num_shared_experts": 0,
+                                                     "shared_expert_gate": False}))
     layer = MoELayer(cfg.model.hidden_size, moe, layer_index, exchange=LocalExchange(0))
     layer.reset_parameters(cfg.model.init_std, seed)
     return {f"layers.{layer_index}.mlp.{name}": tensor.repeat_interleave(granularity, dim=0)

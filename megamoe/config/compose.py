@@ -29,7 +29,8 @@ def _one_line(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(cause).splitlines() if ln.strip()]
     head = lines[0] if lines else type(exc).__name__
     full_key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
-    options = [ln for ln in lines[1:] if not ln.startswith(("Config search path", "provider=", "full_key", "reference_type", "object_type", "See https"))]
+    noise = ("Config search path", "provider=", "full_key", "reference_type", "object_type", "See https")
+    options = [ln for ln in lines[1:] if not ln.startswith(noise)]
     if "Could not find" in head and options:
         return f"{head} ({' '.join(options)})"
     if full_key and full_key not in head:
@@ -65,6 +66,7 @@ def compose(overrides: Sequence[str] = (), config_dir: Path | str = CONFIG_DIR) 
         raise ConfigError(_one_line(exc)) from None
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
-        raise ConfigError(f"{missing[0]}: required value is missing; set it in the experiment yaml or as {missing[0]}=...")
+        raise ConfigError(f"{missing[0]}: required value is missing; "
+                          f"set it in the experiment yaml or as {missing[0]}=...")
     OmegaConf.set_readonly(cfg, True)
     return cfg

@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
-from omegaconf import DictConfig
-
-from megamoe.config.choices import V_SCHEDULES, Choice, RouterMode, Schedule, StageBalance
+from megamoe.config.choices import V_SCHEDULES, Choice, DataKind, Optimizer, Router, RouterMode, Schedule, StageBalance
 from megamoe.config.layers import moe_layer_flags
-from megamoe.config.schema import MegaMoEConfig, MuonConfig, rotary_dim
+from megamoe.config.schema import Config, MegaMoEConfig, MuonConfig, rotary_dim
 from megamoe.errors import ConfigError
 
 
@@ -25,8 +23,8 @@ def _choice_keys(schema: type, prefix: str = "") -> dict[str, type[Choice]]:
     for f in dataclasses.fields(schema):
         if "choices" in f.metadata:
             keys[prefix + f.name] = f.metadata["choices"]
-        elif dataclasses.is_dataclass(f.default_factory):  # type: ignore[arg-type]
-            keys.update(_choice_keys(f.default_factory, f"{prefix}{f.name}."))  # type: ignore[arg-type]
+        elif dataclasses.is_dataclass(f.default_factory):
+            keys.update(_choice_keys(f.default_factory, f"{prefix}{f.name}."))
     return keys
 
 
@@ -50,7 +48,7 @@ NON_NEGATIVE: tuple[str, ...] = (
 )
 
 
-def _get(cfg: DictConfig, dotted: str) -> Any:
+def _get(cfg: Config, dotted: str) -> Any:
     """``cfg.a.b`` for ``"a.b"``: by attribute, so plain schema objects validate too (the planner's)."""
     node: Any = cfg
     for part in dotted.split("."):
@@ -63,7 +61,7 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
-def _validate_model(cfg: DictConfig) -> None:
+def _validate_model(cfg: Config) -> None:
     m = cfg.model
     _check(m.hidden_size % m.num_heads == 0, "model.hidden_size",
            f"{m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
@@ -75,13 +73,13 @@ def _validate_model(cfg: DictConfig) -> None:
            f"{cfg.train.seq_len} exceeds model.max_position_embeddings={m.max_position_embeddings}")
 
 
-def _validate_moe(cfg: DictConfig) -> None:
+def _validate_moe(cfg: Config) -> None:
     e = cfg.moe
     moe_layer_flags(cfg.model, e)  # moe.layer_freq names the layers it makes MoE
     _check(e.top_k <= e.num_experts, "moe.top_k", f"{e.top_k} > moe.num_experts={e.num_experts}")
     _check(e.capacity_factor is None or e.capacity_factor > 0, "moe.capacity_factor",
            f"{e.capacity_factor} must be > 0, or null for dropless dispatch")
-    _check(not (e.noisy_gating and e.router != "linear"), "moe.noisy_gating",
+    _check(not (e.noisy_gating and e.router != Router.LINEAR), "moe.noisy_gating",
            "noisy top-k gating applies to the linear router only; set moe.router=linear")
     _check(not e.shared_expert_gate or e.num_shared_experts > 0, "moe.shared_expert_gate",
            "true gates the shared experts, but moe.num_shared_experts=0; set it >= 1 or the gate to false")
@@ -92,7 +90,7 @@ def _validate_moe(cfg: DictConfig) -> None:
                "moe.router_mode=expert_choice is balanced by construction; set it to false")
 
 
-def _validate_split(cfg: DictConfig) -> None:
+def _validate_split(cfg: Config) -> None:
     """Every one of the pp × virtual_stages stages gets at least one layer, and they add up to the model."""
     p, num_layers = cfg.parallel, cfg.model.num_layers
     stages = p.pp * p.virtual_stages
@@ -117,7 +115,7 @@ def _validate_split(cfg: DictConfig) -> None:
            f"{layers} adds up to {sum(layers)} layers, but model.num_layers={num_layers}")
 
 
-def _validate_parallel(cfg: DictConfig) -> None:
+def _validate_parallel(cfg: Config) -> None:
     p = cfg.parallel
     _check(p.schedule != Schedule.ONE_F_ONE_B or p.virtual_stages == 1, "parallel.virtual_stages",
            f"{p.virtual_stages} virtual stages need a multi-stage parallel.schedule (interleaved_1f1b, "
@@ -130,7 +128,7 @@ def _validate_parallel(cfg: DictConfig) -> None:
            f"{cfg.moe.num_experts} experts cannot be divided among parallel.ep={p.ep} ranks")
 
 
-def _validate_train(cfg: DictConfig) -> None:
+def _validate_train(cfg: Config) -> None:
     t = cfg.train
     _check(t.min_lr <= t.lr, "train.min_lr", f"{t.min_lr} > train.lr={t.lr}")
     _check(t.warmup_steps <= t.steps, "train.warmup_steps", f"{t.warmup_steps} > train.steps={t.steps}")
@@ -139,10 +137,10 @@ def _validate_train(cfg: DictConfig) -> None:
     _validate_muon(cfg)
 
 
-def _validate_muon(cfg: DictConfig) -> None:
+def _validate_muon(cfg: Config) -> None:
     """Muon's keys mean something only under train.optimizer=muon: set under adamw, they are a mistake."""
     t = cfg.train
-    if t.optimizer != "muon":
+    if t.optimizer != Optimizer.MUON:
         for key, default in vars(MuonConfig()).items():
             value = getattr(t.muon, key)
             _check(value == default, f"train.muon.{key}", f"{value} has no meaning with train.optimizer={t.optimizer} "
@@ -151,15 +149,15 @@ def _validate_muon(cfg: DictConfig) -> None:
     _check(0 <= t.muon.momentum < 1, "train.muon.momentum", f"{t.muon.momentum} must be in [0, 1)")
 
 
-def _validate_data(cfg: DictConfig) -> None:
+def _validate_data(cfg: Config) -> None:
     d = cfg.data
-    if d.kind == "indexed":
+    if d.kind == DataKind.INDEXED:
         _check(len(d.sources) > 0, "data.sources",
                "is empty; list [{path, weight, lang}] entries, or use data=mock for random tokens")
     for i, src in enumerate(d.sources):
         _check(src.weight > 0, f"data.sources[{i}].weight", f"{src.weight} must be > 0")
         _check(0.0 <= src.fim_rate <= 1.0, f"data.sources[{i}].fim_rate", f"{src.fim_rate} must be in [0, 1]")
-    _check(not (d.reset_attention_mask and d.kind == "mock"), "data.reset_attention_mask",
+    _check(not (d.reset_attention_mask and d.kind == DataKind.MOCK), "data.reset_attention_mask",
            "true needs end-of-document tokens to find the documents, but data.kind=mock has none; "
            "train on indexed data or set it to false")
     parts = d.split.replace("/", ",").split(",")
@@ -168,7 +166,7 @@ def _validate_data(cfg: DictConfig) -> None:
            f"'{d.split}' must be three non-negative numbers like '98,1,1' (train, valid, test)")
 
 
-def _validate_eval(cfg: DictConfig) -> None:
+def _validate_eval(cfg: Config) -> None:
     """Downstream evaluation has tasks (their files and generation lengths are checked when the
     run reads them: megamoe.train.downstream)."""
     e = cfg.eval
@@ -180,7 +178,7 @@ def _validate_eval(cfg: DictConfig) -> None:
            f"{e.downstream_limit} must be > 0, or null for every item")
 
 
-def validate_layout(cfg: DictConfig, world_size: int) -> int:
+def validate_layout(cfg: Config, world_size: int) -> int:
     """Check that ``world_size`` processes fit the grid; returns the data-parallel size."""
     p, t = cfg.parallel, cfg.train
     _check(world_size % p.pp == 0, "parallel.pp",
@@ -195,7 +193,7 @@ def validate_layout(cfg: DictConfig, world_size: int) -> int:
     return dp
 
 
-def _validate_microbatches(cfg: DictConfig, microbatches: int) -> None:
+def _validate_microbatches(cfg: Config, microbatches: int) -> None:
     """What torch's multi-stage schedules need of the micro-batches each data-parallel rank runs per step."""
     p, key = cfg.parallel, "train.global_batch"
     per_rank = f"{cfg.train.global_batch} gives {microbatches} micro-batches per data-parallel rank"
@@ -208,7 +206,7 @@ def _validate_microbatches(cfg: DictConfig, microbatches: int) -> None:
                f"stage, 2 × parallel.pp = {2 * p.pp}")
 
 
-def validate(cfg: DictConfig, world_size: Optional[int] = None) -> None:
+def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Raise ConfigError naming the first impossible setting; silent when all is well."""
     for key, options in CHOICES.items():
         value = _get(cfg, key)

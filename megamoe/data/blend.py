@@ -36,7 +36,7 @@ class Dataset(Protocol):
     def describe_token(self, i: int, token_id: int) -> str: ...  # the source and document it came from
 
 
-def normalize_weights(weights: Sequence[float]) -> np.ndarray:
+def normalize_weights(weights: Sequence[float] | np.ndarray) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0 or not np.all(w > 0):
         raise ValueError(f"blend weights must be a non-empty list of positive numbers, got {list(weights)}")
@@ -46,7 +46,7 @@ def normalize_weights(weights: Sequence[float]) -> np.ndarray:
 class _Deadlines:
     """The integer deadlines ``(2k + 1) * P_d`` of every source's samples."""
 
-    def __init__(self, weights: Sequence[float], num_samples: int) -> None:
+    def __init__(self, weights: Sequence[float] | np.ndarray, num_samples: int) -> None:
         w = normalize_weights(weights)
         self.periods = np.maximum(np.rint(2.0**_PERIOD_BITS / w), 1).astype(np.int64)
         self.src_bits = max(1, (len(w) - 1).bit_length())
@@ -73,7 +73,7 @@ class _Deadlines:
         return source, k
 
 
-def blend_counts(weights: Sequence[float], num_samples: int) -> np.ndarray:
+def blend_counts(weights: Sequence[float] | np.ndarray, num_samples: int) -> np.ndarray:
     """How many samples each source contributes to the first ``num_samples`` of the blend."""
     dl = _Deadlines(weights, num_samples)
     lo, hi = 0, 4 * (num_samples + len(dl.periods) + 1) << _PERIOD_BITS  # bisect: first tau with enough
@@ -85,7 +85,7 @@ def blend_counts(weights: Sequence[float], num_samples: int) -> np.ndarray:
     return before + np.bincount(source[:num_samples - int(before.sum())], minlength=len(dl.periods))
 
 
-def build_blend_index(weights: Sequence[float], num_samples: int, paths: Mapping[str, str],
+def build_blend_index(weights: Sequence[float] | np.ndarray, num_samples: int, paths: Mapping[str, str],
                       progress: bool = False) -> None:
     """Write ``dataset`` (source of each position, int16) and ``sample`` (index within it)."""
     dl = _Deadlines(weights, num_samples)
@@ -116,7 +116,7 @@ class BlendedDataset:
     run that blends with the same weights.
     """
 
-    def __init__(self, datasets: Sequence[Dataset], weights: Sequence[float], num_samples: int,
+    def __init__(self, datasets: Sequence[Dataset], weights: Sequence[float] | np.ndarray, num_samples: int,
                  cache_dir: str, is_builder: bool, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S) -> None:
         self.datasets = list(datasets)
         self.weights = normalize_weights(weights)

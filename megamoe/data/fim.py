@@ -47,7 +47,8 @@ def permute_document(doc: np.ndarray, rng: np.random.Generator, rate: float, spm
         return doc
     suffix = suffix[:-_SENTINELS]
     pre, mid, suf = ([s] for s in (sentinels.prefix, sentinels.middle, sentinels.suffix))
-    parts = [pre, suf, suffix, mid, prefix, middle] if spm else [pre, prefix, suf, suffix, mid, middle]
+    parts: list[np.ndarray | list[int]] = ([pre, suf, suffix, mid, prefix, middle] if spm
+                                           else [pre, prefix, suf, suffix, mid, middle])
     return np.concatenate(parts).astype(doc.dtype, copy=False)
 
 

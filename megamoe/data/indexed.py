@@ -87,7 +87,8 @@ class IndexedDataset:
         idx_path, bin_path = index_file_path(self.prefix), data_file_path(self.prefix)
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
-                raise DatasetFormatError(f"{path} does not exist; expected a dataset written by data_tools/preprocess_data.py")
+                raise DatasetFormatError(f"{path} does not exist; "
+                                         "expected a dataset written by data_tools/preprocess_data.py")
         self.dtype, n_seq, n_doc = _read_header(idx_path)
 
         expected_idx = _HEADER.size + n_seq * (4 + 8) + n_doc * 8
@@ -104,8 +105,10 @@ class IndexedDataset:
         self.document_indices: np.ndarray = idx[off:off + 8 * n_doc].view(np.int64)
 
         if n_seq and (self.sequence_lengths.min() < 0 or self.document_indices[-1] != n_seq):
-            raise DatasetFormatError(f"{idx_path} is corrupt: negative lengths or document boundaries that do not end at {n_seq}")
-        expected_bin = int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize if n_seq else 0
+            raise DatasetFormatError(f"{idx_path} is corrupt: negative lengths or document boundaries "
+                                     f"that do not end at {n_seq}")
+        expected_bin = (int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * self.dtype.itemsize
+                        if n_seq else 0)
         bin_size = os.path.getsize(bin_path)
         if bin_size != expected_bin:
             state = "truncated" if bin_size < expected_bin else "corrupt (larger than its index says)"

@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from megamoe.config.choices import DataKind
 from megamoe.data.blend import BlendedDataset, Dataset, blend_counts, normalize_weights, split_ranges
 from megamoe.data.fim import FIMDataset, FIMSentinels
 from megamoe.data.indexed import IndexedDataset
@@ -128,7 +129,7 @@ def data_stream(cfg: DictConfig) -> dict[str, Any]:
     """
     d = cfg.data
     stream: dict[str, Any] = {"data.kind": d.kind, "train.seq_len": cfg.train.seq_len, "seed": cfg.seed}
-    if d.kind == "mock":
+    if d.kind == DataKind.MOCK:
         return {**stream, "model.vocab_size": cfg.model.vocab_size}
     stream.update({"data.split": d.split, "data.sources": len(d.sources)})
     weights = normalize_weights([s.weight for s in d.sources])
@@ -148,7 +149,7 @@ def stream_change(before: dict[str, Any], now: dict[str, Any]) -> Optional[str]:
 
 def data_eod_id(cfg: DictConfig) -> Optional[int]:
     """The end-of-document id of the run's data (None for mock data, which has none)."""
-    return None if cfg.data.kind == "mock" else tokenizer_from_config(cfg.data.tokenizer).eod_id
+    return None if cfg.data.kind == DataKind.MOCK else tokenizer_from_config(cfg.data.tokenizer).eod_id
 
 
 def build_datasets(cfg: DictConfig, is_builder: bool, wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S
@@ -162,7 +163,7 @@ def build_datasets(cfg: DictConfig, is_builder: bool, wait_timeout_s: float = DE
     """
     t = cfg.train
     n_train, n_eval = t.steps * t.global_batch, t.eval_iters * t.global_batch
-    if cfg.data.kind == "mock":
+    if cfg.data.kind == DataKind.MOCK:
         def mock(n: int, salt: int) -> MockDataset:
             return MockDataset(cfg.model.vocab_size, t.seq_len, n, cfg.seed + salt)
         return mock(n_train, 0), {"mock": mock(n_eval, 1)}, {"mock": mock(n_eval, 2)}
@@ -235,4 +236,4 @@ def fim_sentinels(tokenizer: Tokenizer, where: str) -> FIMSentinels:
     if missing:
         raise UserError(f"{where}.fim_rate > 0, but tokenizer {tokenizer.name} has no fim_{missing[0]} token "
                         f"(e.g. <fim_{missing[0]}>); add the FIM special tokens or set fim_rate to 0")
-    return FIMSentinels(**ids)
+    return FIMSentinels(**{role: token_id for role, token_id in ids.items() if token_id is not None})

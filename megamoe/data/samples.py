@@ -37,6 +37,7 @@ import time
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from megamoe.data.indexed import IndexedDataset
 from megamoe.errors import IndexWaitTimeout, UserError
@@ -66,7 +67,7 @@ class NpyWriter:
 
     _HEADER_BYTES = 128  # magic, version, length, then the padded dict: room for any shape
 
-    def __init__(self, path: str, dtype: np.dtype, row_shape: tuple[int, ...] = ()) -> None:
+    def __init__(self, path: str, dtype: npt.DTypeLike, row_shape: tuple[int, ...] = ()) -> None:
         self.path, self.dtype, self.row_shape = path, np.dtype(dtype), row_shape
         self.rows = 0
         self._file = open(path, "wb")
@@ -190,11 +191,11 @@ def shuffled(n: int, seed: int, stream: int, key: Sequence[int], first_fraction:
     whole = len(edges) == 2  # one band: every key is in it, no selection needed
     for lo_f, hi_f in zip(edges[:-1], edges[1:]):
         lo, hi = np.uint64(int(lo_f * span)), np.uint64(int(hi_f * span))
-        band = np.empty(n, dtype=np.uint64) if whole else None
+        whole_band = np.empty(n, dtype=np.uint64) if whole else None
         pieces = []
         for a in range(0, n, _CHUNK):
             i = np.arange(a, min(n, a + _CHUNK), dtype=np.uint64)
-            k = np.multiply(i, _GOLDEN, out=band[a:a + len(i)] if whole else None)
+            k = np.multiply(i, _GOLDEN, out=whole_band[a:a + len(i)] if whole_band is not None else None)
             k += offset
             _mix64(k)
             k >>= np.uint64(bits)
@@ -204,7 +205,7 @@ def shuffled(n: int, seed: int, stream: int, key: Sequence[int], first_fraction:
                 pieces.append(k)
             k <<= np.uint64(bits)
             k |= i
-        band = band if whole else np.concatenate(pieces)
+        band = whole_band if whole_band is not None else np.concatenate(pieces)
         band.sort()
         band &= np.uint64((1 << bits) - 1)
         yield band.view(np.int64)

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from megamoe.config.choices import TokenizerType
 from megamoe.errors import UserError
 
 TOKENIZER_TYPES = ("HuggingFaceTokenizer", "SentencePieceTokenizer", "ByteTokenizer")
@@ -202,7 +203,9 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def spelling(self, token_id: int) -> str:
-        return self._tok.id_to_token(token_id)
+        spelling = self._tok.id_to_token(token_id)
+        assert spelling is not None, f"token id {token_id} is outside the vocabulary"
+        return spelling
 
     def hf_vocabulary(self) -> tuple[str, dict[str, bytes]]:
         """The tokenizer.json, without a post-processor that adds tokens (a BOS, say): training
@@ -242,7 +245,8 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         # Decode between special pieces and spell those out: sentencepiece would drop control pieces.
-        out, run = [], []
+        out: list[str] = []
+        run: list[int] = []
         for i in map(int, ids):
             if self._sp.is_control(i):
                 out.append(self._sp.decode(run))
@@ -276,7 +280,7 @@ def build_tokenizer(type: str, model: Optional[str] = None, eod_token: Optional[
     """The tokenizer named by ``type`` (one of TOKENIZER_TYPES); every user mistake is one UserError line."""
     if type not in TOKENIZER_TYPES:
         raise UserError(f"unknown tokenizer type {type!r}; choose one of {', '.join(TOKENIZER_TYPES)}")
-    if type == "ByteTokenizer":
+    if type == TokenizerType.BYTE:
         if model is not None:
             raise UserError(f"ByteTokenizer needs no model file, but got {model!r}; drop --tokenizer-model "
                             f"(data.tokenizer.model) or choose another tokenizer type")
@@ -285,7 +289,7 @@ def build_tokenizer(type: str, model: Optional[str] = None, eod_token: Optional[
         raise UserError(f"{type} needs a model file: pass --tokenizer-model (data.tokenizer.model)")
     if not os.path.isfile(model):
         raise UserError(f"tokenizer model not found: {model}")
-    cls = HuggingFaceTokenizer if type == "HuggingFaceTokenizer" else SentencePieceTokenizer
+    cls = HuggingFaceTokenizer if type == TokenizerType.HUGGING_FACE else SentencePieceTokenizer
     return cls(model, eod_token)
 
 

@@ -76,6 +76,7 @@ class FakeStepMode(FakeTensorMode):
             return self._empty(types, [length], torch.int64, args[0].device)
         if func is aten.index.Tensor and self._is_capacity_mask(args[1]):
             source, (mask,) = args
+            assert self.loads is not None  # _is_capacity_mask checked
             kept = sum(self.loads.rows(mask.numel() // self.loads.top_k))
             return self._empty(types, [kept, *source.shape[1:]], source.dtype, source.device)
         return super().dispatch(func, types, args, kwargs)

@@ -16,11 +16,12 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, cast
 
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from megamoe.config.choices import Switch
 from megamoe.dryrun.step import RankStep, as_on_gpu, run_rank
 from megamoe.estimators import balance, memory
 from megamoe.estimators.memory import GIB, RankMemory
@@ -86,12 +87,12 @@ class DryRun:
         """The JSON line: the layout, each rank, and whether it fits."""
         return {
             "world_size": self.grid.world_size,
-            "layout": {**OmegaConf.to_container(self.cfg.parallel), "dp": self.grid.dp,
+            "layout": {**cast(dict[str, Any], OmegaConf.to_container(self.cfg.parallel)), "dp": self.grid.dp,
                        "micro_batch": self.cfg.train.micro_batch,
                        "activation_checkpointing": self.cfg.train.activation_checkpointing,
                        "layers_per_stage": balance.stage_layers(self.cfg)},
             "models": MODELLED_DEVICE, "precision": self.cfg.train.precision,
-            "grouped_gemm": self.cfg.moe.grouped_gemm == "on",
+            "grouped_gemm": self.cfg.moe.grouped_gemm == Switch.ON,
             "expert_imbalance": self.loads.imbalance,
             "ranks": [rank.summary() for rank in self.ranks],
             "max_measured_gib": round(self.max_measured_gib, 4),

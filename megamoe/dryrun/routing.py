@@ -13,7 +13,7 @@ turns data into sizes — is answered from the assumption, by the exchanges belo
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -62,7 +62,7 @@ def _check_rows(tokens: Tensor, expected: int) -> None:
                            f"{tokens.shape[0]}: its micro-batch is not the configured train.micro_batch × seq_len")
 
 
-def assume_routing(models: list[nn.Module], loads: ExpertLoads, tokens: int,
+def assume_routing(models: Sequence[nn.Module], loads: ExpertLoads, tokens: int,
                    ep_group: Optional[dist.ProcessGroup]) -> None:
     """Give every MoE layer of ``models`` an exchange whose sizes are ``loads`` for micro-batches
     of ``tokens`` tokens (one exchange for all of them, as the trainer builds)."""

@@ -28,7 +28,7 @@ import contextlib
 import weakref
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -158,7 +158,7 @@ class MemoryWatch(TorchDispatchMode):
                 record.kind = kind
 
     @contextlib.contextmanager
-    def measure(self, models: list[nn.Module], optimizer: torch.optim.Optimizer) -> Iterator[list[StepMemory]]:
+    def measure(self, models: Sequence[nn.Module], optimizer: torch.optim.Optimizer) -> Iterator[list[StepMemory]]:
         """Measure the step run inside: yields a list that holds its :class:`StepMemory` on exit.
         The peak counts what is alive when the step starts (the models' weights and gradients,
         the optimizer's state, what earlier steps kept) and everything the step makes."""
@@ -185,7 +185,7 @@ class MemoryWatch(TorchDispatchMode):
         at_peak = [(r.kind, r.made_by) for r in held[:TOP_AT_PEAK]]
         result.append(StepMemory(self._peak, dict(by_kind), self._largest, at_peak))
 
-    def _settle_state(self, models: list[nn.Module], optimizer: torch.optim.Optimizer) -> None:
+    def _settle_state(self, models: Sequence[nn.Module], optimizer: torch.optim.Optimizer) -> None:
         """Give the models' parameters, buffers and gradients and the optimizer's state their kinds."""
         params = [p for model in models for p in model.parameters()]
         self._settle((t for model in models for t in (*model.parameters(), *model.buffers())), "weights")

@@ -42,41 +42,42 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-from omegaconf import DictConfig
 
+from megamoe.config.choices import StageBalance
 from megamoe.config.layers import moe_layer_flags
+from megamoe.config.schema import Config
 from megamoe.estimators import flops, memory
 from megamoe.models import family_of
 from megamoe.parallel.stages import layer_ranges, num_stages, rank_ends, rank_layer_indices, stage_indices
 
 
-def stage_layers(cfg: DictConfig) -> list[int]:
+def stage_layers(cfg: Config) -> list[int]:
     """Layers of every global stage under the config's split (a validated config)."""
     p = cfg.parallel
     if p.layers_per_stage is not None:
         return list(p.layers_per_stage)
-    if p.stage_balance == "auto":
+    if p.stage_balance == StageBalance.AUTO:
         return balanced_split(cfg)
     return [cfg.model.num_layers // num_stages(cfg)] * num_stages(cfg)
 
 
-def rank_layers(cfg: DictConfig, pp_rank: int) -> memory.LayerMix:
+def rank_layers(cfg: Config, pp_rank: int) -> memory.LayerMix:
     """The decoder layers pipeline rank ``pp_rank`` holds over all its stages, by FFN kind."""
     return _rank_mixes(cfg, stage_layers(cfg))[pp_rank]
 
 
-def _rank_mixes(cfg: DictConfig, layers: Sequence[int]) -> list[memory.LayerMix]:
+def _rank_mixes(cfg: Config, layers: Sequence[int]) -> list[memory.LayerMix]:
     """Each pipeline rank's layers, by kind, under the split ``layers``."""
     return [memory.layer_mix(cfg, held) for held in rank_layer_indices(cfg, layers)]
 
 
-def rank_memory(cfg: DictConfig, grid: memory.GridShape, pp_rank: int, imbalance: float = 1.0) -> memory.RankMemory:
+def rank_memory(cfg: Config, grid: memory.GridShape, pp_rank: int, imbalance: float = 1.0) -> memory.RankMemory:
     """memory.rank_memory's estimate of pipeline rank ``pp_rank`` under the config's split
     (and the expert imbalance, megamoe.estimators.routing)."""
     return memory.rank_memory(cfg, grid, pp_rank, rank_layers(cfg, pp_rank), imbalance)
 
 
-def memory_per_gpu(cfg: DictConfig, world_size: Optional[int] = None,
+def memory_per_gpu(cfg: Config, world_size: Optional[int] = None,
                    imbalance: float = 1.0) -> tuple[memory.GridShape, memory.RankMemory]:
     """The grid and the estimate of its fullest GPU (the pipeline rank with the largest total)
     under the config's split, on ``world_size`` GPUs (by default the fewest the config allows),
@@ -103,7 +104,7 @@ class PartCosts:
         return layers * self.layer + head * self.head
 
 
-def part_costs(cfg: DictConfig) -> PartCosts:
+def part_costs(cfg: Config) -> PartCosts:
     """An MoE and a dense layer's and the head's costs from flops.py's matmul weights per layer and attention scores."""
     scores = flops.attention_flops_per_token(cfg, cfg.train.seq_len) // cfg.model.num_layers
     head = 2 * flops.parameter_breakdown(cfg)["head"].matmul
@@ -117,13 +118,13 @@ def part_costs(cfg: DictConfig) -> PartCosts:
     return PartCosts(layer=layer(memory.model_kind(cfg, None)), head=4 * head, dense_layer=layer(False))
 
 
-def layer_costs(cfg: DictConfig) -> list[int]:
+def layer_costs(cfg: Config) -> list[int]:
     """Training FLOPs per token of each decoder layer, by global index."""
     costs = part_costs(cfg)
     return [costs.layer if moe else costs.dense_layer for moe in moe_layer_flags(cfg.model, cfg.moe)]
 
 
-def stage_costs(cfg: DictConfig, layers: Sequence[int]) -> list[int]:
+def stage_costs(cfg: Config, layers: Sequence[int]) -> list[int]:
     """Training FLOPs per token of each global stage holding ``layers[s]`` layers."""
     per_layer, head = layer_costs(cfg), part_costs(cfg).head
     ranges = layer_ranges(layers)
@@ -159,7 +160,7 @@ class RankBytes:
         return self.fixed[(kind,)] + count * (self.per_moe if kind else self.per_dense)
 
     @classmethod
-    def of_rank(cls, cfg: DictConfig, grid: memory.GridShape, pp_rank: int, kinds: set[bool]) -> "RankBytes":
+    def of_rank(cls, cfg: Config, grid: memory.GridShape, pp_rank: int, kinds: set[bool]) -> "RankBytes":
         """Evaluated for the layer kinds ``kinds`` the model has."""
 
         def estimate(moe: int, dense: int) -> float:
@@ -169,19 +170,19 @@ class RankBytes:
             return estimate(count, 0) if kind else estimate(0, count)
 
         slope = {kind: of_kind(kind, 2) - of_kind(kind, 1) for kind in kinds}
-        fixed = {(kind,): of_kind(kind, 1) - slope[kind] for kind in kinds}
+        fixed: dict[tuple[bool, ...], float] = {(kind,): of_kind(kind, 1) - slope[kind] for kind in kinds}
         if len(kinds) == 2:
             fixed[(True, False)] = estimate(1, 1) - slope[True] - slope[False]
         return cls(slope.get(True, 0.0), slope.get(False, 0.0), fixed)
 
 
-def _rank_bytes_models(cfg: DictConfig) -> list[RankBytes]:
+def _rank_bytes_models(cfg: Config) -> list[RankBytes]:
     """Each pipeline rank's :class:`RankBytes` on the fewest GPUs the config allows (memory.grid_shape)."""
     grid, kinds = memory.grid_shape(cfg), set(moe_layer_flags(cfg.model, cfg.moe))
     return [RankBytes.of_rank(cfg, grid, r, kinds) for r in range(grid.pp)]
 
 
-def rank_bytes(cfg: DictConfig, layers: Sequence[int]) -> list[float]:
+def rank_bytes(cfg: Config, layers: Sequence[int]) -> list[float]:
     """memory.rank_memory's estimate of each pipeline rank under the split ``layers`` (the tie-break)."""
     return [model(mix) for model, mix in zip(_rank_bytes_models(cfg), _rank_mixes(cfg, layers))]
 
@@ -189,7 +190,7 @@ def rank_bytes(cfg: DictConfig, layers: Sequence[int]) -> list[float]:
 # ---- the balanced split ---------------------------------------------------------------------
 
 
-def _cap(values: list[float], limit: float) -> int:
+def _cap(values: Sequence[float], limit: float) -> int:
     """The most layers with ``values[n] <= limit`` (values grow with n; -1 when even 0 layers exceed it)."""
     return bisect.bisect_right(values, limit) - 1
 
@@ -210,7 +211,7 @@ def _fits(low: list[int], high: list[int], rank_caps: list[int], ranks: list[lis
     return total_low <= num_layers <= total_high
 
 
-def _tighten(table: list[list[float]], caps: list[int], feasible: Callable[[list[int]], bool]) -> list[int]:
+def _tighten(table: Sequence[Sequence[float]], caps: list[int], feasible: Callable[[list[int]], bool]) -> list[int]:
     """``caps`` lowered by the smallest limit on ``table``'s values (a row per stage or rank, a
     value per layer count) that still leaves a feasible split."""
 
@@ -221,7 +222,7 @@ def _tighten(table: list[list[float]], caps: list[int], feasible: Callable[[list
     return capped(limits[bisect.bisect_left(limits, True, key=lambda limit: feasible(capped(limit)))])
 
 
-def balanced_split(cfg: DictConfig) -> list[int]:
+def balanced_split(cfg: Config) -> list[int]:
     """The split of model.num_layers over the S stages that minimises, in this order: the slowest
     pipeline rank's compute, the slowest stage's compute (the same with one stage per rank), the
     fullest rank's memory; among splits equal in all three, earlier stages get fewer layers.
@@ -253,7 +254,7 @@ def balanced_split(cfg: DictConfig) -> list[int]:
 _SPLITS: dict[str, tuple[int, ...]] = {}
 
 
-def _balanced_split(cfg: DictConfig) -> tuple[int, ...]:
+def _balanced_split(cfg: Config) -> tuple[int, ...]:
     if len(set(moe_layer_flags(cfg.model, cfg.moe))) == 1:
         return _uniform_split(cfg)
     segments = _Segments(cfg)
@@ -263,7 +264,7 @@ def _balanced_split(cfg: DictConfig) -> tuple[int, ...]:
     return tuple(segments.best(ends, segments.criteria)[0].tolist())
 
 
-def _uniform_split(cfg: DictConfig) -> tuple[int, ...]:
+def _uniform_split(cfg: Config) -> tuple[int, ...]:
     """All layers alike: caps on the layers of each stage and rank (the docstring of :func:`balanced_split`)."""
     pp, num_layers, count = cfg.parallel.pp, cfg.model.num_layers, num_stages(cfg)
     ranks = [stage_indices(cfg, r) for r in range(pp)]
@@ -292,7 +293,7 @@ class _Segments:
     per stage: the last adds the head) and, with one stage per rank, memory tables (rank s =
     stage s), as (L + 1) × (L + 1) arrays, inf where x >= y (a stage holds at least one layer)."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.count, self.num_layers = num_stages(cfg), cfg.model.num_layers
         flags = moe_layer_flags(cfg.model, cfg.moe)
         self.compute_prefix = np.concatenate([[0], np.cumsum(layer_costs(cfg), dtype=np.int64)])

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from omegaconf import DictConfig
-
+from megamoe.config.choices import Router
 from megamoe.config.layers import moe_layer_flags
+from megamoe.config.schema import Config
 from megamoe.models import family_of
 from megamoe.models.family import Part
 
@@ -36,14 +36,14 @@ def _swiglu_params(hidden: int, ffn: int) -> int:
     return 3 * hidden * ffn  # w1 [2·ffn, H] (gate | up) and w2 [H, ffn]
 
 
-def _router_params(cfg: DictConfig) -> int:
+def _router_params(cfg: Config) -> int:
     moe, hidden = cfg.moe, cfg.model.hidden_size
-    if moe.router == "attention":
+    if moe.router == Router.ATTENTION:
         return 3 * moe.num_experts * hidden  # query, key, value maps, each H → N
     return (2 if moe.noisy_gating else 1) * moe.num_experts * hidden  # gate (+ noise) map
 
 
-def layer_breakdown(cfg: DictConfig, moe_layer: bool) -> dict[str, Part]:
+def layer_breakdown(cfg: Config, moe_layer: bool) -> dict[str, Part]:
     """One decoder layer's rows — the family's attention rows, router, experts, shared experts,
     dense FFN, norms — for an MoE layer or a dense one (``moe_layer``); rows that do not apply are zero."""
     m, moe, hidden = cfg.model, cfg.moe, cfg.model.hidden_size
@@ -67,7 +67,7 @@ def layer_breakdown(cfg: DictConfig, moe_layer: bool) -> dict[str, Part]:
             "dense_ffn": dense, "norms": Part(norms, norms, 0)}
 
 
-def parameter_breakdown(cfg: DictConfig) -> dict[str, Part]:
+def parameter_breakdown(cfg: Config) -> dict[str, Part]:
     """Rows in reading order: embedding, the family's attention rows (Yuan: attention, LFA;
     Qwen-MoE: attention), router, experts, shared experts, dense FFN, norms, head — summed over
     all layers, each counted as the MoE or dense layer ``moe.layer_freq`` makes it; rows that do
@@ -91,20 +91,20 @@ def parameter_breakdown(cfg: DictConfig) -> dict[str, Part]:
     }
 
 
-def total_params(cfg: DictConfig) -> int:
+def total_params(cfg: Config) -> int:
     return sum(part.total for part in parameter_breakdown(cfg).values())
 
 
-def active_params(cfg: DictConfig) -> int:
+def active_params(cfg: Config) -> int:
     return sum(part.active for part in parameter_breakdown(cfg).values())
 
 
-def fwd_flops_per_token(cfg: DictConfig) -> int:
+def fwd_flops_per_token(cfg: Config) -> int:
     """2 × active matmul weights (the paper's convention; no attention scores)."""
     return 2 * sum(part.matmul for part in parameter_breakdown(cfg).values())
 
 
-def attention_flops_per_token(cfg: DictConfig, seq_len: int) -> int:
+def attention_flops_per_token(cfg: Config, seq_len: int) -> int:
     """Forward QKᵀ and PV FLOPs per token under a causal mask, averaged over the sequence.
 
     Query i attends to i + 1 keys, (s + 1)/2 on average; each key costs 2·head_dim FLOPs for
@@ -114,6 +114,6 @@ def attention_flops_per_token(cfg: DictConfig, seq_len: int) -> int:
     return m.num_layers * 2 * m.num_heads * m.head_dim * (seq_len + 1)  # 4·d·heads·(s+1)/2
 
 
-def compute_ratio_vs_dense(cfg: DictConfig) -> float:
+def compute_ratio_vs_dense(cfg: Config) -> float:
     """Training FLOPs per token ÷ those of a dense model with the same total parameters (6N)."""
     return 3 * fwd_flops_per_token(cfg) / (6 * total_params(cfg))

@@ -52,11 +52,10 @@ from dataclasses import dataclass
 from typing import ClassVar, Iterable, Optional
 
 import torch
-from omegaconf import DictConfig
 
-from megamoe.config.choices import FfnType, Optimizer, Schedule, StateDtype
+from megamoe.config.choices import FfnType, Optimizer, Recompute, Router, RouterOrder, Schedule, StateDtype
 from megamoe.config.layers import moe_layer_flags
-from megamoe.config.schema import rotary_dim
+from megamoe.config.schema import Config, rotary_dim
 from megamoe.config.validate import validate_layout
 from megamoe.estimators.flops import layer_breakdown
 from megamoe.estimators.routing import ExpertLoads
@@ -67,7 +66,8 @@ from megamoe.parallel.stages import rank_ends
 
 GIB = 2**30
 FP32, BF16, INT64 = 4, 2, 8
-STATE_BYTES = {StateDtype.FP32: FP32, StateDtype.BF16: BF16}  # one optimizer-state element (train.optimizer_state_dtype)
+# one optimizer-state element (train.optimizer_state_dtype)
+STATE_BYTES = {StateDtype.FP32: FP32, StateDtype.BF16: BF16}
 FFN_ROWS = ("router", "shared_experts", "dense_ffn")  # a layer's parameters besides its attention block
 
 
@@ -81,14 +81,14 @@ class GridShape:
     ep: int
 
 
-def grid_shape(cfg: DictConfig, world_size: Optional[int] = None) -> GridShape:
+def grid_shape(cfg: Config, world_size: Optional[int] = None) -> GridShape:
     """The grid of ``world_size`` GPUs; by default the smallest the config allows (dp = ep)."""
     p = cfg.parallel
     world = p.pp * p.ep if world_size is None else world_size
     return GridShape(world, p.pp, validate_layout(cfg, world), p.ep)
 
 
-def is_bf16(cfg: DictConfig) -> bool:
+def is_bf16(cfg: Config) -> bool:
     """Does a GPU run of ``cfg`` compute in bf16 (train.precision auto or bf16)?"""
     return autocast_dtype(cfg.train.precision, "cuda") == torch.bfloat16
 
@@ -115,14 +115,14 @@ class LayerMix:
         return self.moe if moe_layer else self.dense
 
 
-def layer_mix(cfg: DictConfig, layers: Iterable[int]) -> LayerMix:
+def layer_mix(cfg: Config, layers: Iterable[int]) -> LayerMix:
     """How many of the global layers ``layers`` are MoE and how many dense (``moe.layer_freq``)."""
     flags, indices = moe_layer_flags(cfg.model, cfg.moe), list(layers)
     moe = sum(flags[i] for i in indices)
     return LayerMix(moe, len(indices) - moe)
 
 
-def model_kind(cfg: DictConfig, moe_layer: Optional[bool]) -> bool:
+def model_kind(cfg: Config, moe_layer: Optional[bool]) -> bool:
     """``moe_layer``, or by default the kind model.ffn_type names (every layer of a model that does not mix them)."""
     return cfg.model.ffn_type == FfnType.MOE if moe_layer is None else moe_layer
 
@@ -142,7 +142,7 @@ class LayerParams:
     attention_router: int  # the Attention Router's q/k/v maps: concatenated in fp32 in every forward
 
 
-def layer_params(cfg: DictConfig, ep: int, moe_layer: Optional[bool] = None) -> LayerParams:
+def layer_params(cfg: Config, ep: int, moe_layer: Optional[bool] = None) -> LayerParams:
     """One MoE or dense layer's parameters (``moe_layer``; by default model.ffn_type's kind)."""
     m = cfg.model
     moe_layer = model_kind(cfg, moe_layer)
@@ -157,7 +157,7 @@ def layer_params(cfg: DictConfig, ep: int, moe_layer: Optional[bool] = None) -> 
         attention_matmul=sum(part.matmul for part in attention.values()) - per_forward,
         attention_per_forward=per_forward,
         ffn_matmul=rows["shared_experts"] + rows["dense_ffn"],
-        attention_router=rows["router"] if cfg.moe.router == "attention" else 0,
+        attention_router=rows["router"] if cfg.moe.router == Router.ATTENTION else 0,
     )
 
 
@@ -185,12 +185,12 @@ def weight_copies(layer: LayerParams, act: int) -> WeightCopies:
     )
 
 
-def recomputed_blocks(cfg: DictConfig) -> tuple[str, ...]:
+def recomputed_blocks(cfg: Config) -> tuple[str, ...]:
     """The blocks whose forward the backward pass runs again, by train.activation_checkpointing."""
     return {"none": (), "selective": ("attention",), "full": ("attention", "ffn")}[cfg.train.activation_checkpointing]
 
 
-def weight_copy_bytes(cfg: DictConfig, grid: GridShape, layers: LayerMix, in_flight: float) -> float:
+def weight_copy_bytes(cfg: Config, grid: GridShape, layers: LayerMix, in_flight: float) -> float:
     """Bytes of the weight copies of a rank holding ``layers`` at its peak (module docstring).
 
     A block's autocast-cached copies outlive its recompute in a pipeline, whose schedule runs in
@@ -226,7 +226,7 @@ class StageParams:
     adamw_only: int  # what Muon leaves to AdamW: the vocabulary matrices, norms and biases
 
 
-def stage_params(cfg: DictConfig, pp_rank: int, ep: int, layers: LayerMix) -> StageParams:
+def stage_params(cfg: Config, pp_rank: int, ep: int, layers: LayerMix) -> StageParams:
     """Parameters of pipeline rank ``pp_rank`` holding the decoder layers ``layers`` over all its stages."""
     m, p = cfg.model, cfg.parallel
     first, last = rank_ends(cfg, pp_rank)  # both on rank 0 of a V schedule
@@ -241,7 +241,7 @@ def stage_params(cfg: DictConfig, pp_rank: int, ep: int, layers: LayerMix) -> St
     return StageParams(layers, total, first, last, adamw_only=vocab + vectors + last * m.hidden_size)
 
 
-def layer_vector_params(cfg: DictConfig, moe_layer: bool) -> int:
+def layer_vector_params(cfg: Config, moe_layer: bool) -> int:
     """One layer's parameters of fewer than two dimensions (norms, biases): those a matrix
     optimizer leaves to AdamW. Within a family's attention rows, what is not a matmul weight."""
     rows = layer_breakdown(cfg, moe_layer)
@@ -249,7 +249,7 @@ def layer_vector_params(cfg: DictConfig, moe_layer: bool) -> int:
     return rows["norms"].total + sum(part.total - part.matmul for part in attention.values())
 
 
-def optimizer_state_bytes(cfg: DictConfig, stage: StageParams) -> float:
+def optimizer_state_bytes(cfg: Config, stage: StageParams) -> float:
     """The optimizer state of one rank's parameters: AdamW's m and v for each, or, with Muon, one
     momentum for each hidden-matrix element and AdamW's two for the rest, in the state's dtype."""
     element = STATE_BYTES[StateDtype(cfg.train.optimizer_state_dtype)]
@@ -286,7 +286,7 @@ def _swiglu_bytes(rows: int, ffn: int, act: int) -> int:
     return rows * act * 4 * ffn
 
 
-def ffn_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None, share: float = 1.0) -> float:
+def ffn_bytes(cfg: Config, act: int, moe_layer: Optional[bool] = None, share: float = 1.0) -> float:
     """Saved per token by the FFN block: its norm, then the MoE layer or the dense SwiGLU
     (``moe_layer``; by default model.ffn_type's kind); the experts' rows on the rank that
     receives ``share`` × a balanced routing's (:func:`busiest_rank_share`)."""
@@ -296,11 +296,11 @@ def ffn_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None, share
         return rms_norm_bytes(h) + act * h + _swiglu_bytes(1, m.dense_ffn_hidden_size, act)
     e, k = moe.num_experts, moe.top_k
     router = FP32 * h  # the fp32 router's input (the normed tokens)
-    if moe.router == "attention":
+    if moe.router == Router.ATTENTION:
         router += FP32 * 5 * e  # q/k/v logits, the expert-attention output and its logsumexp
     else:
         router += FP32 * (3 if moe.noisy_gating else 1) * e  # logits (noisy: + the noise logits' softplus, the noise)
-    if moe.router_order == "topk_softmax":
+    if moe.router_order == RouterOrder.TOPK_SOFTMAX:
         weights = FP32 * k  # the softmax over the k chosen logits
     else:  # gathering the probabilities keeps only the ids; renormalising keeps the k and their sum
         weights = FP32 * (k + 1) if moe.norm_topk_prob else 0
@@ -319,12 +319,12 @@ def ffn_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None, share
     return rms_norm_bytes(h) + router + selection + permutation + experts + combine + z_loss + shared
 
 
-def layer_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None, share: float = 1.0) -> float:
+def layer_bytes(cfg: Config, act: int, moe_layer: Optional[bool] = None, share: float = 1.0) -> float:
     """Everything one MoE or dense decoder layer saves per token without recompute."""
     return family_of(cfg).attention_bytes(cfg.model, act) + ffn_bytes(cfg, act, moe_layer, share)
 
 
-def held_layer_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None, share: float = 1.0) -> float:
+def held_layer_bytes(cfg: Config, act: int, moe_layer: Optional[bool] = None, share: float = 1.0) -> float:
     """What a layer keeps per token between its forward and backward, by train.activation_checkpointing.
 
     full: only the layer's input (the fp32 residual stream). selective: the attention block
@@ -332,26 +332,26 @@ def held_layer_bytes(cfg: DictConfig, act: int, moe_layer: Optional[bool] = None
     """
     h = cfg.model.hidden_size
     mode = cfg.train.activation_checkpointing
-    if mode == "full":
+    if mode == Recompute.FULL:
         return FP32 * h
-    if mode == "selective":
+    if mode == Recompute.SELECTIVE:
         return rms_norm_bytes(h) + FP32 * h + ffn_bytes(cfg, act, moe_layer, share)
     return layer_bytes(cfg, act, moe_layer, share)
 
 
-def stage_input_bytes(cfg: DictConfig, first_stage: bool) -> int:
+def stage_input_bytes(cfg: Config, first_stage: bool) -> int:
     """Per token and micro-batch, once per stage: RoPE cos / sin (fp32), and the token ids on the first stage."""
     return FP32 * 2 * rotary_dim(cfg.model) + INT64 * first_stage
 
 
-def head_held_bytes(cfg: DictConfig) -> int:
+def head_held_bytes(cfg: Config) -> int:
     """Per token, held on the last stage from the head's forward to its backward: the final
     norm, its fp32 output (the loss's input) and the loss's scalars (label, log-sum-exp, mask)."""
     h = cfg.model.hidden_size
     return rms_norm_bytes(h) + FP32 * h + INT64 + 2 * FP32
 
 
-def loss_working_bytes(cfg: DictConfig, act: int, tokens: int) -> int:
+def loss_working_bytes(cfg: Config, act: int, tokens: int) -> int:
     """The chunked loss's transient bytes (megamoe.nn.loss) at its larger pass, with C·V the
     elements of one chunk's logits and V·H the head's. Forward: the weight's bf16 copy, the fp32
     logits and log-sum-exp's temporary (8·C·V). Backward: the bf16 copy, the fp32 gradient
@@ -367,7 +367,7 @@ def loss_working_bytes(cfg: DictConfig, act: int, tokens: int) -> int:
     return max(forward, backward)
 
 
-def weight_gradient_bytes(cfg: DictConfig, ep: int, act: int, moe_layer: Optional[bool] = None) -> int:
+def weight_gradient_bytes(cfg: Config, ep: int, act: int, moe_layer: Optional[bool] = None) -> int:
     """What a layer's backward holds of one weight's gradient before it reaches ``.grad``: under
     bf16 the gradient of the weight's bf16 copy and that gradient cast to fp32 (2 + 4 B per
     parameter; megamoe.nn.casts), in fp32 the fp32 gradient (4 B). The largest weight of a layer
@@ -383,7 +383,7 @@ def weight_gradient_bytes(cfg: DictConfig, ep: int, act: int, moe_layer: Optiona
     return ((BF16 if act == BF16 else 0) + FP32) * widest
 
 
-def pipeline_buffer_bytes(cfg: DictConfig, pp_rank: int, in_flight: float, num_microbatches: int) -> float:
+def pipeline_buffer_bytes(cfg: Config, pp_rank: int, in_flight: float, num_microbatches: int) -> float:
     """Per token of a micro-batch, what pipelining adds on rank ``pp_rank`` (0 without a pipeline).
 
     torch's PipelineStage allocates, once for the run, a receive buffer per micro-batch of the
@@ -400,7 +400,7 @@ def pipeline_buffer_bytes(cfg: DictConfig, pp_rank: int, in_flight: float, num_m
     return buffers + in_flight * FP32 * h * (first - last)
 
 
-def microbatches_in_flight(cfg: DictConfig, pp_rank: int, num_microbatches: int) -> float:
+def microbatches_in_flight(cfg: Config, pp_rank: int, num_microbatches: int) -> float:
     """Micro-batches whose activations rank ``pp_rank`` holds at its peak, in units of all its layers.
 
     Counted in the order torch's schedules run the passes, a chunk (one stage's layers, 1 / v of
@@ -422,14 +422,14 @@ def microbatches_in_flight(cfg: DictConfig, pp_rank: int, num_microbatches: int)
     if pp == 1:
         return 1.0
     per_round = m // max(1, m // pp)
-    chunks = {
+    in_flight: dict[str, int] = {
         Schedule.ONE_F_ONE_B: min(pp - r, m),
         Schedule.INTERLEAVED_1F1B: min((v - 1) * per_round + 2 * (pp - 1 - r) + 1, m * v),
         Schedule.INTERLEAVED_ZERO_BUBBLE: min((v - 1) * per_round + pp, m * v),
         Schedule.ZBV_ZERO_BUBBLE: min(2 * pp, m + r + 1, 2 * m),
         Schedule.DUALPIPEV: 2 * pp + 1,
-    }[cfg.parallel.schedule]
-    return chunks / v
+    }
+    return in_flight[cfg.parallel.schedule] / v
 
 
 # ---- the estimate ----------------------------------------------------------------------------
@@ -459,16 +459,16 @@ class RankMemory:
         return {**parts, "total": self.total / GIB}
 
 
-def busiest_rank_share(cfg: DictConfig, ep: int, imbalance: float) -> float:
+def busiest_rank_share(cfg: Config, ep: int, imbalance: float) -> float:
     """Rows the expert-parallel rank with the busiest expert receives ÷ a balanced routing's, for
     a micro-batch of the config (1 without routed experts)."""
-    if cfg.model.ffn_type != "moe":
+    if cfg.model.ffn_type != FfnType.MOE:
         return 1.0
     tokens = cfg.train.micro_batch * cfg.train.seq_len
     return ExpertLoads.of(cfg.moe, imbalance).busiest_rank_share(ep, tokens)
 
 
-def rank_memory(cfg: DictConfig, grid: GridShape, pp_rank: int, layers: LayerMix,
+def rank_memory(cfg: Config, grid: GridShape, pp_rank: int, layers: LayerMix,
                 imbalance: float = 1.0) -> RankMemory:
     """The estimate for pipeline rank ``pp_rank`` holding the decoder layers ``layers`` (the
     config's split: megamoe.estimators.balance.rank_memory) under expert imbalance ``imbalance``;

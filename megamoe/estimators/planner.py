@@ -37,10 +37,8 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from omegaconf import DictConfig
-
-from megamoe.config.choices import V_SCHEDULES, Schedule
-from megamoe.config.schema import MegaMoEConfig, as_object
+from megamoe.config.choices import V_SCHEDULES, FfnType, Recompute, Schedule, StageBalance
+from megamoe.config.schema import Config, MegaMoEConfig, as_object
 from megamoe.errors import ConfigError
 from megamoe.estimators import balance, flops, memory
 from megamoe.estimators.routing import ExpertLoads
@@ -167,14 +165,14 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def layouts(cfg: DictConfig | MegaMoEConfig, gpus: int) -> Iterator[Layout]:
+def layouts(cfg: Config | MegaMoEConfig, gpus: int) -> Iterator[Layout]:
     """Every combination the planner considers (validity is checked when it is evaluated)."""
     m = cfg.model
     for pp in _divisors(gpus):
         if pp > m.num_layers:
             break
         for ep in _divisors(gpus // pp):
-            if cfg.moe.num_experts % ep or (m.ffn_type != "moe" and ep > 1):
+            if cfg.moe.num_experts % ep or (m.ffn_type != FfnType.MOE and ep > 1):
                 continue
             chunks = range(1, min(MAX_VIRTUAL_STAGES, m.num_layers // pp) + 1) if pp > 1 else [1]  # ≥ 1 layer each
             for v, mb, recompute in itertools.product(chunks, MICRO_BATCHES, RECOMPUTE):
@@ -190,7 +188,7 @@ def schedules(virtual_stages: int) -> tuple[str, ...]:
     return (Schedule.INTERLEAVED_1F1B, Schedule.INTERLEAVED_ZERO_BUBBLE) + (V_SCHEDULES if virtual_stages == 2 else ())
 
 
-def with_layout(cfg: DictConfig | MegaMoEConfig, layout: Layout) -> MegaMoEConfig:
+def with_layout(cfg: Config | MegaMoEConfig, layout: Layout) -> MegaMoEConfig:
     """``cfg`` (as plain schema objects, which read fast) with the layout's keys set and validated
     (ConfigError for an impossible one). An auto split is computed once and set explicitly."""
     plain = as_object(cfg)
@@ -199,7 +197,7 @@ def with_layout(cfg: DictConfig | MegaMoEConfig, layout: Layout) -> MegaMoEConfi
     train = dataclasses.replace(plain.train, micro_batch=layout.micro_batch, activation_checkpointing=layout.recompute)
     candidate = dataclasses.replace(plain, parallel=parallel, train=train)
     validate_config(candidate)
-    if layout.split == "auto":
+    if layout.split == StageBalance.AUTO:
         split = dataclasses.replace(parallel, stage_balance="even", layers_per_stage=balance.balanced_split(candidate))
         candidate = dataclasses.replace(candidate, parallel=split)
     return candidate
@@ -223,20 +221,21 @@ def bubble_slots(schedule: str, pp: int, v: int, m: int) -> float:
     """
     if pp == 1:
         return 0.0
-    return {
+    idle: dict[str, float] = {
         Schedule.ONE_F_ONE_B: pp - 1,
         Schedule.INTERLEAVED_1F1B: (pp - 1) / v + max(0, pp - m) * (v - 1) / v,
         Schedule.INTERLEAVED_ZERO_BUBBLE: (pp - 1) / (3 * v) + max(0, pp - m) / 3,
         Schedule.ZBV_ZERO_BUBBLE: max((pp - 1) / 6, (2 * pp - 1 - m) / 3),
         Schedule.DUALPIPEV: (pp - 1) / 6,
-    }[schedule]
+    }
+    return idle[schedule]
 
 
 def _ring_all_reduce_s(nbytes: float, ranks: int, bytes_per_s: float) -> float:
     return 2 * (ranks - 1) / ranks * nbytes / bytes_per_s if ranks > 1 else 0.0
 
 
-def step_time(cfg: DictConfig, lay: memory.GridShape, hw: Hardware, layers: list[int]) -> StepTime:
+def step_time(cfg: Config, lay: memory.GridShape, hw: Hardware, layers: list[int]) -> StepTime:
     """The predicted step of ``cfg`` on layout ``lay`` with stage split ``layers`` (see the module docstring)."""
     t, m, p = cfg.train, cfg.model, cfg.parallel
     tokens = t.micro_batch * t.seq_len
@@ -245,9 +244,10 @@ def step_time(cfg: DictConfig, lay: memory.GridShape, hw: Hardware, layers: list
     rank_flops = stages.rank_totals(cfg, balance.stage_costs(cfg, layers))  # training FLOPs per token
     rank_layers = [memory.layer_mix(cfg, held) for held in stages.rank_layer_indices(cfg, layers)]
 
-    passes = 6 if t.activation_checkpointing == "full" else 4  # dispatch + combine, forward / backward (/ again)
+    # dispatch + combine, forward / backward (/ again)
+    passes = 6 if t.activation_checkpointing == Recompute.FULL else 4
     a2a_bytes = tokens * cfg.moe.top_k * m.hidden_size * BF16 * (lay.ep - 1) / lay.ep
-    a2a_s = passes * a2a_bytes / hw.bytes_per_s(lay.ep <= gpn) if m.ffn_type == "moe" else 0.0
+    a2a_s = passes * a2a_bytes / hw.bytes_per_s(lay.ep <= gpn) if m.ffn_type == FfnType.MOE else 0.0
     boundary_s = 2 * tokens * m.hidden_size * BF16 / hw.bytes_per_s(lay.world_size <= gpn) if lay.pp > 1 else 0.0
 
     send_recv_s = p.virtual_stages * boundary_s  # every chunk of a rank receives and sends
@@ -267,12 +267,12 @@ def step_time(cfg: DictConfig, lay: memory.GridShape, hw: Hardware, layers: list
     return StepTime(n * compute_s, fill * slot, n * all_to_all_s, n * send_recv_s, grad_s)
 
 
-def model_flops_per_token(cfg: DictConfig) -> float:
+def model_flops_per_token(cfg: Config) -> float:
     """Training FLOPs per token without recompute (what MFU counts): 3 × (forward + attention scores)."""
     return 3 * (flops.fwd_flops_per_token(cfg) + flops.attention_flops_per_token(cfg, cfg.train.seq_len))
 
 
-def evaluate_layout(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware,
+def evaluate_layout(cfg: Config, layout: Layout, gpus: int, hw: Hardware,
                     imbalance: float = 1.0) -> Plan | Rejection:
     """One candidate: a Plan if it is valid and fits at expert imbalance ``imbalance``, else why not."""
     try:
@@ -293,23 +293,26 @@ def evaluate_layout(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware,
     return Plan(layout, lay.dp, gib, step, tokens_per_s, mfu, days, days * 24 * gpus, tuple(layers))
 
 
-def plan(cfg: DictConfig, gpus: int, hw: Hardware, imbalance: float = 1.0) -> PlanResult:
+def plan(cfg: Config, gpus: int, hw: Hardware, imbalance: float = 1.0) -> PlanResult:
     """Every candidate on ``gpus`` GPUs of kind ``hw``: the ones that fit at expert imbalance
     ``imbalance``, fastest first, and the rest."""
     result, plain = PlanResult(), as_object(cfg)
     for layout in layouts(plain, gpus):
         outcome = evaluate_layout(plain, layout, gpus, hw, imbalance)
-        (result.plans if isinstance(outcome, Plan) else result.rejected).append(outcome)
+        if isinstance(outcome, Plan):
+            result.plans.append(outcome)
+        else:
+            result.rejected.append(outcome)
     result.plans.sort(key=lambda p: (p.step.total, p.memory_gib))
     return result
 
 
-def max_imbalance(cfg: DictConfig, layout: Layout, gpus: int, hw: Hardware,
+def max_imbalance(cfg: Config, layout: Layout, gpus: int, hw: Hardware,
                   resolution: float = 0.01) -> Optional[float]:
     """The largest expert imbalance (megamoe.estimators.routing) at which ``layout`` still fits,
     to ``resolution``; None for a model without routed experts. Memory grows with the
     imbalance, so a bisection finds it; the most there is (num_experts / top_k) when it always fits."""
-    if cfg.model.ffn_type != "moe":
+    if cfg.model.ffn_type != FfnType.MOE:
         return None
     candidate = with_layout(cfg, layout)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from megamoe.config.choices import RouterMode
 from megamoe.config.schema import MoEConfig
 from megamoe.errors import UserError
 from megamoe.nn.moe.dispatcher import expert_capacity
@@ -36,7 +37,8 @@ class ExpertLoads:
     @classmethod
     def of(cls, moe: MoEConfig, imbalance: float = 1.0) -> "ExpertLoads":
         """The loads of ``moe`` under imbalance F; a UserError naming --expert-imbalance when F is impossible."""
-        loads = cls(moe.num_experts, moe.top_k, imbalance, moe.capacity_factor, moe.router_mode == "expert_choice")
+        loads = cls(moe.num_experts, moe.top_k, imbalance, moe.capacity_factor,
+                    moe.router_mode == RouterMode.EXPERT_CHOICE)
         most = loads.max_imbalance
         if not 1.0 <= imbalance <= most:
             raise UserError(f"--expert-imbalance: {imbalance:g} is outside [1, {most:g}]: the busiest expert's load ÷ "

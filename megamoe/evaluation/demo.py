@@ -1,4 +1,5 @@
-"""Built-in tasks about the world of the demo corpus (megamoe.data.demo_world, written out by data_tools/make_demo_corpus.py), made on the fly.
+"""Built-in tasks about the world of the demo corpus (megamoe.data.demo_world, written out by
+data_tools/make_demo_corpus.py), made on the fly.
 
 The corpus states fixed facts — each person's home, job and breakfast — and true products, so
 a model trained by ``make demo`` should beat chance on them; the tasks need no file and are the

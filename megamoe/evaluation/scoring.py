@@ -28,7 +28,7 @@ from torch import Tensor
 
 from megamoe.data.tokenizer import Tokenizer
 from megamoe.errors import TaskError
-from megamoe.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, ChoiceItem, Task
+from megamoe.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, ChoiceItem, GenerationItem, Task, TextItem
 from megamoe.nn.casts import compute_dtype
 from megamoe.nn.loss import IGNORE_INDEX, ChunkedCrossEntropy, chunk_tokens
 
@@ -64,7 +64,7 @@ def continuation_request(context: list[int], continuation: list[int], window: in
 def choice_requests(task: Task, tokenizer: Tokenizer, window: int) -> list[Request]:
     """One request per (item, choice), item by item."""
     requests = []
-    for index, item in enumerate(task.items):
+    for index, item in enumerate(task.items_of(ChoiceItem)):
         context = [tokenizer.eod_id, *tokenizer.encode(item.context)]
         requests += [continuation_request(context, tokenizer.encode(choice), window, f"{task.name}: item {index}")
                      for choice in item.choices]
@@ -78,7 +78,7 @@ def prompt_ids(text: str, tokenizer: Tokenizer, window: int, max_new_tokens: int
 
 def generation_prompts(task: Task, tokenizer: Tokenizer, window: int, max_new_tokens: int) -> list[list[int]]:
     """Each item's prompt ids, cut from the left to leave room for ``max_new_tokens``."""
-    return [prompt_ids(item.prompt, tokenizer, window, max_new_tokens) for item in task.items]
+    return [prompt_ids(item.prompt, tokenizer, window, max_new_tokens) for item in task.items_of(GenerationItem)]
 
 
 def rolling_requests(ids: Sequence[int], eod_id: int, window: int) -> list[Request]:
@@ -177,8 +177,9 @@ def new_tokens(task: Task, max_new_tokens: int, window: int, setting: str) -> li
     """Each generation item's budget: its own ``max_new_tokens``, else the default
     ``max_new_tokens`` (from ``setting``: the flag or config key that sets it, named when it must
     change); all must leave a ``window``-token sequence room for a prompt."""
-    budgets = [item.max_new_tokens or max_new_tokens for item in task.items]
-    own = max(item.max_new_tokens or 0 for item in task.items) == max(budgets)
+    items = task.items_of(GenerationItem)
+    budgets = [item.max_new_tokens or max_new_tokens for item in items]
+    own = max(item.max_new_tokens or 0 for item in items) == max(budgets)
     check_room(task.name, max(budgets), window, 'the items\' own "max_new_tokens" in the task file' if own else setting)
     return budgets
 
@@ -189,12 +190,13 @@ def evaluate_task(task: Task, tokenizer: Tokenizer, backend: Backend, window: in
     items without their own ``max_new_tokens`` get ``max_new_tokens`` (set by ``setting``, a flag
     or config key); the batch decodes to the largest."""
     if task.kind == MULTIPLE_CHOICE:
-        return choice_metrics(task.items, backend.loglikelihoods(choice_requests(task, tokenizer, window), task.name))
+        return choice_metrics(task.items_of(ChoiceItem),
+                              backend.loglikelihoods(choice_requests(task, tokenizer, window), task.name))
     if task.kind == GENERATION:
         budgets = new_tokens(task, max_new_tokens, window, setting)
         outputs = backend.greedy(generation_prompts(task, tokenizer, window, max(budgets)), max(budgets), task.name)
         correct = sum(item.is_correct(completion(ids, tokenizer, item.until, budget))
-                      for item, ids, budget in zip(task.items, outputs, budgets))
+                      for item, ids, budget in zip(task.items_of(GenerationItem), outputs, budgets))
         return {"exact_match": correct / len(task.items)}
-    texts = [item.text for item in task.items]
+    texts = [item.text for item in task.items_of(TextItem)]
     return perplexity_metrics(texts, text_loglikelihoods(texts, tokenizer, backend, window, task.name))

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, TypeVar, Union
 
 from megamoe.errors import TaskError
 
@@ -78,6 +78,8 @@ class TextItem:
 
 
 Item = Union[ChoiceItem, GenerationItem, TextItem]
+SolvableItem = Union[ChoiceItem, GenerationItem]  # the kinds that make few-shot examples
+ItemT = TypeVar("ItemT", ChoiceItem, GenerationItem, TextItem)
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,12 @@ class Task:
     name: str
     kind: str  # MULTIPLE_CHOICE | GENERATION | PERPLEXITY
     items: tuple[Item, ...]
+
+    def items_of(self, cls: type[ItemT]) -> tuple[ItemT, ...]:
+        """The items, as the one kind of item the task holds (``cls``, which its ``kind`` tells)."""
+        items = tuple(item for item in self.items if isinstance(item, cls))
+        assert len(items) == len(self.items), f"{self.name}: a {self.kind} task holds other items than {cls.__name__}"
+        return items
 
 
 def last_number(text: str) -> Optional[Decimal]:
@@ -197,10 +205,17 @@ def prepare(task: Task, limit: Optional[int], fewshot: int, seed: int) -> Task:
                         "items; use fewer")
     items = task.items[:limit]
     if fewshot:
-        items = tuple(item.with_prefix(_examples(task.items, index, fewshot, seed)) for index, item in enumerate(items))
+        items = tuple(_solvable(item).with_prefix(_examples(task.items, index, fewshot, seed))
+                      for index, item in enumerate(items))
     return replace(task, items=items)
+
+
+def _solvable(item: Item) -> SolvableItem:
+    assert not isinstance(item, TextItem), "perplexity texts are scored alone, without few-shot examples"
+    return item
 
 
 def _examples(items: Sequence[Item], index: int, count: int, seed: int) -> str:
     drawn = random.Random(f"{seed}:{index}").sample(range(len(items) - 1), count)  # among the others:
-    return "".join(items[i + (i >= index)].solved() + FEWSHOT_SEPARATOR for i in drawn)  # skip the item itself
+    # skip the item itself
+    return "".join(_solvable(items[i + (i >= index)]).solved() + FEWSHOT_SEPARATOR for i in drawn)

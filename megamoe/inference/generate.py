@@ -19,6 +19,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from megamoe.config.choices import RouterMode
 from megamoe.errors import UserError
 from megamoe.nn.decoder import Decoder
 from megamoe.nn.kv_cache import KVCache
@@ -83,7 +84,7 @@ def check_decodable(model: Decoder, prompts: list[list[int]]) -> None:
     if not model.pre_process or not model.post_process:
         raise ValueError("generation needs the whole model (one stage with the embedding and the head)")
     for layer in model.moe_layers():
-        if layer.moe.router_mode != "token_choice" or layer.moe.capacity_factor is not None:
+        if layer.moe.router_mode != RouterMode.TOKEN_CHOICE or layer.moe.capacity_factor is not None:
             raise ValueError("generation needs dropless token-choice routing (megamoe.inference.load_checkpoint "
                              "builds the model that way)")
     if not prompts or not all(prompts):

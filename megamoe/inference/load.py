@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from megamoe.checkpoint.names import expert_bank_names, expert_tensor_name, model_tensor_shapes
 from megamoe.checkpoint.store import checked_tensors, checkpoint_dir, iter_model_tensors, read_config
+from megamoe.config.choices import RouterMode
 from megamoe.data.tokenizer import Tokenizer, tokenizer_from_config
 from megamoe.errors import UserError
 from megamoe.models import build_stage
@@ -27,7 +28,7 @@ from megamoe.nn.decoder import Decoder
 def decoding_config(cfg: DictConfig) -> DictConfig:
     """The run config as generation builds the model: dropless token-choice routing, so a token's
     experts do not depend on the other tokens of its forward pass (see megamoe.inference.generate)."""
-    if cfg.moe.router_mode == "expert_choice":
+    if cfg.moe.router_mode == RouterMode.EXPERT_CHOICE:
         raise UserError("moe.router_mode=expert_choice: an expert picks among all tokens of a forward pass, so a "
                         "token's output depends on tokens after it and the model cannot generate token by token; "
                         "generate from a token_choice checkpoint")

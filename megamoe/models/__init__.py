@@ -10,9 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Optional
 
-from omegaconf import DictConfig
-
-from megamoe.config.schema import as_object
+from megamoe.config.schema import Config, ModelConfig, MoEConfig, as_object
 from megamoe.config.validate import validate
 from megamoe.errors import ConfigError
 from megamoe.models.family import ModelFamily
@@ -31,7 +29,7 @@ def get_family(name: str) -> ModelFamily:
     return importlib.import_module(FAMILIES[name]).FAMILY
 
 
-def family_of(cfg: DictConfig) -> ModelFamily:
+def family_of(cfg: Config) -> ModelFamily:
     """The family of a run config (``model.family``)."""
     return get_family(cfg.model.family)
 
@@ -41,7 +39,7 @@ def family_for_hf(model_type: Optional[str]) -> Optional[ModelFamily]:
     return next((f for f in map(get_family, FAMILIES) if f.hf.model_type == model_type), None)
 
 
-def validate_config(cfg: DictConfig, world_size: Optional[int] = None) -> None:
+def validate_config(cfg: Config, world_size: Optional[int] = None) -> None:
     """Every rule a config must follow, before anything starts: the config's own
     (megamoe.config.validate: ranges, options, divisibility, the layout at ``world_size``), then
     its family's (what its attention can be configured to). Raises a one-line ConfigError."""
@@ -52,11 +50,11 @@ def validate_config(cfg: DictConfig, world_size: Optional[int] = None) -> None:
     get_family(family).validate(cfg)
 
 
-def build_stage(cfg: DictConfig, layers: Optional[range] = None, pre_process: bool = True, post_process: bool = True,
+def build_stage(cfg: Config, layers: Optional[range] = None, pre_process: bool = True, post_process: bool = True,
                 exchange: Optional[TokenExchange] = None) -> Decoder:
     """The decoder layers ``layers`` of ``cfg``'s model (all of them by default), with the embedding
     when ``pre_process`` and the final norm and head when ``post_process``; parameters uninitialised
     (call ``reset_parameters(seed)``, or load a checkpoint)."""
     family = family_of(cfg)
-    return Decoder(as_object(cfg.model), as_object(cfg.moe), family.attention, cfg.train.activation_checkpointing,
-                   layers, pre_process, post_process, exchange)
+    return Decoder(as_object(cfg.model, ModelConfig), as_object(cfg.moe, MoEConfig), family.attention,
+                   cfg.train.activation_checkpointing, layers, pre_process, post_process, exchange)

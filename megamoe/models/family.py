@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from omegaconf import DictConfig
 
-from megamoe.config.schema import ModelConfig
+from megamoe.config.schema import Config, ModelConfig
 from megamoe.models.hf_mapping import TokenIds
 from megamoe.nn.decoder import AttentionFactory
 
@@ -71,5 +71,5 @@ class ModelFamily:
     attention_parts: Callable[[ModelConfig], dict[str, Part]]  # its parameters per layer, by estimator row
     attention_bytes: Callable[[ModelConfig, int], int]  # bytes it saves for backward per token (activation bytes)
     attention_cast_per_forward: Callable[[ModelConfig], int]  # its parameters cast again in every forward
-    validate: Callable[[DictConfig], None]  # its config rules: raise ConfigError naming the key
+    validate: Callable[[Config], None]  # its config rules: raise ConfigError naming the key
     hf: HFAdapter

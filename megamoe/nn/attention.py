@@ -19,11 +19,21 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from megamoe.config.schema import ModelConfig
 from megamoe.nn.documents import Documents
 from megamoe.nn.kv_cache import LayerCache
 from megamoe.nn.rope import apply_rotary
+
+
+class AttentionBlock(nn.Module):
+    """The base of a model family's attention block (megamoe.nn.decoder.AttentionFactory builds
+    one per layer): ``forward(normed hidden [b, s, H], (cos, sin), cache=None, documents=None)``
+    → [b, s, H]; :meth:`reset_parameters` initialises it from its global identity."""
+
+    def reset_parameters(self, std: float, *key: object) -> None:
+        raise NotImplementedError
 
 
 def kv_heads(model: ModelConfig) -> int:

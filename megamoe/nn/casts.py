@@ -17,6 +17,8 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from megamoe.config.choices import Precision
+
 _filled: Optional[list["CastCache"]] = None  # the caches holding a copy in the open shared_casts() scope
 
 
@@ -27,9 +29,9 @@ def autocast_dtype(precision: str, device_type: str) -> Optional[torch.dtype]:
     compare layouts in fp32). The one place precision is resolved: the trainer asks with its
     device, the estimators with ``"cuda"`` (they model a GPU run).
     """
-    if precision == "auto":
+    if precision == Precision.AUTO:
         precision = "bf16" if device_type == "cuda" else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
+    return torch.bfloat16 if precision == Precision.BF16 else None
 
 
 def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
@@ -91,6 +93,7 @@ class CastCache:
                 self._key, self._copy = key, weight.to(dtype)
         if torch.is_grad_enabled() and weight.requires_grad:
             return _CopyUse.apply(weight, self._copy)
+        assert self._copy is not None  # made with self._key
         return self._copy
 
 

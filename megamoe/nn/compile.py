@@ -26,7 +26,7 @@ from megamoe.nn.moe.layer import MoELayer
 def compiled_blocks(model: Decoder) -> list[nn.Module]:
     """The modules :func:`compile_blocks` compiles, in layer order."""
     blocks: list[nn.Module] = []
-    for layer in model.layers.values():
+    for layer in model.decoder_layers():
         blocks += [layer.input_norm, layer.attn, layer.post_attn_norm]
         if isinstance(layer.mlp, MoELayer):
             blocks += [m for m in (layer.mlp.router, layer.mlp.shared_experts) if m is not None]

@@ -25,15 +25,17 @@ layer's attention inside each document of a packed row (megamoe.nn.documents).
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from megamoe.config.choices import Recompute
 from megamoe.config.layers import moe_layer_flags
 from megamoe.config.schema import ModelConfig, MoEConfig, rotary_dim
+from megamoe.nn.attention import AttentionBlock
 from megamoe.nn.documents import Documents
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.init import seeded_normal_
@@ -47,7 +49,7 @@ from megamoe.nn.rope import RotaryEmbedding
 # (generation also passes a third argument, the layer's LayerCache: megamoe.nn.kv_cache; training with
 # data.reset_attention_mask passes documents=Documents: megamoe.nn.documents); reset_parameters(std, *key)
 # initialises it from its global identity.
-AttentionFactory = Callable[[ModelConfig], nn.Module]
+AttentionFactory = Callable[[ModelConfig], AttentionBlock]
 
 
 class DecoderLayer(nn.Module):
@@ -67,7 +69,7 @@ class DecoderLayer(nn.Module):
         self.input_norm = RMSNorm(model.hidden_size, model.rms_norm_eps)
         self.attn = attention(model)
         self.post_attn_norm = RMSNorm(model.hidden_size, model.rms_norm_eps)
-        self.mlp: nn.Module
+        self.mlp: MoELayer | SwiGLU
         if moe_ffn:
             self.mlp = MoELayer(model.hidden_size, moe, layer_index, exchange)
         else:
@@ -114,13 +116,13 @@ class Decoder(nn.Module):
         if not 0 <= layers.start <= layers.stop <= model.num_layers:
             raise ValueError(f"layer range [{layers.start}, {layers.stop}) is not inside [0, {model.num_layers})")
         self.init_std, self.tie_embeddings = model.init_std, model.tie_embeddings
-        self.recompute_layers = recompute == "full"
+        self.recompute_layers = recompute == Recompute.FULL
         self.pre_process, self.post_process = pre_process, post_process
         self.embed = nn.Embedding(model.vocab_size, model.hidden_size) if pre_process else None
         self.rotary = RotaryEmbedding(rotary_dim(model), model.rotary_base)
         moe_ffn = moe_layer_flags(model, moe)
         self.layers = nn.ModuleDict({
-            str(i): DecoderLayer(model, moe, attention, i, moe_ffn[i], recompute == "selective", exchange)
+            str(i): DecoderLayer(model, moe, attention, i, moe_ffn[i], recompute == Recompute.SELECTIVE, exchange)
             for i in layers})
         self.final_norm = RMSNorm(model.hidden_size, model.rms_norm_eps) if post_process else None
         owns_head = post_process and not (model.tie_embeddings and pre_process)
@@ -131,7 +133,7 @@ class Decoder(nn.Module):
         """Initialise every parameter from (seed, its global name): N(0, init_std), norms 1, biases 0."""
         if self.embed is not None:
             seeded_normal_(self.embed.weight, self.init_std, seed, "embed", "weight")
-        for layer in self.layers.values():
+        for layer in self.decoder_layers():
             layer.reset_parameters(self.init_std, seed)
         if self.final_norm is not None:
             self.final_norm.reset_parameters()
@@ -165,38 +167,47 @@ class Decoder(nn.Module):
         rope = self.rotary(position_ids)
         documents = Documents(document_ids) if document_ids is not None else None
         recompute = self.recompute_layers and torch.is_grad_enabled()
-        for layer in self.layers.values():
+        for layer in self.decoder_layers():
             if cache is not None:
                 h = layer(h, rope, cache.layer(layer.layer_index))
             elif recompute:
                 h = checkpoint(layer, h, rope, use_reentrant=False, documents=documents)
             else:
                 h = layer(h, rope, documents=documents)
-        return self.final_norm(h) if self.post_process else h
+        return self.final_norm(h) if self.final_norm is not None else h  # (the last stage's)
 
     @property
     def head_weight(self) -> nn.Parameter:
         """The output head [V, H] of the last stage: ``lm_head``'s, or the embedding on a tied model holding both."""
         if not self.post_process:
             raise RuntimeError("only the last stage holds the output head")
-        return self.lm_head.weight if self.lm_head is not None else self.embed.weight
+        head = self.lm_head if self.lm_head is not None else self.embed
+        assert head is not None  # a last stage without lm_head holds the tied embedding
+        return cast(nn.Parameter, head.weight)  # torch types a module's weight as a plain Tensor
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The vocabulary matrices this stage holds (the embedding, an untied or copied head)."""
-        return [module.weight for module in (self.embed, self.lm_head) if module is not None]
+        return [cast(nn.Parameter, module.weight) for module in (self.embed, self.lm_head) if module is not None]
 
     def tied_parameter(self) -> Optional[nn.Parameter]:
         """This stage's end of a tied embedding split over stages (the first stage's embedding, the
         last stage's head copy): the trainer sums the two ends' gradients. None otherwise."""
         if not self.tie_embeddings or self.pre_process == self.post_process:
             return None
-        return self.embed.weight if self.pre_process else self.lm_head.weight
+        end = self.embed if self.pre_process else self.lm_head
+        assert end is not None  # the first stage holds the embedding, a last stage without it the head copy
+        return cast(nn.Parameter, end.weight)
 
     def tied_copies(self) -> dict[str, str]:
         """Parameters that are copies of another stage's, by name → the name of the original
         (a checkpoint stores the original once)."""
         return {"lm_head.weight": "embed.weight"} if self.tie_embeddings and self.lm_head is not None else {}
 
+    def decoder_layers(self) -> Iterable[DecoderLayer]:
+        """The layers this stage holds, in global layer order (``layers`` as their type: an
+        nn.ModuleDict's values are typed as any module)."""
+        return cast(Iterable[DecoderLayer], self.layers.values())
+
     def moe_layers(self) -> Iterator[MoELayer]:
         """The MoE layers this stage holds, in global layer order (for stats and aux-free bias updates)."""
-        return (layer.mlp for layer in self.layers.values() if isinstance(layer.mlp, MoELayer))
+        return (layer.mlp for layer in self.decoder_layers() if isinstance(layer.mlp, MoELayer))

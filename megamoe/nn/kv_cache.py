@@ -32,6 +32,7 @@ class LayerCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add this step's k, v [b, kv_heads, s, d]; return the keys and values of every position."""
         if self.keys is not None:
+            assert self.values is not None  # set with the keys
             k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
         self.keys, self.values = k, v
         return k, v
@@ -39,6 +40,7 @@ class LayerCache:
     def previous_inputs(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """The input at t-1 for each new position t of convolution ``name``: x [b, s, C] shifted
         right by one, the cached last input in front (zero before the first token and at padding)."""
+        assert self.batch.new_tokens is not None, "KVCache.advance registers the positions first"
         x = x * self.batch.new_tokens[..., None].to(x.dtype)
         last = self.last_inputs.get(name, torch.zeros_like(x[:, :1]))
         self.last_inputs[name] = x[:, -1:]
@@ -47,6 +49,7 @@ class LayerCache:
     @property
     def mask(self) -> torch.Tensor:
         """The step's attention mask [b, 1, s, t] (True = attend)."""
+        assert self.batch.mask is not None, "KVCache.advance registers the positions first"
         return self.batch.mask
 
 

@@ -75,8 +75,8 @@ class AllToAllExchange:
     sizes and regroup index computed by ``dispatch`` are kept for the matching ``combine``.
     """
 
-    def __init__(self, num_experts: int, ep_group: ProcessGroup) -> None:
-        self.group = ep_group
+    def __init__(self, num_experts: int, ep_group: ProcessGroup | None) -> None:
+        self.group = ep_group  # None: the default group (every rank)
         self.ep_size = dist.get_world_size(ep_group)
         owned = expert_range(num_experts, self.ep_size, dist.get_rank(ep_group))
         self.num_local_experts = len(owned)

@@ -50,7 +50,8 @@ class _Queue:
     in a different order (an expert without tokens on one of them) still pair their collectives."""
 
     def __init__(self, group: Optional[dist.ProcessGroup]) -> None:
-        self.group, self.buckets, self.launched = group, [], 0
+        self.group, self.launched = group, 0
+        self.buckets: list[_Bucket] = []
 
     def launch_ready(self, adopt: Callable[[list[Parameter]], None]) -> None:
         while self.launched < len(self.buckets) and self.buckets[self.launched].waiting == 0:
@@ -231,7 +232,8 @@ def global_grad_norm(
     A non-finite norm is returned as is: the loop decides what to do with the step.
     """
     exclude_ids = {id(p) for p in exclude}
-    total = _sum_of_squares(params_dense, exclude_ids) / dp_size + _sum_of_squares(params_expert, exclude_ids) / edp_size
+    total = (_sum_of_squares(params_dense, exclude_ids) / dp_size
+             + _sum_of_squares(params_expert, exclude_ids) / edp_size)
     if world_group is not None:
         dist.all_reduce(total, group=world_group)
     return total.sqrt()

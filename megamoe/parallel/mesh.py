@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from megamoe.config.choices import Backend
+
 
 @dataclass(frozen=True)
 class LaunchEnv:
@@ -129,7 +131,7 @@ def init_grid(pp: int, ep: int, timeout_s: int, backend: str = "auto", env: Opti
     """
     env = env or read_launch_env()
     device = pick_device(env.local_rank)
-    if backend == "auto":
+    if backend == Backend.AUTO:
         backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = timedelta(seconds=timeout_s)
     if not dist.is_initialized():

@@ -37,9 +37,14 @@ from torch.distributed.pipelining import (
     ScheduleInterleavedZeroBubble,
     ScheduleZBVZeroBubble,
 )
-from torch.distributed.pipelining.schedules import PipelineScheduleMulti
 
-from megamoe.compat import HookedPipelineStage, PipelineSchedule, PipelineScheduleRuntime, forwards_only
+from megamoe.compat import (
+    HookedPipelineStage,
+    PipelineSchedule,
+    PipelineScheduleRuntime,
+    PipelineStageBase,
+    forwards_only,
+)
 from megamoe.config.choices import V_SCHEDULES, Schedule
 from megamoe.estimators.balance import stage_layers
 from megamoe.models import build_stage
@@ -51,7 +56,7 @@ from megamoe.parallel.mesh import ProcessGrid
 from megamoe.parallel.stages import layer_ranges, stage_indices
 
 # parallel.schedule → torch's schedule for several stages per rank (1f1b runs one: Schedule1F1B).
-SCHEDULES: dict[str, type[PipelineScheduleMulti]] = {
+SCHEDULES: dict[str, type[PipelineScheduleRuntime]] = {
     Schedule.INTERLEAVED_1F1B: ScheduleInterleaved1F1B,
     Schedule.INTERLEAVED_ZERO_BUBBLE: ScheduleInterleavedZeroBubble,
     Schedule.ZBV_ZERO_BUBBLE: ScheduleZBVZeroBubble,
@@ -111,10 +116,12 @@ class TiedEmbedding:
         ``group`` (the first and the last stage's ranks), or a local sum where this rank holds
         both ends (rank 0 of a V schedule; pp = 1 with virtual stages)."""
         if self.embedding is not None and self.head_copy is not None:
+            assert self.embedding.grad is not None and self.head_copy.grad is not None  # after the backward
             self.embedding.grad += self.head_copy.grad
             self.head_copy.grad.copy_(self.embedding.grad)
         elif self.embedding is not None or self.head_copy is not None:
             end = self.embedding if self.embedding is not None else self.head_copy
+            assert end is not None and end.grad is not None  # after the backward
             dist.all_reduce(end.grad, group=group)
 
     def copies(self) -> set[nn.Parameter]:
@@ -174,7 +181,7 @@ def build_schedules(cfg: DictConfig, grid: ProcessGrid, modules: list[StageModul
     V mapping themselves; :func:`stage_indices` built the same one.
     """
     num_stages = cfg.parallel.pp * cfg.parallel.virtual_stages
-    stages = []
+    stages: list[PipelineStageBase] = []
     for module, s in zip(modules, stage_indices(cfg, grid.pp_rank)):
         inputs, outputs = _example_io(cfg, module, s, num_stages)
         stages.append(HookedPipelineStage(module, lambda stage: grad_sync.arm(stage.model),
@@ -183,8 +190,8 @@ def build_schedules(cfg: DictConfig, grid: ProcessGrid, modules: list[StageModul
                                           output_args=outputs, group=grid.pp_group))
     loss_fn = modules[-1].loss
     if cfg.parallel.schedule == Schedule.ONE_F_ONE_B:
-        schedule = Schedule1F1B(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False)
-        return Schedules(schedule, schedule)
+        single = Schedule1F1B(stages[0], n_microbatches=num_microbatches, loss_fn=loss_fn, scale_grads=False)
+        return Schedules(single, single)
 
     def schedule() -> PipelineScheduleRuntime:
         return SCHEDULES[cfg.parallel.schedule](stages, n_microbatches=num_microbatches, loss_fn=loss_fn,

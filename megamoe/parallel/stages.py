@@ -17,19 +17,18 @@ from __future__ import annotations
 
 from typing import Sequence, TypeVar
 
-from omegaconf import DictConfig
-
 from megamoe.config.choices import V_SCHEDULES
+from megamoe.config.schema import Config
 
 Number = TypeVar("Number", int, float)
 
 
-def num_stages(cfg: DictConfig) -> int:
+def num_stages(cfg: Config) -> int:
     """S = pp × virtual_stages."""
     return cfg.parallel.pp * cfg.parallel.virtual_stages
 
 
-def stage_indices(cfg: DictConfig, pp_rank: int) -> list[int]:
+def stage_indices(cfg: Config, pp_rank: int) -> list[int]:
     """The global stage indices this pipeline rank holds, in order: a loop (r, r + pp, …), or a V
     (r, 2·pp − 1 − r), where the first and the last stage share rank 0."""
     pp = cfg.parallel.pp
@@ -38,18 +37,18 @@ def stage_indices(cfg: DictConfig, pp_rank: int) -> list[int]:
     return [chunk * pp + pp_rank for chunk in range(cfg.parallel.virtual_stages)]
 
 
-def rank_ends(cfg: DictConfig, pp_rank: int) -> tuple[bool, bool]:
+def rank_ends(cfg: Config, pp_rank: int) -> tuple[bool, bool]:
     """Does pipeline rank ``pp_rank`` hold the first stage (the embedding), the last (the head)?"""
     stages = stage_indices(cfg, pp_rank)
     return 0 in stages, num_stages(cfg) - 1 in stages
 
 
-def rank_totals(cfg: DictConfig, per_stage: Sequence[Number]) -> list[Number]:
+def rank_totals(cfg: Config, per_stage: Sequence[Number]) -> list[Number]:
     """Sum a per-stage quantity (layers, FLOPs) over the stages of each pipeline rank."""
     return [sum(per_stage[s] for s in stage_indices(cfg, r)) for r in range(cfg.parallel.pp)]
 
 
-def rank_layer_indices(cfg: DictConfig, per_stage: Sequence[int]) -> list[list[int]]:
+def rank_layer_indices(cfg: Config, per_stage: Sequence[int]) -> list[list[int]]:
     """The global layers of each pipeline rank, in stage order, under the split ``per_stage`` (layers per stage)."""
     ranges = layer_ranges(per_stage)
     return [[i for s in stage_indices(cfg, r) for i in ranges[s]] for r in range(cfg.parallel.pp)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,13 +54,14 @@ def _train(cfg: DictConfig, grid: ProcessGrid) -> None:
         if grid.rank == 0:
             forget_steps_after(Path(cfg.run.dir), trainer.step)
         logger = MetricsLogger(Path(cfg.run.dir), grid.rank == 0, cfg.logging.wandb, cfg.train.steps,
-                               OmegaConf.to_container(cfg))
+                               cast(dict[str, Any], OmegaConf.to_container(cfg)))
         try:
             train(trainer, logger)
         except Exception as exc:
             if grid.world_size == 1 or not is_communication_failure(exc):
                 raise
-            raise diagnose(grid.rank, grid.world_size, trainer.progress, cfg.parallel.collective_timeout_s, exc) from exc
+            timeout_s = cfg.parallel.collective_timeout_s
+            raise diagnose(grid.rank, grid.world_size, trainer.progress, timeout_s, exc) from exc
         logger.finish()
     finally:
         if lock is not None:

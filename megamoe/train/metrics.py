@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from megamoe.config.choices import WandbMode
 from megamoe.errors import UserError, naming, write_error
 from megamoe.train.router_stats import LayerRouting
 
@@ -248,7 +249,7 @@ class MetricsLogger:
         if not is_writer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if wandb_cfg.enabled and wandb_cfg.mode != "disabled":
+        if wandb_cfg.enabled and wandb_cfg.mode != WandbMode.DISABLED:
             self._wandb = _start_wandb(self.run_dir, wandb_cfg, config_dict)
             self._wandb_figures = importlib.util.find_spec("matplotlib") is not None
             if not self._wandb_figures:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor
@@ -85,11 +85,14 @@ def newton_schulz_dtype(param: Tensor) -> torch.dtype:
     return torch.bfloat16 if param.is_cuda else param.dtype
 
 
-def shape_batches(params: Iterable[Tensor], matrices: dict[Tensor, Matrices],
-                  budget: int = BATCH_ELEMENTS) -> list[list[Tensor]]:
+ParamT = TypeVar("ParamT", bound=Tensor)
+
+
+def shape_batches(params: Iterable[ParamT], matrices: Mapping[ParamT, Matrices],
+                  budget: int = BATCH_ELEMENTS) -> list[list[ParamT]]:
     """``params`` in batches whose matrices share one shape, each within ``budget`` elements (a larger
     parameter is a batch of its own), in a fixed order: a run and its resumed copy batch alike."""
-    by_shape: dict[tuple[int, int], list[list[Tensor]]] = {}
+    by_shape: dict[tuple[int, int], list[list[ParamT]]] = {}
     filled: dict[tuple[int, int], int] = {}  # elements in each shape's last batch
     for param in params:
         shape = (matrices[param].rows, matrices[param].cols)
@@ -102,14 +105,16 @@ def shape_batches(params: Iterable[Tensor], matrices: dict[Tensor, Matrices],
     return [batch for batches in by_shape.values() for batch in batches]
 
 
-def muon_(params: list[Tensor], buffers: list[Tensor], matrices: list[Matrices], *, lr: float, weight_decay: float,
+def muon_(params: Sequence[Tensor], buffers: list[Tensor], matrices: list[Matrices], *, lr: float, weight_decay: float,
           momentum: float, nesterov: bool, ns_steps: int, adjust_lr: str) -> None:
     """One Muon step of ``params`` (gradients in ``.grad``; all of one matrix shape, one Newton–Schulz
     batch) with their momentum ``buffers`` (updated in place, in the parameters' dtype)."""
     updates = []
     for param, buffer, m in zip(params, buffers, matrices):
-        buffer.lerp_(param.grad, 1 - momentum)
-        update = param.grad.lerp(buffer, momentum) if nesterov else buffer
+        grad = param.grad
+        assert grad is not None, "muon_ steps parameters that have gradients"
+        buffer.lerp_(grad, 1 - momentum)
+        update = grad.lerp(buffer, momentum) if nesterov else buffer
         updates.append(m.view(update).to(newton_schulz_dtype(param)))
     orthogonal = orthogonalize(torch.cat(updates), ns_steps).split([m.count for m in matrices])
     for param, o, m in zip(params, orthogonal, matrices):

@@ -31,14 +31,15 @@ FIX = ("lower train.micro_batch, set train.activation_checkpointing=full, or spr
 
 def _requested_bytes(exc: BaseException) -> Optional[tuple[int, str]]:
     """(bytes the failed allocation asked for, on what), if ``exc`` or one of its causes is an allocation failure."""
-    while exc is not None:
-        text = str(exc)
+    link: Optional[BaseException] = exc
+    while link is not None:
+        text = str(link)
         cuda, cpu = _CUDA.search(text), _CPU.search(text)
-        if isinstance(exc, torch.OutOfMemoryError) and cuda:
+        if isinstance(link, torch.OutOfMemoryError) and cuda:
             return int(float(cuda[1]) * _UNITS[cuda[2]]), "GPU"
         if cpu:
             return int(cpu[1]), "host"
-        exc = exc.__cause__ or exc.__context__
+        link = link.__cause__ or link.__context__
     return None
 
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, Collection, Iterator, Optional
+from typing import Any, Callable, Collection, Iterator, Optional, overload
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from megamoe.config.choices import Optimizer
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.moe.experts import ExpertBank, expert_parameters
 from megamoe.train.muon import Matrices, muon_, shape_batches
@@ -111,8 +112,12 @@ class HybridOptimizer(torch.optim.Optimizer):
     def _zeros(self, param: Tensor) -> Tensor:
         return torch.zeros_like(param, dtype=self.state_dtype or param.dtype, memory_format=torch.preserve_format)
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         assert closure is None, "the trainer computes the loss itself"
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -120,11 +125,13 @@ class HybridOptimizer(torch.optim.Optimizer):
                 self._muon(group, params)
             else:
                 self._adamw(group, params)
+        return None
 
     def _adamw(self, group: dict[str, Any], params: list[Tensor]) -> None:
         """AdamW over pieces of each parameter (it is elementwise), so that its temporaries stay small."""
         settings = {key: group[key] for key in ("lr", "betas", "eps", "weight_decay")}
         for p in params:
+            assert p.grad is not None  # step() passes the parameters that have gradients
             state = self.state[p]
             if not state:
                 state.update(step=torch.tensor(0.0), exp_avg=self._zeros(p), exp_avg_sq=self._zeros(p))
@@ -134,7 +141,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                 with _in_dtype(moments, p.dtype) as (exp_avg, exp_avg_sq):
                     adamw_(param, grad, exp_avg, exp_avg_sq, int(state["step"]), **settings)
 
-    def _muon(self, group: dict[str, Any], params: list[Tensor]) -> None:
+    def _muon(self, group: dict[str, Any], params: list[nn.Parameter]) -> None:
         settings = {key: group[key] for key in ("lr", "weight_decay", "momentum", "nesterov", "ns_steps", "adjust_lr")}
         for batch in shape_batches(params, self.matrices):
             buffers = [self.state[p].setdefault("momentum_buffer", self._zeros(p)) for p in batch]
@@ -168,10 +175,10 @@ def build_optimizer(model: nn.Module, train_cfg: DictConfig,
     version on the MoE's many expert parameters). Muon, or bf16 state: :class:`HybridOptimizer`.
     """
     adamw = {"lr": train_cfg.lr, "betas": (train_cfg.beta1, train_cfg.beta2), "eps": train_cfg.eps}
-    matrices = muon_matrices(model, embeddings) if train_cfg.optimizer == "muon" else {}
+    matrices = muon_matrices(model, embeddings) if train_cfg.optimizer == Optimizer.MUON else {}
     groups = param_groups(model, train_cfg.weight_decay, train_cfg.decay_embeddings, embeddings, exclude=matrices)
     state_dtype = STATE_DTYPES[train_cfg.optimizer_state_dtype]
-    if train_cfg.optimizer == "adamw" and state_dtype is None:
+    if train_cfg.optimizer == Optimizer.ADAMW and state_dtype is None:
         on_cuda = all(p.is_cuda for g in groups for p in g["params"])
         fused_adam = _apex_fused_adam() if on_cuda else None
         if fused_adam is not None:
@@ -182,5 +189,5 @@ def build_optimizer(model: nn.Module, train_cfg: DictConfig,
                   "weight_decay": train_cfg.weight_decay, "momentum": muon.momentum, "nesterov": muon.nesterov,
                   "ns_steps": muon.ns_steps, "adjust_lr": muon.adjust_lr}
     adamw_groups = [{**group, "rule": "adamw", **adamw} for group in groups]
-    muon_groups = [muon_group] if train_cfg.optimizer == "muon" else []  # also when empty: one group layout
+    muon_groups = [muon_group] if train_cfg.optimizer == Optimizer.MUON else []  # also when empty: one group layout
     return HybridOptimizer(muon_groups + adamw_groups, matrices, state_dtype)

@@ -63,6 +63,7 @@ class RouterStats:
         if not self.recording or in_backward_pass():
             return
         stats = layer.last_stats
+        assert stats is not None  # the forward that ran this hook set it
         row = torch.cat([stats.tokens_per_expert.double(), torch.stack(
             [stats.aux_loss.double(), stats.z_loss.double(), stats.dropped.double(), stats.unrouted.double()])])
         tokens, forwards = self.host_sums.get(index, [0.0, 0.0])

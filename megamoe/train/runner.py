@@ -87,8 +87,9 @@ class LocalRunner(Runner):
     def _forward(self, *inputs: Tensor) -> Tensor:
         x: Tensor | tuple[Tensor, ...] = inputs
         for module in self.modules:
-            x = module(*x)  # type: ignore[misc]
-        return x  # type: ignore[return-value]
+            x = module(*x)
+        assert isinstance(x, Tensor), "the last stage returns the final hidden states alone"
+        return x
 
     def _run(self, inputs: tuple[Tensor, ...], labels: Tensor, n: int, train: bool) -> Tensor:
         losses = []

@@ -20,21 +20,23 @@ import math
 import torch
 from omegaconf import DictConfig
 
+from megamoe.config.choices import Decay
+
 
 def lr_at(step: int, train_cfg: DictConfig) -> float:
     """The learning rate of update number ``step`` (1-based; 0 gives the warmup's start, 0)."""
     peak, floor, warmup = train_cfg.lr, train_cfg.min_lr, train_cfg.warmup_steps
     if warmup > 0 and step <= warmup:
         return peak * step / warmup
-    if train_cfg.decay == "constant":
+    if train_cfg.decay == Decay.CONSTANT:
         return peak
     decay_steps = train_cfg.steps if train_cfg.decay_steps is None else train_cfg.decay_steps
     if step >= decay_steps:
         return floor
     progress = (step - warmup) / (decay_steps - warmup)  # in [0, 1): here warmup <= step < decay_steps
-    if train_cfg.decay == "cosine":
+    if train_cfg.decay == Decay.COSINE:
         coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
-    elif train_cfg.decay == "linear":
+    elif train_cfg.decay == Decay.LINEAR:
         coeff = 1.0 - progress
     else:
         raise ValueError(f"train.decay: '{train_cfg.decay}' is not one of cosine, linear, constant")

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megamoe.config.choices import OnNonFinite
 from megamoe.errors import NonFiniteError
 from megamoe.parallel.grads import clip_grads_, global_grad_norm
 from megamoe.train.router_stats import LayerRouting
@@ -69,7 +70,7 @@ def train_step(trainer: Trainer, microbatches: list[Batch], report_routing: bool
                                   None if grid.world_size == 1 else dist.group.WORLD, trainer.tied.copies()))
     trainer.step += 1
     skipped = not (math.isfinite(loss) and math.isfinite(norm))
-    if skipped and cfg.train.on_nonfinite == "stop":
+    if skipped and cfg.train.on_nonfinite == OnNonFinite.STOP:
         raise NonFiniteError(f"step {trainer.step}: non-finite loss {loss} or grad norm {norm} "
                              "(train.on_nonfinite=stop; train.on_nonfinite=skip drops such updates instead)")
     if not skipped:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from megamoe.checkpoint.state import TrainingState
+from megamoe.config.choices import Compile
 from megamoe.data.blend import Dataset
 from megamoe.data.loader import GlobalBatchLoader, build_datasets, data_eod_id, data_stream
 from megamoe.nn.casts import autocast_dtype
@@ -78,7 +79,7 @@ def build_trainer(cfg: DictConfig, grid: ProcessGrid) -> Trainer:
     models = [module.model for module in modules]
     for model in models:
         model.reset_parameters(cfg.seed)
-        if cfg.train.compile == "block":
+        if cfg.train.compile == Compile.BLOCK:
             compile_blocks(model)
     chunks = [grad_chunk(model) for model in reversed(models)]  # the order their backward ends
     experts = [p for chunk in reversed(chunks) for p in chunk.expert]

@@ -76,7 +76,8 @@ def test_a_full_disk_with_on_error_stop_stops_the_run_with_one_line(grid: Proces
         error = str(failure.value)
         assert error.startswith(f"checkpoint: cannot save step 2: {disk}/run/checkpoints/step_2.tmp/")
         assert "cannot write (No space left on device)" in error
-        assert re.search(FULL + "the run stopped \\(checkpoint.on_error=stop\\), earlier checkpoints are intact$", error)
+        assert re.search(FULL + "the run stopped \\(checkpoint.on_error=stop\\), earlier checkpoints are intact$",
+                         error)
         _assert_nothing_lost(grid, disk / "run")
         assert_same_tensors(checkpoint_tensors(first), checkpoint_tensors(disk / "run/checkpoints/step_1"))
 
@@ -94,9 +95,10 @@ def test_a_full_disk_by_default_is_said_loudly_and_training_goes_on(grid: Proces
     capsys.readouterr()
     assert save_checkpoint(trainer.state) is None
     (line,) = capsys.readouterr().out.splitlines()
-    assert re.fullmatch(rf"checkpoint: ERROR: cannot save step 2: {tmp_path}/run/checkpoints/step_2.tmp/\w+-r00000-00000"
-                        r"\.safetensors: cannot write \(No space left on device\): " + FULL + r"training goes on "
-                        r"\(checkpoint.on_error=continue\), the next interval tries again; earlier checkpoints are intact",
+    assert re.fullmatch(rf"checkpoint: ERROR: cannot save step 2: {tmp_path}/run/checkpoints/step_2.tmp/"
+                        r"\w+-r00000-00000\.safetensors: cannot write \(No space left on device\): "
+                        + FULL + r"training goes on \(checkpoint.on_error=continue\), the next interval tries again; "
+                        r"earlier checkpoints are intact",
                         line), line
     monkeypatch.undo()
     _assert_nothing_lost(grid, tmp_path / "run")

@@ -109,7 +109,8 @@ def test_model_checkpoint_round_trip(tmp_path: Path) -> None:
 def test_model_checkpoint_rejects_what_the_model_cannot_load(tmp_path: Path, mistake: str) -> None:
     cfg = compose(TINY)
     tensors = _model_tensors(cfg)
-    expected = {"unknown": "layers.9.attn.q_proj.weight", "shape": "final_norm.weight", "missing": "embed.weight"}[mistake]
+    expected = {"unknown": "layers.9.attn.q_proj.weight", "shape": "final_norm.weight",
+                "missing": "embed.weight"}[mistake]
     if mistake == "unknown":
         tensors[expected] = torch.zeros(1)
     elif mistake == "shape":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf.errors import ReadonlyConfigError
 
 from megamoe.config import compose
 from megamoe.config.validate import validate_layout
@@ -35,7 +36,7 @@ def test_tiny_and_m32_compose_and_validate() -> None:
 
 def test_composed_config_is_read_only() -> None:
     cfg = compose(["+exp=tiny"])
-    with pytest.raises(Exception):
+    with pytest.raises(ReadonlyConfigError):
         cfg.model.hidden_size = 3
 
 

@@ -86,7 +86,8 @@ def test_merge_equals_concatenation(tmp_path) -> None:
     assert [ds[i].tolist() for i in range(len(ds))] == expect
     other = str(tmp_path / "wide")
     _write(other, [[1]], np.int32)
-    with pytest.raises(UserError, match="same tokenizer"), IndexedDatasetBuilder(merged, np.dtype(np.uint16)) as builder:
+    with (pytest.raises(UserError, match="same tokenizer"),
+          IndexedDatasetBuilder(merged, np.dtype(np.uint16)) as builder):
         builder.add_index(other)
 
 

@@ -32,7 +32,8 @@ def hf_model(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def sp_model(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
-    texts = [json.loads(line)["text"] for name in ("zh", "en") for line in open(corpus_dir / f"{name}.jsonl", encoding="utf-8")]
+    texts = [json.loads(line)["text"] for name in ("zh", "en")
+             for line in open(corpus_dir / f"{name}.jsonl", encoding="utf-8")]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model, vocab_size=400,
                                    user_defined_symbols=["<eod>"], character_coverage=1.0,

@@ -35,7 +35,8 @@ def test_merge_refuses_mixed_token_types(tmp_path: Path, capsys: pytest.CaptureF
         with IndexedDatasetBuilder(str(tmp_path / name), np.dtype(dtype)) as builder:
             builder.add_document(np.arange(3, dtype=dtype))
     with pytest.raises(SystemExit) as exit_info:
-        merge_datasets.main(["--input", str(tmp_path / "small"), str(tmp_path / "big"), "--output-prefix", str(tmp_path / "m")])
+        merge_datasets.main(["--input", str(tmp_path / "small"), str(tmp_path / "big"),
+                             "--output-prefix", str(tmp_path / "m")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (f"error: {tmp_path}/big holds int32 tokens but {tmp_path}/small holds uint16; "
                                        f"merged datasets must come from the same tokenizer\n")

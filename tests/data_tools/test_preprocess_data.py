@@ -54,10 +54,13 @@ def test_round_trip_equals_direct_tokenization(tmp_path: Path, corpus_dir: Path,
 
 def test_without_append_eod_documents_are_bare(tmp_path: Path, corpus_dir: Path) -> None:
     run([corpus_dir / "en.jsonl"], tmp_path / "out")
-    assert read_docs(str(tmp_path / "out_text_document")) == [list(t.encode()) for t in jsonl_texts(corpus_dir / "en.jsonl")]
+    expected = [list(t.encode()) for t in jsonl_texts(corpus_dir / "en.jsonl")]
+    assert read_docs(str(tmp_path / "out_text_document")) == expected
 
 
-def test_all_input_formats_give_identical_bytes(tmp_path: Path, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_all_input_formats_give_identical_bytes(
+    tmp_path: Path, corpus_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     texts = jsonl_texts(corpus_dir / "en.jsonl") + jsonl_texts(corpus_dir / "zh.jsonl")  # one line each: fits .txt
     lines = "".join(json.dumps({"text": t, "id": i}, ensure_ascii=False) + "\n" for i, t in enumerate(texts))
     (tmp_path / "a.jsonl").write_text(lines, encoding="utf-8")
@@ -74,7 +77,9 @@ def test_all_input_formats_give_identical_bytes(tmp_path: Path, corpus_dir: Path
     assert read_docs(str(tmp_path / "a_parquet_text_document")) == [list(t.encode()) + [256] for t in texts]
 
 
-def test_workers_give_identical_bytes(tmp_path: Path, corpus_dir: Path, hf_model: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_give_identical_bytes(
+    tmp_path: Path, corpus_dir: Path, hf_model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(readers, "CHUNK_BYTES", 2048)  # dozens of chunks, so all workers get several
     inputs = [corpus_dir / "zh.jsonl", corpus_dir / "code.jsonl"]
     assert len(list(readers.read_chunks(inputs, ["text"]))) > 12
@@ -85,7 +90,8 @@ def test_workers_give_identical_bytes(tmp_path: Path, corpus_dir: Path, hf_model
 
 
 def test_several_keys_write_aligned_datasets(tmp_path: Path) -> None:
-    rows = [{"title": "A", "text": "alpha"}, {"title": "", "text": "skipped: blank title"}, {"title": "C", "text": "gamma"}]
+    rows = [{"title": "A", "text": "alpha"}, {"title": "", "text": "skipped: blank title"},
+            {"title": "C", "text": "gamma"}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = run([tmp_path / "in.jsonl"], tmp_path / "out", "--json-keys", "title", "text")
     assert read_docs(str(tmp_path / "out_title_document")) == [[65], [67]]
@@ -94,7 +100,8 @@ def test_several_keys_write_aligned_datasets(tmp_path: Path) -> None:
 
 
 BAD_LINES = [  # (line, reason kind, message the user sees after "path:2: ")
-    (b'{"text": "a",}\n', "malformed JSON", "malformed JSON: Expecting property name enclosed in double quotes at column 14"),
+    (b'{"text": "a",}\n', "malformed JSON",
+     "malformed JSON: Expecting property name enclosed in double quotes at column 14"),
     (b'{"text": "a"} {"text": "b"}\n', "malformed JSON", "malformed JSON: Extra data at column 15"),
     (b'["a"]\n', "not a JSON object", "expected a JSON object, got an array"),
     (b'{"body": "a", "id": 3}\n', "missing key", "missing key 'text' (keys: 'body', 'id')"),

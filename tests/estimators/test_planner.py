@@ -92,7 +92,8 @@ def test_layouts_cover_every_shape_once() -> None:
     assert {(pp, ep) for pp, ep, _ in shapes} == {(pp, ep) for pp in (1, 2, 4) for ep in (1, 2, 4, 8) if ep * pp <= 8}
     assert all(v == 1 for pp, _, v in shapes if pp == 1)
     by_chunks = {v: {lay.schedule for lay in layouts(tiny(), 8) if lay.virtual_stages == v} for v in (1, 2)}
-    assert by_chunks == {1: {"1f1b"}, 2: {"interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev"}}
+    assert by_chunks == {1: {"1f1b"},
+                         2: {"interleaved_1f1b", "interleaved_zero_bubble", "zbv_zero_bubble", "dualpipev"}}
     assert schedules(4) == ("interleaved_1f1b", "interleaved_zero_bubble")  # a V holds exactly two
 
 
@@ -105,7 +106,8 @@ def test_memory_is_the_estimator_s_and_too_much_is_rejected() -> None:
     small = dataclasses.replace(TOY, memory_gib=expected / 0.9 * 0.99)
     rejected = evaluate_layout(cfg, layout, 2, small)
     assert rejected.reason.startswith("out of memory") and rejected.memory_gib == pytest.approx(expected)
-    assert evaluate_layout(cfg, Layout(2, 1, 8, "interleaved_1f1b", 2, "none", "even"), 2, TOY).reason.startswith("not valid")
+    invalid = evaluate_layout(cfg, Layout(2, 1, 8, "interleaved_1f1b", 2, "none", "even"), 2, TOY)
+    assert invalid.reason.startswith("not valid")
 
 
 @pytest.mark.slow

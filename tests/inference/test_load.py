@@ -45,7 +45,8 @@ def test_a_checkpoints_directory_means_its_latest(tmp_path: Path) -> None:
     newest = save(tmp_path / "step_9", ["+exp=tiny"], seed=9)
     assert_same_weights(load_for_inference(tmp_path, "cpu")[0], newest)
     (tmp_path / "latest").write_text("step_5\n")  # resumed from step 5: step 9 is an abandoned timeline
-    assert torch.equal(load_for_inference(tmp_path, "cpu")[0].embed.weight, random_model(compose(["+exp=tiny"]), 5).embed.weight)
+    loaded = load_for_inference(tmp_path, "cpu")[0]
+    assert torch.equal(loaded.embed.weight, random_model(compose(["+exp=tiny"]), 5).embed.weight)
 
 
 def test_capacity_factor_is_dropped_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -38,8 +38,10 @@ def demo_sources(tmp_path_factory: pytest.TempPathFactory) -> str:
     root = tmp_path_factory.mktemp("demo_data")
     make_corpus(str(root / "raw"), size_mb=0.06, seed=0)
     for lang in LANGS:
-        preprocess_data.main(["--input", str(root / "raw" / f"{lang}.jsonl"), "--output-prefix", str(root / "tokens" / lang),
-                              "--json-keys", "text", "--tokenizer-type", "ByteTokenizer", "--append-eod", "--workers", "1"])
+        preprocess_data.main(["--input", str(root / "raw" / f"{lang}.jsonl"),
+                              "--output-prefix", str(root / "tokens" / lang),
+                              "--json-keys", "text", "--tokenizer-type", "ByteTokenizer",
+                              "--append-eod", "--workers", "1"])
     sources = ", ".join(f"{{path: '{root}/tokens/{lang}_text_document', weight: 0.5, lang: {lang}}}" for lang in LANGS)
     return f"data.sources=[{sources}]"
 

@@ -181,7 +181,8 @@ def test_a_mixed_stack_names_its_dense_layers_and_counts_them(capsys: pytest.Cap
     assert stats["memory_layout"]["pp_rank"] == 1
 
 
-@pytest.mark.parametrize(("exp", "world_size", "gpu_gib"), [("m32_2000b", 256, 80), ("m32_2000b_141gb", 64, 141e9 / 2**30)])
+@pytest.mark.parametrize(("exp", "world_size", "gpu_gib"),
+                         [("m32_2000b", 256, 80), ("m32_2000b_141gb", 64, 141e9 / 2**30)])
 def test_m32_configs_fit_their_gpus_and_the_paper_layout_does_not(exp: str, world_size: int, gpu_gib: float) -> None:
     """The planner's recommendations leave 10% of the GPU for what the estimate leaves out."""
     fits = model_stats.stats(compose([f"+exp={exp}"]), world_size)["memory_per_gpu_gib"]["total"]

@@ -47,8 +47,10 @@ CASES = {"mixed_float64": (MIXED, torch.float64, 1e-9),
 @pytest.mark.parametrize("case", ["mixed_float64", pytest.param("dense_fp32", marks=pytest.mark.slow)])
 def test_compiled_blocks_train_like_eager_for_20_steps(case: str) -> None:
     overrides, dtype, rtol = CASES[case]
-    (eager,), (compiled,) = (run_distributed(_train, 1, (mode, overrides, dtype), timeout_s=500, init_process_group=False)
-                             for mode in ("none", "block"))
+    (eager,), (compiled,) = (
+        run_distributed(_train, 1, (mode, overrides, dtype), timeout_s=500, init_process_group=False)
+        for mode in ("none", "block")
+    )
     assert eager["graphs"] == 0 and compiled["graphs"] > 0  # the blocks did compile
     torch.testing.assert_close(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=rtol, atol=0)
 

@@ -173,7 +173,8 @@ def test_the_head_weighs_on_the_rank_holding_the_last_stage(schedule: str, head_
     validate_config(cfg)
     layers = [rank_layers(cfg, r).total for r in range(2)]
     assert layers[head_rank] < layers[1 - head_rank]
-    assert [stage_params(cfg, r, 1, rank_layers(cfg, r)).holds_head for r in range(2)] == [r == head_rank for r in range(2)]
+    holds_head = [stage_params(cfg, r, 1, rank_layers(cfg, r)).holds_head for r in range(2)]
+    assert holds_head == [r == head_rank for r in range(2)]
 
 
 @pytest.mark.parametrize(("overrides", "world", "key"), [

@@ -38,7 +38,8 @@ def test_cosine(step: int, expected: float) -> None:
     assert lr_at(step, _cfg()) == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize(("step", "expected"), [(11, 0.1 + 0.9 * 0.99), (35, 0.775), (60, 0.55), (110, 0.1), (500, 0.1)])
+@pytest.mark.parametrize(("step", "expected"),
+                         [(11, 0.1 + 0.9 * 0.99), (35, 0.775), (60, 0.55), (110, 0.1), (500, 0.1)])
 def test_linear(step: int, expected: float) -> None:
     assert lr_at(step, _cfg(decay="linear")) == pytest.approx(expected, abs=1e-12)
 

@@ -3,15 +3,15 @@ RoPE, untied embeddings, a linear router (softmax over all experts, top-k), fine
 experts and a sigmoid-gated shared expert; the ``Qwen2MoeForCausalLM`` Hugging Face layout.
 The MoE parts are the shared megamoe.nn.moe; this folder holds the attention and the layout."""
 
-from omegaconf import DictConfig
 
+from megamoe.config.schema import Config
 from megamoe.errors import ConfigError
 from megamoe.models.family import HFAdapter, ModelFamily
 from megamoe.models.qwen_moe import accounting, hf
 from megamoe.models.qwen_moe.attention import GroupedQueryAttention
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: Config) -> None:
     """The attention has no LFA, and its K/V heads each serve a whole group of query heads."""
     m = cfg.model
     if m.use_lfa:

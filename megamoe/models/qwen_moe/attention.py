@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from megamoe.config.schema import ModelConfig
-from megamoe.nn.attention import causal_attention, kv_heads, split_heads
+from megamoe.nn.attention import AttentionBlock, causal_attention, kv_heads, split_heads
 from megamoe.nn.documents import Documents
 from megamoe.nn.init import seeded_normal_
 from megamoe.nn.kv_cache import LayerCache
 
 
-class GroupedQueryAttention(nn.Module):
+class GroupedQueryAttention(AttentionBlock):
     """``num_heads`` query heads over ``num_kv_heads`` K/V heads (``model.num_kv_heads``; unset =
     one each); K/V head j serves query heads j·g … (j+1)·g − 1, g = num_heads / num_kv_heads,
     the grouping of transformers' ``repeat_kv``. q/k/v carry biases when ``model.qkv_bias``."""

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import torch
 from omegaconf import DictConfig
 
+from megamoe.config.choices import FfnType, Router, RouterMode, RouterOrder
 from megamoe.config.layers import layer_freq_of, moe_layer_flags
 from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, TokenIds, refuse_unexportable
 from megamoe.nn.attention import kv_heads
@@ -115,16 +116,16 @@ def check_exportable(cfg: DictConfig) -> None:
     m, moe = cfg.model, cfg.moe
     hf_head_dim = m.hidden_size // m.num_heads
     refuse_unexportable(ARCHITECTURE, [
-        (m.ffn_type != "moe", "model.ffn_type", f"'{m.ffn_type}'",
+        (m.ffn_type != FfnType.MOE, "model.ffn_type", f"'{m.ffn_type}'",
          "a Qwen2-MoE model has MoE layers (upcycle a dense checkpoint first)"),
         (m.head_dim != hf_head_dim, "model.head_dim", str(m.head_dim),
          f"its heads are hidden_size / num_heads = {hf_head_dim} wide: train with model.head_dim={hf_head_dim}"),
         (m.rotary_percent != 1.0, "model.rotary_percent", str(m.rotary_percent),
          "it rotates whole heads: train with model.rotary_percent=1.0"),
         (not m.qkv_bias, "model.qkv_bias", "false", "its q/k/v projections always have biases"),
-        (moe.router != "linear", "moe.router", f"'{moe.router}'", "its router is one linear map"),
+        (moe.router != Router.LINEAR, "moe.router", f"'{moe.router}'", "its router is one linear map"),
         (moe.noisy_gating, "moe.noisy_gating", "true", "its router has no noise map"),
-        (moe.router_mode != "token_choice", "moe.router_mode", f"'{moe.router_mode}'",
+        (moe.router_mode != RouterMode.TOKEN_CHOICE, "moe.router_mode", f"'{moe.router_mode}'",
          "each token chooses its experts there"),
         (moe.aux_free_bias, "moe.aux_free_bias", "true", "it has no expert-selection bias"),
         (moe.capacity_factor is not None, "moe.capacity_factor", str(moe.capacity_factor), "it never drops tokens"),
@@ -170,7 +171,7 @@ def hf_config(cfg: DictConfig, tokens: TokenIds) -> dict[str, Any]:
         "moe_intermediate_size": moe.ffn_hidden_size,
         "shared_expert_intermediate_size": moe.num_shared_experts * (moe.shared_expert_ffn_hidden_size
                                                                      or moe.ffn_hidden_size),
-        "norm_topk_prob": moe.router_order == "topk_softmax" or moe.norm_topk_prob,
+        "norm_topk_prob": moe.router_order == RouterOrder.TOPK_SOFTMAX or moe.norm_topk_prob,
         "router_aux_loss_coef": moe.aux_loss_coeff,
         "output_router_logits": False,
         "use_cache": True,

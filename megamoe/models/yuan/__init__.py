@@ -1,15 +1,15 @@
 """Yuan 2.0 (M32): Localized Filtering-based Attention with RoPE on part of each head, the
 Attention Router, tied embeddings; the Yuan2-M32 Hugging Face layout (docs/yuan2-m32.md)."""
 
-from omegaconf import DictConfig
 
+from megamoe.config.schema import Config
 from megamoe.errors import ConfigError
 from megamoe.models.family import HFAdapter, ModelFamily
 from megamoe.models.yuan import accounting, hf
 from megamoe.models.yuan.attention import YuanAttention
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: Config) -> None:
     """Yuan's attention has one K/V head per query head, no projection biases, and LFA's first
     convolution halves the hidden size."""
     m = cfg.model

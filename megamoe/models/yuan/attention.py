@@ -16,10 +16,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 
-from megamoe.nn.attention import causal_attention, split_heads
+from megamoe.config.schema import ModelConfig
+from megamoe.nn.attention import AttentionBlock, causal_attention, split_heads
 from megamoe.nn.documents import Documents
 from megamoe.nn.init import seeded_normal_
 from megamoe.nn.kv_cache import LayerCache
@@ -76,7 +76,7 @@ class LocalizedFiltering(nn.Module):
         return self.norm(self.conv2(self.conv1(x)) + x)
 
 
-class YuanAttention(nn.Module):
+class YuanAttention(AttentionBlock):
     """Multi-head causal self-attention with LFA on Q/K and RoPE on part of each head.
 
     ``q_proj`` and ``k_proj`` are the plain per-head Q and K maps (head h = rows
@@ -84,7 +84,7 @@ class YuanAttention(nn.Module):
     the checkpoint converter's business, not the model's.
     """
 
-    def __init__(self, model_cfg: DictConfig) -> None:
+    def __init__(self, model_cfg: ModelConfig) -> None:
         super().__init__()
         hidden, projection = model_cfg.hidden_size, model_cfg.num_heads * model_cfg.head_dim
         self.num_heads, self.head_dim = model_cfg.num_heads, model_cfg.head_dim

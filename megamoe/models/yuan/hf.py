@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from megamoe.checkpoint.names import split_layer_name
+from megamoe.config.choices import FfnType, Router, RouterMode, RouterOrder
 from megamoe.config.layers import is_mixed, shown
 from megamoe.config.schema import rotary_dim
 from megamoe.models.hf_mapping import LLAMA_NAMES, HFConfigReader, NameTable, PairBuffer, TokenIds, refuse_unexportable
@@ -132,17 +133,17 @@ def check_exportable(cfg: DictConfig) -> None:
     m, moe = cfg.model, cfg.moe
     hf_rotary = m.hidden_size // m.num_heads
     problems = [
-        (m.ffn_type != "moe", "model.ffn_type", f"'{m.ffn_type}'",
+        (m.ffn_type != FfnType.MOE, "model.ffn_type", f"'{m.ffn_type}'",
          "every layer there is MoE (upcycle a dense checkpoint first)"),
         (is_mixed(m, moe), "moe.layer_freq", shown(moe.layer_freq),
          "every layer there is MoE (its config.json has no key for dense layers): train with moe.layer_freq=1"),
         (not m.use_lfa, "model.use_lfa", "false", "its modeling code always applies LFA"),
         (rotary_dim(m) != hf_rotary, "model.rotary_percent", f"{m.rotary_percent} (rotary dim {rotary_dim(m)})",
          f"its code rotates hidden_size / num_heads = {hf_rotary} dims of each head; {_rotary_fix(m, hf_rotary)}"),
-        (moe.router != "attention", "moe.router", f"'{moe.router}'", "it has only the attention router"),
+        (moe.router != Router.ATTENTION, "moe.router", f"'{moe.router}'", "it has only the attention router"),
         (moe.num_shared_experts > 0, "moe.num_shared_experts", str(moe.num_shared_experts), "it has no shared experts"),
         (moe.aux_free_bias, "moe.aux_free_bias", "true", "it has no expert-selection bias"),
-        (moe.router_mode != "token_choice", "moe.router_mode", f"'{moe.router_mode}'",
+        (moe.router_mode != RouterMode.TOKEN_CHOICE, "moe.router_mode", f"'{moe.router_mode}'",
          "its experts are chosen per token"),
         (moe.capacity_factor is not None, "moe.capacity_factor", str(moe.capacity_factor), "it drops no token"),
     ]
@@ -191,7 +192,7 @@ def hf_config(cfg: DictConfig, tokens: TokenIds) -> dict[str, Any]:
             "moe_num_experts": moe.num_experts,
             "moe_top_k": moe.top_k,
             "ffn_hidden_size": moe.ffn_hidden_size,
-            "norm_topk_prob": moe.router_order == "topk_softmax" or moe.norm_topk_prob,
+            "norm_topk_prob": moe.router_order == RouterOrder.TOPK_SOFTMAX or moe.norm_topk_prob,
             "gated_linear_unit": True,
         },
         "use_lfa": False,

@@ -96,6 +96,7 @@ def permute(x: torch.Tensor, routing: Routing, capacity: Optional[int] = None) -
         rank_in_expert = torch.arange(order.numel(), device=order.device) - group_start[flat_experts[order]]
         keep = rank_in_expert < capacity
         order, dropped, counts = order[keep], (~keep).sum(), counts.clamp(max=capacity)
+    assert routing.tokens is not None  # filled in by Routing.__post_init__
     source_token = routing.tokens.flatten()[order]
     return x.index_select(0, source_token), Permutation(source_token, flat_weights[order], counts, dropped)
 

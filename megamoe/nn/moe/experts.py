@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megamoe.compat import grouped_mm, has_grouped_mm
+from megamoe.config.choices import Switch
 from megamoe.errors import ConfigError
 from megamoe.nn.casts import CastCache, compute_dtype
 from megamoe.nn.ffn import swiglu
@@ -28,8 +29,8 @@ GROUPED_GEMM_MAX_ELEMENTS = 2**31 - 1
 def uses_grouped_gemm(setting: str, dtype: torch.dtype, on_cuda: bool, hidden_size: int, ffn_hidden_size: int) -> bool:
     """Whether the experts run as grouped GEMMs: ``moe.grouped_gemm`` on / off, or with auto on
     CUDA in bf16 when both widths are 16-byte aligned (the dry run asks what a GPU would run)."""
-    if setting != "auto":
-        return setting == "on"
+    if setting != Switch.AUTO:
+        return setting == Switch.ON
     aligned = all(size * dtype.itemsize % 16 == 0 for size in (hidden_size, ffn_hidden_size))
     return has_grouped_mm() and on_cuda and dtype == torch.bfloat16 and aligned
 
@@ -52,7 +53,7 @@ class ExpertBank(nn.Module):
     def __init__(self, num_local_experts: int, first_expert: int, hidden_size: int, ffn_hidden_size: int,
                  grouped_gemm: str = "auto") -> None:
         super().__init__()
-        if grouped_gemm == "on" and not has_grouped_mm():
+        if grouped_gemm == Switch.ON and not has_grouped_mm():
             raise ConfigError(f"moe.grouped_gemm: 'on' needs torch._grouped_mm, which torch {torch.__version__} "
                               "lacks; use moe.grouped_gemm=auto or off")
         self.num_local_experts = num_local_experts

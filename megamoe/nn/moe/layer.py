@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, Optional, Union, cast
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from megamoe.config.choices import RouterMode
 from megamoe.config.schema import MoEConfig
 from megamoe.nn.ffn import SwiGLU
 from megamoe.nn.init import seeded_normal_
@@ -77,12 +78,15 @@ class MoELayer(nn.Module):
     :class:`MoEAuxLossBackward`; ``last_stats`` holds the routing summary of the last forward.
     """
 
+    expert_bias: Optional[torch.Tensor]  # a buffer: DeepSeek-V3's aux-loss-free routing bias, or None
+
     def __init__(self, hidden_size: int, moe: Union[DictConfig, MoEConfig], layer_index: int,
                  exchange: Optional[TokenExchange] = None) -> None:
         super().__init__()
         # a plain dataclass: cheap attribute reads in forward, and nothing torch.compile trips on
-        self.moe = moe if isinstance(moe, MoEConfig) else MoEConfig(**OmegaConf.to_container(moe, resolve=True))
-        moe = self.moe
+        if not isinstance(moe, MoEConfig):
+            moe = MoEConfig(**cast(dict[str, Any], OmegaConf.to_container(moe, resolve=True)))
+        self.moe = moe
         self.layer_index = layer_index
         self.exchange = exchange if exchange is not None else LocalExchange(moe.num_experts)
         self.router = build_router(moe, hidden_size)
@@ -115,6 +119,7 @@ class MoELayer(nn.Module):
         Call once per optimizer step with the GLOBAL counts (summed over micro-batches and
         data-parallel ranks) so every replica moves its bias identically.
         """
+        assert self.expert_bias is not None, "moe.aux_free_bias is off"
         load = tokens_per_expert.to(self.expert_bias.device, torch.float32)
         self.expert_bias += self.moe.aux_free_bias_update_rate * torch.sign(load.mean() - load)
 
@@ -129,7 +134,7 @@ class MoELayer(nn.Module):
         """
         moe, num_tokens = self.moe, tokens.shape[0]
         logits = self.router(tokens)
-        if moe.router_mode == "expert_choice":
+        if moe.router_mode == RouterMode.EXPERT_CHOICE:
             factor = 1.0 if moe.capacity_factor is None else moe.capacity_factor
             return select_tokens(logits, expert_capacity(num_tokens, moe.top_k, moe.num_experts, factor)), None
         routing = select_experts(logits, moe.top_k, moe.router_order, moe.norm_topk_prob, self.expert_bias)
@@ -162,7 +167,7 @@ class MoELayer(nn.Module):
     def _unrouted(self, permutation: Permutation, num_tokens: int) -> torch.Tensor:
         """Tokens that reach no expert: none under dropless token choice; else those no kept
         assignment names (marked without a host sync, unlike a bincount or unique)."""
-        if self.moe.capacity_factor is None and self.moe.router_mode == "token_choice":
+        if self.moe.capacity_factor is None and self.moe.router_mode == RouterMode.TOKEN_CHOICE:
             return permutation.dropped.new_zeros(())
         reached = torch.zeros(num_tokens, dtype=torch.bool, device=permutation.source_token.device)
         return (~reached.index_fill_(0, permutation.source_token, True)).sum()

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megamoe.config.choices import Router, RouterOrder
 from megamoe.config.schema import MoEConfig
 
 
@@ -85,7 +86,7 @@ class LinearRouter(nn.Module):
 
 def build_router(moe: MoEConfig, hidden_size: int) -> nn.Module:
     """The router named by ``moe.router`` ("attention" | "linear")."""
-    if moe.router == "attention":
+    if moe.router == Router.ATTENTION:
         return AttentionRouter(hidden_size, moe.num_experts)
     return LinearRouter(hidden_size, moe.num_experts, noisy=moe.noisy_gating)
 
@@ -131,7 +132,7 @@ def select_experts(
     probs = logits.softmax(dim=-1)
     scores = probs if expert_bias is None else probs + expert_bias.to(probs.dtype)
     experts = scores.topk(top_k, dim=-1).indices
-    if order == "topk_softmax":
+    if order == RouterOrder.TOPK_SOFTMAX:
         weights = logits.gather(-1, experts).softmax(dim=-1)
     else:
         weights = probs.gather(-1, experts)

@@ -111,7 +111,8 @@ class Checkpointing:
         if stop or step % cfg.checkpoint.interval == 0 or step == cfg.train.steps:
             if skipped.streak or (spikes is not None and spikes.suspect):
                 why = "skipped for non-finite values" if skipped.streak else "above the loss-spike limit"
-                outcome = f"not saved: the last {skipped.streak or spikes.streak} step(s) were {why}"
+                streak = skipped.streak or (spikes.streak if spikes is not None else 0)
+                outcome = f"not saved: the last {streak} step(s) were {why}"
                 if grid.rank == 0:
                     print(f"checkpoint: step {step} {outcome}", flush=True)
             else:

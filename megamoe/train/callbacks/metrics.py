@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megamoe.config.choices import FfnType
 from megamoe.estimators.flops import attention_flops_per_token, fwd_flops_per_token
 from megamoe.train.callbacks.base import Action
 from megamoe.train.metrics import MetricsLogger, detect_peak_flops, mfu, routing_summary
@@ -58,7 +59,7 @@ class StepMetrics:
         """Every MoE layer's routing (already dp-summed on each stage), on every rank: one
         all-reduce of a [layers, experts + sums] table that each stage's first replica fills in."""
         cfg, grid = self.trainer.cfg, self.trainer.grid
-        if cfg.model.ffn_type != "moe":
+        if cfg.model.ffn_type != FfnType.MOE:
             return {}
         self.trainer.progress.at("routing gather")
         table = torch.zeros(cfg.model.num_layers, cfg.moe.num_experts + len(SUMS), dtype=torch.float64,

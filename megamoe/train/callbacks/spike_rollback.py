@@ -36,8 +36,10 @@ class SpikeRollback:
         cfg, state = trainer.cfg, trainer.state
         spike, detected_at, read_to = cfg.train.spike, trainer.step, trainer.loader.consumed_samples
         if self.rollbacks > spike.max_rollbacks:
-            raise SharedError(f"train.spike.max_rollbacks: loss spike at step {detected_at} after {spike.max_rollbacks} "
-                              "rollbacks in this run: it is not one bad batch; lower train.lr or inspect the data")
+            raise SharedError(f"train.spike.max_rollbacks: loss spike at step {detected_at} "
+                              f"after {spike.max_rollbacks} rollbacks in this run: it is not one bad batch; "
+                              "lower train.lr or inspect the data")
+        assert guard.spike_start is not None  # observe() called for a rollback: a spike is running
         target = checkpoint_before(state, guard.spike_start)
         if target is None:
             raise SharedError(f"train.spike: loss spike at step {detected_at}, but no checkpoint before step "

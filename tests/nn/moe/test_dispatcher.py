@@ -106,7 +106,9 @@ def test_local_exchange_moves_nothing():
     assert (exchange.first_expert, exchange.num_local_experts) == (0, 4)
 
 
-def permute_token_major(x: torch.Tensor, routing: Routing, capacity: Optional[int] = None) -> tuple[torch.Tensor, Permutation]:
+def permute_token_major(
+    x: torch.Tensor, routing: Routing, capacity: Optional[int] = None
+) -> tuple[torch.Tensor, Permutation]:
     """``permute`` as it was when a routing could only be [T, k] (commit 14a4eff), kept verbatim
     as the reference that token choice still permutes bit for bit the same."""
     flat_experts = routing.experts.flatten()

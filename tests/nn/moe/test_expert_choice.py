@@ -131,7 +131,7 @@ def test_layer_matches_a_naive_per_expert_computation(moe, capacity):
     want = forward_and_grads(layer, x, grad, reference)
     names = ["out", "x", *(name for name, _ in layer.named_parameters())]
     for name, a, b in zip(names, got, want):
-        assert_close(a, b, msg=lambda m: f"{name}: {m}")
+        assert_close(a, b, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_routing_depends_on_later_tokens_and_other_sequences():
