@@ -106,7 +106,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert_same_tensors(checkpoint_tensors(run_dir / final), checkpoint_tensors(reference / final))
 
 
-@pytest.mark.parametrize("writes", ["in_place", "background"])
+@pytest.mark.parametrize("writes", ["in_place", pytest.param("background", marks=pytest.mark.slow)])
 def test_kill9_during_a_save_with_two_processes(tmp_path: Path, writes: str) -> None:
     """In the background (checkpoint.async) the kill lands while training goes on: the same holds."""
     finished(tmp_path / "reference", 2, *TWO_PROCESSES)

@@ -48,7 +48,7 @@ def test_gpu_config_is_bf16_with_grouped_gemms_and_mock_data() -> None:
     assert as_on_gpu(compose(["+exp=tiny", "train.precision=fp32"])).moe.grouped_gemm == "off"  # CUDA's own choice
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ["tiny_dp2_ep2", pytest.param("demo_pp2_dp2_ep2", marks=pytest.mark.slow)])
 def test_fake_step_peak_is_within_10_percent_of_the_real_one(layout: str) -> None:
     overrides, world_size = LAYOUTS[layout]
     real = dict(r for r in run_distributed(real_step_peak, world_size, overrides, timeout_s=300) if r is not None)

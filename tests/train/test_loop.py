@@ -53,8 +53,9 @@ def _run(overrides: list[str], num_steps: int = 2, poison: bool = False, world_s
 MIXED = ["moe.layer_freq=[0,1,1,0]", "model.dense_ffn_hidden_size=96"]  # dense layers 0 and 3
 
 
-@pytest.mark.parametrize(("mode", "overrides"), [("full", []), ("selective", []), ("full", MIXED)],
-                         ids=["full", "selective", "full_mixed"])
+@pytest.mark.parametrize(("mode", "overrides"), [
+    pytest.param("full", [], id="full"), pytest.param("selective", [], id="selective", marks=pytest.mark.slow),
+    pytest.param("full", MIXED, id="full_mixed", marks=pytest.mark.slow)])
 def test_activation_checkpointing_changes_nothing_but_memory(mode: str, overrides: list[str]) -> None:
     plain = _run(overrides)
     recomputed = _run([*overrides, f"train.activation_checkpointing={mode}"])
