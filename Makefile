@@ -18,12 +18,14 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(PY) launch/demo.py
 
+# Lint, types, then the suite on two pytest workers (each test's torch runs one thread).
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy megamoe
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 tests
 
-# The tests marked slow: further layouts and fault moments of classes `make test` already covers.
+# The tests marked slow: further layouts, options and fault moments of classes `make test` already
+# covers. One worker: their fault injections time processes against timeouts.
 test-slow: $(VENV)/.installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow tests
 

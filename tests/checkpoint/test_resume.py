@@ -166,6 +166,7 @@ def test_latest_naming_a_missing_checkpoint_is_said_then_the_one_before_is_used(
     assert (root / "latest").read_text() == "step_2\n"
 
 
+@pytest.mark.slow
 def test_a_run_whose_checkpoints_were_deleted_stops_and_keeps_its_metrics(tmp_path: Path) -> None:
     """The whole command: no fresh start that would cut metrics.jsonl back and overwrite latest.
     (The run dir of a run that trained 4 steps, saving every 2, after ``rm -rf checkpoints/step_*``.)"""

@@ -121,6 +121,7 @@ def test_m32_on_80gb_needs_expert_parallelism() -> None:
     assert 0.2 < best.mfu < GPUS["h100-80gb"].efficiency  # the bubble and the communication cost something
 
 
+@pytest.mark.slow
 def test_imbalance_grows_the_memory_and_the_best_layout_says_how_much_it_takes() -> None:
     """M32 on 256 H100s: the estimate grows with the expert imbalance (the busiest ep rank receives
     more rows); the planner's best layout fits up to the largest imbalance it reports, and not

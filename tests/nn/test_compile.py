@@ -44,7 +44,8 @@ CASES = {"mixed_float64": (MIXED, torch.float64, 1e-9),
          "dense_fp32": (["model.ffn_type=dense", "moe.num_shared_experts=0"], torch.float32, 1e-6)}
 
 
-@pytest.mark.parametrize("case", ["mixed_float64", pytest.param("dense_fp32", marks=pytest.mark.slow)])
+@pytest.mark.slow  # an option of its own (train.compile=block); eager is what every other test runs
+@pytest.mark.parametrize("case", ["mixed_float64", "dense_fp32"])
 def test_compiled_blocks_train_like_eager_for_20_steps(case: str) -> None:
     overrides, dtype, rtol = CASES[case]
     (eager,), (compiled,) = (

@@ -66,8 +66,9 @@ def test_activation_checkpointing_changes_nothing_but_memory(mode: str, override
     assert recomputed["counts"] == plain["counts"]
 
 
-@pytest.mark.parametrize(("pp", "overrides", "moe_layers"), [(1, [], [0, 1, 2, 3]), (2, [], [0, 1, 2, 3]),
-                                                             (2, MIXED, [1, 2])], ids=["pp1", "pp2", "pp2_mixed"])
+@pytest.mark.parametrize(("pp", "overrides", "moe_layers"), [
+    pytest.param(1, [], [0, 1, 2, 3], id="pp1"), pytest.param(2, [], [0, 1, 2, 3], id="pp2"),
+    pytest.param(2, MIXED, [1, 2], id="pp2_mixed", marks=pytest.mark.slow)])
 def test_expert_counts_cover_every_routed_token(pp: int, overrides: list[str], moe_layers: list[int]) -> None:
     """Exactly top_k assignments per token on the first step too (no shape-inference pass counted),
     in every MoE layer; a dense layer routes nothing and reports nothing."""
@@ -82,6 +83,7 @@ def test_nonfinite_skip_keeps_weights_and_reports() -> None:
     assert result["changed"] == []
 
 
+@pytest.mark.slow  # test_skips_are_summarised_and_stop_mode_is_one_line covers the stop mode too
 def test_nonfinite_stop_names_the_step() -> None:
     result = _run(["train.on_nonfinite=stop"], poison=True)
     assert result["error"] is not None and result["error"].startswith("step 1: non-finite")
