@@ -187,7 +187,7 @@ def test_interrupted_run_leaves_nothing_and_says_what_is_missing(tmp_path: Path,
     def write_then_interrupt(builders, enc) -> None:
         calls.append(1)
         if len(calls) == 3:
-            raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run (test_preprocess_faults sends real signals)
+            raise KeyboardInterrupt  # as if Ctrl-C arrived mid-run (test_preprocess_data_faults sends real signals)
         real_write(builders, enc)
 
     monkeypatch.setattr(writer, "_write", write_then_interrupt)

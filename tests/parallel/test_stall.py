@@ -23,7 +23,7 @@ from tests.pretrain import logged_steps, start_pretrain, worker_pids
 TIMEOUT_S = 5
 
 
-@pytest.mark.slow  # tests/launch/test_restarts.py checks the same line on the way to a restart
+@pytest.mark.slow  # tests/launch/test_pretrain_restarts.py checks the same line on the way to a restart
 def test_a_stopped_rank_is_named_with_what_the_others_waited_in(tmp_path: Path) -> None:
     run = start_pretrain(tmp_path, "parallel.pp=2", "parallel.ep=2", "train.steps=100000",
                          "checkpoint.interval=100000", f"parallel.collective_timeout_s={TIMEOUT_S}", nproc=4,
