@@ -151,7 +151,7 @@ def _worker(rank: int, world_size: int, _: Any) -> dict[str, dict[str, Any]]:
     return {"exchange": _exchange_worker(rank, world_size), "layer": _layer_worker(rank, world_size)}
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"world{n}")
+@pytest.fixture(scope="module", params=[2, pytest.param(4, marks=pytest.mark.slow)], ids=lambda n: f"world{n}")
 def world_size(request: pytest.FixtureRequest) -> int:
     return request.param
 
