@@ -12,7 +12,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from megamoe.checkpoint.saver import CheckpointSaver, save_checkpoint
 from megamoe.checkpoint.state import placements, resume, written_names
 from megamoe.config import compose
 from megamoe.errors import SharedError
-from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.mesh import ProcessGrid, init_grid
 from megamoe.train.step import train_step
 from megamoe.train.trainer import Trainer, build_trainer
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
@@ -30,12 +29,6 @@ from tests.dist.launcher import run_distributed
 from tests.faults import full_disk_writes, small_filesystem
 
 BASE = ["+exp=tiny", "train.global_batch=4", "train.micro_batch=2", "train.seq_len=32", "train.warmup_steps=1"]
-
-
-@pytest.fixture
-def grid() -> Iterator[ProcessGrid]:
-    yield init_grid(1, 1, timeout_s=60)
-    shutdown()
 
 
 def _trainer(grid: ProcessGrid, run_dir: Path, *overrides: str) -> Trainer:

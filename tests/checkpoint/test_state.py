@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from megamoe.checkpoint.state import OPTIMIZER_KIND, checkpoint_before, load_che
 from megamoe.checkpoint.store import complete_checkpoints, read_manifest
 from megamoe.config import compose
 from megamoe.errors import CheckpointError, SharedError
-from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.mesh import ProcessGrid
 from megamoe.train.step import train_step
 from megamoe.train.trainer import Trainer, build_trainer
 from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
@@ -29,12 +28,6 @@ from tests.pretrain import logged_steps, run_pretrain
 # noisy gating draws from the global RNG and the aux-free bias is a buffer: both must come back.
 BASE = ["+exp=tiny", "train.global_batch=4", "train.micro_batch=2", "train.seq_len=32", "train.steps=6",
         "train.warmup_steps=1", "moe.noisy_gating=true", "moe.aux_free_bias=true", "moe.aux_loss_coeff=0.01"]
-
-
-@pytest.fixture
-def grid() -> Iterator[ProcessGrid]:
-    yield init_grid(1, 1, timeout_s=60)
-    shutdown()
 
 
 def _trainer(grid: ProcessGrid, run_dir: Path, *overrides: str) -> Trainer:

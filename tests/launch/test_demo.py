@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ from data_tools.make_demo_corpus import make_corpus
 from megamoe.config import compose
 from megamoe.data.loader import document_ids
 from megamoe.models import validate_config
-from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.mesh import ProcessGrid
 from megamoe.train.step import train_step, validation_loss
 from megamoe.train.trainer import Trainer, build_trainer
 
@@ -44,12 +44,6 @@ def demo_sources(tmp_path_factory: pytest.TempPathFactory) -> str:
                               "--append-eod", "--workers", "1"])
     sources = ", ".join(f"{{path: '{root}/tokens/{lang}_text_document', weight: 0.5, lang: {lang}}}" for lang in LANGS)
     return f"data.sources=[{sources}]"
-
-
-@pytest.fixture
-def grid() -> Iterator[ProcessGrid]:
-    yield init_grid(1, 1, timeout_s=60)
-    shutdown()
 
 
 def demo_trainer(grid: ProcessGrid, sources: str, run_dir: Path, *overrides: str) -> Trainer:

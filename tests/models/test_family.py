@@ -26,7 +26,7 @@ from megamoe.models import FAMILIES, build_stage
 from megamoe.models.family import HFAdapter, ModelFamily, Part
 from megamoe.nn.init import seeded_normal_
 from megamoe.nn.rope import apply_rotary
-from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.mesh import ProcessGrid
 from megamoe.train.step import train_step
 from megamoe.train.trainer import build_trainer
 
@@ -74,12 +74,6 @@ def toy_family(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setitem(sys.modules, "toy_family", module)
     monkeypatch.setitem(FAMILIES, "toy", "toy_family")  # the one registry line
     yield
-
-
-@pytest.fixture
-def grid() -> Iterator[ProcessGrid]:
-    yield init_grid(1, 1, timeout_s=60)
-    shutdown()
 
 
 def _cfg(run_dir: Path):

@@ -53,12 +53,6 @@ def raw_scores(trainer: Trainer, tokenizer: Tokenizer) -> dict[str, Any]:
     return {"logliks": logliks, "greedy": [eod_cut(row, tokenizer.eod_id) for row in ids]}
 
 
-@pytest.fixture
-def grid() -> Iterator[ProcessGrid]:
-    yield init_grid(1, 1, timeout_s=60)
-    shutdown()
-
-
 @pytest.mark.parametrize("documents", [False, True], ids=["plain", "documents"])
 def test_in_training_scores_equal_the_single_process_backend(grid: ProcessGrid, tmp_path: Path,
                                                              documents: bool) -> None:

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 
 from megamoe.config import compose
 from megamoe.nn.loss import IGNORE_INDEX
-from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.mesh import ProcessGrid
 from megamoe.parallel.pipeline import masked_labels
 from megamoe.train.runner import LocalRunner, PipelineRunner
 from megamoe.train.trainer import build_trainer
 
 BASE = ["+exp=tiny", "train.global_batch=4", "train.micro_batch=2", "train.seq_len=16"]
-
-
-@pytest.fixture
-def grid() -> Iterator[ProcessGrid]:
-    yield init_grid(1, 1, timeout_s=60)
-    shutdown()
 
 
 def test_the_local_runner_is_the_stage_modules_in_sequence(grid: ProcessGrid) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from omegaconf import OmegaConf
 
 from megamoe.checkpoint.state import resume
 from megamoe.config import compose
-from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.mesh import ProcessGrid
 from megamoe.train.loop import train
 from megamoe.train.metrics import MetricsLogger
 from megamoe.train.spikes import SpikeGuard
@@ -53,12 +52,6 @@ class CountingWithABadBatch:
 
     def describe_token(self, i: int, token_id: int) -> str:
         return f"sample {i}"
-
-
-@pytest.fixture
-def grid() -> Iterator[ProcessGrid]:
-    yield init_grid(1, 1, timeout_s=60)
-    shutdown()
 
 
 def _trainer(grid: ProcessGrid, run_dir: Path, *overrides: str) -> Trainer:

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import pytest
 import torch
 
 from megamoe.config import compose
-from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.mesh import ProcessGrid
 from megamoe.train.step import train_step, validation_loss
 from megamoe.train.trainer import build_trainer
 
 BASE = ["+exp=tiny", "train.global_batch=2", "train.micro_batch=2", "train.seq_len=16", "train.eval_iters=1"]
-
-
-@pytest.fixture
-def grid() -> Iterator[ProcessGrid]:
-    yield init_grid(1, 1, timeout_s=60)
-    shutdown()
 
 
 def test_a_reported_step_carries_each_layers_routing(grid: ProcessGrid) -> None:

@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -16,7 +15,7 @@ import megamoe.checkpoint.store as store
 from megamoe.checkpoint.names import model_tensor_shapes
 from megamoe.config import compose
 from megamoe.errors import SharedError
-from megamoe.parallel.mesh import ProcessGrid, init_grid, shutdown
+from megamoe.parallel.mesh import ProcessGrid
 from megamoe.train.callbacks.base import Action
 from megamoe.train.callbacks.checkpointing import Checkpointing
 from megamoe.train.callbacks.skipped import SkippedSteps
@@ -72,12 +71,6 @@ def test_failed_background_saves_at_dp2_fail_the_run_naming_every_lost_step(tmp_
     assert re.search(r"trained steps 1-15 of 15 in \S+; no step skipped; steps 6-15 are in no checkpoint \(latest: "
                      r"step_5; the saves of steps 10, 15 failed\)", result.stdout), result.stdout[-3000:]
     assert "error: checkpoint: the last save of the run (step 15) failed" in result.stderr
-
-
-@pytest.fixture
-def grid() -> Iterator[ProcessGrid]:
-    yield init_grid(1, 1, timeout_s=60)
-    shutdown()
 
 
 def test_a_failed_save_on_a_stop_signal_makes_the_run_fail(grid: ProcessGrid, tmp_path: Path,
