@@ -146,7 +146,8 @@ def report(cfg: DictConfig, result: PlanResult, hw: Hardware, gpus: int, top: in
     step = best.step
     print(f"\nbest: {best.layout.short()} — step {step.total:.3f} s = compute {step.compute:.3f} + bubble "
           f"{step.bubble:.3f} + all-to-all {step.all_to_all:.3f} + send/recv {step.send_recv:.3f} "
-          f"+ gradient all-reduce {step.grad_reduce:.3f}")
+          f"+ gradient all-reduce {step.grad_reduce:.3f}"
+          + (f" + Newton–Schulz {step.newton_schulz:.3f}" if step.newton_schulz else ""))
     most = max_imbalance(cfg, best.layout, gpus, hw)
     if most is not None:
         print(f"routing: memory assumes the busiest expert at {imbalance:g} × the mean load; the best layout fits up "

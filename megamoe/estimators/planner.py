@@ -19,11 +19,13 @@ at. The step time adds, with no overlap between them:
 * **pipeline send / receive**: one hidden state per token across each stage boundary, forward
   and backward;
 * **gradient all-reduce**: a ring all-reduce of the fp32 gradients, dense over dp and experts
-  over edp, each over its group's link.
+  over edp, each over its group's link;
+* **Newton–Schulz** (``train.optimizer=muon``): the slowest rank's orthogonalisations of its
+  matrices' updates ÷ the sustained throughput (megamoe.estimators.optimizer); zero for AdamW.
 
 A group stays inside a node when its ranks do (ranks are laid out pp-major, then edp, then ep:
 ep groups are consecutive ranks, a dp group is dp consecutive ranks); otherwise it runs at the
-inter-node bandwidth per GPU. Ignored: the optimizer step and other memory-bound kernels,
+inter-node bandwidth per GPU. Ignored: AdamW's update and other memory-bound kernels,
 kernel launch and Python overheads, overlap of communication with compute (the gradient
 all-reduce that parallel.overlap_grad_reduce hides behind the last backward counts in full), routing
 imbalance in the time (balanced routing assumed), link contention between groups, and NCCL's hierarchical
@@ -40,7 +42,7 @@ from typing import Any, Iterator, Optional
 from megamoe.config.choices import V_SCHEDULES, FfnType, Recompute, Schedule, StageBalance
 from megamoe.config.schema import Config, MegaMoEConfig, as_object
 from megamoe.errors import ConfigError
-from megamoe.estimators import balance, flops, memory
+from megamoe.estimators import balance, flops, memory, optimizer
 from megamoe.estimators.routing import ExpertLoads
 from megamoe.models import validate_config
 from megamoe.parallel import stages
@@ -117,10 +119,11 @@ class StepTime:
     all_to_all: float
     send_recv: float
     grad_reduce: float
+    newton_schulz: float = 0.0  # Muon's orthogonalisations in the optimizer step
 
     @property
     def total(self) -> float:
-        return self.compute + self.bubble + self.all_to_all + self.send_recv + self.grad_reduce
+        return self.compute + self.bubble + self.all_to_all + self.send_recv + self.grad_reduce + self.newton_schulz
 
 
 @dataclass(frozen=True)
@@ -242,7 +245,8 @@ def step_time(cfg: Config, lay: memory.GridShape, hw: Hardware, layers: list[int
     micro_batches = t.global_batch // (t.micro_batch * lay.dp)
     gpn = hw.gpus_per_node
     rank_flops = stages.rank_totals(cfg, balance.stage_costs(cfg, layers))  # training FLOPs per token
-    rank_layers = [memory.layer_mix(cfg, held) for held in stages.rank_layer_indices(cfg, layers)]
+    held = stages.rank_layer_indices(cfg, layers)
+    rank_layers = [memory.layer_mix(cfg, indices) for indices in held]
 
     # dispatch + combine, forward / backward (/ again)
     passes = 6 if t.activation_checkpointing == Recompute.FULL else 4
@@ -263,8 +267,9 @@ def step_time(cfg: Config, lay: memory.GridShape, hw: Hardware, layers: list[int
         dense_s = _ring_all_reduce_s(FP32 * (params.total - experts), lay.dp, hw.bytes_per_s(lay.dp <= gpn))
         expert_s = _ring_all_reduce_s(FP32 * experts, lay.dp // lay.ep, hw.bytes_per_s(lay.dp <= gpn))
         grad_s = max(grad_s, dense_s + expert_s)
+    newton_schulz_s = max(optimizer.rank_newton_schulz_flops(cfg, r, lay.ep) for r in held) / hw.sustained_flops
     n = micro_batches
-    return StepTime(n * compute_s, fill * slot, n * all_to_all_s, n * send_recv_s, grad_s)
+    return StepTime(n * compute_s, fill * slot, n * all_to_all_s, n * send_recv_s, grad_s, newton_schulz_s)
 
 
 def model_flops_per_token(cfg: Config) -> float:
