@@ -151,6 +151,36 @@ def test_a_background_save_returns_at_once_and_holds_the_state_of_its_step(grid:
     assert_same_tensors(checkpoint_tensors(path), expected)
 
 
+def test_an_abandoned_save_whose_writer_is_stuck_leaves_no_partial_files(grid: ProcessGrid, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run gives a background save up while its writer is blocked in a write (a loaded
+    machine, a slow file system): after ABANDON_WAIT_S rank 0 removes step_N.tmp itself, and
+    ``latest`` is not touched."""
+    from megamoe.checkpoint import saver as saver_module
+    trainer = _trainer(grid, tmp_path, "checkpoint.async=true")
+    _step(trainer)
+    release, real_write = threading.Event(), saver_module.write_shards
+
+    def stuck_write(*args: object, **kwargs: object) -> object:
+        release.wait(30)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(saver_module, "write_shards", stuck_write)
+    monkeypatch.setattr(saver_module, "ABANDON_WAIT_S", 0.2)
+    saver = CheckpointSaver(trainer.state)
+    saver.save()
+    tmp = tmp_path / "checkpoints" / "step_1.tmp"
+    deadline = time.monotonic() + 10
+    while not tmp.exists():
+        assert time.monotonic() < deadline, "the writer never started"
+        time.sleep(0.01)
+    try:
+        assert saver.abandon() is None
+        assert not tmp.exists() and not (tmp_path / "checkpoints" / "latest").exists()
+    finally:
+        release.set()
+
+
 def test_a_background_save_of_a_state_with_nan_is_not_made(grid: ProcessGrid, tmp_path: Path,
                                                             capsys: pytest.CaptureFixture) -> None:
     """checkpoint.async checks for NaN / Inf like an in-place save: nothing is written, one line says why."""
