@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import numpy as np
 import torch
 
-from benchmarks.train_step import time_steps
+from benchmarks.train_step import median_step_times
 from launch.demo import prepare_data
 from megamoe.config import compose
 from megamoe.data.loader import document_ids
-from megamoe.models import validate_config
-from megamoe.parallel.mesh import init_grid, shutdown
-from megamoe.train.trainer import Trainer, build_trainer
+from megamoe.train.trainer import Trainer
 
 MODES = {"causal": "false", "documents": "true"}  # mode → data.reset_attention_mask
 
@@ -65,23 +62,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     prepare_data()
     cfgs = {mode: compose([*overrides(args), f"data.reset_attention_mask={flag}"]) for mode, flag in MODES.items()}
-    for cfg in cfgs.values():
-        validate_config(cfg, world_size=1)
-    grid = init_grid(pp=1, ep=1, timeout_s=600)
-    try:
-        trainers = {mode: build_trainer(cfg, grid) for mode, cfg in cfgs.items()}
-        batches = {mode: iter(t.loader) for mode, t in trainers.items()}
-        for mode in trainers:  # warm-up: allocator, optimizer state
-            time_steps(trainers[mode], batches[mode], 1)
-        times: dict[str, list[float]] = {mode: [] for mode in trainers}
-        for _ in range(args.rounds):
-            for mode in trainers:
-                times[mode].append(time_steps(trainers[mode], batches[mode], args.steps))
-    finally:
-        shutdown()
+    median, trainers = median_step_times(cfgs, args)
     per_row, doc_tokens = documents_read(trainers["documents"])
     cfg = cfgs["documents"]
-    median = {mode: statistics.median(t) for mode, t in times.items()}
     for mode, seconds in median.items():
         print(f"{mode:>9}: {seconds * 1e3:8.1f} ms/step")
     ratio = median["documents"] / median["causal"]

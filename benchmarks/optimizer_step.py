@@ -84,7 +84,7 @@ def newton_schulz_share(cfg: DictConfig, world_size: int) -> dict[str, float]:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    median = median_step_times({name: compose(timed_overrides(args, name)) for name in args.optimizers}, args)
+    median, _ = median_step_times({name: compose(timed_overrides(args, name)) for name in args.optimizers}, args)
     tokens = args.batch * args.seq_len
     for name, seconds in median.items():
         print(f"{name:>17}: {seconds * 1e3:8.1f} ms/step  {tokens / seconds:10,.0f} tokens/s")

@@ -68,9 +68,11 @@ def time_steps(trainer: Trainer, batches, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def median_step_times(cfgs: dict[str, DictConfig], args: argparse.Namespace) -> dict[str, float]:
+def median_step_times(cfgs: dict[str, DictConfig], args: argparse.Namespace
+                      ) -> tuple[dict[str, float], dict[str, Trainer]]:
     """Median seconds per training step of each config's trainer, after one warm-up step each,
-    over ``args.rounds`` interleaved rounds of ``args.steps`` steps (one process, mock data)."""
+    over ``args.rounds`` interleaved rounds of ``args.steps`` steps (one process), and the
+    trainers (for what they read)."""
     for cfg in cfgs.values():
         validate_config(cfg, world_size=1)
     grid = init_grid(pp=1, ep=1, timeout_s=600)
@@ -85,13 +87,14 @@ def median_step_times(cfgs: dict[str, DictConfig], args: argparse.Namespace) -> 
                 times[name].append(time_steps(trainers[name], batches[name], args.steps))
     finally:
         shutdown()
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}, trainers
 
 
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    median = median_step_times({name: compose(overrides(args, name == "dense")) for name in ("moe", "dense")}, args)
+    median, _ = median_step_times({name: compose(overrides(args, name == "dense")) for name in ("moe", "dense")},
+                                  args)
     tokens = args.batch * args.seq_len
     for name, seconds in median.items():
         print(f"{name:>6}: {seconds * 1e3:8.1f} ms/step  {tokens / seconds:10,.0f} tokens/s")

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from megamoe.cli import exit_on_user_error
 from megamoe.config import compose
-from megamoe.config.choices import FfnType
+from megamoe.config.choices import FfnType, Optimizer
 from megamoe.config.layers import moe_layer_flags
 from megamoe.errors import UserError
 from megamoe.estimators import balance, flops, memory
@@ -40,7 +40,7 @@ MEMORY_LABELS = {
     "weights": "weights (fp32)", "gradients": "gradients (fp32)", "optimizer": "optimizer state",
     "weight_copies": "bf16 weight copies", "activations": "activations",
 }
-OPTIMIZER_LABELS = {"adamw": "AdamW m, v", "muon": "Muon + AdamW"}  # the optimizer row, by train.optimizer
+OPTIMIZER_LABELS = {Optimizer.ADAMW: "AdamW m, v", Optimizer.MUON: "Muon + AdamW"}  # the optimizer row
 GPU_GIB = 80  # the memory of the GPUs the table compares against (A100 / H100 80 GB)
 T = TypeVar("T")
 
