@@ -20,7 +20,8 @@ from typing import NoReturn
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from megamoe.cli import USER_ERROR_EXIT, exit_on_user_error
+from megamoe.checkpoint.saver import writers_still_running
+from megamoe.cli import USER_ERROR_EXIT, exit_on_user_error, exit_with
 from megamoe.config import compose
 from megamoe.errors import ConfigError, Interrupted, SharedError, UserError
 from megamoe.models import validate_config
@@ -77,4 +78,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_with(main, writers_still_running)

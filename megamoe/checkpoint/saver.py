@@ -44,7 +44,8 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -300,20 +301,29 @@ def write_snapshot(snap: Snapshot, root: Path, rank: int, world_size: int, keep:
 
 @dataclass
 class _Save:
-    """One save in progress on this rank."""
+    """One save in progress on this rank.
+
+    ``written`` is set when its background writer ends. Not ``Thread.is_alive()``: after a join
+    that Ctrl-C interrupted, Python 3.11 marks the thread stopped while it runs on.
+    """
 
     snap: Snapshot
     board: _Board
     heartbeat: Optional[_Heartbeat]
     last: bool  # the run's last save: no later interval retries it
-    thread: Optional[threading.Thread] = None  # the background writer
+    written: threading.Event = field(default_factory=threading.Event)
     failure: Optional[Exception] = None  # what ended the background writer, if not the outcome
 
-    @property
-    def writer(self) -> threading.Thread:
-        """The background writer of a save in the background (CheckpointSaver's pending one)."""
-        assert self.thread is not None, "not a background save"
-        return self.thread
+
+_WRITES: "weakref.WeakSet[threading.Event]" = weakref.WeakSet()  # every background save's ``written``
+
+
+def writers_still_running() -> bool:
+    """A background writer is still inside a write (one the run gave up, or left behind when an
+    exception ended it). Such a thread may be in torch's or the OS's native code, where Python's
+    interpreter shutdown cannot stop it cleanly: the process must then end without finalizing
+    (``megamoe.cli.exit_with``)."""
+    return any(not written.is_set() for written in _WRITES)
 
 
 class CheckpointSaver:
@@ -350,10 +360,11 @@ class CheckpointSaver:
             finally:
                 self._stop_beating(save)
             return self._settle(save)
-        save.thread = threading.Thread(target=self._write_in_background, args=(save,), name=f"checkpoint-{snap.step}",
-                                       daemon=True)
-        save.thread.start()
-        self._pending = save
+        writer = threading.Thread(target=self._write_in_background, args=(save,), name=f"checkpoint-{snap.step}",
+                                  daemon=True)
+        _WRITES.add(save.written)
+        self._pending = save  # before start(), which waits for the thread to run: a Ctrl-C there abandons it
+        writer.start()
         return None
 
     def _write(self, save: _Save) -> None:
@@ -379,20 +390,22 @@ class CheckpointSaver:
             save.failure = exc
         finally:
             self._stop_beating(save)
+            save.written.set()
 
     @property
     def writing(self) -> bool:
         """A background save is still being written."""
-        return self._pending is not None and self._pending.writer.is_alive()
+        return self._pending is not None and not self._pending.written.is_set()
 
     def wait(self, last: bool = False) -> Optional[Path]:
         """Finish the save in progress, if any: the checkpoint it made, or None (``last``: as for
         :meth:`save`, when it turned out to be the run's last)."""
         if self._pending is None:
             return None
-        save, self._pending = self._pending, None
+        save = self._pending
         save.last = save.last or last
-        save.writer.join()
+        save.written.wait()  # Ctrl-C while it waits leaves the save pending, for abandon()
+        self._pending = None
         return self._settle(save)
 
     def abandon(self) -> Optional[Path]:
@@ -405,8 +418,7 @@ class CheckpointSaver:
             return None
         save, self._pending = self._pending, None
         self._abandoned.set()
-        save.writer.join(ABANDON_WAIT_S)
-        if save.writer.is_alive():
+        if not save.written.wait(ABANDON_WAIT_S):
             if self.state.grid.rank == 0:
                 shutil.rmtree(checkpoint_root(self.state) / f"step_{save.snap.step}.tmp", ignore_errors=True)
             return None

@@ -154,8 +154,8 @@ def test_a_background_save_returns_at_once_and_holds_the_state_of_its_step(grid:
 def test_an_abandoned_save_whose_writer_is_stuck_leaves_no_partial_files(grid: ProcessGrid, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The run gives a background save up while its writer is blocked in a write (a loaded
-    machine, a slow file system): after ABANDON_WAIT_S rank 0 removes step_N.tmp itself, and
-    ``latest`` is not touched."""
+    machine, a slow file system): after ABANDON_WAIT_S rank 0 removes step_N.tmp itself,
+    ``latest`` is not touched, and until the writer ends the process knows not to finalize."""
     from megamoe.checkpoint import saver as saver_module
     trainer = _trainer(grid, tmp_path, "checkpoint.async=true")
     _step(trainer)
@@ -177,8 +177,13 @@ def test_an_abandoned_save_whose_writer_is_stuck_leaves_no_partial_files(grid: P
     try:
         assert saver.abandon() is None
         assert not tmp.exists() and not (tmp_path / "checkpoints" / "latest").exists()
+        assert saver_module.writers_still_running()  # so the process ends without finalizing
     finally:
         release.set()
+    deadline = time.monotonic() + 30
+    while saver_module.writers_still_running():
+        assert time.monotonic() < deadline, "the released writer never ended"
+        time.sleep(0.01)
 
 
 def test_a_background_save_of_a_state_with_nan_is_not_made(grid: ProcessGrid, tmp_path: Path,

@@ -78,8 +78,9 @@ class Checkpointing:
         """Finish the background save in progress, if any, and record how it ended (``last``: it
         turned out to be the run's last save)."""
         if self._pending is not None:
+            saved = self.saver.wait(last)  # Ctrl-C while it waits leaves the save pending: the exit abandons it
             step, self._pending = self._pending, None
-            self._record(step, self.saver.wait(last))
+            self._record(step, saved)
 
     def _record(self, step: int, saved: Optional[Path]) -> None:
         if saved is not None:
@@ -89,11 +90,11 @@ class Checkpointing:
 
     def _save(self, step: int, last: bool) -> None:
         self.wait()
-        saved = self.saver.save(last)
         if self.saver.background:
-            self._pending = step
+            self._pending = step  # before the writer starts: a Ctrl-C from here on abandons it
+            self.saver.save(last)
         else:
-            self._record(step, saved)
+            self._record(step, self.saver.save(last))
 
     def after_step(self, result: StepResult) -> Optional[Action]:
         """Save every checkpoint.interval steps, at the last step, and on preemption (then: stop,

@@ -4,17 +4,21 @@ small for two checkpoints, SIGINT to the running process."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
+import megamoe.checkpoint.saver as saver_module
 import megamoe.checkpoint.store as store
 from megamoe.checkpoint.names import model_tensor_shapes
 from megamoe.config import compose
-from megamoe.errors import SharedError
+from megamoe.errors import Interrupted, SharedError
 from megamoe.parallel.mesh import ProcessGrid
 from megamoe.train.callbacks.base import Action
 from megamoe.train.callbacks.checkpointing import Checkpointing
@@ -112,3 +116,65 @@ def test_ctrl_c_while_a_background_save_is_written_is_one_line(tmp_path: Path) -
     match = re.fullmatch(rf"interrupted \(Ctrl-C\) after step (\d+); the latest checkpoint is {latest}{unfinished}",
                          line)
     assert match and int(match[1]) - logged_steps(tmp_path)[-1] in (0, 1), line
+
+
+@pytest.fixture
+def stuck_writer(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A background writer that blocks in its first write until the test ends (a loaded machine,
+    a slow file system); the run gives it up after 0.2 s."""
+    release, real_write = threading.Event(), saver_module.write_shards
+
+    def stuck_write(*args: object, **kwargs: object) -> object:
+        release.wait(30)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(saver_module, "write_shards", stuck_write)
+    monkeypatch.setattr(saver_module, "ABANDON_WAIT_S", 0.2)
+    yield
+    release.set()
+
+
+SAVE_EVERY_STEP_IN_THE_BACKGROUND = ["checkpoint.async=true", "checkpoint.interval=1"]
+
+
+def ctrl_c_in(seconds: float) -> None:
+    """SIGINT to this process, as a terminal's Ctrl-C, a little later."""
+    threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+
+@pytest.mark.usefixtures("stuck_writer")
+def test_ctrl_c_while_the_loop_waits_for_a_background_save_abandons_it(grid: ProcessGrid, tmp_path: Path) -> None:
+    """The interrupted wait must leave the save pending: the exit abandons it, says it was not
+    completed, and leaves no writer unknown to the process's exit (megamoe.cli.exit_with)."""
+    trainer = build_trainer(compose([*TINY, f"run.dir={tmp_path}", *SAVE_EVERY_STEP_IN_THE_BACKGROUND]), grid)
+    with pytest.raises(Interrupted) as interrupted:
+        with Checkpointing(trainer, SkippedSteps(10), None) as saves:
+            saves.after_step(train_step(trainer, next(iter(trainer.loader))))  # step 1: the save starts
+            ctrl_c_in(0.3)
+            saves.wait()
+    assert str(interrupted.value) == ("interrupted (Ctrl-C) after step 1; no checkpoint yet (the background save of "
+                                      "step 1 was not completed)")
+    assert saver_module.writers_still_running()
+    assert not (tmp_path / "checkpoints/step_1.tmp").exists() and not (tmp_path / "checkpoints/latest").exists()
+
+
+@pytest.mark.usefixtures("stuck_writer")
+def test_ctrl_c_while_a_background_writer_starts_abandons_it(grid: ProcessGrid, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thread.start() waits for the new thread to run, which takes long on a loaded machine: a
+    Ctrl-C in that wait leaves a writer running that the saver must know of."""
+    trainer = build_trainer(compose([*TINY, f"run.dir={tmp_path}", *SAVE_EVERY_STEP_IN_THE_BACKGROUND]), grid)
+
+    class SlowToStart(threading.Thread):
+        def start(self) -> None:
+            super().start()
+            os.kill(os.getpid(), signal.SIGINT)
+            threading.Event().wait(1)  # start()'s own wait for the thread, interrupted
+
+    monkeypatch.setattr(saver_module.threading, "Thread", SlowToStart)
+    with pytest.raises(Interrupted) as interrupted:
+        with Checkpointing(trainer, SkippedSteps(10), None) as saves:
+            saves.after_step(train_step(trainer, next(iter(trainer.loader))))
+    assert str(interrupted.value).endswith("(the background save of step 1 was not completed)")
+    assert saver_module.writers_still_running()
+    assert not (tmp_path / "checkpoints/step_1.tmp").exists() and not (tmp_path / "checkpoints/latest").exists()
