@@ -20,7 +20,7 @@ from typing import NoReturn
 
 from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
 
-from megamoe.checkpoint.saver import writers_still_running
+from megamoe.checkpoint.saver import save_threads_running
 from megamoe.cli import USER_ERROR_EXIT, exit_on_user_error, exit_with
 from megamoe.config import compose
 from megamoe.errors import ConfigError, Interrupted, SharedError, UserError
@@ -78,4 +78,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    exit_with(main, writers_still_running)
+    exit_with(main, save_threads_running)

@@ -214,13 +214,26 @@ def _ranks(ranks: list[int], most: int = 8) -> str:
     return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks[:most]))}{more}"
 
 
+_SAVE_THREADS: "weakref.WeakSet[threading.Event]" = weakref.WeakSet()  # set when each save thread ends
+
+
+def save_threads_running() -> bool:
+    """A save's background writer or heartbeat is still running (a writer the run gave up, one
+    left behind when an exception ended the run, a heartbeat between its stop and its end). Such
+    a thread may be in torch's, the store's or the OS's native code, where Python's interpreter
+    shutdown cannot stop it cleanly: the process must then end without finalizing
+    (``megamoe.cli.exit_with``)."""
+    return any(not ended.is_set() for ended in _SAVE_THREADS)
+
+
 class _Heartbeat:
     """Beats on a save's board until stopped, so that the ranks waiting for this one know it is
     alive however slowly its files are written. A thread of its own: a write blocked in the file
     system does not hold it up, while a stopped or dead process stops it."""
 
     def __init__(self, board: _Board) -> None:
-        self._stopped = threading.Event()
+        self._stopped, self._ended = threading.Event(), threading.Event()
+        _SAVE_THREADS.add(self._ended)
         interval = min(BEAT_S, board.silence_s / 10)
         self._thread = threading.Thread(target=self._run, args=(board, interval), daemon=True,
                                         name=f"checkpoint-heartbeat-{board.step}")
@@ -234,6 +247,8 @@ class _Heartbeat:
                     return
         except (RuntimeError, dist.DistError):
             return  # the store is gone: the waiting ranks see the silence, or lose the store themselves
+        finally:
+            self._ended.set()
 
     def stop(self) -> None:
         self._stopped.set()
@@ -315,17 +330,6 @@ class _Save:
     failure: Optional[Exception] = None  # what ended the background writer, if not the outcome
 
 
-_WRITES: "weakref.WeakSet[threading.Event]" = weakref.WeakSet()  # every background save's ``written``
-
-
-def writers_still_running() -> bool:
-    """A background writer is still inside a write (one the run gave up, or left behind when an
-    exception ended it). Such a thread may be in torch's or the OS's native code, where Python's
-    interpreter shutdown cannot stop it cleanly: the process must then end without finalizing
-    (``megamoe.cli.exit_with``)."""
-    return any(not written.is_set() for written in _WRITES)
-
-
 class CheckpointSaver:
     """Saves ``TrainingState``s — in the background with ``checkpoint.async`` — and reports how
     each save ended (``checkpoint.on_error``). Collective: every rank makes the same calls.
@@ -362,7 +366,7 @@ class CheckpointSaver:
             return self._settle(save)
         writer = threading.Thread(target=self._write_in_background, args=(save,), name=f"checkpoint-{snap.step}",
                                   daemon=True)
-        _WRITES.add(save.written)
+        _SAVE_THREADS.add(save.written)
         self._pending = save  # before start(), which waits for the thread to run: a Ctrl-C there abandons it
         writer.start()
         return None

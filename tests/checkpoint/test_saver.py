@@ -17,6 +17,7 @@ import io
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -229,3 +230,24 @@ def test_sigterm_during_a_save_stops_after_it_with_the_checkpoint_saved(tmp_path
     assert f"stopping after step {stopped} on SIGTERM; the checkpoint is saved\n" in out, out
     assert (tmp_path / "checkpoints/latest").read_text() == f"step_{stopped}\n"
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_a_stopped_heartbeat_counts_as_a_running_save_thread_until_it_ends() -> None:
+    """A heartbeat stopped while its beat is inside the store (native code) must keep the process
+    from finalizing (megamoe.cli.exit_with) until the beat returns."""
+    release = threading.Event()
+
+    class SlowStoreBoard:
+        silence_s, step = 10.0, 1
+
+        def beat(self) -> None:
+            release.wait(10)
+
+    heartbeat = saver_module._Heartbeat(SlowStoreBoard())  # type: ignore[arg-type]
+    heartbeat.stop()
+    assert saver_module.save_threads_running()
+    release.set()
+    deadline = time.monotonic() + 10
+    while saver_module.save_threads_running():
+        assert time.monotonic() < deadline, "the heartbeat never ended"
+        time.sleep(0.01)

@@ -177,11 +177,11 @@ def test_an_abandoned_save_whose_writer_is_stuck_leaves_no_partial_files(grid: P
     try:
         assert saver.abandon() is None
         assert not tmp.exists() and not (tmp_path / "checkpoints" / "latest").exists()
-        assert saver_module.writers_still_running()  # so the process ends without finalizing
+        assert saver_module.save_threads_running()  # so the process ends without finalizing
     finally:
         release.set()
     deadline = time.monotonic() + 30
-    while saver_module.writers_still_running():
+    while saver_module.save_threads_running():
         assert time.monotonic() < deadline, "the released writer never ended"
         time.sleep(0.01)
 

@@ -154,7 +154,7 @@ def test_ctrl_c_while_the_loop_waits_for_a_background_save_abandons_it(grid: Pro
             saves.wait()
     assert str(interrupted.value) == ("interrupted (Ctrl-C) after step 1; no checkpoint yet (the background save of "
                                       "step 1 was not completed)")
-    assert saver_module.writers_still_running()
+    assert saver_module.save_threads_running()
     assert not (tmp_path / "checkpoints/step_1.tmp").exists() and not (tmp_path / "checkpoints/latest").exists()
 
 
@@ -176,5 +176,5 @@ def test_ctrl_c_while_a_background_writer_starts_abandons_it(grid: ProcessGrid, 
         with Checkpointing(trainer, SkippedSteps(10), None) as saves:
             saves.after_step(train_step(trainer, next(iter(trainer.loader))))
     assert str(interrupted.value).endswith("(the background save of step 1 was not completed)")
-    assert saver_module.writers_still_running()
+    assert saver_module.save_threads_running()
     assert not (tmp_path / "checkpoints/step_1.tmp").exists() and not (tmp_path / "checkpoints/latest").exists()
