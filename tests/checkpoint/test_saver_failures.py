@@ -152,21 +152,14 @@ def test_a_background_save_returns_at_once_and_holds_the_state_of_its_step(grid:
 
 
 def test_an_abandoned_save_whose_writer_is_stuck_leaves_no_partial_files(grid: ProcessGrid, tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                          stuck_checkpoint_writer: threading.Event
+                                                                          ) -> None:
     """The run gives a background save up while its writer is blocked in a write (a loaded
     machine, a slow file system): after ABANDON_WAIT_S rank 0 removes step_N.tmp itself,
     ``latest`` is not touched, and until the writer ends the process knows not to finalize."""
     from megamoe.checkpoint import saver as saver_module
     trainer = _trainer(grid, tmp_path, "checkpoint.async=true")
     _step(trainer)
-    release, real_write = threading.Event(), saver_module.write_shards
-
-    def stuck_write(*args: object, **kwargs: object) -> object:
-        release.wait(30)
-        return real_write(*args, **kwargs)
-
-    monkeypatch.setattr(saver_module, "write_shards", stuck_write)
-    monkeypatch.setattr(saver_module, "ABANDON_WAIT_S", 0.2)
     saver = CheckpointSaver(trainer.state)
     saver.save()
     tmp = tmp_path / "checkpoints" / "step_1.tmp"
@@ -174,12 +167,10 @@ def test_an_abandoned_save_whose_writer_is_stuck_leaves_no_partial_files(grid: P
     while not tmp.exists():
         assert time.monotonic() < deadline, "the writer never started"
         time.sleep(0.01)
-    try:
-        assert saver.abandon() is None
-        assert not tmp.exists() and not (tmp_path / "checkpoints" / "latest").exists()
-        assert saver_module.save_threads_running()  # so the process ends without finalizing
-    finally:
-        release.set()
+    assert saver.abandon() is None
+    assert not tmp.exists() and not (tmp_path / "checkpoints" / "latest").exists()
+    assert saver_module.save_threads_running()  # so the process ends without finalizing
+    stuck_checkpoint_writer.set()
     deadline = time.monotonic() + 30
     while saver_module.save_threads_running():
         assert time.monotonic() < deadline, "the released writer never ended"

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -118,22 +117,6 @@ def test_ctrl_c_while_a_background_save_is_written_is_one_line(tmp_path: Path) -
     assert match and int(match[1]) - logged_steps(tmp_path)[-1] in (0, 1), line
 
 
-@pytest.fixture
-def stuck_writer(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """A background writer that blocks in its first write until the test ends (a loaded machine,
-    a slow file system); the run gives it up after 0.2 s."""
-    release, real_write = threading.Event(), saver_module.write_shards
-
-    def stuck_write(*args: object, **kwargs: object) -> object:
-        release.wait(30)
-        return real_write(*args, **kwargs)
-
-    monkeypatch.setattr(saver_module, "write_shards", stuck_write)
-    monkeypatch.setattr(saver_module, "ABANDON_WAIT_S", 0.2)
-    yield
-    release.set()
-
-
 SAVE_EVERY_STEP_IN_THE_BACKGROUND = ["checkpoint.async=true", "checkpoint.interval=1"]
 
 
@@ -142,7 +125,7 @@ def ctrl_c_in(seconds: float) -> None:
     threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT)).start()
 
 
-@pytest.mark.usefixtures("stuck_writer")
+@pytest.mark.usefixtures("stuck_checkpoint_writer")
 def test_ctrl_c_while_the_loop_waits_for_a_background_save_abandons_it(grid: ProcessGrid, tmp_path: Path) -> None:
     """The interrupted wait must leave the save pending: the exit abandons it, says it was not
     completed, and leaves no writer unknown to the process's exit (megamoe.cli.exit_with)."""
@@ -158,7 +141,7 @@ def test_ctrl_c_while_the_loop_waits_for_a_background_save_abandons_it(grid: Pro
     assert not (tmp_path / "checkpoints/step_1.tmp").exists() and not (tmp_path / "checkpoints/latest").exists()
 
 
-@pytest.mark.usefixtures("stuck_writer")
+@pytest.mark.usefixtures("stuck_checkpoint_writer")
 def test_ctrl_c_while_a_background_writer_starts_abandons_it(grid: ProcessGrid, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Thread.start() waits for the new thread to run, which takes long on a loaded machine: a
