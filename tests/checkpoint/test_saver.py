@@ -20,7 +20,6 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -32,6 +31,7 @@ from megamoe.parallel.stall import FAILURE_GRACE_S
 from megamoe.train.loop import run
 from megamoe.train.step import train_step
 from megamoe.train.trainer import build_trainer
+from tests.checkpoint.helpers import wait_until
 from tests.dist.launcher import free_port, run_distributed
 from tests.pretrain import TINY, catch_a_save, logged_steps, signal_all, start_pretrain, start_ranks, worker_pids
 
@@ -54,15 +54,6 @@ def gone(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
-
-
-def wait_until(condition: Callable[[], bool], timeout: float) -> float:
-    """Seconds until ``condition`` held (it must within ``timeout``)."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, "it did not happen in time"
-        time.sleep(0.05)
-    return time.monotonic() - start
 
 
 def assert_previous_checkpoint_stays_latest(checkpoints: Path, tmp: Path) -> None:
@@ -247,7 +238,4 @@ def test_a_stopped_heartbeat_counts_as_a_running_save_thread_until_it_ends() -> 
     heartbeat.stop()
     assert saver_module.save_threads_running()
     release.set()
-    deadline = time.monotonic() + 10
-    while saver_module.save_threads_running():
-        assert time.monotonic() < deadline, "the heartbeat never ended"
-        time.sleep(0.01)
+    wait_until(lambda: not saver_module.save_threads_running(), 10, "the heartbeat's end")

@@ -24,7 +24,7 @@ from megamoe.errors import SharedError
 from megamoe.parallel.mesh import ProcessGrid, init_grid
 from megamoe.train.step import train_step
 from megamoe.train.trainer import Trainer, build_trainer
-from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors
+from tests.checkpoint.helpers import assert_same_tensors, checkpoint_tensors, wait_until
 from tests.dist.launcher import run_distributed
 from tests.faults import full_disk_writes, small_filesystem
 
@@ -163,18 +163,12 @@ def test_an_abandoned_save_whose_writer_is_stuck_leaves_no_partial_files(grid: P
     saver = CheckpointSaver(trainer.state)
     saver.save()
     tmp = tmp_path / "checkpoints" / "step_1.tmp"
-    deadline = time.monotonic() + 10
-    while not tmp.exists():
-        assert time.monotonic() < deadline, "the writer never started"
-        time.sleep(0.01)
+    wait_until(tmp.exists, 10, "the writer's start")
     assert saver.abandon() is None
     assert not tmp.exists() and not (tmp_path / "checkpoints" / "latest").exists()
     assert saver_module.save_threads_running()  # so the process ends without finalizing
     stuck_checkpoint_writer.set()
-    deadline = time.monotonic() + 30
-    while saver_module.save_threads_running():
-        assert time.monotonic() < deadline, "the released writer never ended"
-        time.sleep(0.01)
+    wait_until(lambda: not saver_module.save_threads_running(), 30, "the released writer's end")
 
 
 def test_a_background_save_of_a_state_with_nan_is_not_made(grid: ProcessGrid, tmp_path: Path,
