@@ -49,7 +49,12 @@ class Checkpointing:
         return self
 
     def __exit__(self, kind: Optional[type], exc: Optional[BaseException], traceback: object) -> None:
-        self.preemption.__exit__()
+        try:  # the stop-signal handler stays until the save is settled: a launcher's SIGTERM meanwhile must not kill
+            self._end_saves(exc)  # the process before it removes a given-up save's partial files
+        finally:
+            self.preemption.__exit__()
+
+    def _end_saves(self, exc: Optional[BaseException]) -> None:
         if exc is None:
             self.wait()  # a save in the background ends before the run does
         elif isinstance(exc, SharedError):  # every rank is healthy and ends here: the save can finish

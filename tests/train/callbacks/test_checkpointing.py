@@ -4,6 +4,7 @@ small for two checkpoints, SIGINT to the running process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -161,3 +162,27 @@ def test_ctrl_c_while_a_background_writer_starts_abandons_it(grid: ProcessGrid, 
     assert str(interrupted.value).endswith("(the background save of step 1 was not completed)")
     assert saver_module.save_threads_running()
     assert not (tmp_path / "checkpoints/step_1.tmp").exists() and not (tmp_path / "checkpoints/latest").exists()
+
+
+@pytest.mark.parametrize("ending", ["normally", "with a failed collective"])
+def test_the_stop_signal_handler_stays_while_the_run_settles_its_background_save(
+        grid: ProcessGrid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ending: str) -> None:
+    """A launcher's SIGTERM (torchrun's, when another rank died) while the run waits for or gives
+    up its background save is recorded, not fatal: killed there, the process would leave the
+    save's partial files behind."""
+    trainer = build_trainer(compose([*TINY, f"run.dir={tmp_path}", *SAVE_EVERY_STEP_IN_THE_BACKGROUND]), grid)
+    before = signal.getsignal(signal.SIGTERM)
+    seen: list[object] = []
+    for name in ("wait", "abandon"):
+        real = getattr(saver_module.CheckpointSaver, name)
+        monkeypatch.setattr(saver_module.CheckpointSaver, name,
+                            lambda self, *args, real=real: (seen.append(signal.getsignal(signal.SIGTERM)),
+                                                            real(self, *args))[1])
+    with contextlib.suppress(RuntimeError):
+        with Checkpointing(trainer, SkippedSteps(10), None) as saves:
+            saves.after_step(train_step(trainer, next(iter(trainer.loader))))
+            seen.clear()  # from here on: how the run ends
+            if ending != "normally":
+                raise RuntimeError("a collective failed")
+    assert seen and all(handler == saves.preemption._handle for handler in seen), seen
+    assert signal.getsignal(signal.SIGTERM) == before
